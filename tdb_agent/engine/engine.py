@@ -1,0 +1,328 @@
+"""The model engine: a Hugging Face causal LM with named hook sites, run by our own loop.
+
+Why our own loop instead of `model(input_ids)`: it can start at any layer from a cached
+residual stream, reuse cached keys/values of a prompt prefix, stop early, and project only
+the positions and vocabulary entries a metric needs. The blocks themselves are the model's
+own modules, so numbers match a plain `transformers` forward (tested).
+
+Hook sites (TransformerLens names, shapes [batch, pos, ...]):
+
+    hook_embed, hook_pos_embed (GPT-2)                      [b, s, d_model]
+    blocks.{l}.hook_resid_pre / hook_resid_mid / hook_resid_post
+    blocks.{l}.attn.hook_q / hook_k / hook_v / hook_z       [b, s, heads, d_head]
+    blocks.{l}.attn.hook_attn_scores / hook_pattern          [b, heads, q_pos, k_pos]
+    blocks.{l}.hook_attn_out / hook_mlp_out                  [b, s, d_model]
+    blocks.{l}.mlp.hook_pre / hook_post                      [b, s, d_mlp]
+    hook_resid_final, ln_final.hook_scale [b, s, 1], ln_final.hook_normalized, hook_logits
+
+A hook is `fn(tensor, site) -> tensor | None` (None keeps the tensor). Hooks live only
+inside `with engine.hooks({...}):`; they are removed on exit, also after an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from tdb_agent.engine import attention
+from tdb_agent.engine.adapters import Adapter, adapter_for
+from tdb_agent.engine.spec import ModelSpec
+from tdb_agent.errors import ModelNotFound, PromptTooLong, TokenizationError, UnknownSite
+
+log = logging.getLogger(__name__)
+
+HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = ASSETS / "tdb-tiny"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (the caller has what it needs)."""
+
+
+@dataclass
+class HookState:
+    """The hooks active right now; the attention function reads it on every call."""
+
+    hooks: dict[str, list[HookFn]] = field(default_factory=dict)
+    prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def apply(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        for fn in self.hooks.get(site, ()):
+            out = fn(x, site)
+            if out is not None:
+                x = out
+        return x
+
+    def has_attention_hooks(self, layer: int) -> bool:
+        prefix = f"blocks.{layer}.attn."
+        return any(prefix + s in self.hooks for s in attention.INTERNAL_SITES)
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor | None  # [b, n_positions, n_vocab or len(logit_ids)]
+    resid_final: torch.Tensor | None  # final residual stream (before the final norm) [b, s, d]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, name: str = "model"):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)  # gradients are taken w.r.t. activations only
+        self.tokenizer = tokenizer
+        self.name = name
+        self.adapter: Adapter = adapter_for(model)
+        self.spec: ModelSpec = self.adapter.spec()
+        self.lock = threading.RLock()
+        self._state = HookState()
+        self.model.set_attn_implementation(attention.NAME)
+        for layer in range(self.spec.n_layers):
+            mod = self.adapter.attn(layer)
+            mod._tdb_layer = layer
+            mod._tdb_state = self._state
+        self._module_sites = self.adapter.module_sites(self.spec.n_layers)
+        self._computed_sites = {"hook_resid_final", "ln_final.hook_scale", "ln_final.hook_normalized",
+                                "hook_logits"} | {
+            f"blocks.{l}.attn.{s}" for l in range(self.spec.n_layers) for s in attention.INTERNAL_SITES}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model: str | Path | None = None, device: str = "auto", dtype: str = "float32",
+             allow_download: bool = False) -> "Engine":
+        """Load a causal LM and its tokenizer from a local folder, or from the hub when
+        `allow_download` (never on the default path)."""
+        path = Path(model) if model is not None else DEFAULT_MODEL
+        local = path.exists()
+        if not local and not allow_download:
+            raise ModelNotFound(
+                f"model {str(model)!r} is not a local folder; pass allow_download=True "
+                "(CLI: --allow-download) to fetch it from the Hugging Face hub")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        src = str(path) if local else str(model)
+        dev = resolve_device(device)
+        hf_logging.disable_progress_bar()  # stdout/stderr stay clean (stdio MCP transport)
+        hf_logging.set_verbosity_error()
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=not allow_download)
+        mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype],
+                                                   local_files_only=not allow_download)
+        log.info("loaded %s on %s (%s)", src, dev, dtype)
+        return cls(mdl.to(dev), tok, name=path.name if local else str(model))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------------ tokens
+    def to_tokens(self, text: str, prepend_bos: bool = True) -> torch.Tensor:
+        """Token ids [1, s], BOS first (as the bundled model was trained, and as
+        TransformerLens does by default)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if prepend_bos and bos is not None:
+            ids = [bos] + ids
+        if not ids:
+            raise TokenizationError("the prompt is empty")
+        if len(ids) > self.spec.n_ctx:
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens; the model's context is {self.spec.n_ctx}")
+        return torch.tensor([ids], device=self.device)
+
+    def str_tokens(self, ids: torch.Tensor | Sequence[int]) -> list[str]:
+        ids = ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def token_id(self, word: str) -> int:
+        """The id of a single-token word; a clear error says how it tokenizes otherwise."""
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 and not word.startswith(" "):
+            spaced = self.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            if len(spaced) == 1:
+                ids = spaced
+        if len(ids) != 1:
+            pieces = [self.tokenizer.decode([i]) for i in ids]
+            raise TokenizationError(f"{word!r} must be one token but tokenizes as {pieces} (ids {ids})")
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and ids[0] == unk and word != self.tokenizer.unk_token:
+            raise TokenizationError(f"{word!r} is not in the model's vocabulary (it tokenizes as the "
+                                    "unknown token)")
+        return ids[0]
+
+    # ------------------------------------------------------------------ hooks
+    def site_names(self) -> list[str]:
+        return sorted(set(self._module_sites) | self._computed_sites)
+
+    def check_site(self, site: str) -> None:
+        if site not in self._module_sites and site not in self._computed_sites:
+            close = get_close_matches(site, self.site_names(), n=3)
+            raise UnknownSite(f"unknown hook site {site!r}" + (f"; did you mean {close}?" if close else ""))
+
+    @contextmanager
+    def hooks(self, mapping: dict[str, HookFn | list[HookFn]] | None = None,
+              prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Iterator[None]:
+        """Install hooks (and cached prefix keys/values) for the duration of the block."""
+        mapping = mapping or {}
+        for site in mapping:
+            self.check_site(site)
+        with self.lock:
+            handles = []
+            added: list[tuple[str, HookFn]] = []
+            old_prefix = self._state.prefix_kv
+            try:
+                self._state.prefix_kv = prefix_kv if prefix_kv is not None else old_prefix
+                for site, fns in mapping.items():
+                    fns = fns if isinstance(fns, list) else [fns]
+                    new_site = site not in self._state.hooks
+                    for fn in fns:
+                        self._state.hooks.setdefault(site, []).append(fn)
+                        added.append((site, fn))
+                    if new_site and site in self._module_sites:
+                        handles.append(self._install(site))
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+                for site, fn in added:
+                    lst = self._state.hooks.get(site, [])
+                    if fn in lst:
+                        lst.remove(fn)
+                    if not lst:
+                        self._state.hooks.pop(site, None)
+                self._state.prefix_kv = old_prefix
+
+    def _install(self, site: str):
+        module, where = self._module_sites[site]
+        apply = self._state.apply
+        if where == "input":
+            def pre_hook(mod, args, kwargs):
+                if args:
+                    return (apply(site, args[0]),) + tuple(args[1:]), kwargs
+                kwargs = dict(kwargs)
+                kwargs["hidden_states"] = apply(site, kwargs["hidden_states"])
+                return args, kwargs
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def post_hook(mod, args, output):
+            if isinstance(output, tuple):
+                return (apply(site, output[0]),) + tuple(output[1:])
+            return apply(site, output)
+        return module.register_forward_hook(post_hook)
+
+    def active_hook_count(self) -> int:
+        """Hooks installed right now (0 outside a `hooks` block): for tests and health checks."""
+        n = sum(len(v) for v in self._state.hooks.values())
+        for mod in self.model.modules():
+            n += len(mod._forward_hooks) + len(mod._forward_pre_hooks)
+        return n
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids: torch.Tensor, *, hooks: dict[str, HookFn | list[HookFn]] | None = None,
+                start_layer: int = 0, resid: torch.Tensor | None = None, stop_layer: int | None = None,
+                logit_positions: Sequence[int] | slice | None = (-1,),
+                logit_ids: Sequence[int] | torch.Tensor | None = None,
+                position_offset: int = 0,
+                prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ForwardOutput:
+        """Run the model on `ids` [b, s].
+
+        start_layer/resid: begin at block `start_layer` with this residual stream [b, s, d]
+        (the layers below are not recomputed). stop_layer: return after that many blocks
+        with `resid_final` = the residual stream there and no logits. logit_positions:
+        positions to project (None: all); logit_ids: vocabulary entries to project (None:
+        all). position_offset/prefix_kv: `ids` continue a prefix whose keys/values are given.
+        """
+        n_layers = self.spec.n_layers
+        with self.hooks(hooks, prefix_kv=prefix_kv):
+            b, s = ids.shape
+            pos = torch.arange(position_offset, position_offset + s, device=self.device)
+            pos = pos.unsqueeze(0).expand(b, -1)
+            if resid is None:
+                if start_layer != 0:
+                    raise ValueError("start_layer > 0 needs the residual stream `resid` at that layer")
+                x = self.adapter.embed(ids, pos)
+            else:
+                x = resid
+            end = n_layers if stop_layer is None else stop_layer
+            blocks = self.adapter.blocks()
+            kwargs = self.adapter.block_kwargs(x, pos)
+            try:
+                for layer in range(start_layer, end):
+                    x = blocks[layer](x, **kwargs)
+            except StopForward:
+                return ForwardOutput(logits=None, resid_final=None)
+            if stop_layer is not None and stop_layer < n_layers:
+                return ForwardOutput(logits=None, resid_final=x)
+            x = self._state.apply("hook_resid_final", x)
+            if "ln_final.hook_scale" in self._state.hooks:
+                self._state.apply("ln_final.hook_scale", self.final_norm_scale(x))
+            if logit_positions is None:
+                sel = x
+            elif isinstance(logit_positions, slice):
+                sel = x[:, logit_positions]
+            else:
+                sel = x[:, list(logit_positions)]
+            normed = self._state.apply("ln_final.hook_normalized", self.adapter.final_norm()(sel))
+            logits = self.unembed(normed, logit_ids)
+            logits = self._state.apply("hook_logits", logits)
+            return ForwardOutput(logits=logits, resid_final=x)
+
+    def unembed(self, normed: torch.Tensor, logit_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the normalised final residual stream, for `logit_ids` only if given."""
+        W = self.adapter.unembed().weight  # [vocab, d]
+        bias = self.adapter.b_U()
+        if logit_ids is not None:
+            idx = torch.as_tensor(logit_ids, device=W.device)
+            W = W[idx]
+            bias = bias[idx] if bias is not None else None
+        out = normed @ W.T
+        return out + bias if bias is not None else out
+
+    def final_norm_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm's scale 1/sqrt(var + eps) (LayerNorm) or 1/rms (RMSNorm), [.., 1]."""
+        norm = self.adapter.final_norm()
+        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-5)
+        xf = x.float()
+        if self.spec.norm == "layernorm":
+            var = xf.var(-1, keepdim=True, unbiased=False)
+        else:
+            var = xf.pow(2).mean(-1, keepdim=True)
+        return torch.rsqrt(var + eps).to(x.dtype)
+
+    # ------------------------------------------------------------------ capture
+    def run_with_cache(self, ids: torch.Tensor, sites: Sequence[str], *,
+                       hooks: dict[str, HookFn | list[HookFn]] | None = None,
+                       **forward_kwargs) -> tuple[ForwardOutput, dict[str, torch.Tensor]]:
+        """One forward pass that also returns the activations at `sites` (no copies are
+        detached: call it under torch.enable_grad() with a leaf to take gradients)."""
+        cache: dict[str, torch.Tensor] = {}
+
+        def save(x, site):
+            cache[site] = x
+
+        mapping: dict[str, list[HookFn]] = {}
+        for site, fns in (hooks or {}).items():
+            mapping[site] = list(fns) if isinstance(fns, list) else [fns]
+        for site in sites:
+            mapping.setdefault(site, []).append(save)  # after interventions: the value used
+        out = self.forward(ids, hooks=mapping, **forward_kwargs)
+        return out, cache

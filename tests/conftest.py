@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from tdb_agent.engine import DEFAULT_MODEL, Engine
+from tests.tiny_models import FAMILIES, build_tiny
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: build_tiny(fam, root / fam) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_dirs):
+    return {fam: Engine.load(d) for fam, d in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def gpt2_tiny(tiny_engines):
+    return tiny_engines["gpt2"]
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    if not (DEFAULT_MODEL / "config.json").exists():
+        pytest.skip("the bundled model is not built (python tools/train_default_model.py)")
+    return Engine.load()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
