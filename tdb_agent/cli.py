@@ -1,0 +1,79 @@
+"""`tdb-agent` command line: serve the MCP tools, or run the demo on the bundled model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tdb_agent.engine import Engine
+
+
+def _engine(args) -> Engine:
+    return Engine.load(args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local Hugging Face folder or hub id (default: the bundled model)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--allow-download", action="store_true",
+                   help="allow fetching a hub model (never needed for the bundled model)")
+
+
+def cmd_serve(args) -> int:
+    from tdb_agent.server import build_server
+    from tdb_agent.workbench import Workbench
+
+    server = build_server(Workbench(_engine(args)))
+    if args.transport == "stdio":
+        server.run()
+    else:
+        server.run(transport="streamable-http", host=args.host, port=args.port)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Start-up check plus a prediction on each bundled task."""
+    from tdb_agent import ops
+    from tdb_agent.tasks import task_examples, task_names
+
+    engine = _engine(args)
+    info = ops.model_info(engine)
+    s = info.spec
+    print(f"model {info.name}: {s.architecture}, {s.n_layers} layers x {s.n_heads} heads, d_model {s.d_model}, "
+          f"{info.n_params:,} parameters on {info.device} ({info.dtype})")
+    for name in task_names():
+        ex = task_examples(name, 1, seed=7)[0]
+        r = ops.predict(engine, ex.prompt, top_k=3, target=ex.target, distractor=ex.distractor)
+        top = ", ".join(f"{t.token!r} {t.prob:.2f}" for t in r.top)
+        print(f"[{name}] {ex.prompt!r}\n    top: {top}\n    {r.metric.name}({ex.target!r} vs {ex.distractor!r}) = "
+              f"{r.metric.value:.2f}, p(target) = {r.metric.target_prob:.2f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tdb-agent", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="run the MCP server (stdio by default)")
+    _model_args(p)
+    p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("demo", help="start-up check and predictions on the bundled tasks")
+    _model_args(p)
+    p.set_defaults(fn=cmd_demo)
+
+    args = ap.parse_args(argv)
+    # logs go to stderr: stdout carries the MCP protocol on the stdio transport
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

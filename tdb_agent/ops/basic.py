@@ -1,0 +1,111 @@
+"""Model information, tokenization and next-token prediction."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, Field
+
+from tdb_agent.components import GRAMMAR
+from tdb_agent.engine import Engine, ModelSpec
+from tdb_agent.ops.metrics import MetricName, make_metric
+from tdb_agent.tasks import task_examples, task_info, task_names
+from tdb_agent.tasks.generators import TaskExample
+
+
+class ModelInfo(BaseModel):
+    name: str
+    spec: ModelSpec
+    device: str
+    dtype: str
+    n_params: int
+    component_ids: str = Field(description="grammar of component ids")
+    n_components: dict[str, int] = Field(description="how many components of each kind")
+    hook_sites: int
+    saes: list[str] = []
+    datasets: list[str] = []
+
+
+class TokenInfo(BaseModel):
+    position: int
+    token: str
+    id: int
+
+
+class TokenizeResult(BaseModel):
+    n_tokens: int
+    tokens: list[TokenInfo]
+
+
+class TokenPrediction(BaseModel):
+    token: str
+    id: int
+    prob: float
+    logit: float
+
+
+class MetricValue(BaseModel):
+    name: MetricName
+    value: float
+    target: str
+    distractor: str | None = None
+    target_prob: float
+    target_rank: int = Field(description="0 = the model's top prediction")
+
+
+class PredictResult(BaseModel):
+    prompt: str
+    n_tokens: int
+    top: list[TokenPrediction]
+    metric: MetricValue | None = None
+
+
+class TaskSummary(BaseModel):
+    name: str
+    description: str
+    metric: MetricName
+    examples: list[TaskExample]
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary]
+
+
+def model_info(engine: Engine) -> ModelInfo:
+    s = engine.spec
+    return ModelInfo(
+        name=engine.name, spec=s, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+        n_params=sum(p.numel() for p in engine.model.parameters()), component_ids=GRAMMAR,
+        n_components={"head": s.n_layers * s.n_heads, "neuron": s.n_layers * s.d_mlp,
+                      "attn": s.n_layers, "mlp": s.n_layers, "emb": 1},
+        hook_sites=len(engine.site_names()))
+
+
+def tokenize(engine: Engine, text: str) -> TokenizeResult:
+    ids = engine.to_tokens(text)[0].tolist()
+    toks = engine.str_tokens(ids)
+    return TokenizeResult(n_tokens=len(ids), tokens=[TokenInfo(position=i, token=t, id=x)
+                                                     for i, (t, x) in enumerate(zip(toks, ids))])
+
+
+@torch.no_grad()
+def predict(engine: Engine, prompt: str, top_k: int = 10, target: str | None = None,
+            distractor: str | None = None) -> PredictResult:
+    metric = make_metric(engine, target, distractor) if target else None
+    ids = engine.to_tokens(prompt)
+    logits = engine.forward(ids).logits[0, -1].float()  # [vocab]
+    probs = logits.softmax(-1)
+    top = probs.topk(min(top_k, probs.shape[0]))
+    rows = [TokenPrediction(token=engine.str_tokens([i])[0], id=i, prob=p, logit=logits[i].item())
+            for p, i in zip(top.values.tolist(), top.indices.tolist())]
+    value = None
+    if metric is not None:
+        t = metric.target_id
+        value = MetricValue(name=metric.name, value=metric.from_logits(logits[None])[0].item(),
+                            target=target, distractor=distractor, target_prob=probs[t].item(),
+                            target_rank=int((logits > logits[t]).sum().item()))
+    return PredictResult(prompt=prompt, n_tokens=ids.shape[1], top=rows, metric=value)
+
+
+def list_tasks(n_examples: int = 3) -> TaskList:
+    return TaskList(tasks=[TaskSummary(**task_info(n).model_dump(), examples=task_examples(n, n_examples))
+                           for n in task_names()])
