@@ -1,10 +1,12 @@
+import os
+
 import pytest
 import torch
 
 from tdb_agent.engine import DEFAULT_MODEL, Engine
 from tests.tiny_models import FAMILIES, build_tiny
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("TDB_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ inside `with engine.hooks({...}):`; they are removed on exit, also after an exce
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +31,7 @@ from difflib import get_close_matches
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from tdb_agent.engine import attention
@@ -82,6 +83,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _load_tokenizer(src: str, folder: Path | None, allow_download: bool):
+    """AutoTokenizer, except that a folder declaring the generic fast tokenizer gets it:
+    AutoTokenizer would otherwise pick the family's own class (e.g. Qwen2's) and rebuild
+    the vocabulary from files that are not there."""
+    if folder is not None and (folder / "tokenizer.json").exists():
+        cfg_file = folder / "tokenizer_config.json"
+        declared = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.exists() else None
+        if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+            return PreTrainedTokenizerFast.from_pretrained(src)
+    return AutoTokenizer.from_pretrained(src, local_files_only=not allow_download)
+
+
 class Engine:
     def __init__(self, model, tokenizer, name: str = "model"):
         self.model = model.eval()
@@ -121,7 +134,7 @@ class Engine:
         dev = resolve_device(device)
         hf_logging.disable_progress_bar()  # stdout/stderr stay clean (stdio MCP transport)
         hf_logging.set_verbosity_error()
-        tok = AutoTokenizer.from_pretrained(src, local_files_only=not allow_download)
+        tok = _load_tokenizer(src, path if local else None, allow_download)
         mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype],
                                                    local_files_only=not allow_download)
         log.info("loaded %s on %s (%s)", src, dev, dtype)

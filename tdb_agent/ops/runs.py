@@ -1,0 +1,137 @@
+"""Clean runs, their LRU cache, and reference (mean) activations.
+
+Agents call many tools on the same prompt, so the clean run of a prompt (its activations
+at the sites every operation reads) is computed once and kept in a bounded LRU cache.
+Results are identical with and without the cache: the cached tensors are exactly the ones
+a fresh run would produce.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from tdb_agent.engine import Engine
+from tdb_agent.errors import TdbError
+from tdb_agent.tasks import corpus_documents
+
+
+def clean_sites(engine: Engine) -> list[str]:
+    """Sites a clean run keeps: what attribution, ablation, patching and tracing read."""
+    sites = ["blocks.0.hook_resid_pre", "hook_resid_final"]
+    for layer in range(engine.spec.n_layers):
+        p = f"blocks.{layer}."
+        sites += [p + "hook_resid_pre", p + "attn.hook_z", p + "attn.hook_k", p + "attn.hook_v",
+                  p + "hook_attn_out", p + "mlp.hook_post", p + "hook_mlp_out", p + "hook_resid_post"]
+        if not engine.spec.parallel_residual:
+            sites.append(p + "hook_resid_mid")
+    return list(dict.fromkeys(sites))
+
+
+@dataclass
+class CleanRun:
+    prompt: str
+    ids: torch.Tensor  # [1, s]
+    logits: torch.Tensor  # last position, full vocabulary [vocab]
+    acts: dict[str, torch.Tensor]  # site -> [1, ...] (detached)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def n_layers(self) -> int:
+        return sum(1 for k in self.acts if k.endswith("attn.hook_k"))
+
+    def prefix_kv(self, from_layer: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Keys/values of all but the last position, per layer, in attention layout
+        [1, kv_heads, s - 1, d_head]: what a one-token continuation needs."""
+        return {layer: (self.acts[f"blocks.{layer}.attn.hook_k"][:, :-1].transpose(1, 2),
+                        self.acts[f"blocks.{layer}.attn.hook_v"][:, :-1].transpose(1, 2))
+                for layer in range(from_layer, self.n_layers)}
+
+
+@torch.no_grad()
+def compute_clean_run(engine: Engine, prompt: str) -> CleanRun:
+    ids = engine.to_tokens(prompt)
+    out, acts = engine.run_with_cache(ids, clean_sites(engine), logit_positions=[-1])
+    return CleanRun(prompt=prompt, ids=ids, logits=out.logits[0, -1], acts={k: v.detach() for k, v in acts.items()})
+
+
+class RunCache:
+    """Bounded LRU of clean runs, keyed by prompt (one model per cache)."""
+
+    def __init__(self, engine: Engine, max_runs: int = 8):
+        self.engine = engine
+        self.max_runs = max_runs
+        self._runs: OrderedDict[str, CleanRun] = OrderedDict()
+        self._means: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, prompt: str) -> CleanRun:
+        with self._lock:
+            if prompt in self._runs:
+                self._runs.move_to_end(prompt)
+                self.hits += 1
+                return self._runs[prompt]
+        run = compute_clean_run(self.engine, prompt)
+        with self._lock:
+            self.misses += 1
+            self._runs[prompt] = run
+            while len(self._runs) > self.max_runs:
+                self._runs.popitem(last=False)
+        return run
+
+    def mean(self, site: str) -> torch.Tensor:
+        with self._lock:
+            if site in self._means:
+                return self._means[site]
+        value = reference_means(self.engine, [site])[site]
+        with self._lock:
+            self._means[site] = value
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._runs.clear()
+            self._means.clear()
+
+
+def get_run(engine: Engine, prompt: str, cache: RunCache | None) -> CleanRun:
+    return cache.get(prompt) if cache is not None else compute_clean_run(engine, prompt)
+
+
+def get_mean(engine: Engine, site: str, cache: RunCache | None) -> torch.Tensor:
+    return cache.mean(site) if cache is not None else reference_means(engine, [site])[site]
+
+
+REFERENCE_DOCS = 48
+REFERENCE_SEED = 4242
+
+
+@torch.no_grad()
+def reference_means(engine: Engine, sites: list[str], prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Mean activation per site over every token of a reference set (default: documents of
+    the built-in synthetic corpus): shape [units..] without batch and position dims.
+
+    This is the `mean` of mean-ablation and of the act x grad reference (DESIGN §4).
+    """
+    prompts = prompts or corpus_documents(REFERENCE_DOCS, seed=REFERENCE_SEED)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for text in prompts:
+        ids = engine.to_tokens(text)[:, : engine.spec.n_ctx]
+        _, acts = engine.run_with_cache(ids, sites, logit_positions=[-1], logit_ids=[0])
+        for site in sites:
+            a = acts[site]
+            if a.dim() == 4 and site.endswith(("hook_pattern", "hook_attn_scores")):
+                raise TdbError(f"no mean is defined for {site}")
+            s = a.float().sum(dim=(0, 1))
+            sums[site] = sums[site] + s if site in sums else s
+        count += ids.shape[1]
+    return {s: (v / count).to(engine.dtype) for s, v in sums.items()}
