@@ -24,11 +24,11 @@ from tdb_agent.ops.runs import CleanRun
 
 @dataclass
 class Decomposition:
-    heads: torch.Tensor  # [n_attn_layers, n_heads]
-    neurons: torch.Tensor  # [n_mlp_layers, d_mlp]
-    emb: torch.Tensor  # scalar
-    attn_bias: torch.Tensor  # [n_attn_layers] (b_O · g per layer)
-    mlp_bias: torch.Tensor  # [n_mlp_layers]
+    heads: torch.Tensor  # [n_attn_layers, n_heads]  (per_position: [P, n_attn_layers, n_heads])
+    neurons: torch.Tensor  # [n_mlp_layers, d_mlp]  (per_position: [P, n_mlp_layers, d_mlp])
+    emb: torch.Tensor  # scalar  ([P])
+    attn_bias: torch.Tensor  # [n_attn_layers] (b_O · g per layer)  ([P, n_attn_layers])
+    mlp_bias: torch.Tensor  # [n_mlp_layers]  ([P, n_mlp_layers])
 
     def total(self) -> torch.Tensor:
         return (self.heads.sum() + self.neurons.sum() + self.emb + self.attn_bias.sum()
@@ -36,36 +36,45 @@ class Decomposition:
 
 
 def decompose(engine: Engine, run: CleanRun, positions: list[int], g: torch.Tensor,
-              attn_layers: int, mlp_layers: int) -> Decomposition:
+              attn_layers: int, mlp_layers: int, per_position: bool = False) -> Decomposition:
     """Split sum_p resid[p] · g[p] into component terms.
 
     positions: token positions; g: [len(positions), d_model]; the residual stream read is
-    the one after `attn_layers` attention blocks and `mlp_layers` MLP blocks.
+    the one after `attn_layers` attention blocks and `mlp_layers` MLP blocks. With
+    per_position every term keeps a leading position axis instead of being summed.
     """
+    eq_head = "phk,hkd,pd->ph" if per_position else "phk,hkd,pd->h"
     a = engine.adapter
     g = g.to(engine.dtype)
     pos = torch.as_tensor(positions, device=g.device)
     heads, attn_bias, neurons, mlp_bias = [], [], [], []
     for layer in range(attn_layers):
         z = run.acts[f"blocks.{layer}.attn.hook_z"][0, pos]  # [P, h, dh]
-        heads.append(torch.einsum("phk,hkd,pd->h", z, a.W_O(layer), g))
+        heads.append(torch.einsum(eq_head, z, a.W_O(layer), g))
         b = a.b_O(layer)
-        attn_bias.append((b @ g.T).sum() if b is not None else g.new_zeros(()))
+        bias = (g @ b) if b is not None else g.new_zeros(len(positions))
+        attn_bias.append(bias if per_position else bias.sum())
     for layer in range(mlp_layers):
         post = run.acts[f"blocks.{layer}.mlp.hook_post"][0, pos]  # [P, d_mlp]
-        neurons.append((post * (g @ a.W_out(layer).T)).sum(0))
+        contrib = post * (g @ a.W_out(layer).T)  # [P, d_mlp]
+        neurons.append(contrib if per_position else contrib.sum(0))
         b = a.b_out(layer)
-        mlp_bias.append((b @ g.T).sum() if b is not None else g.new_zeros(()))
-    emb = (run.acts["blocks.0.hook_resid_pre"][0, pos] * g).sum()
+        bias = (g @ b) if b is not None else g.new_zeros(len(positions))
+        mlp_bias.append(bias if per_position else bias.sum())
+    emb = (run.acts["blocks.0.hook_resid_pre"][0, pos] * g).sum(-1)  # [P]
     spec = engine.spec
-    empty = g.new_zeros(0)
-    return Decomposition(
-        heads=torch.stack(heads) if heads else g.new_zeros(0, spec.n_heads),
-        neurons=torch.stack(neurons) if neurons else g.new_zeros(0, spec.d_mlp),
-        emb=emb,
-        attn_bias=torch.stack(attn_bias) if attn_bias else empty,
-        mlp_bias=torch.stack(mlp_bias) if mlp_bias else empty,
-    )
+    P = len(positions)
+    lead = (P,) if per_position else ()
+    # stacked as [layers, (P,) units]; with per_position moved to [P, layers, units]
+    heads_t = torch.stack(heads) if heads else g.new_zeros((0,) + lead + (spec.n_heads,))
+    neurons_t = torch.stack(neurons) if neurons else g.new_zeros((0,) + lead + (spec.d_mlp,))
+    attn_b = torch.stack(attn_bias) if attn_bias else g.new_zeros((0,) + lead)
+    mlp_b = torch.stack(mlp_bias) if mlp_bias else g.new_zeros((0,) + lead)
+    if per_position:
+        heads_t, neurons_t = heads_t.transpose(0, 1), neurons_t.transpose(0, 1)
+        attn_b, mlp_b = attn_b.T, mlp_b.T
+    return Decomposition(heads=heads_t, neurons=neurons_t, emb=emb if per_position else emb.sum(),
+                         attn_bias=attn_b, mlp_bias=mlp_b)
 
 
 def frozen_norm(engine: Engine, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,195 @@
+"""Upstream tracing (Transformer Debugger's "upstream node to trace").
+
+The backward pass starts at a node instead of the metric:
+
+* an MLP neuron `L{l}.N{n}@t`: its pre-activation, traced to the writes into the residual
+  stream feeding the MLP (via `direct`);
+* a head `L{l}.H{h}@q` with `via=q` / `via=k`: its attention score from query q to one key
+  position, traced through the query side (keys held fixed) or the key side (queries fixed);
+* a head with `via=v`: its direct effect on the metric, traced through its values with the
+  attention pattern held fixed (to every key position).
+
+The norm feeding the node runs with its scale frozen, so the node is affine in the
+residual stream: edge weights (gradient · upstream write) plus the bias terms sum exactly
+to gradient · residual, and the node value is that plus `unattributed` (reported).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from tdb_agent.components import Component, parse_component
+from tdb_agent.engine import Engine, StopForward
+from tdb_agent.errors import TdbError
+from tdb_agent.ops.attribute import final_gradient
+from tdb_agent.ops.decompose import Decomposition, decompose, frozen_norms
+from tdb_agent.ops.metrics import make_metric
+from tdb_agent.ops.runs import CleanRun, RunCache, get_run
+
+Via = Literal["q", "k", "v", "all"]
+
+
+class Edge(BaseModel):
+    source: str
+    target: str
+    weight: float
+    via: Literal["q", "k", "v", "direct"]
+
+
+class TraceResult(BaseModel):
+    prompt: str
+    node: str
+    via: str
+    value: float = Field(description="the traced quantity: a neuron's pre-activation, a head's attention "
+                                     "score (via q/k), or its direct effect on the metric (via v)")
+    query_position: int | None = None
+    key_position: int | None = None
+    edges: list[Edge] = Field(description="upstream component (with @position) -> node, ranked by |weight|")
+    n_edges: int
+    sum_of_edges: dict[str, float] = Field(description="sum of all edge weights, per via")
+    unattributed: dict[str, float] = Field(description="bias terms and what the frozen norm adds; edges + "
+                                                        "these = value")
+
+
+def _leaf_grad(engine: Engine, run: CleanRun, layer: int, leaf_site: str, read_site: str, value_fn,
+               detach: list[str], norms: list[torch.nn.Module]) -> tuple[torch.Tensor, float]:
+    """Gradient of value_fn(activation at read_site) w.r.t. the residual stream at leaf_site
+    (a fresh leaf replacing the clean value), running from block `layer` only."""
+    leaf_box: dict[str, torch.Tensor] = {}
+    value_box: dict[str, torch.Tensor] = {}
+
+    def make_leaf(x, site):
+        leaf = x.detach().clone().requires_grad_(True)
+        leaf_box["x"] = leaf
+        return leaf
+
+    def read(x, site):
+        value_box["v"] = value_fn(x)
+        raise StopForward
+
+    hooks = {leaf_site: [make_leaf], read_site: [read]}
+    for s in detach:
+        hooks.setdefault(s, []).insert(0, lambda x, site: x.detach())
+    with torch.enable_grad(), frozen_norms(engine, norms):
+        engine.forward(run.ids, hooks=hooks, start_layer=layer,
+                       resid=run.acts[f"blocks.{layer}.hook_resid_pre"].detach())
+        value = value_box["v"]
+        (g,) = torch.autograd.grad(value, leaf_box["x"])
+    return g[0], value.item()  # [s, d]
+
+
+def _edges(engine: Engine, d: Decomposition, positions: list[int], target: str, via: str,
+           attn_layers: int, mlp_layers: int) -> list[Edge]:
+    spec = engine.spec
+    edges = []
+    for i, p in enumerate(positions):
+        for layer in range(attn_layers):
+            for h in range(spec.n_heads):
+                edges.append((d.heads[i, layer, h], f"L{layer}.H{h}@{p}"))
+        for layer in range(mlp_layers):
+            vals = d.neurons[i, layer]
+            # neurons: keep the strongest few per layer and position (the rest are ranked out anyway)
+            k = min(64, vals.numel())
+            for idx in vals.abs().topk(k).indices.tolist():
+                edges.append((vals[idx], f"L{layer}.N{idx}@{p}"))
+        edges.append((d.emb[i], f"EMB@{p}"))
+    return [Edge(source=src, target=target, weight=w.item(), via=via) for w, src in edges]
+
+
+def trace_upstream(engine: Engine, prompt: str, component: str, via: Via = "all",
+                   key_position: int | None = None, target: str | None = None, distractor: str | None = None,
+                   top_k: int | None = 20, cache: RunCache | None = None) -> TraceResult:
+    with engine.lock:
+        run = get_run(engine, prompt, cache)
+        s = run.n_tokens
+        node = parse_component(component, engine.spec, n_positions=s)
+        if node.kind == "neuron":
+            return _trace_neuron(engine, run, node, top_k)
+        if node.kind == "head":
+            return _trace_head(engine, run, node, via, key_position, target, distractor, top_k)
+    raise TdbError(f"trace_upstream starts at a neuron (L{{l}}.N{{n}}@t) or a head (L{{l}}.H{{h}}@q), "
+                   f"not {node.id}")
+
+
+def _finish(prompt, node_id, via, value, edges, sums, unattributed, top_k, q=None, k=None) -> TraceResult:
+    n = len(edges)
+    edges.sort(key=lambda e: -abs(e.weight))
+    return TraceResult(prompt=prompt, node=node_id, via=via, value=value, query_position=q, key_position=k,
+                       edges=edges if top_k is None else edges[:top_k], n_edges=n, sum_of_edges=sums,
+                       unattributed=unattributed)
+
+
+def _trace_neuron(engine: Engine, run: CleanRun, node: Component, top_k) -> TraceResult:
+    layer, n = node.layer, node.index
+    t = run.n_tokens - 1 if node.position is None else node.position
+    parallel = engine.spec.parallel_residual
+    leaf_site = f"blocks.{layer}.hook_resid_pre" if parallel else f"blocks.{layer}.hook_resid_mid"
+    g, value = _leaf_grad(engine, run, layer, leaf_site, f"blocks.{layer}.mlp.hook_pre",
+                          lambda x: x[0, t, n], [], [engine.adapter.ln2(layer)])
+    attn_layers = layer if parallel else layer + 1
+    d = decompose(engine, run, [t], g[t][None], attn_layers, layer, per_position=True)
+    target = f"L{layer}.N{n}@{t}"
+    edges = _edges(engine, d, [t], target, "direct", attn_layers, layer)
+    total = (d.heads.sum() + d.neurons.sum() + d.emb.sum()).item()
+    read = (run.acts[leaf_site][0, t] * g[t]).sum().item()
+    unattributed = {"attn_output_biases": d.attn_bias.sum().item(), "mlp_output_biases": d.mlp_bias.sum().item(),
+                    "norm_bias_and_input_bias": value - read}
+    return _finish(run.prompt, target, "direct", value, edges, {"direct": total}, unattributed, top_k, q=t)
+
+
+def _trace_head(engine: Engine, run: CleanRun, node: Component, via: Via, key_position, target, distractor,
+                top_k) -> TraceResult:
+    layer, h = node.layer, node.index
+    s = run.n_tokens
+    q = s - 1 if node.position is None else node.position
+    p = f"blocks.{layer}.attn."
+    leaf_site = f"blocks.{layer}.hook_resid_pre"
+    ln1 = engine.adapter.ln1(layer)
+    node_id = f"L{layer}.H{h}@{q}"
+    edges: list[Edge] = []
+    sums: dict[str, float] = {}
+    unattributed: dict[str, float] = {}
+    value = 0.0
+    k_pos = None
+    if via in ("q", "k", "all"):
+        if key_position is None:
+            _, acts = engine.run_with_cache(run.ids, [p + "hook_pattern"], start_layer=layer,
+                                            resid=run.acts[leaf_site], stop_layer=layer + 1)
+            k_pos = int(acts[p + "hook_pattern"][0, h, q].argmax().item())
+        else:
+            k_pos = int(key_position)
+            if not 0 <= k_pos <= q:
+                raise TdbError(f"key_position {k_pos} must be between 0 and the query position {q} (causal)")
+        for side in (["q", "k"] if via == "all" else [via]):
+            frozen = p + ("hook_k" if side == "q" else "hook_q")
+            g, value = _leaf_grad(engine, run, layer, leaf_site, p + "hook_attn_scores",
+                                  lambda x: x[0, h, q, k_pos], [frozen], [ln1])
+            pos = q if side == "q" else k_pos
+            d = decompose(engine, run, [pos], g[pos][None], layer, layer, per_position=True)
+            edges += _edges(engine, d, [pos], node_id, side, layer, layer)
+            sums[side] = (d.heads.sum() + d.neurons.sum() + d.emb.sum()).item()
+            read = (run.acts[leaf_site][0, pos] * g[pos]).sum().item()
+            unattributed[f"{side}_output_biases"] = (d.attn_bias.sum() + d.mlp_bias.sum()).item()
+            unattributed[f"{side}_norm_bias_qk_bias_and_other_side"] = value - read
+    if via == "v":
+        if not target:
+            raise TdbError("via='v' traces the head's direct effect on the metric: give target (and distractor)")
+        metric = make_metric(engine, target, distractor)
+        g_final, _ = final_gradient(engine, run, metric)
+        W_O = engine.adapter.W_O(layer)[h]  # [d_head, d_model]
+        direction = W_O @ g_final.to(W_O.dtype)  # [d_head]
+        g, value = _leaf_grad(engine, run, layer, leaf_site, p + "hook_z",
+                              lambda x: x[0, q, h] @ direction, [p + "hook_q", p + "hook_k"], [ln1])
+        positions = list(range(q + 1))
+        d = decompose(engine, run, positions, g[: q + 1], layer, layer, per_position=True)
+        edges += _edges(engine, d, positions, node_id, "v", layer, layer)
+        sums["v"] = (d.heads.sum() + d.neurons.sum() + d.emb.sum()).item()
+        read = (run.acts[leaf_site][0, : q + 1] * g[: q + 1]).sum().item()
+        unattributed["v_output_biases"] = (d.attn_bias.sum() + d.mlp_bias.sum()).item()
+        unattributed["v_norm_bias_and_v_bias"] = value - read
+    elif via not in ("q", "k", "all"):
+        raise TdbError(f"unknown via {via!r}; via is q, k, v or all")
+    return _finish(run.prompt, node_id, via, value, edges, sums, unattributed, top_k, q=q, k=k_pos)
