@@ -7,7 +7,8 @@ import sys
 
 from mcp import Client, StdioServerParameters
 
-EXPECTED_TOOLS = {"model_info", "tokenize", "predict", "list_tasks"}
+EXPECTED_TOOLS = {"model_info", "tokenize", "predict", "list_tasks", "attribute", "ablate", "ablation_sweep",
+                  "patch", "trace_upstream", "attention_pattern", "steer"}
 
 
 def _params(model_dir) -> StdioServerParameters:

@@ -1,6 +1,12 @@
 """Interpretability operations: pure functions over the engine with typed results."""
 
+from tdb_agent.ops.ablate import ablate, ablation_sweep, patch
+from tdb_agent.ops.attention import attention_pattern
+from tdb_agent.ops.attribute import attribute
 from tdb_agent.ops.basic import list_tasks, model_info, predict, tokenize
 from tdb_agent.ops.metrics import Metric, make_metric
+from tdb_agent.ops.steer import steer
+from tdb_agent.ops.trace import trace_upstream
 
-__all__ = ["Metric", "list_tasks", "make_metric", "model_info", "predict", "tokenize"]
+__all__ = ["Metric", "ablate", "ablation_sweep", "attention_pattern", "attribute", "list_tasks", "make_metric",
+           "model_info", "patch", "predict", "steer", "tokenize", "trace_upstream"]

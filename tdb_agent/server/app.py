@@ -1,23 +1,35 @@
 """The MCP server: tool wiring only. Every number comes from `tdb_agent.ops`.
 
-Each tool validates its arguments (pydantic, via the SDK), runs the operation, and turns
-a user error (`TdbError`) into a tool error whose message says what was wrong.
+Each tool validates its arguments (pydantic, via the SDK), runs the operation in a worker
+thread behind the engine lock, and turns a user error (`TdbError`) into a tool error whose
+message says what was wrong. Long tools report progress and stop at the next batch when
+the call is cancelled.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import threading
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
+import anyio
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
+from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
 from tdb_agent import ops
 from tdb_agent.errors import TdbError
+from tdb_agent.ops.ablate import AblateResult, PatchResult, SweepResult
+from tdb_agent.ops.attention import AttentionPatternResult, head_pattern, pattern_png
+from tdb_agent.ops.attribute import AttributionResult
 from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList, TokenizeResult
+from tdb_agent.ops.steer import SteerResult
+from tdb_agent.ops.trace import TraceResult
 from tdb_agent.workbench import Workbench
 
 log = logging.getLogger(__name__)
@@ -28,8 +40,23 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempot
 
 INSTRUCTIONS = """Interpretability workbench for a transformer language model (Transformer
 Debugger as tools). Start with model_info and list_tasks; use predict to see what the model
-says. Components are named EMB, L{l}.H{h} (head), L{l}.ATTN, L{l}.MLP, L{l}.N{n} (neuron),
-L{l}.{resid|mlp|attn}.F{i} (SAE latent), LOGITS; add @t to pin a token position."""
+says, attribute to rank the components behind a logit difference, ablate / ablation_sweep /
+patch to test them causally, trace_upstream and attention_pattern to see why a head attends
+where it does. Components are named EMB, L{l}.H{h} (head), L{l}.ATTN, L{l}.MLP, L{l}.N{n}
+(neuron), L{l}.{resid|mlp|attn}.F{i} (SAE latent), LOGITS; add @t to pin a token position
+(tokenize shows positions)."""
+
+Prompt = Annotated[str, Field(description="the text the model reads", min_length=1, max_length=20000)]
+Target = Annotated[str, Field(description="a single token the metric is about, e.g. 'Mary'", min_length=1,
+                              max_length=200)]
+Distractor = Annotated[str | None, Field(description="a single token to compare with: metric = "
+                                         "logit[target] - logit[distractor]; without it, log p(target)",
+                                         max_length=200)]
+Corrupted = Annotated[str | None, Field(description="a prompt of the same length that removes the "
+                                        "information (for resample/patching references)", max_length=20000)]
+ComponentId = Annotated[str, Field(description="component id, e.g. L1.H3, L0.N17, L2.MLP, EMB, with optional "
+                                   "@t", min_length=1, max_length=64)]
+Mode = Literal["zero", "mean", "resample"]
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -39,15 +66,46 @@ def _run(fn: Callable[[], T]) -> T:
         raise ToolError(str(e)) from e
 
 
+async def _run_long(ctx: Context | None, fn: Callable[..., T], what: str) -> T:
+    """Run fn(progress, should_stop) in a worker thread: progress goes to the client as
+    notifications; a cancelled call sets the stop flag and the work ends at its next batch."""
+    stop = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if ctx is not None:
+            try:
+                anyio.from_thread.run(ctx.report_progress, done, total, f"{what}: {done}/{total}")
+            except Exception:  # a client that went away must not break the work
+                pass
+
+    try:
+        return await anyio.to_thread.run_sync(lambda: _run(lambda: fn(progress, stop.is_set)),
+                                              abandon_on_cancel=True)
+    finally:
+        stop.set()
+
+
 def build_server(bench: Workbench) -> MCPServer:
     mcp = MCPServer("tdb-agent", instructions=INSTRUCTIONS)
     engine = bench.engine
     limits = bench.limits
+    cache = bench.cache
 
-    def check_prompt(prompt: str) -> None:
-        n = engine.to_tokens(prompt).shape[1]
-        if n > limits.max_prompt_tokens:
-            raise TdbError(f"the prompt is {n} tokens; the limit (max_prompt_tokens) is {limits.max_prompt_tokens}")
+    def check_prompt(*prompts: str | None) -> None:
+        for prompt in prompts:
+            if prompt is None:
+                continue
+            n = engine.to_tokens(prompt).shape[1]
+            if n > limits.max_prompt_tokens:
+                raise TdbError(f"the prompt is {n} tokens; the limit (max_prompt_tokens) is {limits.max_prompt_tokens}")
+
+    def check_top_k(top_k: int) -> None:
+        if top_k > limits.max_top_k:
+            raise TdbError(f"top_k {top_k} exceeds the limit max_top_k={limits.max_top_k}")
+
+    def check_components(components: list[str]) -> None:
+        if len(components) > limits.max_components:
+            raise TdbError(f"{len(components)} components exceed the limit max_components={limits.max_components}")
 
     @mcp.tool(annotations=READ_ONLY)
     def model_info() -> ModelInfo:
@@ -65,11 +123,11 @@ def build_server(bench: Workbench) -> MCPServer:
 
     @mcp.tool(annotations=READ_ONLY)
     def predict(
-        prompt: Annotated[str, Field(description="the text the model continues", min_length=1, max_length=20000)],
+        prompt: Prompt,
         top_k: Annotated[int, Field(ge=1, le=200, description="how many top next tokens to list")] = 10,
-        target: Annotated[str | None, Field(description="a single token whose probability to report")] = None,
-        distractor: Annotated[str | None, Field(description="a single token to compare the target with "
-                                                "(metric = logit[target] - logit[distractor])")] = None,
+        target: Annotated[str | None, Field(description="a single token whose probability to report",
+                                            max_length=200)] = None,
+        distractor: Distractor = None,
     ) -> PredictResult:
         """What does the model predict next? Top next tokens with probabilities and logits; with
         a target (and optional distractor), the metric the other tools explain (logit_diff, or
@@ -77,8 +135,7 @@ def build_server(bench: Workbench) -> MCPServer:
         store , John gave a drink to", target="Mary", distractor="John")"""
         def go():
             check_prompt(prompt)
-            if top_k > limits.max_top_k:
-                raise TdbError(f"top_k {top_k} exceeds the limit max_top_k={limits.max_top_k}")
+            check_top_k(top_k)
             return ops.predict(engine, prompt, top_k=top_k, target=target, distractor=distractor)
         return _run(go)
 
@@ -88,5 +145,170 @@ def build_server(bench: Workbench) -> MCPServer:
         description and example prompt pairs (prompt, corrupted_prompt, target, distractor)
         ready to pass to predict/attribute/ablate/patch. Example: list_tasks()"""
         return _run(ops.list_tasks)
+
+    @mcp.tool(annotations=READ_ONLY)
+    def attribute(
+        prompt: Prompt,
+        target: Target,
+        distractor: Distractor = None,
+        method: Annotated[Literal["direct_effect", "act_times_grad"], Field(
+            description="direct_effect: each component's write at the last position times the metric's "
+                        "gradient there (exact, sums to the metric); act_times_grad: (activation - reference) "
+                        "x gradient, includes indirect paths")] = "direct_effect",
+        corrupted_prompt: Corrupted = None,
+        reference: Annotated[Literal["zero", "mean", "corrupted"] | None, Field(
+            description="act_times_grad reference activation (default: corrupted if a corrupted_prompt is "
+                        "given, else zero)")] = None,
+        kinds: Annotated[list[Literal["head", "neuron", "attn", "mlp", "emb"]] | None, Field(
+            description="component kinds to rank (default head and neuron)", max_length=5)] = None,
+        top_k: Annotated[int, Field(ge=1, le=200, description="rows to return")] = 20,
+        per_position: Annotated[bool, Field(description="split act_times_grad effects by token position")] = False,
+    ) -> AttributionResult:
+        """Why does the model prefer target over distractor? Ranks heads, neurons and blocks by
+        their contribution to the metric. Rows carry id, kind, effect and share; the totals and
+        the named remainder (biases) add up to the metric. Example: attribute(prompt="When Mary
+        and John went to the store , John gave a drink to", target="Mary", distractor="John")"""
+        def go():
+            check_prompt(prompt, corrupted_prompt)
+            check_top_k(top_k)
+            return ops.attribute(engine, prompt, target, distractor, method=method, corrupted_prompt=corrupted_prompt,
+                                 reference=reference, kinds=kinds, top_k=top_k, per_position=per_position,
+                                 cache=cache)
+        return _run(go)
+
+    @mcp.tool(annotations=READ_ONLY)
+    def ablate(
+        prompt: Prompt,
+        components: Annotated[list[ComponentId], Field(min_length=1, max_length=256,
+                                                       description="components to ablate together")],
+        target: Target,
+        distractor: Distractor = None,
+        mode: Annotated[Mode, Field(description="zero; mean (over a reference corpus); resample (from "
+                                    "corrupted_prompt)")] = "zero",
+        corrupted_prompt: Corrupted = None,
+    ) -> AblateResult:
+        """Does the behaviour need these components? Runs the prompt with them ablated and
+        reports the metric before and after, the delta, and the new top tokens. Example:
+        ablate(prompt="...", components=["L3.H1", "L2.N40@12"], target="Mary", distractor="John",
+        mode="mean")"""
+        def go():
+            check_prompt(prompt, corrupted_prompt)
+            check_components(components)
+            return ops.ablate(engine, prompt, components, target, distractor, mode=mode,
+                              corrupted_prompt=corrupted_prompt, cache=cache)
+        return _run(go)
+
+    @mcp.tool(annotations=READ_ONLY)
+    async def ablation_sweep(
+        prompt: Prompt,
+        kind: Annotated[Literal["head", "neuron", "attn", "mlp"], Field(description="which components to sweep")],
+        target: Target,
+        distractor: Distractor = None,
+        mode: Mode = "zero",
+        corrupted_prompt: Corrupted = None,
+        positions: Annotated[Literal["all", "last"] | list[Annotated[int, Field(ge=0)]], Field(
+            description="where each component is ablated: all positions, the last one (Transformer "
+                        "Debugger's default), or a list of positions")] = "all",
+        top_k: Annotated[int, Field(ge=1, le=200)] = 20,
+        ctx: Context | None = None,
+    ) -> SweepResult:
+        """Which single components matter? Ablates every component of a kind alone (batched) and
+        ranks them by the metric change. Reports progress; cancellable. Single ablations miss
+        redundant circuits: test groups with ablate. Example: ablation_sweep(prompt="...",
+        kind="head", target="Mary", distractor="John", positions="last")"""
+        check = lambda: check_prompt(prompt, corrupted_prompt)  # noqa: E731
+
+        def work(progress, should_stop):
+            check()
+            return ops.ablation_sweep(engine, prompt, kind, target, distractor, mode=mode,
+                                      corrupted_prompt=corrupted_prompt, positions=positions, top_k=top_k,
+                                      batch_size=limits.batch_size, cache=cache, progress=progress,
+                                      should_stop=should_stop)
+        return await _run_long(ctx, work, "ablation sweep")
+
+    @mcp.tool(annotations=READ_ONLY)
+    def patch(
+        clean_prompt: Prompt,
+        corrupted_prompt: Annotated[str, Field(min_length=1, max_length=20000,
+                                               description="same length as clean_prompt")],
+        components: Annotated[list[ComponentId], Field(min_length=1, max_length=256)],
+        target: Target,
+        distractor: Distractor = None,
+        direction: Annotated[Literal["denoise", "noise"], Field(
+            description="denoise: clean activations into the corrupted run; noise: corrupted into clean")] = "denoise",
+    ) -> PatchResult:
+        """Activation patching: do these components carry the information that separates the
+        clean prompt from the corrupted one? Reports the metric on both, with the patch, and the
+        fraction restored. Example: patch(clean_prompt="...", corrupted_prompt="...",
+        components=["L3.H1"], target="Mary", distractor="John")"""
+        def go():
+            check_prompt(clean_prompt, corrupted_prompt)
+            check_components(components)
+            return ops.patch(engine, clean_prompt, corrupted_prompt, components, target, distractor,
+                             direction=direction, cache=cache)
+        return _run(go)
+
+    @mcp.tool(annotations=READ_ONLY)
+    def trace_upstream(
+        prompt: Prompt,
+        component: Annotated[str, Field(description="a head with its query position (L2.H5@14) or a neuron "
+                                        "(L1.N7@9); without @t the last position", min_length=1, max_length=64)],
+        via: Annotated[Literal["q", "k", "v", "all"], Field(
+            description="for heads: q / k trace the attention score through the query / key side; all = both; "
+                        "v traces the head's effect on the metric through its values")] = "all",
+        key_position: Annotated[int | None, Field(ge=0, description="key position of the attention score "
+                                                  "(default: the most attended one)")] = None,
+        target: Annotated[str | None, Field(description="for via=v: the metric's target token",
+                                            max_length=200)] = None,
+        distractor: Distractor = None,
+        top_k: Annotated[int, Field(ge=1, le=200)] = 20,
+    ) -> TraceResult:
+        """Why did this head attend to that token, or why did this neuron fire? Attributes the
+        node to upstream components (heads, neurons, embedding at specific positions) as weighted
+        edges (source, target, weight, via). Example: trace_upstream(prompt="...",
+        component="L2.H5@14", via="q")"""
+        def go():
+            check_prompt(prompt)
+            return ops.trace_upstream(engine, prompt, component, via=via, key_position=key_position, target=target,
+                                      distractor=distractor, top_k=top_k, cache=cache)
+        return _run(go)
+
+    @mcp.tool(annotations=READ_ONLY)
+    def attention_pattern(
+        prompt: Prompt,
+        component: Annotated[str, Field(description="a head, e.g. L1.H3", min_length=1, max_length=64)],
+        top_k: Annotated[int, Field(ge=1, le=20, description="keys listed per query")] = 3,
+    ) -> Annotated[CallToolResult, AttentionPatternResult]:
+        """Where does this head look? For every query position, its most attended key positions
+        with weights (and the full pattern for short prompts), plus a PNG heatmap (rows =
+        queries, columns = keys). Example: attention_pattern(prompt="...", component="L1.H3")"""
+        def go():
+            check_prompt(prompt)
+            result = ops.attention_pattern(engine, prompt, component, top_k=top_k, cache=cache)
+            pattern, _, _ = head_pattern(engine, prompt, component, cache)
+            png = base64.b64encode(pattern_png(pattern)).decode()
+            data = result.model_dump(mode="json")
+            return CallToolResult(content=[TextContent(type="text", text=json.dumps(data)),
+                                           ImageContent(type="image", data=png, mime_type="image/png")],
+                                  structured_content=data)
+        return _run(go)
+
+    @mcp.tool(annotations=READ_ONLY)
+    def steer(
+        prompt: Prompt,
+        component: Annotated[str, Field(description="a neuron (its output weights) or a head (its mean write)",
+                                        min_length=1, max_length=64)],
+        scale: Annotated[float, Field(ge=-1000, le=1000, description="multiple of the direction to add")] = 5.0,
+        max_new_tokens: Annotated[int, Field(ge=1, le=256)] = 12,
+    ) -> SteerResult:
+        """What does this component's direction do to the output? Adds scale x its direction to
+        the residual stream at every position and generates greedily, with and without.
+        Example: steer(prompt="The capital of Zorvia is", component="L2.N40", scale=8)"""
+        def go():
+            check_prompt(prompt)
+            if max_new_tokens > limits.max_new_tokens:
+                raise TdbError(f"max_new_tokens {max_new_tokens} exceeds the limit {limits.max_new_tokens}")
+            return ops.steer(engine, prompt, component, scale=scale, max_new_tokens=max_new_tokens, cache=cache)
+        return _run(go)
 
     return mcp
