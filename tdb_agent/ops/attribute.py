@@ -124,12 +124,11 @@ def attribute(engine: Engine, prompt: str, target: str, distractor: str | None =
     kinds = _check_kinds(kinds)
     m = make_metric(engine, target, distractor, metric)
     with engine.lock:
-        run = get_run(engine, prompt, cache)
         if method == "direct_effect":
-            return _direct_effect(engine, run, m, kinds, top_k, per_position)
-        if method == "act_times_grad":
+            return _direct_effect(engine, get_run(engine, prompt, cache), m, kinds, top_k, per_position)
+        if method == "act_times_grad":  # its own forward + backward: the clean run is not needed
             ref = reference or ("corrupted" if corrupted_prompt else "zero")
-            return _act_times_grad(engine, run, m, kinds, top_k, per_position, ref, corrupted_prompt, cache)
+            return _act_times_grad(engine, prompt, m, kinds, top_k, per_position, ref, corrupted_prompt, cache)
     raise TdbError(f"unknown method {method!r}; methods: direct_effect, act_times_grad")
 
 
@@ -196,22 +195,24 @@ def metric_gradients(engine: Engine, ids: torch.Tensor, metric: Metric,
         s: (gr if gr is not None else torch.zeros_like(acts[s])) for s, gr in zip(sites, grads)}
 
 
-def _act_times_grad(engine, run, m, kinds, top_k, per_position, reference, corrupted_prompt, cache):
+def _act_times_grad(engine, prompt, m, kinds, top_k, per_position, reference, corrupted_prompt, cache):
     spec = engine.spec
+    ids = engine.to_tokens(prompt)
+    n_tokens = ids.shape[1]
     if reference == "corrupted":
         if not corrupted_prompt:
             raise TdbError("reference 'corrupted' needs a corrupted_prompt")
         corrupted = get_run(engine, corrupted_prompt, cache)
-        if corrupted.n_tokens != run.n_tokens:
+        if corrupted.n_tokens != n_tokens:
             raise TdbError(f"the corrupted prompt has {corrupted.n_tokens} tokens but the prompt has "
-                           f"{run.n_tokens}; patching needs prompts of the same length")
+                           f"{n_tokens}; patching needs prompts of the same length")
     site_kinds = _sites_for(engine, kinds)
     # the full set of fine components, for the total: heads, neurons, embedding
     fine = {f"blocks.{l}.attn.hook_z": ("head", l) for l in range(spec.n_layers)}
     fine |= {f"blocks.{l}.mlp.hook_post": ("neuron", l) for l in range(spec.n_layers)}
     fine["blocks.0.hook_resid_pre"] = ("emb", 0)
     sites = list(dict.fromkeys(list(site_kinds) + list(fine)))
-    value, acts, grads = metric_gradients(engine, run.ids, m, sites)
+    value, acts, grads = metric_gradients(engine, ids, m, sites)
 
     def effect(site: str) -> torch.Tensor:
         a = acts[site]
@@ -236,13 +237,13 @@ def _act_times_grad(engine, run, m, kinds, top_k, per_position, reference, corru
     stacked = {kind: torch.stack(v, dim=1) for kind, v in by_kind.items()}  # [s, layers, units]
     if not per_position:
         stacked = {kind: v.sum(0, keepdim=True) for kind, v in stacked.items()}
-    rows, n = _rank(stacked, list(range(run.n_tokens)) if per_position else None, top_k)
+    rows, n = _rank(stacked, list(range(n_tokens)) if per_position else None, top_k)
     total = sum(effects[s].sum().item() for s in fine)
     metric_ref = None
     remainder: dict[str, float] = {}
     if reference == "corrupted":
         metric_ref = m.from_logits(corrupted.logits[None])[0].item()
         remainder["first_order_error"] = (value - metric_ref) - total
-    return AttributionResult(prompt=run.prompt, method="act_times_grad", reference=reference, metric_name=m.name,
+    return AttributionResult(prompt=prompt, method="act_times_grad", reference=reference, metric_name=m.name,
                              metric=value, metric_reference=metric_ref, rows=rows, n_ranked=n,
                              total_effect=total, remainder=remainder, sum_check=total + sum(remainder.values()))
