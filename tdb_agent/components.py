@@ -123,4 +123,7 @@ def hook_site(c: Component) -> tuple[str, int | None]:
         return f"blocks.{c.layer}.hook_mlp_out", None
     if c.kind == "neuron":
         return f"blocks.{c.layer}.mlp.hook_post", c.index
+    if c.kind == "sae":  # the SAE's site; the unit is the latent (spliced, see engine/sae.py)
+        return f"blocks.{c.layer}." + {"resid": "hook_resid_post", "mlp": "hook_mlp_out",
+                                       "attn": "hook_attn_out"}[c.sae_site], c.index
     raise UnknownComponent(f"{c.id} has no hook site of its own")

@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from tdb_agent.engine import attention
 from tdb_agent.engine.adapters import Adapter, adapter_for
+from tdb_agent.engine.sae import SAESet
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.errors import ModelNotFound, PromptTooLong, TokenizationError, UnknownSite
 
@@ -106,6 +107,7 @@ class Engine:
         self.spec: ModelSpec = self.adapter.spec()
         self.lock = threading.RLock()
         self._state = HookState()
+        self.saes = SAESet()  # sparse autoencoders attached to this model (engine/sae.py)
         self.model.set_attn_implementation(attention.NAME)
         for layer in range(self.spec.n_layers):
             mod = self.adapter.attn(layer)

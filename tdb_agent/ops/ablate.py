@@ -25,9 +25,10 @@ from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.basic import TokenPrediction
 from tdb_agent.ops.metrics import Metric, MetricName, make_metric
 from tdb_agent.ops.runs import CleanRun, RunCache, get_mean, get_run
+from tdb_agent.ops import sae_ops
 
 Mode = Literal["zero", "mean", "resample"]
-SweepKind = Literal["head", "neuron", "attn", "mlp"]
+SweepKind = Literal["head", "neuron", "attn", "mlp", "sae"]
 Progress = Callable[[int, int], None]
 
 
@@ -80,11 +81,11 @@ def resolve_components(engine: Engine, ids: Sequence[str], n_tokens: int) -> lis
         ids = [ids]
     if not ids:
         raise TdbError("give at least one component id")
-    comps = [parse_component(c, engine.spec, n_positions=n_tokens) for c in ids]
+    comps = [parse_component(c, engine.spec, n_positions=n_tokens, sae_sizes=sae_ops.sae_sizes(engine))
+             for c in ids]
     for c in comps:
-        if c.kind in ("logits", "sae"):
-            raise TdbError(f"{c.id} cannot be ablated here" + (" (SAE latents need an SAE loaded)"
-                                                               if c.kind == "sae" else ""))
+        if c.kind == "logits":
+            raise TdbError(f"{c.id} cannot be ablated here")
     return comps
 
 
@@ -110,7 +111,12 @@ def component_hooks(engine: Engine, comps: list[Component], mode: Mode, source: 
                     cache: RunCache | None) -> dict[str, list]:
     """Engine hooks that ablate (or patch from `source`) each component."""
     hooks: dict[str, list] = {}
+    for site, fns in sae_ops.sae_component_hooks(engine, [c for c in comps if c.kind == "sae"], mode,
+                                                 source).items():
+        hooks.setdefault(site, []).extend(fns)
     for c in comps:
+        if c.kind == "sae":
+            continue
         site, unit = hook_site(c)
         value = replacement_value(engine, site, mode, source, cache)
         hooks.setdefault(site, []).append(intervention(
@@ -165,8 +171,8 @@ def ablation_sweep(engine: Engine, prompt: str, kind: SweepKind, target: str, di
                    cache: RunCache | None = None, progress: Progress | None = None,
                    should_stop: Callable[[], bool] | None = None) -> SweepResult:
     """Every component of `kind` ablated alone, at `positions` ('all', 'last' or a list)."""
-    if kind not in ("head", "neuron", "attn", "mlp"):
-        raise TdbError(f"unknown kind {kind!r}; sweep kinds: head, neuron, attn, mlp")
+    if kind not in ("head", "neuron", "attn", "mlp", "sae"):
+        raise TdbError(f"unknown kind {kind!r}; sweep kinds: head, neuron, attn, mlp, sae")
     m = make_metric(engine, target, distractor, metric)
     spec = engine.spec
     with engine.lock:
@@ -189,6 +195,15 @@ def ablation_sweep(engine: Engine, prompt: str, kind: SweepKind, target: str, di
             source = get_run(engine, corrupted_prompt, cache)
             _check_same_length(run, source)
         before = m.from_logits(run.logits[None])[0].item()
+        if kind == "sae":  # every latent of every attached SAE (engine/sae.py)
+            rows, n_all, passes = sae_ops.sweep(engine, run, m, before, mode, source, pos_list, batch_size,
+                                                progress, should_stop)
+            rows.sort(key=lambda r: -abs(r[3]))
+            pos_desc = "last" if last_only else ("all" if pos_list is None else ",".join(map(str, pos_list)))
+            return SweepResult(prompt=prompt, kind=kind, mode=mode, positions=pos_desc, metric_name=m.name,
+                               before=before, rows=[SweepRow(id=i, kind="sae", layer=l, index=u, delta=d)
+                                                    for i, l, u, d in rows[:top_k]], n_components=n_all,
+                               forward_passes=passes)
         units = _n_units(engine, kind)
         width = 1 if last_only else s
         rows_per_pass = max(1, min(batch_size, max_batch_tokens // width))

@@ -22,11 +22,12 @@ from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import decompose, frozen_norm
 from tdb_agent.ops.metrics import Metric, MetricName, make_metric
 from tdb_agent.ops.runs import CleanRun, RunCache, get_mean, get_run
+from tdb_agent.ops import sae_ops
 
 Method = Literal["direct_effect", "act_times_grad"]
 Reference = Literal["zero", "mean", "corrupted"]
-AttrKind = Literal["head", "neuron", "attn", "mlp", "emb"]
-ALL_KINDS: tuple[AttrKind, ...] = ("head", "neuron", "attn", "mlp", "emb")
+AttrKind = Literal["head", "neuron", "attn", "mlp", "emb", "sae"]
+ALL_KINDS: tuple[AttrKind, ...] = ("head", "neuron", "attn", "mlp", "emb", "sae")
 
 
 class AttributionRow(BaseModel):
@@ -67,6 +68,8 @@ def final_gradient(engine: Engine, run: CleanRun, metric: Metric) -> tuple[torch
 
 
 def _component_id(kind: str, layer: int, unit: int) -> tuple[str, int | None, int | None]:
+    if kind.startswith("sae@"):  # 'sae@L{l}.{site}': one SAE's latents (see ops/sae_ops.py)
+        return sae_ops.latent_row_id(kind, unit), int(kind[5:].split(".")[0]), unit
     if kind == "head":
         return f"L{layer}.H{unit}", layer, unit
     if kind == "neuron":
@@ -89,7 +92,9 @@ def _rank(effects: dict[str, torch.Tensor], positions: list[int] | None, top_k: 
     n = allv.numel()
     k = n if top_k is None else min(top_k, n)
     top = allv.abs().topk(k).indices.tolist()
-    abs_sum = {kind: e.abs().sum().item() for kind, e in effects.items()}
+    abs_sum: dict[str, float] = {}
+    for kind, e in effects.items():  # shares are per kind; every SAE's latents share kind 'sae'
+        abs_sum[kind.split("@")[0]] = abs_sum.get(kind.split("@")[0], 0.0) + e.abs().sum().item()
     offsets, acc = [], 0
     for f in flat:
         offsets.append(acc)
@@ -103,6 +108,7 @@ def _rank(effects: dict[str, torch.Tensor], positions: list[int] | None, top_k: 
         layer, unit = divmod(rest, U)
         base, lay, index = _component_id(kind, layer, unit)
         pos = positions[p] if positions is not None else None
+        kind = kind.split("@")[0]
         rows.append(AttributionRow(id=_pid(base, pos), kind=kind, layer=lay, index=index, position=pos,
                                    effect=v, share=v / abs_sum[kind] if abs_sum[kind] else 0.0))
     return rows, n
@@ -149,6 +155,8 @@ def _direct_effect(engine, run, m, kinds, top_k, per_position) -> AttributionRes
         effects["mlp"] = (d.neurons.sum(1) + d.mlp_bias)[None, :, None]
     if "emb" in kinds:
         effects["emb"] = d.emb.reshape(1, 1, 1)
+    if "sae" in kinds:
+        effects |= sae_ops.direct_effects(engine, run, g)
     rows, n = _rank(effects, [last] if per_position else None, top_k)
     total = (d.heads.sum() + d.neurons.sum() + d.emb).item()
     const_name = "final_norm_and_unembed_bias" if m.name == "logit_diff" else "final_norm_bias_and_nonlinearity"
@@ -237,6 +245,9 @@ def _act_times_grad(engine, prompt, m, kinds, top_k, per_position, reference, co
     stacked = {kind: torch.stack(v, dim=1) for kind, v in by_kind.items()}  # [s, layers, units]
     if not per_position:
         stacked = {kind: v.sum(0, keepdim=True) for kind, v in stacked.items()}
+    if "sae" in kinds:
+        stacked |= sae_ops.act_times_grad(engine, ids, m, reference, corrupted if reference == "corrupted" else None,
+                                          per_position)
     rows, n = _rank(stacked, list(range(n_tokens)) if per_position else None, top_k)
     total = sum(effects[s].sum().item() for s in fine)
     metric_ref = None

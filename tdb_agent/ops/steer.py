@@ -10,6 +10,7 @@ from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.runs import RunCache, get_mean
+from tdb_agent.ops import sae_ops
 
 
 class SteerResult(BaseModel):
@@ -24,7 +25,9 @@ class SteerResult(BaseModel):
 
 def steering_vector(engine: Engine, component: str, cache: RunCache | None = None) -> tuple[str, torch.Tensor]:
     """(site, direction [d_model]): a neuron's output weights, or a head's mean write."""
-    c = parse_component(component, engine.spec)
+    c = parse_component(component, engine.spec, sae_sizes=sae_ops.sae_sizes(engine))
+    if c.kind == "sae":  # a latent's decoder row at its SAE's site
+        return sae_ops.steering_vector(engine, c)
     if c.kind == "neuron":
         return f"blocks.{c.layer}.hook_mlp_out", engine.adapter.W_out(c.layer)[c.index]
     if c.kind == "head":

@@ -28,6 +28,7 @@ from tdb_agent.ops.attribute import final_gradient
 from tdb_agent.ops.decompose import Decomposition, decompose, frozen_norms
 from tdb_agent.ops.metrics import make_metric
 from tdb_agent.ops.runs import CleanRun, RunCache, get_run
+from tdb_agent.ops import sae_ops
 
 Via = Literal["q", "k", "v", "all"]
 
@@ -105,7 +106,9 @@ def trace_upstream(engine: Engine, prompt: str, component: str, via: Via = "all"
     with engine.lock:
         run = get_run(engine, prompt, cache)
         s = run.n_tokens
-        node = parse_component(component, engine.spec, n_positions=s)
+        node = parse_component(component, engine.spec, n_positions=s, sae_sizes=sae_ops.sae_sizes(engine))
+        if node.kind == "sae":
+            return sae_ops.trace_latent(engine, run, node, top_k)
         if node.kind == "neuron":
             return _trace_neuron(engine, run, node, top_k)
         if node.kind == "head":
