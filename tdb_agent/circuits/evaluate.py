@@ -1,0 +1,158 @@
+"""Batched metric of the model with everything outside a set of circuits ablated.
+
+An `Evaluator` prepares a behaviour's prompt pairs once (tokens, metric ids, grouped by
+length, the ablation values: reference means or the corrupted prompts' activations) and then
+evaluates any number of keep-sets. Rows of a forward pass are (keep-set, pair) combinations
+of one length group, so evaluating one circuit costs one forward pass per length group (at
+most one per pair), and the candidates of a pruning step share their passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from tdb_agent.circuits.pairs import PromptPair
+from tdb_agent.circuits.universe import KeepSet, ablation_masks, check_positions, full_set, neuron_layers
+from tdb_agent.engine import Engine
+from tdb_agent.engine.interventions import intervention
+from tdb_agent.errors import Cancelled, TdbError
+from tdb_agent.ops.metrics import Metric, MetricName, make_metric
+from tdb_agent.ops.runs import RunCache, reference_means
+
+AblationMode = Literal["mean", "resample"]
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Group:
+    """Pairs of one token length, batched together."""
+
+    pair_index: list[int]
+    ids: torch.Tensor  # [n, s]
+    source: dict[str, torch.Tensor] | None  # resample: corrupted activations per site [n, s, ...]
+
+
+def _sites(engine: Engine) -> list[str]:
+    out = []
+    for l in range(engine.spec.n_layers):
+        out += [f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out", f"blocks.{l}.mlp.hook_post"]
+    return out
+
+
+def reference_means_for(engine: Engine, sites: list[str], cache: RunCache | None) -> dict[str, torch.Tensor]:
+    """The mean-ablation values of many sites from one pass over the reference corpus.
+
+    `RunCache.mean` computes one site per corpus pass; here every site the cache lacks is
+    computed in a single pass and stored in the cache (the values are identical).
+    """
+    if cache is None:
+        return reference_means(engine, sites)
+    missing = [s for s in sites if s not in cache._means]
+    if missing:
+        values = reference_means(engine, missing)
+        with cache._lock:
+            for s, v in values.items():
+                cache._means.setdefault(s, v)
+    return {s: cache.mean(s) for s in sites}
+
+
+class Evaluator:
+    def __init__(self, engine: Engine, pairs: list[PromptPair], mode: AblationMode = "mean",
+                 metric: MetricName | None = None, cache: RunCache | None = None, batch_size: int = 64):
+        if mode not in ("mean", "resample"):
+            raise TdbError(f"ablation mode must be 'mean' or 'resample', not {mode!r}")
+        if not pairs:
+            raise TdbError("validation needs at least one prompt pair")
+        self.engine, self.mode, self.batch_size = engine, mode, max(1, batch_size)
+        self.pairs = pairs
+        if metric is None:
+            metric = "logit_diff" if all(p.distractor for p in pairs) else "logprob"
+        self.metrics: list[Metric] = [make_metric(engine, p.target, p.distractor, metric) for p in pairs]
+        self.metric_name: MetricName = metric
+        self.forward_passes = 0
+        with engine.lock:
+            self._means = reference_means_for(engine, _sites(engine), cache) if mode == "mean" else None
+            self.groups = self._group(pairs)
+            full, empty = self.metric_rows([full_set(engine.spec), {}])
+        self.m_full, self.m_empty = full, empty  # per pair [n_pairs]
+
+    def _group(self, pairs: list[PromptPair]) -> list[_Group]:
+        by_len: dict[int, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
+        for i, p in enumerate(pairs):
+            ids = self.engine.to_tokens(p.prompt)
+            cids = None
+            if self.mode == "resample":
+                if not p.corrupted_prompt:
+                    raise TdbError(f"pair {i} has no corrupted_prompt; resample ablation needs one for every pair "
+                                   "(or use mode='mean')")
+                cids = self.engine.to_tokens(p.corrupted_prompt)
+                if cids.shape[1] != ids.shape[1]:
+                    raise TdbError(f"pair {i}: the corrupted prompt has {cids.shape[1]} tokens but the prompt has "
+                                   f"{ids.shape[1]}; resampling needs prompts of the same length")
+            by_len.setdefault(ids.shape[1], []).append((i, ids, cids))
+        groups = []
+        for rows in by_len.values():
+            ids = torch.cat([r[1] for r in rows])
+            source = None
+            if self.mode == "resample":
+                cids = torch.cat([r[2] for r in rows])
+                _, acts = self.engine.run_with_cache(cids, _sites(self.engine), logit_ids=[0])
+                self.forward_passes += 1
+                source = {k: v.detach() for k, v in acts.items()}
+            groups.append(_Group(pair_index=[r[0] for r in rows], ids=ids, source=source))
+        return groups
+
+    @torch.no_grad()
+    def metric_rows(self, keeps: list[KeepSet], progress: Progress | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> list[torch.Tensor]:
+        """The metric of each pair [n_pairs] with everything outside each keep-set ablated."""
+        out = torch.empty(len(keeps), len(self.pairs))
+        post_layers = set().union(*(neuron_layers(k) for k in keeps)) if keeps else set()
+        total, done = len(keeps) * len(self.pairs), 0
+        with self.engine.lock:
+            for g in self.groups:
+                n, s = g.ids.shape
+                for k in keeps:
+                    check_positions(k, s, f"prompt {g.pair_index[0]}")
+                rows = [(ki, j) for ki in range(len(keeps)) for j in range(n)]
+                for r0 in range(0, len(rows), self.batch_size):
+                    if should_stop is not None and should_stop():
+                        raise Cancelled("validation was cancelled")
+                    chunk = rows[r0:r0 + self.batch_size]
+                    ks = [keeps[ki] for ki, _ in chunk]
+                    js = torch.tensor([j for _, j in chunk])
+                    masks = ablation_masks(ks, self.engine.spec, s, post_layers)
+                    hooks = {site: [intervention("set", site, value=self._value(g, site, js),
+                                                 mask=m.to(self.engine.device))]
+                             for site, m in masks.items() if m.any()}
+                    logits = self.engine.forward(g.ids[js.to(g.ids.device)], hooks=hooks).logits[:, -1]
+                    self.forward_passes += 1
+                    for row, (ki, j) in enumerate(chunk):
+                        p = g.pair_index[j]
+                        out[ki, p] = self.metrics[p].from_logits(logits[row:row + 1].float())[0].item()
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+        return list(out)
+
+    def _value(self, g: _Group, site: str, js: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mean":
+            return self._means[site]
+        return g.source[site][js.to(g.source[site].device)]
+
+    @property
+    def gap(self) -> float:
+        return float(self.m_full.mean() - self.m_empty.mean())
+
+    def faithfulness(self, metric: torch.Tensor) -> float:
+        """(m(C) − m(∅)) / (m(full) − m(∅)) with each m averaged over the pairs."""
+        gap = self.gap
+        if abs(gap) < 1e-6:
+            raise TdbError(f"the full model and the fully ablated model give the same mean {self.metric_name} "
+                           f"({self.m_full.mean():.4g}) on these pairs, so faithfulness is undefined; use other "
+                           "pairs or another ablation mode")
+        return float((metric.mean() - self.m_empty.mean()) / gap)
