@@ -21,15 +21,46 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="allow fetching a hub model (never needed for the bundled model)")
 
 
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    """One flag per field of `Limits` (--max-top-k ...), with its default."""
+    from tdb_agent.workbench import Limits
+
+    def positive(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+        return int(text)
+
+    g = p.add_argument_group("limits (exceeding one is a tool error naming it)")
+    for name, field in Limits.model_fields.items():
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=positive, default=field.default,
+                       help=f"{field.description} (default {field.default})")
+
+
 def cmd_serve(args) -> int:
     from tdb_agent.server import build_server
-    from tdb_agent.workbench import Workbench
+    from tdb_agent.server.http import HttpSettings, InsecureBind, check_bind, serve_http, token_from_env
+    from tdb_agent.workbench import Limits, Workbench
 
-    server = build_server(Workbench(_engine(args)))
-    if args.transport == "stdio":
-        server.run()
+    limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields})
+    settings = None
+    if args.transport == "http":
+        settings = HttpSettings(host=args.host, port=args.port, token=args.token or token_from_env(),
+                                allowed_hosts=args.allowed_host)
+        try:
+            check_bind(settings)  # refuse before loading anything
+        except InsecureBind as e:
+            print(f"tdb-agent serve: {e}", file=sys.stderr)
+            return 2
+
+    from tdb_agent.engine.sae import attach_saes
+
+    engine = _engine(args)
+    attach_saes(engine, args.sae, bundled=not args.no_bundled_saes, allow_download=args.allow_download)
+    bench = Workbench(engine, limits)
+    if settings is not None:
+        serve_http(bench, settings)
     else:
-        server.run(transport="streamable-http", host=args.host, port=args.port)
+        build_server(bench).run()
     return 0
 
 
@@ -59,9 +90,22 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("serve", help="run the MCP server (stdio by default)")
     _model_args(p)
-    p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--transport", choices=["stdio", "http"], default="stdio",
+                   help="stdio (for a client that starts the server) or streamable HTTP at http://HOST:PORT/mcp")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="HTTP bind address (default loopback; any other address requires a token)")
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token", default=None,
+                   help="bearer token every HTTP request must carry (default: $TDB_AGENT_TOKEN; prefer the "
+                        "variable, a flag is visible in the process list)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="extra Host header accepted over HTTP (repeatable; DNS-rebinding protection)")
+    _limit_args(p)
+    p.add_argument("--sae", action="append", default=[], metavar="PATH",
+                   help="SAE folder in the SAELens layout (cfg.json + sae_weights.safetensors); repeatable; "
+                        "a hub path needs --allow-download")
+    p.add_argument("--no-bundled-saes", action="store_true",
+                   help="do not attach the bundled model's shipped SAEs")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="start-up check and predictions on the bundled tasks")

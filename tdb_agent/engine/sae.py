@@ -282,3 +282,18 @@ def load_saes(paths, engine, allow_download: bool = False) -> list[tuple[int, st
         sae = SAE.load(p, allow_download=allow_download, device=engine.device)
         keys.append(engine.saes.add(sae, engine.spec.n_layers, engine.spec.d_model))
     return keys
+
+
+BUNDLED_SAES = Path(__file__).resolve().parent.parent / "assets" / "saes"
+
+
+def attach_saes(engine, paths=(), bundled: bool = True, allow_download: bool = False) -> list[tuple[int, str]]:
+    """Attach SAE folders; with `bundled`, also the shipped SAEs of the bundled model when
+    that model is loaded (its name is tdb-tiny) and no SAE was given for the same site."""
+    keys = load_saes(paths, engine, allow_download=allow_download)
+    if bundled and engine.name == "tdb-tiny" and BUNDLED_SAES.is_dir():
+        for folder in sorted(p for p in BUNDLED_SAES.iterdir() if (p / "cfg.json").exists()):
+            sae = SAE.load(folder, device=engine.device)
+            if site_of(sae.cfg.hook_name, engine.spec.n_layers) not in engine.saes:
+                keys.append(engine.saes.add(sae, engine.spec.n_layers, engine.spec.d_model))
+    return keys

@@ -77,7 +77,7 @@ def model_info(engine: Engine) -> ModelInfo:
         n_params=sum(p.numel() for p in engine.model.parameters()), component_ids=GRAMMAR,
         n_components={"head": s.n_layers * s.n_heads, "neuron": s.n_layers * s.d_mlp,
                       "attn": s.n_layers, "mlp": s.n_layers, "emb": 1},
-        hook_sites=len(engine.site_names()))
+        hook_sites=len(engine.site_names()), saes=engine.saes.names())
 
 
 def tokenize(engine: Engine, text: str) -> TokenizeResult:
