@@ -1,28 +1,59 @@
-"""What a server (or an agent's in-process session) holds: the engine and the limits.
+"""What a server (or an agent's in-process session) holds: the engine, the limits, the
+activation cache, and the hooks later issues use to enrich component pages.
 
-Later issues hang the activation cache, SAEs, datasets and circuits here; tools read
-everything through this object, never through file paths given by a client.
+Later issues hang SAEs, datasets and circuits here; tools read everything through this
+object, never through file paths given by a client.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from tdb_agent.components import Component
 from tdb_agent.engine import Engine
 from tdb_agent.ops.runs import RunCache
 
 
 class Limits(BaseModel):
-    max_prompt_tokens: int = Field(512, description="longest prompt a tool accepts")
-    max_top_k: int = Field(200, description="largest top_k")
-    max_components: int = Field(256, description="most components in one call")
-    max_new_tokens: int = Field(64, description="longest generation")
-    batch_size: int = Field(64, description="rows per forward pass in batched sweeps")
-    cached_runs: int = Field(8, description="clean runs kept in the LRU activation cache")
+    """Per-call limits of the server. Each is a `tdb-agent serve` flag (`--max-top-k` ...);
+    exceeding one is a tool error that names it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_prompt_tokens: int = Field(512, ge=1, description="longest prompt a tool accepts, in tokens")
+    max_prompt_chars: int = Field(20000, ge=1, description="longest prompt a tool accepts, in characters "
+                                  "(checked before tokenizing)")
+    max_top_k: int = Field(200, ge=1, description="largest top_k of any tool")
+    max_components: int = Field(256, ge=1, description="most components in one call")
+    max_new_tokens: int = Field(64, ge=1, description="longest generation (steer)")
+    batch_size: int = Field(64, ge=1, description="rows per forward pass in batched sweeps")
+    cached_runs: int = Field(8, ge=1, description="clean runs kept in the LRU activation cache")
+
+
+PageSection = Callable[[Component], Any]
+"""Adds one section to a component page (`tdb://component/{id}`): returns a pydantic model
+or JSON-able value, or None when it has nothing for this component."""
 
 
 class Workbench:
-    def __init__(self, engine: Engine, limits: Limits | None = None):
+    def __init__(self, engine: Engine, limits: Limits | None = None, workspace: str | Path | None = None):
         self.engine = engine
         self.limits = limits or Limits()
         self.cache = RunCache(engine, max_runs=self.limits.cached_runs)
+        # named circuit hypotheses (networkx DiGraphs, tdb_agent.circuits), saved under workspace/circuits
+        self.circuits: dict[str, Any] = {}
+        self.workspace: Path = Path(workspace if workspace is not None
+                                    else os.environ.get("TDB_WORKSPACE", "tdb-workspace")).resolve()
+        self.page_sections: dict[str, PageSection] = {}
+
+    def add_page_section(self, name: str, fn: PageSection) -> None:
+        """Register a section of component pages (e.g. "explanation", "top_examples"), so
+        the datasets and explainer can extend pages without the server knowing them."""
+        if name in ("id", "kind", "layer", "index", "position", "weights"):
+            raise ValueError(f"page section name {name!r} is reserved")
+        self.page_sections[name] = fn

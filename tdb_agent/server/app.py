@@ -1,39 +1,42 @@
 """The MCP server: tool wiring only. Every number comes from `tdb_agent.ops`.
 
-Each tool validates its arguments (pydantic, via the SDK), runs the operation in a worker
-thread behind the engine lock, and turns a user error (`TdbError`) into a tool error whose
-message says what was wrong. Long tools report progress and stop at the next batch when
-the call is cancelled.
+Each tool validates its arguments (pydantic, via the SDK; unknown argument names are
+refused by `guard`), checks the per-call limits, runs the operation in a worker thread
+behind the engine lock, and turns every failure into a tool error whose message says what
+was wrong (`running`). Long tools report progress and stop at the next batch when the call
+is cancelled. Resources and prompts live in `resources` and `prompts`.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: the SDK reads these signatures, and some of their
+# types are built per server (they carry its limits), so they must be evaluated eagerly
 import base64
 import json
 import logging
-import threading
-from collections.abc import Callable
-from typing import Annotated, Literal, TypeVar
+from pathlib import Path
+from typing import Annotated, Literal
 
-import anyio
 from mcp.server import MCPServer
+from mcp.server.auth.provider import TokenVerifier
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
 from tdb_agent import ops
-from tdb_agent.errors import TdbError
 from tdb_agent.ops.ablate import AblateResult, PatchResult, SweepResult
 from tdb_agent.ops.attention import AttentionPatternResult, head_pattern, pattern_png
 from tdb_agent.ops.attribute import AttributionResult
 from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList, TokenizeResult
 from tdb_agent.ops.steer import SteerResult
 from tdb_agent.ops.trace import TraceResult
+from tdb_agent.server.guard import UnknownArgumentGuard
+from tdb_agent.server.limits import LimitChecks
+from tdb_agent.server.prompts import PROMPTS_DIR, register_prompts
+from tdb_agent.server.resources import register_resources
+from tdb_agent.server.running import run_long_tool, run_tool
 from tdb_agent.workbench import Workbench
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
                             open_world_hint=False)
@@ -44,87 +47,66 @@ says, attribute to rank the components behind a logit difference, ablate / ablat
 patch to test them causally, trace_upstream and attention_pattern to see why a head attends
 where it does. Components are named EMB, L{l}.H{h} (head), L{l}.ATTN, L{l}.MLP, L{l}.N{n}
 (neuron), L{l}.{resid|mlp|attn}.F{i} (SAE latent), LOGITS; add @t to pin a token position
-(tokenize shows positions)."""
+(tokenize shows positions). Resources: tdb://model, tdb://component/{id} (a component's
+page), tdb://circuit/{name}. Prompts: investigation recipes (why_prefers, why_attends, ...)."""
 
-Prompt = Annotated[str, Field(description="the text the model reads", min_length=1, max_length=20000)]
 Target = Annotated[str, Field(description="a single token the metric is about, e.g. 'Mary'", min_length=1,
                               max_length=200)]
 Distractor = Annotated[str | None, Field(description="a single token to compare with: metric = "
                                          "logit[target] - logit[distractor]; without it, log p(target)",
                                          max_length=200)]
-Corrupted = Annotated[str | None, Field(description="a prompt of the same length that removes the "
-                                        "information (for resample/patching references)", max_length=20000)]
 ComponentId = Annotated[str, Field(description="component id, e.g. L1.H3, L0.N17, L2.MLP, EMB, with optional "
                                    "@t", min_length=1, max_length=64)]
 Mode = Literal["zero", "mean", "resample"]
 
 
-def _run(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except TdbError as e:
-        raise ToolError(str(e)) from e
-
-
-async def _run_long(ctx: Context | None, fn: Callable[..., T], what: str) -> T:
-    """Run fn(progress, should_stop) in a worker thread: progress goes to the client as
-    notifications; a cancelled call sets the stop flag and the work ends at its next batch."""
-    stop = threading.Event()
-
-    def progress(done: int, total: int) -> None:
-        if ctx is not None:
-            try:
-                anyio.from_thread.run(ctx.report_progress, done, total, f"{what}: {done}/{total}")
-            except Exception:  # a client that went away must not break the work
-                pass
-
-    try:
-        return await anyio.to_thread.run_sync(lambda: _run(lambda: fn(progress, stop.is_set)),
-                                              abandon_on_cancel=True)
-    finally:
-        stop.set()
-
-
-def build_server(bench: Workbench) -> MCPServer:
-    mcp = MCPServer("tdb-agent", instructions=INSTRUCTIONS)
+def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = None,
+                 auth: AuthSettings | None = None, prompts_dir: Path = PROMPTS_DIR) -> MCPServer:
+    """The server over one workbench. `token_verifier`/`auth` protect the HTTP transport
+    (see `tdb_agent.server.http`); models, SAEs and datasets are fixed by `bench`, so no
+    tool ever takes a path."""
+    guard = UnknownArgumentGuard()
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    mcp = MCPServer("tdb-agent", instructions=INSTRUCTIONS, token_verifier=token_verifier, auth=auth,
+                    middleware=[guard], log_level=level if level in ("DEBUG", "INFO", "ERROR") else "WARNING")
+    guard.server = mcp
     engine = bench.engine
-    limits = bench.limits
+    lim = bench.limits
+    check = LimitChecks(bench)
     cache = bench.cache
 
-    def check_prompt(*prompts: str | None) -> None:
-        for prompt in prompts:
-            if prompt is None:
-                continue
-            n = engine.to_tokens(prompt).shape[1]
-            if n > limits.max_prompt_tokens:
-                raise TdbError(f"the prompt is {n} tokens; the limit (max_prompt_tokens) is {limits.max_prompt_tokens}")
-
-    def check_top_k(top_k: int) -> None:
-        if top_k > limits.max_top_k:
-            raise TdbError(f"top_k {top_k} exceeds the limit max_top_k={limits.max_top_k}")
-
-    def check_components(components: list[str]) -> None:
-        if len(components) > limits.max_components:
-            raise TdbError(f"{len(components)} components exceed the limit max_components={limits.max_components}")
+    # argument types whose descriptions carry this server's limits (checked in code, so the
+    # error names the limit rather than a bare schema bound)
+    Prompt = Annotated[str, Field(description=f"the text the model reads (at most {lim.max_prompt_tokens} "
+                                  "tokens, limit max_prompt_tokens)", min_length=1)]
+    Corrupted = Annotated[str | None, Field(description="a prompt of the same length that removes the "
+                                            "information (for resample/patching references)")]
+    TopK = Annotated[int, Field(ge=1, description=f"rows to return (at most max_top_k={lim.max_top_k})")]
+    Components = Annotated[list[ComponentId], Field(min_length=1, description="components, at most "
+                                                    f"max_components={lim.max_components}")]
 
     @mcp.tool(annotations=READ_ONLY)
     def model_info() -> ModelInfo:
         """Describe the loaded model: architecture, sizes, device, dtype, how many heads and
         neurons there are, the component id grammar, and the SAEs and datasets attached.
         Call it first. Example: model_info()"""
-        return _run(lambda: ops.model_info(engine))
+        return run_tool(bench, "model_info", lambda: ops.model_info(engine))
 
     @mcp.tool(annotations=READ_ONLY)
-    def tokenize(text: Annotated[str, Field(description="text to tokenize", max_length=20000)]) -> TokenizeResult:
+    def tokenize(text: Annotated[str, Field(description="text to tokenize")]) -> TokenizeResult:
         """Split text into the model's tokens, with positions (0-based, the BOS token first)
         and ids. Use it to find the position t for ids like L1.H3@t, and to check that a
         target is one token. Example: tokenize(text="The capital of Zorvia is")"""
-        return _run(lambda: ops.tokenize(engine, text))
+        def go():
+            check.text(text, field="text")
+            return ops.tokenize(engine, text)
+        return run_tool(bench, "tokenize", go)
 
     @mcp.tool(annotations=READ_ONLY)
     def predict(
         prompt: Prompt,
-        top_k: Annotated[int, Field(ge=1, le=200, description="how many top next tokens to list")] = 10,
+        top_k: Annotated[int, Field(ge=1, description="how many top next tokens to list (at most "
+                                    f"max_top_k={lim.max_top_k})")] = 10,
         target: Annotated[str | None, Field(description="a single token whose probability to report",
                                             max_length=200)] = None,
         distractor: Distractor = None,
@@ -134,17 +116,17 @@ def build_server(bench: Workbench) -> MCPServer:
         log-prob without a distractor). Example: predict(prompt="When Mary and John went to the
         store , John gave a drink to", target="Mary", distractor="John")"""
         def go():
-            check_prompt(prompt)
-            check_top_k(top_k)
+            check.text(prompt)
+            check.top_k(top_k)
             return ops.predict(engine, prompt, top_k=top_k, target=target, distractor=distractor)
-        return _run(go)
+        return run_tool(bench, "predict", go)
 
     @mcp.tool(annotations=READ_ONLY)
     def list_tasks() -> TaskList:
         """The built-in behaviour tasks (ioi, induction, greater_than, facts), each with a
         description and example prompt pairs (prompt, corrupted_prompt, target, distractor)
         ready to pass to predict/attribute/ablate/patch. Example: list_tasks()"""
-        return _run(ops.list_tasks)
+        return run_tool(bench, "list_tasks", ops.list_tasks)
 
     @mcp.tool(annotations=READ_ONLY)
     def attribute(
@@ -161,7 +143,7 @@ def build_server(bench: Workbench) -> MCPServer:
                         "given, else zero)")] = None,
         kinds: Annotated[list[Literal["head", "neuron", "attn", "mlp", "emb"]] | None, Field(
             description="component kinds to rank (default head and neuron)", max_length=5)] = None,
-        top_k: Annotated[int, Field(ge=1, le=200, description="rows to return")] = 20,
+        top_k: TopK = 20,
         per_position: Annotated[bool, Field(description="split act_times_grad effects by token position")] = False,
     ) -> AttributionResult:
         """Why does the model prefer target over distractor? Ranks heads, neurons and blocks by
@@ -169,34 +151,35 @@ def build_server(bench: Workbench) -> MCPServer:
         the named remainder (biases) add up to the metric. Example: attribute(prompt="When Mary
         and John went to the store , John gave a drink to", target="Mary", distractor="John")"""
         def go():
-            check_prompt(prompt, corrupted_prompt)
-            check_top_k(top_k)
+            check.text(prompt)
+            check.text(corrupted_prompt, field="corrupted_prompt")
+            check.top_k(top_k)
             return ops.attribute(engine, prompt, target, distractor, method=method, corrupted_prompt=corrupted_prompt,
                                  reference=reference, kinds=kinds, top_k=top_k, per_position=per_position,
                                  cache=cache)
-        return _run(go)
+        return run_tool(bench, "attribute", go)
 
     @mcp.tool(annotations=READ_ONLY)
     def ablate(
         prompt: Prompt,
-        components: Annotated[list[ComponentId], Field(min_length=1, max_length=256,
-                                                       description="components to ablate together")],
+        components: Components,
         target: Target,
         distractor: Distractor = None,
         mode: Annotated[Mode, Field(description="zero; mean (over a reference corpus); resample (from "
                                     "corrupted_prompt)")] = "zero",
         corrupted_prompt: Corrupted = None,
     ) -> AblateResult:
-        """Does the behaviour need these components? Runs the prompt with them ablated and
-        reports the metric before and after, the delta, and the new top tokens. Example:
+        """Does the behaviour need these components? Runs the prompt with them ablated together
+        and reports the metric before and after, the delta, and the new top tokens. Example:
         ablate(prompt="...", components=["L3.H1", "L2.N40@12"], target="Mary", distractor="John",
         mode="mean")"""
         def go():
-            check_prompt(prompt, corrupted_prompt)
-            check_components(components)
+            check.text(prompt)
+            check.text(corrupted_prompt, field="corrupted_prompt")
+            check.components(components)
             return ops.ablate(engine, prompt, components, target, distractor, mode=mode,
                               corrupted_prompt=corrupted_prompt, cache=cache)
-        return _run(go)
+        return run_tool(bench, "ablate", go)
 
     @mcp.tool(annotations=READ_ONLY)
     async def ablation_sweep(
@@ -209,29 +192,30 @@ def build_server(bench: Workbench) -> MCPServer:
         positions: Annotated[Literal["all", "last"] | list[Annotated[int, Field(ge=0)]], Field(
             description="where each component is ablated: all positions, the last one (Transformer "
                         "Debugger's default), or a list of positions")] = "all",
-        top_k: Annotated[int, Field(ge=1, le=200)] = 20,
+        top_k: TopK = 20,
         ctx: Context | None = None,
     ) -> SweepResult:
         """Which single components matter? Ablates every component of a kind alone (batched) and
         ranks them by the metric change. Reports progress; cancellable. Single ablations miss
         redundant circuits: test groups with ablate. Example: ablation_sweep(prompt="...",
         kind="head", target="Mary", distractor="John", positions="last")"""
-        check = lambda: check_prompt(prompt, corrupted_prompt)  # noqa: E731
-
         def work(progress, should_stop):
-            check()
+            check.text(prompt)
+            check.text(corrupted_prompt, field="corrupted_prompt")
+            check.top_k(top_k)
+            if isinstance(positions, list):
+                check.positions(positions)
             return ops.ablation_sweep(engine, prompt, kind, target, distractor, mode=mode,
                                       corrupted_prompt=corrupted_prompt, positions=positions, top_k=top_k,
-                                      batch_size=limits.batch_size, cache=cache, progress=progress,
+                                      batch_size=lim.batch_size, cache=cache, progress=progress,
                                       should_stop=should_stop)
-        return await _run_long(ctx, work, "ablation sweep")
+        return await run_long_tool(bench, ctx, "ablation_sweep", work)
 
     @mcp.tool(annotations=READ_ONLY)
     def patch(
         clean_prompt: Prompt,
-        corrupted_prompt: Annotated[str, Field(min_length=1, max_length=20000,
-                                               description="same length as clean_prompt")],
-        components: Annotated[list[ComponentId], Field(min_length=1, max_length=256)],
+        corrupted_prompt: Annotated[str, Field(min_length=1, description="same length as clean_prompt")],
+        components: Components,
         target: Target,
         distractor: Distractor = None,
         direction: Annotated[Literal["denoise", "noise"], Field(
@@ -242,11 +226,12 @@ def build_server(bench: Workbench) -> MCPServer:
         fraction restored. Example: patch(clean_prompt="...", corrupted_prompt="...",
         components=["L3.H1"], target="Mary", distractor="John")"""
         def go():
-            check_prompt(clean_prompt, corrupted_prompt)
-            check_components(components)
+            check.text(clean_prompt, field="clean_prompt")
+            check.text(corrupted_prompt, field="corrupted_prompt")
+            check.components(components)
             return ops.patch(engine, clean_prompt, corrupted_prompt, components, target, distractor,
                              direction=direction, cache=cache)
-        return _run(go)
+        return run_tool(bench, "patch", go)
 
     @mcp.tool(annotations=READ_ONLY)
     def trace_upstream(
@@ -261,17 +246,18 @@ def build_server(bench: Workbench) -> MCPServer:
         target: Annotated[str | None, Field(description="for via=v: the metric's target token",
                                             max_length=200)] = None,
         distractor: Distractor = None,
-        top_k: Annotated[int, Field(ge=1, le=200)] = 20,
+        top_k: TopK = 20,
     ) -> TraceResult:
         """Why did this head attend to that token, or why did this neuron fire? Attributes the
         node to upstream components (heads, neurons, embedding at specific positions) as weighted
         edges (source, target, weight, via). Example: trace_upstream(prompt="...",
         component="L2.H5@14", via="q")"""
         def go():
-            check_prompt(prompt)
+            check.text(prompt)
+            check.top_k(top_k)
             return ops.trace_upstream(engine, prompt, component, via=via, key_position=key_position, target=target,
                                       distractor=distractor, top_k=top_k, cache=cache)
-        return _run(go)
+        return run_tool(bench, "trace_upstream", go)
 
     @mcp.tool(annotations=READ_ONLY)
     def attention_pattern(
@@ -283,7 +269,7 @@ def build_server(bench: Workbench) -> MCPServer:
         with weights (and the full pattern for short prompts), plus a PNG heatmap (rows =
         queries, columns = keys). Example: attention_pattern(prompt="...", component="L1.H3")"""
         def go():
-            check_prompt(prompt)
+            check.text(prompt)
             result = ops.attention_pattern(engine, prompt, component, top_k=top_k, cache=cache)
             pattern, _, _ = head_pattern(engine, prompt, component, cache)
             png = base64.b64encode(pattern_png(pattern)).decode()
@@ -291,7 +277,7 @@ def build_server(bench: Workbench) -> MCPServer:
             return CallToolResult(content=[TextContent(type="text", text=json.dumps(data)),
                                            ImageContent(type="image", data=png, mime_type="image/png")],
                                   structured_content=data)
-        return _run(go)
+        return run_tool(bench, "attention_pattern", go)
 
     @mcp.tool(annotations=READ_ONLY)
     def steer(
@@ -299,16 +285,18 @@ def build_server(bench: Workbench) -> MCPServer:
         component: Annotated[str, Field(description="a neuron (its output weights) or a head (its mean write)",
                                         min_length=1, max_length=64)],
         scale: Annotated[float, Field(ge=-1000, le=1000, description="multiple of the direction to add")] = 5.0,
-        max_new_tokens: Annotated[int, Field(ge=1, le=256)] = 12,
+        max_new_tokens: Annotated[int, Field(ge=1, description="tokens to generate (at most "
+                                             f"max_new_tokens={lim.max_new_tokens})")] = 12,
     ) -> SteerResult:
         """What does this component's direction do to the output? Adds scale x its direction to
         the residual stream at every position and generates greedily, with and without.
         Example: steer(prompt="The capital of Zorvia is", component="L2.N40", scale=8)"""
         def go():
-            check_prompt(prompt)
-            if max_new_tokens > limits.max_new_tokens:
-                raise TdbError(f"max_new_tokens {max_new_tokens} exceeds the limit {limits.max_new_tokens}")
+            check.text(prompt)
+            check.new_tokens(max_new_tokens)
             return ops.steer(engine, prompt, component, scale=scale, max_new_tokens=max_new_tokens, cache=cache)
-        return _run(go)
+        return run_tool(bench, "steer", go)
 
+    register_resources(mcp, bench)
+    register_prompts(mcp, prompts_dir)
     return mcp

@@ -1,0 +1,56 @@
+"""Checks of the per-call limits (`Workbench.limits`). Every message names the limit and
+the flag that sets it, so a model knows it hit a server limit rather than a bad argument."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tdb_agent.errors import TdbError
+from tdb_agent.workbench import Limits, Workbench
+
+
+class LimitExceeded(TdbError):
+    pass
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _exceeded(what: str, name: str, value: int, limits: Limits) -> LimitExceeded:
+    return LimitExceeded(f"{what} exceeds the limit {name}={getattr(limits, name)} "
+                         f"(set by `tdb-agent serve {flag(name)}`)")
+
+
+class LimitChecks:
+    def __init__(self, bench: Workbench):
+        self.engine = bench.engine
+        self.limits = bench.limits
+
+    def text(self, *texts: str | None, field: str = "prompt") -> None:
+        """Each text within max_prompt_chars, then within max_prompt_tokens once tokenized."""
+        lim = self.limits
+        for text in texts:
+            if text is None:
+                continue
+            if len(text) > lim.max_prompt_chars:
+                raise _exceeded(f"the {field} ({len(text)} characters)", "max_prompt_chars", len(text), lim)
+            n = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + BOS
+            if n > lim.max_prompt_tokens:
+                raise _exceeded(f"the {field} ({n} tokens)", "max_prompt_tokens", n, lim)
+
+    def top_k(self, top_k: int, field: str = "top_k") -> None:
+        if top_k > self.limits.max_top_k:
+            raise _exceeded(f"{field}={top_k}", "max_top_k", top_k, self.limits)
+
+    def components(self, components: Sequence[str]) -> None:
+        if len(components) > self.limits.max_components:
+            raise _exceeded(f"{len(components)} components", "max_components", len(components), self.limits)
+
+    def positions(self, positions: Sequence[int]) -> None:
+        if len(positions) > self.limits.max_prompt_tokens:
+            raise _exceeded(f"{len(positions)} positions", "max_prompt_tokens", len(positions), self.limits)
+
+    def new_tokens(self, n: int) -> None:
+        if n > self.limits.max_new_tokens:
+            raise _exceeded(f"max_new_tokens={n}", "max_new_tokens", n, self.limits)

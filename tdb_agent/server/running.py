@@ -1,0 +1,87 @@
+"""How a tool body runs: behind the engine lock, with every failure turned into a tool
+error the model can read. User errors (`TdbError`) keep their message; out-of-memory
+frees the caches so the server keeps serving; anything else is reported as an internal
+error (and logged with its traceback) instead of the SDK's opaque "Error executing tool"."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio
+import torch
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+
+from tdb_agent.errors import TdbError
+from tdb_agent.workbench import Workbench
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+INTERNAL = "internal error"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA OOM, Python's MemoryError, or a torch CPU allocation failure (a RuntimeError)."""
+    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory(bench: Workbench) -> None:
+    """Drop the activation cache and return cached CUDA blocks to the driver."""
+    bench.cache.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
+    """Run one tool body under the engine lock (tools are atomic: no other call's hooks or
+    cache writes interleave with it) and map failures to tool errors."""
+    try:
+        with bench.engine.lock:
+            return fn()
+    except ToolError:
+        raise
+    except TdbError as e:
+        raise ToolError(str(e)) from e
+    except BaseException as e:
+        if not is_out_of_memory(e):
+            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit, cancellation
+                raise
+            log.exception("%s failed unexpectedly", what)
+            raise ToolError(f"{INTERNAL} in {what} ({type(e).__name__}: {str(e)[:300]}); this is a bug in "
+                            "tdb-agent, not in your arguments; the server keeps serving") from e
+        free_memory(bench)
+        log.warning("%s ran out of memory (%s); caches freed", what, e)
+        raise ToolError(f"out of memory in {what} ({type(e).__name__}); the activation cache was freed and the "
+                        "server keeps serving: try a shorter prompt, fewer components or a smaller top_k "
+                        "(or restart the server with a smaller --batch-size)") from e
+
+
+async def run_long_tool(bench: Workbench, ctx: Context | None, what: str,
+                        fn: Callable[[Callable[[int, int], None], Callable[[], bool]], T]) -> T:
+    """Run fn(progress, should_stop) in a worker thread: progress goes to the client as
+    notifications; a cancelled call sets the stop flag and the work ends at its next batch
+    (releasing the engine lock), so the event loop and other clients are never blocked."""
+    stop = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if ctx is None or stop.is_set():
+            return
+        try:
+            anyio.from_thread.run(ctx.report_progress, done, total, f"{what}: {done}/{total}")
+        except Exception:  # a client that went away must not break the work
+            pass
+
+    try:
+        return await anyio.to_thread.run_sync(lambda: run_tool(bench, what, lambda: fn(progress, stop.is_set)),
+                                              abandon_on_cancel=True)
+    finally:
+        stop.set()
