@@ -7,6 +7,8 @@ import sys
 
 from mcp import Client, StdioServerParameters
 
+from tests.test_server_tools import check_conformance
+
 EXPECTED_TOOLS = {"model_info", "tokenize", "predict", "list_tasks", "attribute", "ablate", "ablation_sweep",
                   "patch", "trace_upstream", "attention_pattern", "steer"}
 
@@ -14,7 +16,7 @@ EXPECTED_TOOLS = {"model_info", "tokenize", "predict", "list_tasks", "attribute"
 def _params(model_dir) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable,
                                  args=["-m", "tdb_agent.cli", "serve", "--model", str(model_dir)],
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
 def test_stdio_server_tools(tiny_dirs):
@@ -56,5 +58,13 @@ def test_stdio_server_tools(tiny_dirs):
             # the server still serves after errors
             again = await c.call_tool("predict", {"prompt": "hello", "top_k": 3})
             assert not again.is_error and json.loads(again.content[0].text)["top"]
+
+            # conformance of the whole surface over the real stdio transport (stdout carries
+            # only protocol messages: a stray print or log line there would break this)
+            await check_conformance(c)
+            assert "tdb://model" in [str(r.uri) for r in (await c.list_resources()).resources]
+            page = json.loads((await c.read_resource("tdb://component/L1.H2")).contents[0].text)
+            assert page["kind"] == "head" and page["weights"][0]["norm"] > 0
+            assert {"why_prefers", "why_attends"} <= {p.name for p in (await c.list_prompts()).prompts}
 
     asyncio.run(go())

@@ -32,6 +32,30 @@ CALLS = {
 }
 
 
+async def check_conformance(c: Client) -> dict:
+    """tools/list shows every tool with a description (with an example), input and output
+    schemas and annotations; each tool's structured result validates against its output
+    schema. Shared by the in-process, stdio and HTTP tests; returns the results."""
+    tools = {t.name: t for t in (await c.list_tools()).tools}
+    assert TOOLS <= set(tools), TOOLS - set(tools)
+    untested = set(tools) - set(CALLS)
+    assert not untested, f"add an example call for the new tool(s) {untested} to CALLS in tests/test_server_tools.py"
+    results = {}
+    for name, t in tools.items():
+        assert t.description and "Example" in t.description, name
+        assert t.input_schema.get("type") == "object" and "properties" in t.input_schema, name
+        assert t.output_schema and t.output_schema.get("type") == "object", name
+        assert t.annotations is not None and t.annotations.read_only_hint is not None, name
+        if name in TOOLS:
+            assert t.annotations.read_only_hint is True and t.annotations.destructive_hint is False, name
+    for name, args in CALLS.items():  # in order: later calls may build on earlier ones
+        r = await c.call_tool(name, args)
+        assert not r.is_error, (name, r.content)
+        jsonschema.validate(r.structured_content, tools[name].output_schema)
+        results[name] = r
+    return results
+
+
 @pytest.fixture(scope="module")
 def server(gpt2_tiny):
     return build_server(Workbench(gpt2_tiny))
@@ -40,17 +64,7 @@ def server(gpt2_tiny):
 def test_every_tool_validates_against_its_schema(server):
     async def go():
         async with Client(server) as c:
-            tools = {t.name: t for t in (await c.list_tools()).tools}
-            assert TOOLS <= set(tools)
-            for name in TOOLS:
-                t = tools[name]
-                assert t.description and "Example" in t.description
-                assert t.annotations is not None and t.annotations.read_only_hint is True
-                assert t.output_schema, name
-                r = await c.call_tool(name, CALLS[name])
-                assert not r.is_error, (name, r.content)
-                jsonschema.validate(r.structured_content, t.output_schema)
-            return tools
+            await check_conformance(c)
     asyncio.run(go())
 
 

@@ -18,6 +18,7 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from pydantic import BaseModel, Field
 
 from tdb_agent import ops
+from tdb_agent.circuits.io import to_json
 from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.errors import TdbError
 from tdb_agent.workbench import Workbench
@@ -163,7 +164,7 @@ def circuit_json(bench: Workbench, name: str) -> str:
     if graph is None:
         have = ", ".join(sorted(circuits)) or "none exist yet"
         raise ResourceNotFoundError(f"no circuit named {name!r}; circuits: {have}")
-    return json.dumps(nx.node_link_data(graph, edges="links"), default=str)
+    return json.dumps(to_json(graph), default=str)
 
 
 def register_resources(mcp: MCPServer, bench: Workbench) -> None:
