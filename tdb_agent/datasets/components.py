@@ -1,0 +1,76 @@
+"""The flat component table of an activation dataset: every MLP neuron, every attention
+head and every latent of every attached SAE, each with one column index."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from pydantic import BaseModel
+
+from tdb_agent.components import Component, parse_component
+from tdb_agent.engine import Engine
+from tdb_agent.errors import UnknownComponent
+
+
+class Block(BaseModel):
+    kind: str  # neuron | head | sae
+    layer: int
+    site: str | None = None  # sae: resid | mlp | attn
+    n: int
+    offset: int
+
+    def prefix(self) -> str:
+        return {"neuron": f"L{self.layer}.N", "head": f"L{self.layer}.H"}.get(
+            self.kind, f"L{self.layer}.{self.site}.F")
+
+
+def component_blocks(engine: Engine) -> list[Block]:
+    spec = engine.spec
+    blocks, off = [], 0
+    for layer in range(spec.n_layers):
+        blocks.append(Block(kind="neuron", layer=layer, n=spec.d_mlp, offset=off))
+        off += spec.d_mlp
+        blocks.append(Block(kind="head", layer=layer, n=spec.n_heads, offset=off))
+        off += spec.n_heads
+    for (layer, site), sae in engine.saes.items():
+        blocks.append(Block(kind="sae", layer=layer, site=site, n=sae.d_sae, offset=off))
+        off += sae.d_sae
+    return blocks
+
+
+def n_components(blocks: list[Block]) -> int:
+    return blocks[-1].offset + blocks[-1].n if blocks else 0
+
+
+def column(blocks: list[Block], component: str | Component, spec=None) -> int:
+    """Column of a component id (positions are ignored: datasets are over all positions)."""
+    c = component if isinstance(component, Component) else parse_component(component)
+    for b in blocks:
+        if b.kind == c.kind and b.layer == c.layer and (c.kind != "sae" or b.site == c.sae_site):
+            if not 0 <= c.index < b.n:
+                raise UnknownComponent(f"{c.id}: index out of range 0..{b.n - 1}")
+            return b.offset + c.index
+    kinds = sorted({f"{b.prefix()}*" for b in blocks})
+    raise UnknownComponent(f"the dataset has no component {c.id}; it covers MLP neurons, heads and the SAE latents "
+                           f"{', '.join(k for k in kinds if '.F' in k) or '(no SAEs)'}")
+
+
+def component_name(blocks: list[Block], col: int) -> str:
+    for b in blocks:
+        if b.offset <= col < b.offset + b.n:
+            return f"{b.prefix()}{col - b.offset}"
+    raise IndexError(col)
+
+
+def model_fingerprint(engine: Engine) -> str:
+    """Hash of the model's parameters (float32), independent of device and load dtype."""
+    h = hashlib.sha256()
+    for name, p in sorted(engine.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def sae_fingerprints(engine: Engine) -> dict[str, str]:
+    return {f"L{l}.{s}": sae.fingerprint() for (l, s), sae in engine.saes.items()}

@@ -1,0 +1,156 @@
+"""Activation datasets: the streaming builder against a brute-force pass over each document
+alone, the store's checks and speed, and resuming."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tdb_agent.datasets import ActivationDataset, BuildConfig, DatasetMismatch, build, documents_from_corpus
+from tdb_agent.engine.sae import SAESet
+from tests.test_sae import random_sae
+
+CFG = dict(top_k=5, n_random=3, n_quantile_bins=3, per_bin=2, window=8, lead=5, batch_size=7, warmup_docs=14,
+           sort_buffer=2)
+
+
+@pytest.fixture(scope="module")
+def eng(tiny_engines):
+    e = tiny_engines["gpt2"]
+    saved = e.saes
+    e.saes = SAESet()
+    e.saes.add(random_sae(e.spec.d_model, 24, "blocks.1.hook_resid_post", seed=5), e.spec.n_layers, e.spec.d_model)
+    yield e
+    e.saes = saved
+
+
+def _docs(e, n=60):
+    return list(documents_from_corpus(n, 77, e.tokenizer, e.spec.n_ctx))
+
+
+@torch.no_grad()
+def brute(e, docs):
+    """Per document: activations [L, C] in the dataset's column order, and head key argmax [L, H]."""
+    out = []
+    sae = e.saes.get(1, "resid")
+    for d in docs:
+        ids = torch.tensor([d])
+        sites = [f"blocks.{l}.{s}" for l in range(2) for s in ("mlp.hook_post", "attn.hook_z", "attn.hook_pattern")]
+        _, a = e.run_with_cache(ids, sites + ["blocks.1.hook_resid_post"])
+        cols, keys = [], []
+        for l in range(2):
+            cols.append(a[f"blocks.{l}.mlp.hook_post"][0])
+            z = a[f"blocks.{l}.attn.hook_z"][0]  # [s, h, dh]
+            W_O = e.model.transformer.h[l].attn.c_proj.weight.view(e.spec.n_heads, -1, e.spec.d_model)
+            cols.append(torch.stack([(z[:, h] @ W_O[h]).norm(dim=-1) for h in range(e.spec.n_heads)], -1))
+            keys.append(a[f"blocks.{l}.attn.hook_pattern"][0].argmax(-1).T)
+        cols.append(sae.encode(a["blocks.1.hook_resid_post"][0]))
+        out.append((torch.cat(cols, -1), torch.cat(keys, -1)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(eng, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds")
+    docs = _docs(eng)
+    build(eng, iter(docs), out, BuildConfig(**CFG), progress=False)
+    ds = ActivationDataset.open(out, eng)
+    # documents in the order the builder read them (it groups documents of similar length)
+    lens = ds.a["doc_lengths"]
+    in_order = [d.tolist() for d in np.split(ds.a["tokens"].astype(np.int64), np.cumsum(lens)[:-1])]
+    assert sorted(map(tuple, in_order)) == sorted(map(tuple, docs))
+    return ds, in_order, brute(eng, in_order)
+
+
+def test_top_examples_and_stats_match_brute_force(eng, built):
+    ds, docs, acts = built
+    d_mlp, H = eng.spec.d_mlp, eng.spec.n_heads
+    comps = {"L0.N3": 3, "L1.N100": d_mlp + H + 100, "L0.H2": d_mlp + 2, "L1.H1": 2 * d_mlp + H + 1,
+             "L1.resid.F7": 2 * (d_mlp + H) + 7}
+    allv = torch.cat([a[1:] for a, _ in acts])
+    for cid, col in comps.items():
+        maxima = torch.tensor([a[1:, col].max().item() for a, _ in acts])
+        order = maxima.argsort(descending=True)[:5]
+        ex = ds.examples(cid, "top")
+        assert len(ex) == 5
+        scale = float(ds.a["scale"][col])
+        for e_, di in zip(ex, order.tolist()):
+            a, keys = acts[di]
+            assert abs(e_.activation - maxima[di].item()) < 2e-3 * max(1, abs(maxima[di].item()))
+            p = int(a[1:, col].argmax()) + 1
+            assert e_.document == di
+            d = docs[di]
+            start = e_.token_ids
+            assert d[p - e_.position: p - e_.position + len(start)] == start
+            want = a[p - e_.position: p - e_.position + len(start), col]
+            assert np.allclose(e_.activations, want.numpy(), atol=scale * 0.51 + 1e-6)
+            assert max(e_.activations) == pytest.approx(e_.activations[e_.position], abs=scale)
+            if ".H" in cid:
+                h = col - (d_mlp if cid.startswith("L0") else 2 * d_mlp + H) + (0 if cid.startswith("L0") else H)
+                assert e_.attended_offset == int(keys[p, h]) - p
+        st = ds.stats(cid)
+        assert st.mean == pytest.approx(allv[:, col].mean().item(), rel=1e-4, abs=1e-6)
+        assert st.max == pytest.approx(allv[:, col].max().item(), rel=1e-5)
+        assert st.frac_active == pytest.approx((allv[:, col] > 0).float().mean().item(), abs=1e-6)
+
+
+def test_random_and_quantile_examples_are_real(eng, built):
+    ds, docs, acts = built
+    col = ds.column("L1.resid.F3")
+    edges = ds.a["quantile.edges"][col]
+    for group in ("random", "quantile"):
+        ex = ds.examples("L1.resid.F3", group)
+        assert ex and len(ex) <= (3 if group == "random" else 6)
+        for e_ in ex:
+            a, _ = acts[e_.document]
+            # the example's window is a span of its document, and its value the activation there
+            d = docs[e_.document]
+            starts = [i for i in range(len(d)) if d[i:i + len(e_.token_ids)] == e_.token_ids]
+            assert starts
+            pos = starts[0] + e_.position
+            assert abs(e_.activation - a[pos, col].item()) < 2e-3
+            if group == "quantile":
+                assert e_.activation == pytest.approx(a[1:, col].max().item(), abs=2e-3)
+                assert e_.document >= 14  # drawn after the warm-up documents fixed the bin edges
+        if group == "quantile":
+            bins = {int(np.searchsorted(edges, e_.activation)) for e_ in ex}
+            assert len(bins) >= 2  # samples spread over the distribution, not only its top
+
+
+def test_query_speed_and_mismatch(eng, built, tiny_engines):
+    ds, _, _ = built
+    ds.examples("L0.N5")  # vocabulary decoded once
+    t0 = time.perf_counter()
+    for _ in range(20):
+        ds.examples("L1.N9", "top")
+    assert (time.perf_counter() - t0) / 20 < 0.010
+    saved = eng.saes
+    eng.saes = SAESet()
+    try:
+        with pytest.raises(DatasetMismatch, match="L1.resid"):
+            ds.check(eng)
+    finally:
+        eng.saes = saved
+    with pytest.raises(DatasetMismatch, match="fingerprint"):
+        ds.check(tiny_engines["llama"])
+
+
+def test_resume_gives_the_same_dataset(eng, tmp_path, built):
+    ds, _, _ = built
+    docs = _docs(eng)
+
+    def interrupted():
+        for i, d in enumerate(docs):
+            if i == 45:
+                raise KeyboardInterrupt
+            yield d
+
+    cfg = BuildConfig(**(CFG | dict(checkpoint_every=2, sort_buffer=2)))
+    with pytest.raises(KeyboardInterrupt):
+        build(eng, interrupted(), tmp_path / "r", cfg, progress=False)
+    assert (tmp_path / "r" / "partial" / "state.safetensors").exists()
+    build(eng, iter(docs), tmp_path / "r", cfg, progress=False)
+    again = ActivationDataset.open(tmp_path / "r", eng)
+    for name, arr in ds.a.items():
+        assert np.array_equal(arr, again.a[name]), name
