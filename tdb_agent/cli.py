@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(p)
     p.set_defaults(fn=cmd_demo)
 
+    from tdb_agent.datasets.command import add_build_dataset
+    add_build_dataset(sub, _model_args)
+
     args = ap.parse_args(argv)
     # logs go to stderr: stdout carries the MCP protocol on the stdio transport
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
