@@ -74,6 +74,7 @@ class Evaluator:
         self.metrics: list[Metric] = [make_metric(engine, p.target, p.distractor, metric) for p in pairs]
         self.metric_name: MetricName = metric
         self.forward_passes = 0
+        self._memo: dict[frozenset, torch.Tensor] = {}
         with engine.lock:
             self._means = reference_means_for(engine, _sites(engine), cache) if mode == "mean" else None
             self.groups = self._group(pairs)
@@ -106,10 +107,22 @@ class Evaluator:
             groups.append(_Group(pair_index=[r[0] for r in rows], ids=ids, source=source))
         return groups
 
-    @torch.no_grad()
     def metric_rows(self, keeps: list[KeepSet], progress: Progress | None = None,
                     should_stop: Callable[[], bool] | None = None) -> list[torch.Tensor]:
-        """The metric of each pair [n_pairs] with everything outside each keep-set ablated."""
+        """The metric of each pair [n_pairs] with everything outside each keep-set ablated.
+
+        Results are memoised by keep-set, so a set evaluated before (the full model, the
+        empty circuit, a pruning candidate seen again) gives exactly the same numbers."""
+        keys = [frozenset(k.items()) for k in keeps]
+        todo = list({key: k for key, k in zip(keys, keeps) if key not in self._memo}.items())
+        if todo:
+            for (key, _), row in zip(todo, self._compute([k for _, k in todo], progress, should_stop)):
+                self._memo[key] = row
+        return [self._memo[key] for key in keys]
+
+    @torch.no_grad()
+    def _compute(self, keeps: list[KeepSet], progress: Progress | None,
+                 should_stop: Callable[[], bool] | None) -> list[torch.Tensor]:
         out = torch.empty(len(keeps), len(self.pairs))
         post_layers = set().union(*(neuron_layers(k) for k in keeps)) if keeps else set()
         total, done = len(keeps) * len(self.pairs), 0

@@ -16,7 +16,7 @@ import networkx as nx
 
 from tdb_agent.circuits.model import FORMAT, SINK, check_ids
 from tdb_agent.components import parse_component
-from tdb_agent.engine.spec import ModelSpec
+from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
 
 EDGES_KEY = "links"  # the node-link key networkx and d3 have long used
@@ -27,8 +27,8 @@ def to_json(g: nx.DiGraph) -> dict[str, Any]:
     return nx.node_link_data(g, edges=EDGES_KEY)
 
 
-def from_json(data: dict[str, Any], spec: ModelSpec | None = None) -> nx.DiGraph:
-    """A circuit from node-link JSON (checked to be one of ours; ids range-checked with `spec`)."""
+def from_json(data: dict[str, Any], engine: Engine | None = None) -> nx.DiGraph:
+    """A circuit from node-link JSON (checked to be one of ours; ids range-checked with `engine`)."""
     if not isinstance(data, dict) or "nodes" not in data:
         raise TdbError("not a node-link circuit: expected an object with 'nodes' and 'links'")
     fmt = data.get("graph", {}).get("format")
@@ -38,8 +38,8 @@ def from_json(data: dict[str, Any], spec: ModelSpec | None = None) -> nx.DiGraph
     g = nx.node_link_graph(data, directed=True, multigraph=False, edges=key)
     if SINK not in g:
         raise TdbError("the circuit has no LOGITS sink node")
-    if spec is not None:
-        check_ids(g, spec)
+    if engine is not None:
+        check_ids(g, engine)
     return g
 
 
@@ -53,13 +53,13 @@ def save(g: nx.DiGraph, path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, spec: ModelSpec | None = None) -> nx.DiGraph:
+def load(path: str | Path, engine: Engine | None = None) -> nx.DiGraph:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TdbError(f"cannot read circuit file {path}: {e}") from e
-    return from_json(data, spec)
+    return from_json(data, engine)
 
 
 # ------------------------------------------------------------------ GraphML and DOT

@@ -20,8 +20,9 @@ from pydantic import BaseModel, Field
 
 from tdb_agent.circuits.pairs import Behaviour
 from tdb_agent.components import Component, parse_component
-from tdb_agent.engine.spec import ModelSpec
+from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
+from tdb_agent.ops import sae_ops
 from tdb_agent.ops.metrics import MetricName
 
 FORMAT = "tdb-circuit/1"
@@ -86,8 +87,11 @@ def _node_attrs(rec: NodeRecord) -> dict[str, Any]:
     return rec.model_dump(mode="json", exclude={"id"})
 
 
-def _parse(node_id: str, spec: ModelSpec | None) -> Component:
-    c = parse_component(node_id, spec)
+def _parse(node_id: str, engine: Engine | None) -> Component:
+    if engine is None:
+        c = parse_component(node_id)
+    else:
+        c = parse_component(node_id, engine.spec, sae_sizes=sae_ops.sae_sizes(engine))
     if c.kind == "logits" and c.position is not None:
         raise TdbError("LOGITS takes no position: it is the metric at the last position")
     return c
@@ -95,10 +99,10 @@ def _parse(node_id: str, spec: ModelSpec | None) -> Component:
 
 def add_node(g: nx.DiGraph, node_id: str, *, role: str | None = None, explanation: str | None = None,
              effect: float | None = None, evidence: list[Evidence | dict] | None = None,
-             spec: ModelSpec | None = None) -> NodeRecord:
+             engine: Engine | None = None) -> NodeRecord:
     """Add a component (or update it: given fields replace, evidence is appended).
-    With `spec`, the id is range-checked against the model."""
-    c = _parse(node_id, spec)
+    With `engine`, the id is range-checked against its model (and attached SAEs)."""
+    c = _parse(node_id, engine)
     ev = [Evidence.model_validate(e) for e in evidence or []]
     if c.id in g:
         rec = get_node(g, c.id)
@@ -127,11 +131,11 @@ def stream_order(c: Component, parallel_residual: bool = False) -> tuple[float, 
 
 
 def add_edge(g: nx.DiGraph, source: str, target: str, *, weight: float | None = None, via: Via = "direct",
-             evidence: list[Evidence | dict] | None = None, spec: ModelSpec | None = None) -> EdgeRecord:
+             evidence: list[Evidence | dict] | None = None, engine: Engine | None = None) -> EdgeRecord:
     """Add an edge source -> target (adding missing endpoints), or update it. Edges must go
     from an earlier to a later component, and q/k/v edges must end at an attention head."""
-    s, t = _parse(source, spec), _parse(target, spec)
-    par = bool(spec and spec.parallel_residual)
+    s, t = _parse(source, engine), _parse(target, engine)
+    par = bool(engine and engine.spec.parallel_residual)
     if not stream_order(s, par) < stream_order(t, par):
         raise TdbError(f"edge {s.id} -> {t.id} goes against the residual stream: a component can only "
                        "influence components of later (sub)layers; EMB is the source and LOGITS the sink")
@@ -146,7 +150,7 @@ def add_edge(g: nx.DiGraph, source: str, target: str, *, weight: float | None = 
     ev = [Evidence.model_validate(e) for e in evidence or []]
     for c in (s, t):
         if c.id not in g:
-            add_node(g, c.id, spec=spec)
+            add_node(g, c.id, engine=engine)
     if g.has_edge(s.id, t.id):
         old = get_edge(g, s.id, t.id)
         if old.via != via:
@@ -204,10 +208,10 @@ def behaviour(g: nx.DiGraph) -> Behaviour | None:
     return Behaviour.model_validate(b) if b else None
 
 
-def check_ids(g: nx.DiGraph, spec: ModelSpec) -> None:
+def check_ids(g: nx.DiGraph, engine: Engine) -> None:
     """Range-check every node id against a model (e.g. a circuit loaded from a file)."""
     for n in g.nodes:
-        _parse(n, spec)
+        _parse(n, engine)
 
 
 def info(g: nx.DiGraph) -> CircuitInfo:

@@ -42,6 +42,10 @@ def keep_set(nodes: Iterable[str], spec: ModelSpec) -> KeepSet:
     """The units a circuit keeps (EMB and LOGITS keep nothing: they are never ablated)."""
     keep: KeepSet = {}
     for node in nodes:
+        c = parse_component(node)
+        if c.kind == "sae":
+            raise TdbError(f"{c.id}: SAE latents cannot be validated by ablation yet; describe the circuit "
+                           "with heads, MLPs or neurons (the latent's layer MLP or attention block)")
         c = parse_component(node, spec)
         if c.kind == "head":
             _merge(keep, ("head", c.layer, c.index), c.position)
@@ -52,9 +56,6 @@ def keep_set(nodes: Iterable[str], spec: ModelSpec) -> KeepSet:
             _merge(keep, ("mlp", c.layer), c.position)
         elif c.kind == "neuron":
             _merge(keep, ("neuron", c.layer, c.index), c.position)
-        elif c.kind == "sae":
-            raise TdbError(f"{c.id}: SAE latents cannot be validated by ablation yet; describe the circuit "
-                           "with heads, MLPs or neurons (the latent's layer MLP or attention block)")
     return keep
 
 
