@@ -31,6 +31,7 @@ from tdb_agent.ops.steer import SteerResult
 from tdb_agent.ops.trace import TraceResult
 from tdb_agent.server.guard import UnknownArgumentGuard
 from tdb_agent.server.limits import LimitChecks
+from tdb_agent.server.circuit_tools import register_circuit_tools
 from tdb_agent.server.prompts import PROMPTS_DIR, register_prompts
 from tdb_agent.server.resources import register_resources
 from tdb_agent.server.running import run_long_tool, run_tool
@@ -82,6 +83,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
     Corrupted = Annotated[str | None, Field(description="a prompt of the same length that removes the "
                                             "information (for resample/patching references)")]
     TopK = Annotated[int, Field(ge=1, description=f"rows to return (at most max_top_k={lim.max_top_k})")]
+    k10, k20 = min(10, lim.max_top_k), min(20, lim.max_top_k)  # defaults never exceed the limits
     Components = Annotated[list[ComponentId], Field(min_length=1, description="components, at most "
                                                     f"max_components={lim.max_components}")]
 
@@ -106,7 +108,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
     def predict(
         prompt: Prompt,
         top_k: Annotated[int, Field(ge=1, description="how many top next tokens to list (at most "
-                                    f"max_top_k={lim.max_top_k})")] = 10,
+                                    f"max_top_k={lim.max_top_k})")] = k10,
         target: Annotated[str | None, Field(description="a single token whose probability to report",
                                             max_length=200)] = None,
         distractor: Distractor = None,
@@ -143,7 +145,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
                         "given, else zero)")] = None,
         kinds: Annotated[list[Literal["head", "neuron", "attn", "mlp", "emb"]] | None, Field(
             description="component kinds to rank (default head and neuron)", max_length=5)] = None,
-        top_k: TopK = 20,
+        top_k: TopK = k20,
         per_position: Annotated[bool, Field(description="split act_times_grad effects by token position")] = False,
     ) -> AttributionResult:
         """Why does the model prefer target over distractor? Ranks heads, neurons and blocks by
@@ -192,7 +194,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
         positions: Annotated[Literal["all", "last"] | list[Annotated[int, Field(ge=0)]], Field(
             description="where each component is ablated: all positions, the last one (Transformer "
                         "Debugger's default), or a list of positions")] = "all",
-        top_k: TopK = 20,
+        top_k: TopK = k20,
         ctx: Context | None = None,
     ) -> SweepResult:
         """Which single components matter? Ablates every component of a kind alone (batched) and
@@ -246,7 +248,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
         target: Annotated[str | None, Field(description="for via=v: the metric's target token",
                                             max_length=200)] = None,
         distractor: Distractor = None,
-        top_k: TopK = 20,
+        top_k: TopK = k20,
     ) -> TraceResult:
         """Why did this head attend to that token, or why did this neuron fire? Attributes the
         node to upstream components (heads, neurons, embedding at specific positions) as weighted
@@ -286,7 +288,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
                                         min_length=1, max_length=64)],
         scale: Annotated[float, Field(ge=-1000, le=1000, description="multiple of the direction to add")] = 5.0,
         max_new_tokens: Annotated[int, Field(ge=1, description="tokens to generate (at most "
-                                             f"max_new_tokens={lim.max_new_tokens})")] = 12,
+                                             f"max_new_tokens={lim.max_new_tokens})")] = min(12, lim.max_new_tokens),
     ) -> SteerResult:
         """What does this component's direction do to the output? Adds scale x its direction to
         the residual stream at every position and generates greedily, with and without.
@@ -297,6 +299,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
             return ops.steer(engine, prompt, component, scale=scale, max_new_tokens=max_new_tokens, cache=cache)
         return run_tool(bench, "steer", go)
 
+    register_circuit_tools(mcp, bench)
     register_resources(mcp, bench)
     register_prompts(mcp, prompts_dir)
     return mcp
