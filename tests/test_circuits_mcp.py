@@ -74,8 +74,13 @@ def test_a_whole_session(gpt2_tiny, tmp_path):
             assert {n["id"]: n["drop"] for n in v["necessity"]} == pytest.approx(
                 {n.id: n.drop for n in direct.necessity}, abs=1e-5)
             assert v["mode"] == "resample" and "@t" in v["positions"] and v["n_pairs"] == 3
+            held = await call(c, tools, "circuit_validate", {"name": "ioi", "heldout_seed": 7, "necessity": False})
+            direct_h = C.validate(gpt2_tiny, before, pairs=C.Behaviour(task="ioi", n=3, seed=7), necessity=False,
+                                  cache=RunCache(gpt2_tiny))
+            assert held["faithfulness"] == pytest.approx(direct_h.faithfulness, abs=1e-5)
+            assert held["behaviour"] == "task ioi (n=3, seed=7)" and held["necessity"] is None
             shown = await call(c, tools, "circuit_show", {"name": "ioi"})
-            assert shown["faithfulness"] == pytest.approx(v["faithfulness"])
+            assert shown["faithfulness"] == pytest.approx(v["faithfulness"])  # held-out runs are not recorded
             assert json.loads((tmp_path / "circuits" / "ioi.json").read_text())["graph"]["faithfulness"] == \
                 pytest.approx(v["faithfulness"])
 

@@ -72,7 +72,7 @@ def to_svg(g: nx.DiGraph) -> str:
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{total_h:.0f}" '
            f'viewBox="0 0 {width:.0f} {total_h:.0f}" font-family="Helvetica, Arial, sans-serif">',
            f"<title>{escape(title)}</title>",
-           f'<rect width="100%" height="100%" fill="white"/>',
+           '<rect width="100%" height="100%" fill="white"/>',
            f'<text x="12" y="26" font-size="16" font-weight="bold">{escape(title)}</text>']
     for key, y in labels:
         out.append(f'<text x="12" y="{y + BOX_H / 2 + 4:.0f}" font-size="12" fill="#6b7280">'

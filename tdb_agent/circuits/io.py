@@ -164,7 +164,8 @@ def to_circuit_tracer(g: nx.DiGraph, prompt_tokens: list[str] | None = None, pro
             feature = (_KIND_OFFSET[c.kind] + sae) * _OFFSET + (c.index or 0)
         node_id = f"{layer}_{feature}_{pos}"
         ids[n] = node_id
-        clerp = n + (f" [{a['role']}]" if a.get("role") else "") + (f": {a['explanation']}" if a.get("explanation") else "")
+        clerp = n + (f" [{a['role']}]" if a.get("role") else "")
+        clerp += f": {a['explanation']}" if a.get("explanation") else ""
         value = _cantor(int(layer), feature) if c.kind not in ("emb", "logits") else feature
         nodes.append({"node_id": node_id, "jsNodeId": node_id, "feature": value, "layer": layer, "ctx_idx": pos,
                       "feature_type": _FEATURE_TYPE[c.kind], "token_prob": 0.0, "is_target_logit": c.kind == "logits",

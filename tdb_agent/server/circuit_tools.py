@@ -190,7 +190,8 @@ def register_circuit_tools(mcp: MCPServer, bench: Workbench) -> None:
     @mcp.tool(annotations=DESTRUCTIVE)
     def circuit_remove(
         name: Name,
-        nodes: Annotated[list[str], Field(max_length=256, description="node ids to remove with their edges")] = [],  # noqa: B006
+        nodes: Annotated[list[str], Field(max_length=256,
+                                          description="node ids to remove with their edges")] = [],  # noqa: B006
         edges: Annotated[list[EdgeRef], Field(max_length=512)] = [],  # noqa: B006
     ) -> SavedCircuit:
         """Remove nodes (with their edges) or edges from a circuit, e.g. a hypothesis the evidence
@@ -231,20 +232,30 @@ def register_circuit_tools(mcp: MCPServer, bench: Workbench) -> None:
         mode: Mode = "mean",
         necessity: Annotated[bool, Field(description="also measure each node's necessity (faithfulness drop "
                                          "without it)")] = True,
+        heldout_seed: Annotated[int | None, Field(ge=0, description="for a task behaviour: validate on other "
+                                                  "pairs of the task (this seed) instead; not recorded")] = None,
         ctx: Context | None = None,
     ) -> ValidationOut:
         """Is the hypothesis enough? Runs the behaviour's pairs with every head and MLP block
         outside the circuit ablated: faithfulness = (m(C) − m(∅)) / (m(full) − m(∅)) (1 = the
         circuit alone recovers the metric), and per node the faithfulness lost without it. The
-        result is stored as the circuit's latest validation. Example: circuit_validate(name="ioi",
-        mode="resample")"""
+        result is stored as the circuit's latest validation (unless heldout_seed picks other
+        pairs). Example: circuit_validate(name="ioi", mode="resample")"""
         def work(progress, should_stop):
             g = store.get(name)
+            pairs = None
+            if heldout_seed is not None:
+                b = C.behaviour(g)
+                if b is None or b.task is None:
+                    raise TdbError("heldout_seed needs a circuit whose behaviour is a task")
+                pairs = b.model_copy(update={"seed": heldout_seed})
             with store.lock:
-                v = C.validate(engine, g, mode=mode, necessity=necessity, record=False, cache=bench.cache,
-                               batch_size=bench.limits.batch_size, progress=progress, should_stop=should_stop)
-                with store.edit(name) as h:
-                    C.record_validation(h, v)
+                v = C.validate(engine, g, pairs=pairs, mode=mode, necessity=necessity, record=False,
+                               cache=bench.cache, batch_size=bench.limits.batch_size, progress=progress,
+                               should_stop=should_stop)
+                if pairs is None:
+                    with store.edit(name) as h:
+                        C.record_validation(h, v)
             return ValidationOut(**v.model_dump(), name=name, saved_to=str(store.path(name)))
         return await _run_long(ctx, work, "validation")
 
