@@ -70,23 +70,28 @@ class Group:
 
     FIELDS = ("key", "value", "start", "length", "center", "attn_key", "acts")
 
-    def merge(self, cand: dict[str, torch.Tensor], windows: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """cand fields [b, C]; windows(idx [n, C] of batch rows) -> acts [n, C, W] for those."""
+    def merge(self, cand: dict[str, torch.Tensor], windows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              ) -> None:
+        """cand fields [b, C]; windows(rows [n, c], cols [c]) -> acts [n, c, W] of those batch rows
+        and columns. Only columns where some candidate beats the lowest kept key are touched
+        (after the first batches, few do), so a batch costs O(b x C) plus the changed columns."""
         n = self.key.shape[0]
-        allkey = torch.cat([self.key, cand["key"]])
-        top = allkey.topk(n, dim=0)
-        idx = top.indices
-        old = idx < n
-        if not bool((~old).any()):
+        ck = cand["key"]
+        cols = (ck > self.key.min(0).values).any(0).nonzero().squeeze(1)
+        if cols.numel() == 0:
             return
+        top = torch.cat([self.key[:, cols], ck[:, cols]]).topk(n, dim=0)
+        idx = top.indices  # [n, c]
+        old = idx < n
         new_idx = (idx - n).clamp(min=0)
         old_idx = idx.clamp(max=n - 1)
-        self.key = top.values
+        self.key[:, cols] = top.values
         for f in ("value", "start", "length", "center", "attn_key"):
-            setattr(self, f, torch.where(old, getattr(self, f).gather(0, old_idx), cand[f].gather(0, new_idx)))
+            mine = getattr(self, f)
+            mine[:, cols] = torch.where(old, mine[:, cols].gather(0, old_idx), cand[f][:, cols].gather(0, new_idx))
         W = self.acts.shape[-1]
-        kept = self.acts.gather(0, old_idx[..., None].expand(-1, -1, W))
-        self.acts = torch.where(old[..., None], kept, windows(new_idx))
+        kept = self.acts[:, cols].gather(0, old_idx[..., None].expand(-1, -1, W))
+        self.acts[:, cols] = torch.where(old[..., None], kept, windows(new_idx, cols))
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{f}": getattr(self, f).contiguous() for f in self.FIELDS}
@@ -114,7 +119,8 @@ def _activations(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch
         parts.append(acts[f"blocks.{layer}.mlp.hook_post"].float())
         z = acts[f"blocks.{layer}.attn.hook_z"].float()  # [b, s, h, dh]
         W_O = engine.adapter.W_O(layer).float()  # [h, dh, d]
-        parts.append(torch.einsum("bshk,hkd->bshd", z, W_O).norm(dim=-1))
+        gram = W_O @ W_O.transpose(1, 2)  # ||z_h W_O[h]||^2 = z_h G_h z_h: d_head^2 instead of d_head x d_model
+        parts.append(torch.einsum("bshk,hkl,bshl->bsh", z, gram, z).clamp(min=0).sqrt())
         keys.append(acts[f"blocks.{layer}.attn.hook_pattern"].argmax(-1).transpose(1, 2))  # [b, q, h]
     for (layer, site), sae in engine.saes.items():
         parts.append(sae.encode(acts[sae_sites[(layer, site)]]).float())
@@ -186,12 +192,18 @@ class DatasetBuilder:
         pos = torch.arange(s, device=dev)
         valid = (pos[None] < lens[:, None]) & (pos[None] > 0)  # [b, s]
         # stats
-        Av = A * valid[..., None]
-        self.sum += Av.sum((0, 1)).double()
-        self.active += ((A > 0) & valid[..., None]).sum((0, 1)).double()
+        pad = pos[None] >= lens[:, None]
+        if bool(pad.any()):
+            A[pad] = -float("inf")  # padding is never read again (windows stop at the document's end)
+        mx, am = A[:, 1:].max(1)  # [b, C], position 0 (BOS) left out
+        am += 1
+        if bool(pad.any()):
+            A[pad] = 0.0
+        # stats over valid tokens: padding is 0 now; position 0 is subtracted
+        Af = A.view(b * s, self.C)
+        self.sum += (Af.sum(0) - A[:, 0].sum(0)).double()
+        self.active += ((Af > 0).sum(0) - (A[:, 0] > 0).sum(0)).double()
         self.count += int(valid.sum())
-        masked = A.masked_fill(~valid[..., None], -float("inf"))
-        mx, am = masked.max(1)  # [b, C]
         self.max = torch.maximum(self.max, mx.max(0).values)
         W, lead = cfg.window, cfg.lead
         offs = torch.arange(W, device=dev)
@@ -210,19 +222,18 @@ class DatasetBuilder:
             return {"start": start + base[:, None], "length": length, "center": center_pos - start,
                     "attn_key": key_pos, "_start_local": start}
 
-        def gather_windows(fields, rows: torch.Tensor) -> torch.Tensor:
-            """acts [n, C, W] of batch rows `rows` [n, C] at their windows."""
-            st = fields["_start_local"].gather(0, rows)  # [n, C]
-            ln = fields["length"].gather(0, rows)
-            idx = (st[..., None] + offs).clamp(max=s - 1)  # [n, C, W]
-            cols = torch.arange(self.C, device=dev)[None, :, None]
-            w = At[rows[..., None], cols, idx]
+        def gather_windows(fields, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            """acts [n, c, W] of batch rows `rows` [n, c] at their windows, for columns cols."""
+            st = fields["_start_local"][:, cols].gather(0, rows)  # [n, c]
+            ln = fields["length"][:, cols].gather(0, rows)
+            idx = (st[..., None] + offs).clamp(max=s - 1)  # [n, c, W]
+            w = At[rows[..., None], cols[None, :, None], idx]
             return torch.where(offs < ln[..., None], w, torch.zeros((), device=dev))
 
         f_max = window_fields(am)
         has = torch.isfinite(mx)
         cand = dict(f_max, value=mx, key=torch.where(has, mx, torch.full_like(mx, -float("inf"))))
-        self.groups["top"].merge(cand, lambda r: gather_windows(f_max, r))
+        self.groups["top"].merge(cand, lambda r, c: gather_windows(f_max, r, c))
         # random: documents with uniform keys, a uniform position in 1..len-1 (same for all components)
         u = torch.rand(b, generator=self.rng).to(dev)
         rpos = (torch.rand(b, generator=self.rng).to(dev) * (lens - 1).clamp(min=1)).long() + 1
@@ -231,14 +242,14 @@ class DatasetBuilder:
         f_rand = window_fields(rcenter)
         rval = At.gather(2, rcenter[..., None])[..., 0]
         rkey = torch.where(lens[:, None] > 1, u[:, None].expand(-1, self.C), torch.full_like(rval, -float("inf")))
-        self.groups["random"].merge(dict(f_rand, value=rval, key=rkey), lambda r: gather_windows(f_rand, r))
+        self.groups["random"].merge(dict(f_rand, value=rval, key=rkey), lambda r, c: gather_windows(f_rand, r, c))
         # quantiles of the per-document maximum
         if self.edges is None:
             self.warm.append(mx.masked_fill(~has, float("nan")))
             if self.docs_done + b >= cfg.warmup_docs:
                 self._fix_edges()
         else:
-            self._merge_quantiles(mx, has, f_max, lambda r: gather_windows(f_max, r))
+            self._merge_quantiles(mx, has, f_max, lambda r, c: gather_windows(f_max, r, c))
         self.tokens += [np.asarray(d, dtype=np.int32) for d in docs]
         self.n_tokens += int(lens.sum())
         self.docs_done += b
@@ -257,17 +268,14 @@ class DatasetBuilder:
         b = mx.shape[0]
         binid = torch.searchsorted(self.edges.contiguous(), mx.T.contiguous().clamp(min=-1e30)).T  # [b, C]
         u = torch.rand(b, self.C, generator=self.rng).to(mx.device)
-        # one merge over all bins: key = bin * 2 + u keeps bins apart; bins are kept per_bin each
         g = self.groups["quantile"]
-        for j in range(cfg.n_quantile_bins):
+        for j in range(cfg.n_quantile_bins):  # bin j keeps rows j*per_bin.. (views: merged in place)
             sl = slice(j * cfg.per_bin, (j + 1) * cfg.per_bin)
             sub = Group(0, 0, 0, mx.device)
             for f in Group.FIELDS:
                 setattr(sub, f, getattr(g, f)[sl])
             ok = has & (binid == j) & (mx > 0)
             sub.merge(dict(fields, value=mx, key=torch.where(ok, u, torch.full_like(u, -float("inf")))), windows)
-            for f in Group.FIELDS:
-                getattr(g, f)[sl] = getattr(sub, f)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, torch.Tensor]:

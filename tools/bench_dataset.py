@@ -1,0 +1,83 @@
+"""Benchmark the activation-dataset builder against plain forward passes over the same tokens.
+
+    python tools/bench_dataset.py [--model DIR] [--docs 2000] [--threads 1]
+
+Three timings over identical batches (documents grouped by length, as the builder does):
+  forward   plain `engine.forward` (no hooks; last-position logits)
+  extract   forward + reading every component's activation (neurons, head write norms,
+            SAE encodings): the activations the builder needs
+  builder   `DatasetBuilder.add_batch` (extract + top-k/random/quantile merges + stats)
+Overheads: builder / forward − 1 (everything), and builder / extract − 1 (the top-k bookkeeping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from tdb_agent.datasets.builder import BuildConfig, DatasetBuilder, _activations, _batched, documents_from_corpus
+from tdb_agent.datasets.command import DATASET_SEED
+from tdb_agent.engine import Engine
+from tdb_agent.engine.sae import attach_saes
+
+
+def _ids(engine, batch):
+    s = max(map(len, batch))
+    ids = torch.full((len(batch), s), engine.tokenizer.bos_token_id or 0, dtype=torch.long)
+    for i, d in enumerate(batch):
+        ids[i, : len(d)] = torch.tensor(d)
+    return ids.to(engine.device)
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--docs", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="best of N for each timing")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    engine = Engine.load(args.model, device=args.device)
+    attach_saes(engine)
+    docs = list(documents_from_corpus(args.docs, DATASET_SEED + 7, engine.tokenizer, engine.spec.n_ctx))
+    batches = list(_batched(docs, args.batch_size))
+    id_batches = [_ids(engine, b) for b in batches]
+    n_tokens = sum(len(d) for d in docs if len(d) >= 2)
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        best = float("inf")
+        for _ in range(args.repeats):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    t_fwd = timed(lambda: [engine.forward(ids) for ids in id_batches])
+    t_ext = timed(lambda: [_activations(engine, ids) for ids in id_batches])
+
+    def run_builder():
+        b = DatasetBuilder(engine, BuildConfig(batch_size=args.batch_size, window=20, lead=16, n_random=8))
+        for batch in batches:
+            b.add_batch(batch)
+
+    t_bld = timed(run_builder)
+    out = {"device": str(engine.device), "threads": args.threads, "tokens": n_tokens,
+           "components": DatasetBuilder(engine).C, "saes": engine.saes.names(),
+           "forward_tok_s": round(n_tokens / t_fwd), "extract_tok_s": round(n_tokens / t_ext),
+           "builder_tok_s": round(n_tokens / t_bld),
+           "overhead_vs_forward": round(t_bld / t_fwd - 1, 3),
+           "bookkeeping_overhead_vs_extract": round(t_bld / t_ext - 1, 3)}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
