@@ -252,6 +252,19 @@ FIELDS = {  # plausible-but-wrong values per argument name: these reach the oper
     "via": st.sampled_from(["q", "k", "v", "all", "qk"]),
     "direction": st.sampled_from(["denoise", "noise", "both"]),
     "per_position": st.one_of(st.booleans(), st.just("yes")),
+    # circuit tools
+    "name": st.sampled_from(["conformance", "conformance-pruned", "nope", "../etc", "a/b", "", "x" * 65, "ok-1"]),
+    "into": st.sampled_from([None, "conformance", "other", "../x", "a b"]),
+    "task": st.sampled_from([None, "ioi", "induction", "facts", "nope"]),
+    "n_pairs": INTS, "seed": INTS, "threshold": st.floats(allow_nan=True, allow_infinity=True),
+    "nodes": st.lists(st.one_of(COMPONENTS, st.fixed_dictionaries({"id": COMPONENTS}),
+                                st.fixed_dictionaries({"id": COMPONENTS, "effect": st.floats()})), max_size=4),
+    "edges": st.lists(st.fixed_dictionaries({"source": COMPONENTS, "target": COMPONENTS,
+                                             "via": st.sampled_from(["q", "k", "v", "direct", "x"])}), max_size=3),
+    "protect": st.lists(COMPONENTS, max_size=3),
+    "format": st.sampled_from(["json", "graphml", "dot", "circuit_tracer", "svg", "html", "pdf"]),
+    "metric": st.sampled_from([None, "logit_diff", "logprob", "accuracy"]),
+    "pairs": st.one_of(st.none(), st.lists(st.fixed_dictionaries({"prompt": PROMPTS, "target": TOKENS}), max_size=2)),
 }
 
 
@@ -260,12 +273,12 @@ def bad_calls(draw, properties):
     """A tool call derived from a valid one: some arguments replaced by plausible-but-wrong
     values, some by values of the wrong type, some removed, optional ones added, and now
     and then an argument the tool does not have."""
-    name = draw(st.sampled_from(sorted(TOOLS)))
+    name = draw(st.sampled_from(sorted(properties)))
     args = dict(CALLS[name])
     for key in properties[name]:
         roll = draw(st.integers(0, 99))
         if roll < 30:
-            args[key] = draw(FIELDS[key])
+            args[key] = draw(FIELDS.get(key, NASTY))
         elif roll < 35:
             args[key] = draw(NASTY)
         elif roll < 38:
@@ -275,11 +288,13 @@ def bad_calls(draw, properties):
     return name, args
 
 
-def test_fuzzing_never_crashes_the_server(gpt2_tiny):
-    bench = Workbench(gpt2_tiny, Limits(max_prompt_tokens=48))
+def test_fuzzing_never_crashes_the_server(gpt2_tiny, tmp_path):
+    bench = Workbench(gpt2_tiny, Limits(max_prompt_tokens=48), workspace=tmp_path)
     client = SyncClient(build_server(bench))
     try:
         ref = [client.call(n, a).structured_content for n, a in REFERENCE]
+        for name in ("circuit_create", "circuit_add"):  # a circuit for the circuit tools to work on
+            assert not client.call(name, CALLS[name]).is_error
         calls, errors = [], []
 
         properties = {n: list(t.input_schema["properties"]) for n, t in client.tools.items()}
@@ -300,7 +315,7 @@ def test_fuzzing_never_crashes_the_server(gpt2_tiny):
             assert gpt2_tiny.active_hook_count() == 0
 
         one()
-        assert len(calls) >= 500 and set(calls) == TOOLS
+        assert len(calls) >= 500 and set(calls) == set(client.tools)
         deep = [e for e in errors if "validation error" not in e and "unknown argument" not in e]
         # the calls reached every layer: schema validation, the operations' own checks, and success
         assert len(deep) > 80 and len(errors) - len(deep) > 80 and len(calls) - len(errors) > 50

@@ -13,15 +13,16 @@ EXPECTED_TOOLS = {"model_info", "tokenize", "predict", "list_tasks", "attribute"
                   "patch", "trace_upstream", "attention_pattern", "steer"}
 
 
-def _params(model_dir) -> StdioServerParameters:
+def _params(model_dir, workspace) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable,
                                  args=["-m", "tdb_agent.cli", "serve", "--model", str(model_dir)],
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                      "TDB_WORKSPACE": str(workspace)})
 
 
-def test_stdio_server_tools(tiny_dirs):
+def test_stdio_server_tools(tiny_dirs, tmp_path):
     async def go():
-        async with Client(_params(tiny_dirs["gpt2"]), read_timeout_seconds=120) as c:
+        async with Client(_params(tiny_dirs["gpt2"], tmp_path), read_timeout_seconds=120) as c:
             tools = {t.name: t for t in (await c.list_tools()).tools}
             assert EXPECTED_TOOLS <= set(tools)
             for name in EXPECTED_TOOLS:

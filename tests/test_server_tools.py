@@ -29,6 +29,17 @@ CALLS = {
     "trace_upstream": {"prompt": P, "component": "L1.H2@14", "via": "q"},
     "attention_pattern": {"prompt": P, "component": "L1.H2"},
     "steer": {"prompt": P, "component": "L0.N5", "scale": 4.0, "max_new_tokens": 3},
+    # circuit tools (tdb_agent/server/circuit_tools.py), in the order a session uses them
+    "circuit_create": {"name": "conformance", "task": "ioi", "n_pairs": 2, "overwrite": True},
+    "circuit_add": {"name": "conformance", "nodes": [{"id": "L1.H2", "role": "mover"}, {"id": "L0.H1"}],
+                    "edges": [{"source": "L0.H1", "target": "L1.H2", "via": "q", "weight": 0.1},
+                              {"source": "L1.H2", "target": "LOGITS", "weight": 0.3}]},
+    "circuit_show": {"name": "conformance"},
+    "circuit_list": {},
+    "circuit_validate": {"name": "conformance", "necessity": False},
+    "circuit_prune": {"name": "conformance", "threshold": 0.5, "into": "conformance-pruned"},
+    "circuit_export": {"name": "conformance", "format": "dot"},
+    "circuit_remove": {"name": "conformance", "nodes": ["L0.H1"]},
 }
 
 
@@ -57,8 +68,8 @@ async def check_conformance(c: Client) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(gpt2_tiny):
-    return build_server(Workbench(gpt2_tiny))
+def server(gpt2_tiny, tmp_path_factory):
+    return build_server(Workbench(gpt2_tiny, workspace=tmp_path_factory.mktemp("workspace")))
 
 
 def test_every_tool_validates_against_its_schema(server):
