@@ -50,6 +50,12 @@ class Workbench:
         self.workspace: Path = Path(workspace if workspace is not None
                                     else os.environ.get("TDB_WORKSPACE", "tdb-workspace")).resolve()
         self.page_sections: dict[str, PageSection] = {}
+        self.dataset = None  # activation dataset (tdb_agent.datasets), set by server.sae_tools.attach_dataset
+
+    @property
+    def saes(self):
+        """The SAEs attached to the engine (tdb_agent.engine.sae.SAESet)."""
+        return self.engine.saes
 
     def add_page_section(self, name: str, fn: PageSection) -> None:
         """Register a section of component pages (e.g. "explanation", "top_examples"), so
