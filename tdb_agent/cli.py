@@ -56,11 +56,38 @@ def cmd_serve(args) -> int:
 
     engine = _engine(args)
     attach_saes(engine, args.sae, bundled=not args.no_bundled_saes, allow_download=args.allow_download)
-    bench = Workbench(engine, limits)
+    bench = Workbench(engine, limits, workspace=args.workspace)
     if settings is not None:
         serve_http(bench, settings)
     else:
         build_server(bench).run()
+    return 0
+
+
+def cmd_discover(args) -> int:
+    import asyncio
+    import time
+    from pathlib import Path
+
+    from tdb_agent.agent import discover
+    from tdb_agent.agent.llm import LLMSettings
+    from tdb_agent.agent.runstore import RunConfig, RunStore
+
+    if args.resume:
+        out = Path(args.resume)
+        cfg = RunStore(out).load_config()
+    else:
+        cfg = RunConfig(task=args.task, prompt=args.prompt, corrupted_prompt=args.corrupted, target=args.target,
+                        distractor=args.distractor, planner=args.planner, model=args.model, max_steps=args.max_steps,
+                        llm_model=args.llm_model)
+        if not cfg.task and not (cfg.prompt and cfg.target):
+            print("tdb-agent discover: give --task, or --prompt and --target", file=sys.stderr)
+            return 2
+        out = Path(args.out or f"runs/{cfg.task or 'prompt'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    llm = LLMSettings.from_env(base_url=args.llm_base_url, model=cfg.llm_model or args.llm_model)
+    echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    summary = asyncio.run(discover.run(cfg, out, transport=args.transport, llm=llm, echo=echo, device=args.device))
+    print(summary.model_dump_json(indent=2))
     return 0
 
 
@@ -106,7 +133,27 @@ def main(argv: list[str] | None = None) -> int:
                         "a hub path needs --allow-download")
     p.add_argument("--no-bundled-saes", action="store_true",
                    help="do not attach the bundled model's shipped SAEs")
+    p.add_argument("--workspace", default=None,
+                   help="folder where circuits and exports are saved (default: $TDB_WORKSPACE or ./tdb-workspace)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("discover", help="find the circuit of a behaviour (scripted planner or an LLM agent)")
+    p.add_argument("--task", default=None, help="a built-in task: ioi, induction, greater_than, facts")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--target", default=None)
+    p.add_argument("--distractor", default=None)
+    p.add_argument("--corrupted", default=None, help="a corrupted prompt of the same length")
+    p.add_argument("--planner", choices=["scripted", "llm"], default="scripted")
+    p.add_argument("--model", default=None, help="local HF folder (default: the bundled model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<task>-<time>)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run")
+    p.add_argument("--max-steps", type=int, default=40, help="LLM turns (llm planner)")
+    p.add_argument("--transport", choices=["inprocess", "stdio"], default="inprocess",
+                   help="reach the tools in this process or through a `tdb-agent serve` subprocess")
+    p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint (env OPENAI_BASE_URL)")
+    p.add_argument("--llm-model", default=None, help="model name (env TDB_AGENT_LLM_MODEL)")
+    p.set_defaults(fn=cmd_discover)
 
     p = sub.add_parser("demo", help="start-up check and predictions on the bundled tasks")
     _model_args(p)

@@ -9,6 +9,12 @@ from tests.tiny_models import FAMILIES, build_tiny
 torch.set_num_threads(int(os.environ.get("TDB_TEST_THREADS", "2")))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _workspace(tmp_path_factory):
+    """Circuits saved by servers under test go to a temporary folder, not ./tdb-workspace."""
+    os.environ["TDB_WORKSPACE"] = str(tmp_path_factory.mktemp("workspace"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
