@@ -127,6 +127,23 @@ def test_unknown_argument_is_refused_with_a_hint(gpt2_tiny):
     assert "'topk'" in text and "did you mean 'top_k'" in text
 
 
+def test_undefined_numbers_are_a_tool_error_not_a_broken_result(gpt2_tiny):
+    """Patching a prompt into itself: the fraction restored is 0/0. JSON cannot carry NaN
+    (it arrives as null and breaks the output schema), so the client must get a clear error
+    (or, should the operation define the value, a result that validates)."""
+    async def go():
+        async with Client(build_server(Workbench(gpt2_tiny))) as c:
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            r = await c.call_tool("patch", {"clean_prompt": P, "corrupted_prompt": P, "components": ["L1.H2"],
+                                            "target": "Mary", "distractor": "John"})
+            return r, tools["patch"].output_schema
+    r, schema = asyncio.run(go())
+    if r.is_error:
+        assert "fraction_restored" in _error_text(r) and "NaN" in r.content[0].text
+    else:
+        jsonschema.validate(r.structured_content, schema)
+
+
 # ------------------------------------------------------------------ out of memory
 def test_out_of_memory_is_a_tool_error_and_frees_the_cache(gpt2_tiny, monkeypatch):
     bench = Workbench(gpt2_tiny)

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import torch
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult
+from pydantic import BaseModel
 
 from tdb_agent.errors import TdbError
 from tdb_agent.workbench import Workbench
@@ -41,12 +44,35 @@ def free_memory(bench: Workbench) -> None:
         torch.cuda.empty_cache()
 
 
+def non_finite(value: Any, path: str = "") -> list[str]:
+    """Paths of NaN/inf floats in a result (JSON has no NaN: it would arrive as null and break
+    the output schema, which the SDK's client rejects)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path or "result"]
+    if isinstance(value, BaseModel):
+        return non_finite(value.model_dump(), path)
+    if isinstance(value, CallToolResult):
+        return non_finite(value.structured_content, path)
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in non_finite(v, f"{path}[{i}]")]
+    return []
+
+
 def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
     """Run one tool body under the engine lock (tools are atomic: no other call's hooks or
     cache writes interleave with it) and map failures to tool errors."""
     try:
         with bench.engine.lock:
-            return fn()
+            result = fn()
+        bad = non_finite(result)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise ToolError(f"{what} has no defined answer for these inputs: {shown} came out NaN or infinite "
+                            "(usually a ratio whose denominator is zero, e.g. identical clean and corrupted "
+                            "prompts, or a metric of exactly 0)")
+        return result
     except ToolError:
         raise
     except TdbError as e:
