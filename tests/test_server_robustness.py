@@ -16,7 +16,7 @@ from tdb_agent.errors import Cancelled
 from tdb_agent.server import build_server
 from tdb_agent.server.running import INTERNAL
 from tdb_agent.workbench import Limits, Workbench
-from tests.test_server_tools import CALLS, TOOLS, C, P
+from tests.test_server_tools import CALLS, C, P
 
 REFERENCE = [
     ("predict", {"prompt": P, "target": "Mary", "distractor": "John", "top_k": 5}),
