@@ -57,6 +57,14 @@ def cmd_serve(args) -> int:
     engine = _engine(args)
     attach_saes(engine, args.sae, bundled=not args.no_bundled_saes, allow_download=args.allow_download)
     bench = Workbench(engine, limits, workspace=args.workspace)
+    if args.dataset:  # else the bundled model's shipped dataset, when it matches (server.sae_tools)
+        from tdb_agent.errors import TdbError
+        from tdb_agent.server.sae_tools import attach_dataset
+        try:
+            attach_dataset(bench, args.dataset)
+        except TdbError as e:
+            print(f"tdb-agent serve: {e}", file=sys.stderr)
+            return 2
     if settings is not None:
         serve_http(bench, settings)
     else:
@@ -133,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                         "a hub path needs --allow-download")
     p.add_argument("--no-bundled-saes", action="store_true",
                    help="do not attach the bundled model's shipped SAEs")
+    p.add_argument("--dataset", default=None, metavar="DIR",
+                   help="activation dataset (tdb-agent build-dataset) for top_examples and explain_component; "
+                        "default: the bundled model's shipped one")
     p.add_argument("--workspace", default=None,
                    help="folder where circuits and exports are saved (default: $TDB_WORKSPACE or ./tdb-workspace)")
     p.set_defaults(fn=cmd_serve)
