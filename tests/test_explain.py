@@ -68,7 +68,7 @@ def test_heuristic_score_is_the_correlation_on_held_out_examples(setup):
     x = Explainer(e, ds, llm=ExplainerLLM(), cache_dir=cache)
     r = x.explain("L1.resid.F2", "heuristic")
     top, rand = ds.examples("L1.resid.F2", "top"), ds.examples("L1.resid.F2", "random")
-    want_text, _ = heuristic_explanation(top[0::2], r.evidence.get("boosts"))
+    want_text, _ = heuristic_explanation(top[0::2], r.evidence.get("boosts"), ds.examples("L1.resid.F2", "quantile"))
     assert r.explanation == want_text and r.method == "heuristic" and r.simulator == "offline"
     held = top[1::2] + rand
     true = [a for h in held for a in h.activations]

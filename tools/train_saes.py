@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from tdb_agent.datasets.components import model_fingerprint
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import SAE, SAEConfig
 from tdb_agent.tasks import corpus_documents
@@ -83,7 +84,8 @@ class TopKTrainer(torch.nn.Module):
         if n_dead and k_aux:
             dead_pre = pre.masked_fill(~dead, float("-inf"))
             ta = dead_pre.topk(min(k_aux, n_dead), dim=-1)
-            fa = torch.zeros_like(pre).scatter(-1, ta.indices, torch.relu(ta.values))
+            # no ReLU here: dead latents' pre-activations are negative, and the gradient must reach them
+            fa = torch.zeros_like(pre).scatter(-1, ta.indices, ta.values)
             err_hat = fa @ self.W_dec
             aux = (err.detach() - err_hat).pow(2).sum(-1).mean() / err.detach().pow(2).sum(-1).mean().clamp(min=1e-8)
         return loss, aux, f
@@ -192,6 +194,8 @@ def main() -> None:
     ckpt = Path(args.ckpt)
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
+        if state.get("model_fingerprint") != model_fingerprint(engine):
+            raise SystemExit(f"{ckpt} was written for another model; delete it to start over")
         scales = state["scales"].tolist()
         trainers = [TopKTrainer(engine.spec.d_model, args.d_sae, args.k, torch.zeros(engine.spec.d_model), l)
                     for l in range(n_layers)]
@@ -244,7 +248,8 @@ def main() -> None:
             print(f"step {step} tokens {seen:,} ({rate:,.0f} tok/s) | " + " | ".join(logs), flush=True)
         if step % args.ckpt_every == 0:
             torch.save({"trainers": [t.state_dict() for t in trainers], "opts": [o.state_dict() for o in opts],
-                        "since_fired": since_fired, "scales": torch.tensor(scales), "step": step, "seen": seen},
+                        "since_fired": since_fired, "scales": torch.tensor(scales), "step": step, "seen": seen,
+                        "model_fingerprint": model_fingerprint(engine)},
                        str(ckpt) + ".tmp")
             Path(str(ckpt) + ".tmp").replace(ckpt)
 

@@ -128,7 +128,8 @@ class Explainer:
         train, held = top[0::2], top[1::2]
         evidence: dict = {}
         if how == "heuristic":
-            text, evidence = heuristic_explanation(train, output_boosts(self.engine, cid))
+            text, evidence = heuristic_explanation(train, output_boosts(self.engine, cid),
+                                                   spread=self.dataset.examples(cid, "quantile"))
             sim, simulator = (lambda toks: simulate_offline(text, toks)), "offline"
         else:
             peak = max((e.activation for e in train), default=0.0)

@@ -39,9 +39,12 @@ def _q(tokens) -> str:
     return ", ".join(f"'{t.strip()}'" for t in tokens)
 
 
-def heuristic_explanation(top: list[Example], boosts: list[str] | None = None) -> tuple[str, dict]:
+def heuristic_explanation(top: list[Example], boosts: list[str] | None = None,
+                          spread: list[Example] | None = None) -> tuple[str, dict]:
     """A one-line description from top examples (and the tokens the component's output
-    direction boosts, if given). Returns (explanation, evidence)."""
+    direction boosts, if given). `spread`: examples from across the activation range
+    (quantile samples); a category that covers them and the top examples with at least
+    three distinct tokens wins over a single top token. Returns (explanation, evidence)."""
     if not top or max(e.activation for e in top) <= 0:
         return "rarely or never active on the dataset", {"n_examples": len(top)}
     tok = Counter(e.tokens[e.position].strip() for e in top)
@@ -50,18 +53,34 @@ def heuristic_explanation(top: list[Example], boosts: list[str] | None = None) -
     n = len(top)
     (t1, c1), = tok.most_common(1)
     cat, cc = cats.most_common(1)[0]
+    wide = top + [e for e in spread or [] if e.activation > 0]
+    wide_cats = Counter(category_of(e.tokens[e.position]) for e in wide)
+    wcat, wc = wide_cats.most_common(1)[0]
+    wide_tokens = {e.tokens[e.position].strip() for e in wide if category_of(e.tokens[e.position]) == wcat}
+    options = []
     if c1 >= 0.6 * n:
-        what = f"the token '{t1}'"
-    elif cat is not None and cc >= 0.6 * n:
+        options.append(f"the token '{t1}'")
+    if cat is not None and cc >= 0.6 * n:
         eg = [t for t, _ in tok.most_common() if category_of(t) == cat][:3]
-        what = f"{cat} (e.g. {_q(eg)})"
-    else:
-        what = f"tokens such as {_q(t for t, _ in tok.most_common(4))}"
-    text = f"fires on {what}"
+        options.append(f"{cat} (e.g. {_q(eg)})")
+    if wcat is not None and not (wcat == cat and cc >= 0.6 * n) and wc >= 0.6 * len(wide) and len(wide_tokens) >= 3:
+        options.append(f"{wcat} (e.g. {_q(sorted(wide_tokens)[:3])})")
+    if not options:
+        options.append(f"tokens such as {_q(t for t, _ in tok.most_common(4))}")
+    suffix = ""
     if prev:
         (p1, pc), = prev.most_common(1)
         if pc >= 0.5 * n:
-            text += f" after '{p1}'"
+            suffix = f" after '{p1}'"
+    # several readings fit: keep the one that simulates best on the examples it was written
+    # from (top and spread; the held-out examples that score it are not looked at)
+    acts = [a for e in wide for a in e.activations]
+
+    def fit(what: str) -> float:
+        return correlation([a for e in wide for a in simulate_offline(f"fires on {what}{suffix}", e.tokens)], acts)
+
+    what = max(options, key=fit) if len(options) > 1 else options[0]
+    text = f"fires on {what}{suffix}"
     evidence: dict = {"top_tokens": dict(tok.most_common(8)), "previous_tokens": dict(prev.most_common(5)),
                       "categories": {k or "other": v for k, v in cats.most_common(5)}}
     keys = [e for e in top if e.attended_token is not None]

@@ -1,0 +1,85 @@
+"""The bundled model's shipped activation dataset and explanations."""
+
+import json
+import random
+import time
+
+import pytest
+import torch
+
+from tdb_agent.datasets import ActivationDataset
+from tdb_agent.datasets.command import BUNDLED_DATASET
+from tdb_agent.datasets.components import component_name
+from tdb_agent.engine.sae import attach_saes
+from tdb_agent.explain import Explainer, ExplainerLLM
+from tdb_agent.tasks import task_examples
+from tdb_agent.tasks import vocab as V
+
+
+@pytest.fixture(scope="module")
+def eng(bundled):
+    if not len(bundled.saes):
+        attach_saes(bundled)
+    return bundled
+
+
+@pytest.fixture(scope="module")
+def ds(eng):
+    assert (BUNDLED_DATASET / "manifest.json").exists(), "the bundled dataset is missing (tdb-agent build-dataset)"
+    return ActivationDataset.open(BUNDLED_DATASET, eng)
+
+
+def test_dataset_covers_every_component_over_held_out_text(eng, ds):
+    m = ds.manifest
+    assert m["n_tokens"] >= 200_000
+    assert m["n_components"] == eng.spec.n_layers * (eng.spec.d_mlp + eng.spec.n_heads) + sum(
+        s.d_sae for _, s in eng.saes.items())
+    assert m["config"]["top_k"] >= 20
+    for cid in ("L0.N5", "L3.H7", "L2.resid.F100"):
+        ex = ds.examples(cid)
+        assert len(ex) >= 20 and all(len(e.tokens) == len(e.activations) for e in ex)
+        t0 = time.perf_counter()
+        ds.examples(cid)
+        ds.stats(cid)
+        assert time.perf_counter() - t0 < 0.010
+
+
+def test_shipped_explanations_match_live_ones(eng, ds):
+    shipped = json.loads((BUNDLED_DATASET / "explanations.json").read_text())
+    assert len(shipped) == ds.manifest["n_components"]
+    x = Explainer(eng, ds, llm=ExplainerLLM(base_url=None, api_key=None))
+    rng = random.Random(0)
+    for col in rng.sample(range(ds.manifest["n_components"]), 25):
+        cid = component_name(ds.blocks, col)
+        live = x.explain(cid, "heuristic")
+        assert live.explanation == shipped[cid]["explanation"]
+        assert live.score == pytest.approx(shipped[cid]["score"], abs=1e-4)
+
+
+@torch.no_grad()
+def test_the_latent_tracking_ioi_names_is_explained_as_names(eng, ds):
+    """Find, from the model alone, the latent most selective for the names in IOI prompts
+    (prompts not in the dataset); its shipped explanation must name them and score well
+    above a typical latent."""
+    shipped = json.loads((BUNDLED_DATASET / "explanations.json").read_text())
+    best, best_sel = None, -1.0
+    for (layer, site), sae in eng.saes.items():
+        site_name = f"blocks.{layer}.hook_resid_post"
+        on, off = [], []
+        for ex in task_examples("ioi", 30, seed=3):
+            ids = eng.to_tokens(ex.prompt)
+            _, a = eng.run_with_cache(ids, [site_name])
+            f = sae.encode(a[site_name][0])
+            is_name = torch.tensor([t.strip() in V.NAMES for t in eng.str_tokens(ids)])
+            on.append(f[is_name])
+            off.append(f[~is_name])
+        on, off = torch.cat(on), torch.cat(off)
+        sel = (on.mean(0) - off.mean(0)) / (torch.cat([on, off]).max(0).values + 1e-6)
+        i = int(sel.argmax())
+        if sel[i] > best_sel:
+            best, best_sel = f"L{layer}.{site}.F{i}", sel[i].item()
+    assert best_sel > 0.3, best_sel
+    latent_scores = sorted(v["score"] for k, v in shipped.items() if ".F" in k)
+    median = latent_scores[len(latent_scores) // 2]
+    assert shipped[best]["explanation"].startswith("fires on names"), (best, shipped[best])
+    assert shipped[best]["score"] > 0.5 and shipped[best]["score"] > median + 0.2, (best, shipped[best], median)
