@@ -41,10 +41,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2, help="best of N for each timing")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--sae", action="append", default=[], help="SAE folders (default: the bundled model's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engine = Engine.load(args.model, device=args.device)
-    attach_saes(engine)
+    attach_saes(engine, args.sae)
     docs = list(documents_from_corpus(args.docs, DATASET_SEED + 7, engine.tokenizer, engine.spec.n_ctx))
     batches = list(_batched(docs, args.batch_size))
     id_batches = [_ids(engine, b) for b in batches]
