@@ -101,6 +101,33 @@ class TopKTrainer(torch.nn.Module):
             w = self.W_dec
             self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
 
+    @torch.no_grad()
+    def resample(self, dead: torch.Tensor, x: torch.Tensor, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+        """Point dead latents at inputs the SAE reconstructs worst (drawn with probability
+        proportional to the squared error): decoder row = that error direction, encoder
+        column = the same direction at the alive latents' mean encoder norm, b_enc = 0, and
+        their Adam moments reset."""
+        idx = dead.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return 0
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        top = pre.topk(self.k, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        err = x - (f @ self.W_dec + self.b_dec)
+        w = err.pow(2).sum(-1)
+        pick = torch.multinomial(w / w.sum(), idx.numel(), replacement=idx.numel() > len(w), generator=gen)
+        dirs = err[pick] / err[pick].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        alive_norm = self.W_enc[:, ~dead].norm(dim=0).mean() if (~dead).any() else torch.tensor(1.0)
+        self.W_dec[idx] = dirs
+        self.W_enc[:, idx] = dirs.T * alive_norm
+        self.b_enc[idx] = 0.0
+        for p, sel in ((self.W_dec, (idx, slice(None))), (self.W_enc, (slice(None), idx)), (self.b_enc, (idx,))):
+            st = opt.state.get(p)
+            if st:
+                st["exp_avg"][sel] = 0.0
+                st["exp_avg_sq"][sel] = 0.0
+        return idx.numel()
+
     def export(self, scale: float, hook_name: str, model_name: str) -> SAE:
         """SAE on raw activations: trained on x / scale, so W_enc / scale, W_dec and b_dec * scale."""
         cfg = SAEConfig(d_in=self.W_enc.shape[0], d_sae=self.W_enc.shape[1], hook_name=hook_name,
@@ -175,6 +202,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dead-window", type=int, default=200_000, help="tokens without firing = dead")
     ap.add_argument("--eval-tokens", type=int, default=100_000)
+    ap.add_argument("--resample-every", type=int, default=25, help="steps between resampling dead latents "
+                    "(during the first 75%% of training; 0: never)")
     ap.add_argument("--ckpt", default="/tmp/train_saes.ckpt.pt")
     ap.add_argument("--ckpt-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
@@ -243,6 +272,14 @@ def main() -> None:
             fired = (f != 0).any(0)
             since_fired[l] = torch.where(fired, torch.zeros_like(since_fired[l]), since_fired[l] + n)
             logs.append(f"L{l} mse {loss.item() / x.shape[1]:.4f} aux {aux.item():.3f} dead {int(dead.sum())}")
+        if args.resample_every and step % args.resample_every == 0 and frac < 0.75:
+            gen = torch.Generator().manual_seed(step)
+            revived = [t.resample(since_fired[l] > args.dead_window, x / scales[l], o, gen)
+                       for l, (t, o, x) in enumerate(zip(trainers, opts, acts))]
+            for l, n_rev in enumerate(revived):
+                if n_rev:
+                    since_fired[l] = torch.where(since_fired[l] > args.dead_window, 0, since_fired[l])
+            print(f"step {step}: resampled {revived} dead latents", flush=True)
         if step % 10 == 0:
             rate = (seen - seen0) / (time.time() - t0)
             print(f"step {step} tokens {seen:,} ({rate:,.0f} tok/s) | " + " | ".join(logs), flush=True)
