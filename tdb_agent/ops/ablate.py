@@ -23,7 +23,7 @@ from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
 from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.basic import TokenPrediction
-from tdb_agent.ops.metrics import Metric, MetricName, make_metric
+from tdb_agent.ops.metrics import MetricName, make_metric
 from tdb_agent.ops.runs import CleanRun, RunCache, get_mean, get_run
 from tdb_agent.ops import sae_ops
 
@@ -72,8 +72,9 @@ class PatchResult(BaseModel):
     metric_clean: float
     metric_corrupted: float
     metric_patched: float
-    fraction_restored: float = Field(description="(patched − corrupted) / (clean − corrupted): 1 = the clean "
-                                     "metric, 0 = the corrupted one")
+    fraction_restored: float | None = Field(description="(patched − corrupted) / (clean − corrupted): 1 = the "
+                                            "clean metric, 0 = the corrupted one; None when the two prompts give "
+                                            "the same metric (nothing to restore)")
 
 
 def resolve_components(engine: Engine, ids: Sequence[str], n_tokens: int) -> list[Component]:
@@ -292,4 +293,4 @@ def patch(engine: Engine, clean_prompt: str, corrupted_prompt: str, components: 
     gap = mc - mx
     return PatchResult(clean_prompt=clean_prompt, corrupted_prompt=corrupted_prompt, components=[c.id for c in comps],
                        direction=direction, metric_name=m.name, metric_clean=mc, metric_corrupted=mx,
-                       metric_patched=mp, fraction_restored=(mp - mx) / gap if gap else float("nan"))
+                       metric_patched=mp, fraction_restored=(mp - mx) / gap if abs(gap) > 1e-9 else None)

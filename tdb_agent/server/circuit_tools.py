@@ -8,14 +8,11 @@ Validation and pruning run in a worker thread, report progress and stop when can
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
-import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
@@ -23,6 +20,7 @@ from tdb_agent import circuits as C
 from tdb_agent.circuits.store import CircuitStore, check_name
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.metrics import make_metric
+from tdb_agent.server.running import run_long_tool, run_tool
 from tdb_agent.workbench import Workbench
 
 T = TypeVar("T")
@@ -92,34 +90,21 @@ class ExportOut(BaseModel):
     content: str | None = Field(None, description="the file's text (omitted when include_content is false)")
 
 
-def _run(fn: Callable[[], T]) -> T:
+def _readable(fn: Callable[[], T]) -> T:
+    """pydantic validation errors (e.g. of a behaviour's pairs) as a user error with a short message."""
     try:
         return fn()
-    except TdbError as e:
-        raise ToolError(str(e)) from e
     except ValidationError as e:
-        raise ToolError("; ".join(f"{'.'.join(map(str, x['loc'])) or 'value'}: {x['msg']}" for x in e.errors())) from e
-
-
-async def _run_long(ctx: Context | None, fn: Callable[..., T], what: str) -> T:
-    """fn(progress, should_stop) in a worker thread; progress goes to the client, a cancelled
-    call stops at the next batch."""
-    stop = threading.Event()
-
-    def progress(done: int, total: int) -> None:
-        if ctx is not None:
-            try:
-                anyio.from_thread.run(ctx.report_progress, done, total, f"{what}: {done}/{total}")
-            except Exception:  # a client that went away must not break the work
-                pass
-
-    try:
-        return await anyio.to_thread.run_sync(lambda: _run(lambda: fn(progress, stop.is_set)), abandon_on_cancel=True)
-    finally:
-        stop.set()
+        raise TdbError("; ".join(f"{'.'.join(map(str, x['loc'])) or 'value'}: {x['msg']}" for x in e.errors())) from e
 
 
 def register_circuit_tools(mcp: MCPServer, bench: Workbench) -> None:
+    def _run(fn: Callable[[], T], what: str = "circuit tool") -> T:
+        return run_tool(bench, what, lambda: _readable(fn))
+
+    async def _run_long(ctx: Context | None, fn: Callable[..., T], what: str) -> T:
+        return await run_long_tool(bench, ctx, what, lambda progress, stop: _readable(lambda: fn(progress, stop)))
+
     engine = bench.engine
     store = CircuitStore(bench.circuits, bench.workspace)
     store.load_saved()
