@@ -25,6 +25,15 @@ def test_serve_with_sae_flag(tiny_dirs, tmp_path):
                                              "components": ["L0.resid.F3", "L1.mlp.F2@4"], "target": "Mary",
                                              "distractor": "John"})
             assert not r.is_error, r.content
+            prompt = "When Mary and John went to the store , John gave a drink to"
+            r = await c.call_tool("attribute", {"prompt": prompt, "target": "Mary", "distractor": "John",
+                                                "kinds": ["sae"], "top_k": 5})
+            assert not r.is_error, r.content
+            assert {row["kind"] for row in r.structured_content["rows"]} == {"sae"}
+            r = await c.call_tool("ablation_sweep", {"prompt": prompt, "kind": "sae", "target": "Mary",
+                                                     "distractor": "John", "top_k": 3})
+            assert not r.is_error, r.content
+            assert r.structured_content["n_components"] == 24 + 16
             bad = await c.call_tool("ablate", {"prompt": "When Mary and John", "components": ["L0.resid.F24"],
                                                "target": "Mary", "distractor": "John"})
             assert bad.is_error and "0..23" in bad.content[0].text

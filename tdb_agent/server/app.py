@@ -143,8 +143,9 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
         reference: Annotated[Literal["zero", "mean", "corrupted"] | None, Field(
             description="act_times_grad reference activation (default: corrupted if a corrupted_prompt is "
                         "given, else zero)")] = None,
-        kinds: Annotated[list[Literal["head", "neuron", "attn", "mlp", "emb"]] | None, Field(
-            description="component kinds to rank (default head and neuron)", max_length=5)] = None,
+        kinds: Annotated[list[Literal["head", "neuron", "attn", "mlp", "emb", "sae"]] | None, Field(
+            description="component kinds to rank (default head and neuron; sae = latents of the loaded SAEs)",
+            max_length=6)] = None,
         top_k: TopK = k20,
         per_position: Annotated[bool, Field(description="split act_times_grad effects by token position")] = False,
     ) -> AttributionResult:
@@ -186,7 +187,8 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
     @mcp.tool(annotations=READ_ONLY)
     async def ablation_sweep(
         prompt: Prompt,
-        kind: Annotated[Literal["head", "neuron", "attn", "mlp"], Field(description="which components to sweep")],
+        kind: Annotated[Literal["head", "neuron", "attn", "mlp", "sae"], Field(
+            description="which components to sweep (sae: every latent of the loaded SAEs)")],
         target: Target,
         distractor: Distractor = None,
         mode: Mode = "zero",
