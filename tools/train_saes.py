@@ -3,8 +3,9 @@
     nohup python tools/train_saes.py > /tmp/train_saes.log 2>&1 &
 
 One pass of the model over fresh synthetic-corpus documents feeds all layers' SAEs at
-once (no activation store on disk). TopK (Gao et al. 2024) with an AuxK loss that revives
-dead latents; decoder rows kept at unit norm. Inputs are divided by a per-layer scale during
+once (no activation store on disk). TopK (Gao et al. 2024) with an AuxK loss, and latents
+dead for `--dead-window` tokens resampled toward badly reconstructed inputs; decoder rows
+kept at unit norm. Inputs are divided by a per-layer scale during
 training, which is folded back into the weights on export, so the shipped SAEs take raw
 activations (`normalize_activations: none`). Position 0 (BOS, the same vector in every
 document) is left out of training and evaluation.
@@ -174,7 +175,7 @@ TopK sparse autoencoders on the residual stream after every layer
 layout (`cfg.json` + `sae_weights.safetensors`, float16). Trained by
 `tools/train_saes.py` on {train_tokens:,} tokens of the synthetic corpus (documents from
 seeds {train_seed}+), {steps} steps of {batch_tokens} tokens, Adam lr {lr}, AuxK on dead
-latents. The BOS position (identical in every document) is excluded from training and
+latents and resampling of latents dead for 200k tokens during the first 75% of training. The BOS position (identical in every document) is excluded from training and
 evaluation; spliced into the model the SAEs keep their error term, so outputs are exact.
 
 Held-out evaluation ({eval_tokens:,} tokens of documents from seeds {heldout_seed}+, the
