@@ -175,7 +175,8 @@ TopK sparse autoencoders on the residual stream after every layer
 layout (`cfg.json` + `sae_weights.safetensors`, float16). Trained by
 `tools/train_saes.py` on {train_tokens:,} tokens of the synthetic corpus (documents from
 seeds {train_seed}+), {steps} steps of {batch_tokens} tokens, Adam lr {lr}, AuxK on dead
-latents and resampling of latents dead for 200k tokens during the first 75% of training. The BOS position (identical in every document) is excluded from training and
+latents and resampling of latents dead for 200k tokens during the first 75% of training.
+The BOS position (identical in every document) is excluded from training and
 evaluation; spliced into the model the SAEs keep their error term, so outputs are exact.
 
 Held-out evaluation ({eval_tokens:,} tokens of documents from seeds {heldout_seed}+, the
