@@ -134,11 +134,12 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
         added.update((e["source"], e["target"]) for e in out)
         return out
 
+    # grow in two steps (the top max_nodes + 1 candidates, then every candidate), validating
+    # once per step: validation is the expensive call
     kept: list[str] = []
     faithfulness = None
-    step = 4
-    for i in range(0, len(ranked), step):
-        batch = ranked[i:i + step]
+    for size in dict.fromkeys((min(max_nodes + 1, len(ranked)), len(ranked))):
+        batch = ranked[len(kept):size]
         kept += batch
         await tb("circuit_add", name=circuit, nodes=[node_in(c) for c in batch], edges=edges_for(set(kept)))
         v = await tb("circuit_validate", name=circuit, mode=mode, necessity=False)
