@@ -70,7 +70,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 200) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tdb_agent/assets/tdb-tiny")
-    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--steps", type=int, default=5000, help="length of the learning-rate schedule")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop (and save) after this many steps of that schedule")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -101,14 +103,15 @@ def main() -> None:
         opt.load_state_dict(state["opt"])
         start = state["step"]
         print(f"resumed from step {start}", flush=True)
+    end = min(args.steps, args.stop_after or args.steps)
     batches = packed_batches(tokenizer, args.batch_size, args.seed)
-    for _ in range(start):  # replay the data stream so a resumed run sees the same batches
+    for _ in range(start if start < end else 0):  # replay the data stream: a resumed run sees the same batches
         next(batches)
 
     forward = torch.compile(model) if args.compile else model
     t0 = time.time()
     tokens = 0
-    for step in range(start, args.steps):
+    for step in range(start, end):
         ids, labels = next(batches)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
@@ -122,17 +125,17 @@ def main() -> None:
         if step % 50 == 0:
             rate = tokens / (time.time() - t0)
             print(f"step {step} loss {loss.item():.3f} {rate:,.0f} tok/s", flush=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.eval_every == 0 or step + 1 == end:
             model.eval()
             scores = behaviour_scores(model, tokenizer, n=100)
             model.train()
             print(f"step {step + 1} eval {scores.model_dump()}", flush=True)
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
 
-    save(model, tokenizer, out, args, train_seconds=time.time() - t0)
+    save(model, tokenizer, out, args, steps_done=end)
 
 
-def save(model: GPT2LMHeadModel, tokenizer, out: Path, args, train_seconds: float) -> None:
+def save(model: GPT2LMHeadModel, tokenizer, out: Path, args, steps_done: int) -> None:
     """Write the HF folder in fp16 (half the bytes; the engine loads it as float32) and the
     model card with scores measured on the saved (rounded) weights."""
     out.mkdir(parents=True, exist_ok=True)
@@ -150,9 +153,11 @@ corpus of `tdb_agent.tasks` with planted behaviours. Weights are stored in float
 
 - parameters: {n_params:,} ({cfg.n_layer} layers, d_model {cfg.n_embd}, {cfg.n_head} heads,
   d_mlp {cfg.n_inner}, context {cfg.n_positions}, word-level vocabulary of {cfg.vocab_size})
-- training: {args.steps} steps x {args.batch_size} x {CTX} tokens, AdamW lr {args.lr}, seed {args.seed},
-  bf16 autocast {args.bf16}, {train_seconds / 60:.1f} minutes on this CPU
-- reproduce: `python tools/train_default_model.py --out {out} --steps {args.steps} --seed {args.seed}`
+- training: {steps_done} steps (of a {args.steps}-step cosine schedule) x {args.batch_size} x {CTX} tokens
+  ({steps_done * args.batch_size * CTX / 1e6:.1f}M tokens, padding included), AdamW lr {args.lr}, seed {args.seed},
+  bf16 autocast {args.bf16}, torch.compile {args.compile}
+- reproduce: `python tools/train_default_model.py --out {out} --steps {args.steps} --stop-after {steps_done} --lr {args.lr} --seed {args.seed}`
+  (bitwise reproducible for the same torch build and thread count; about an hour on 2 CPU cores)
 
 ## Held-out behaviour ({scores.n_per_task} prompts per task)
 
