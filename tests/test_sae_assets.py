@@ -47,13 +47,13 @@ def test_quality_on_held_out_text(bundled, shipped):
     sites = [f"blocks.{l}.hook_resid_post" for l in range(e.spec.n_layers)]
     xs = [[] for _ in sites]
     n = 0
-    for text in corpus_documents(1600, seed=123_456_789):
+    for text in corpus_documents(3000, seed=123_456_789):
         ids = e.to_tokens(text)
         _, acts = e.run_with_cache(ids, sites, logit_positions=[-1], logit_ids=[0])
         for i, s in enumerate(sites):
             xs[i].append(acts[s][0, 1:])
         n += ids.shape[1] - 1
-    assert n > 30_000
+    assert n > 60_000
     for sae, chunks in zip(shipped, xs):
         x = torch.cat(chunks).float()
         f = sae.encode(x)

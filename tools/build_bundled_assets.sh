@@ -12,7 +12,7 @@ if [ "${1:-}" = "--wait" ]; then
   until [ -f "$MODEL/scores.json" ]; do sleep 20; done
 fi
 echo "== $(date -u +%T) SAEs"
-"$PY" tools/train_saes.py --tokens "${SAE_TOKENS:-800000}" --lr 2e-3 --docs-per-batch 192 --ckpt /tmp/train_saes.ckpt.pt
+"$PY" tools/train_saes.py --tokens "${SAE_TOKENS:-600000}" --lr 2e-3 --docs-per-batch 192 --ckpt /tmp/train_saes.ckpt.pt
 echo "== $(date -u +%T) dataset"
 "$PY" -m tdb_agent.cli build-dataset --out tdb_agent/assets/datasets/tdb-tiny --corpus-docs 9000 --threads 1
 echo "== $(date -u +%T) explanations"

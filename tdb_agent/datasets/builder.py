@@ -77,7 +77,7 @@ class Group:
         (after the first batches, few do), so a batch costs O(b x C) plus the changed columns."""
         n = self.key.shape[0]
         ck = cand["key"]
-        cols = (ck > self.key.min(0).values).any(0).nonzero().squeeze(1)
+        cols = (ck.amax(0) > self.key.amin(0)).nonzero().squeeze(1)
         if cols.numel() == 0:
             return
         top = torch.cat([self.key[:, cols], ck[:, cols]]).topk(n, dim=0)
@@ -201,8 +201,12 @@ class DatasetBuilder:
             A[pad] = 0.0
         # stats over valid tokens: padding is 0 now; position 0 is subtracted
         Af = A.view(b * s, self.C)
-        self.sum += (Af.sum(0) - A[:, 0].sum(0)).double()
-        self.active += ((Af > 0).sum(0) - (A[:, 0] > 0).sum(0)).double()
+        self.sum += ((torch.ones(1, b * s, device=dev) @ Af)[0] - A[:, 0].sum(0)).double()  # gemv: fast
+        if dev.type == "cpu":  # numpy counts booleans ~8x faster than torch on CPU
+            positive = torch.from_numpy(np.count_nonzero(Af.numpy() > 0, axis=0))
+        else:
+            positive = (Af > 0).sum(0)
+        self.active += (positive.to(dev) - (A[:, 0] > 0).sum(0)).double()
         self.count += int(valid.sum())
         self.max = torch.maximum(self.max, mx.max(0).values)
         W, lead = cfg.window, cfg.lead
