@@ -18,14 +18,14 @@ import torch
 from pydantic import BaseModel, Field
 
 from tdb_agent.components import parse_component
-from tdb_agent.datasets.store import ActivationDataset, Example
+from tdb_agent.datasets.store import ActivationDataset
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
 from tdb_agent.explain.heuristic import correlation, heuristic_explanation, simulate_offline
 from tdb_agent.explain.llm import ExplainerLLM, LLMClient
 
 Method = Literal["auto", "llm", "heuristic"]
-SHIPPED = "explanations.json"
+SHIPPED = "explanations.json"  # precomputed heuristic explanations next to a dataset (tools/precompute_...)
 
 
 class ScoredExample(BaseModel):
@@ -83,8 +83,6 @@ class Explainer:
         self._cache: dict[str, dict] = {}
         if self.cache_file is not None and self.cache_file.exists():
             self._cache = json.loads(self.cache_file.read_text())
-        shipped = dataset.folder / SHIPPED
-        self.shipped: dict[str, dict] = json.loads(shipped.read_text()) if shipped.exists() else {}
         self._lock = threading.Lock()
 
     @property
