@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml tools/install_torch.sh
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/tdb-agent demo
+	HF_HUB_OFFLINE=1 $(BIN)/tdb-agent discover --task ioi --out runs/demo-ioi
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -69,3 +69,12 @@ def test_a_killed_run_resumes(tiny_dirs, tmp_path):
     assert before_nodes - pruned <= after_nodes
     assert len(RunStore(out).events()) > n_events
     assert summary["circuit"] == "ioi"
+
+
+@pytest.mark.parametrize("task", ["ioi", "induction"])
+def test_scripted_discovery_on_the_bundled_model(task, bundled, tmp_path):
+    """The issue's acceptance: faithfulness >= 0.8 with at most 15 nodes, offline."""
+    cfg = RunConfig(task=task, planner="scripted")
+    summary = asyncio.run(discover.run(cfg, tmp_path / task, echo=lambda m: None))
+    assert summary.faithfulness >= 0.8, summary
+    assert 1 <= len(summary.nodes) <= 15, summary.nodes

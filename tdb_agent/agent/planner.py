@@ -41,7 +41,7 @@ def _score_table(*rankings: list[tuple[str, float]]) -> dict[str, float]:
 
 
 async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: str, *,
-                   threshold: float = 0.8, max_nodes: int = 15, n_validate: int = 16,
+                   threshold: float = 0.8, max_nodes: int = 15, n_validate: int = 8,
                    mode: str = "mean") -> DiscoveryResult:
     """Run the procedure; `pairs` are prompt pairs (dicts with prompt, corrupted_prompt, target,
     distractor), the first of which the analysis runs on; validation uses the task's
