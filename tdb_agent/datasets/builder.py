@@ -273,12 +273,18 @@ class DatasetBuilder:
         binid = torch.searchsorted(self.edges.contiguous(), mx.T.contiguous().clamp(min=-1e30)).T  # [b, C]
         u = torch.rand(b, self.C, generator=self.rng).to(mx.device)
         g = self.groups["quantile"]
+        # the lowest kept key of each document's bin: only (document, column) pairs above it
+        # can enter, and bins without any are skipped
+        lowest = g.key.view(cfg.n_quantile_bins, cfg.per_bin, self.C).amin(1)  # [bins, C]
+        enters = has & (mx > 0) & (u > lowest.gather(0, binid.clamp(max=cfg.n_quantile_bins - 1)))
         for j in range(cfg.n_quantile_bins):  # bin j keeps rows j*per_bin.. (views: merged in place)
+            ok = enters & (binid == j)
+            if not bool(ok.any()):
+                continue
             sl = slice(j * cfg.per_bin, (j + 1) * cfg.per_bin)
             sub = Group(0, 0, 0, mx.device)
             for f in Group.FIELDS:
                 setattr(sub, f, getattr(g, f)[sl])
-            ok = has & (binid == j) & (mx > 0)
             sub.merge(dict(fields, value=mx, key=torch.where(ok, u, torch.full_like(u, -float("inf")))), windows)
 
     # ------------------------------------------------------------------ checkpoints
