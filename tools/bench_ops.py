@@ -52,15 +52,16 @@ def gpt2_small_random(folder: Path) -> Path:
 
 
 def prompt_of(engine: Engine, n_tokens: int) -> str:
+    """Corpus text of about n_tokens tokens (BOS and the final words included), ending in an IOI-style cue."""
     words: list[str] = []
     for doc in corpus_documents(400, seed=99):
         words += doc.split()
         if len(words) > n_tokens:
             break
-    text = " ".join(words[: n_tokens - 3])
-    while engine.to_tokens(text).shape[1] > n_tokens - 2:
-        text = text.rsplit(" ", 1)[0]
-    return text + " Mary gave it to"
+    count = lambda t: len(engine.tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    while count(" ".join(words)) > n_tokens - 6:
+        words.pop()
+    return " ".join(words) + " John gave it to"
 
 
 def bench(name: str, folder: Path, n_tokens: int, repeats: int, device: str) -> dict[str, float]:
