@@ -18,9 +18,15 @@ from tdb_agent.tasks import vocab as V
 
 @pytest.fixture(scope="module")
 def eng(bundled):
-    if not len(bundled.saes):
-        attach_saes(bundled)
-    return bundled
+    """The bundled model with its shipped SAEs (detached again after this module: the
+    engine is shared by the session)."""
+    from tdb_agent.engine.sae import SAESet
+
+    saved = bundled.saes
+    bundled.saes = SAESet()
+    attach_saes(bundled)
+    yield bundled
+    bundled.saes = saved
 
 
 @pytest.fixture(scope="module")

@@ -70,28 +70,30 @@ class Group:
 
     FIELDS = ("key", "value", "start", "length", "center", "attn_key", "acts")
 
-    def merge(self, cand: dict[str, torch.Tensor], windows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-              ) -> None:
-        """cand fields [b, C]; windows(rows [n, c], cols [c]) -> acts [n, c, W] of those batch rows
-        and columns. Only columns where some candidate beats the lowest kept key are touched
-        (after the first batches, few do), so a batch costs O(b x C) plus the changed columns."""
+    def merge(self, key: torch.Tensor, value: torch.Tensor,
+              select: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        """key, value [b, C] of the batch's candidates; select(rows [n, c], cols [c]) -> the
+        example fields (start, length, center, attn_key [n, c]; acts [n, c, W]) of those batch
+        rows and columns, computed only for what is merged. Only columns where some candidate
+        beats the lowest kept key are touched (after the first batches, few are)."""
         n = self.key.shape[0]
-        ck = cand["key"]
-        cols = (ck.amax(0) > self.key.amin(0)).nonzero().squeeze(1)
+        cols = (key.amax(0) > self.key.amin(0)).nonzero().squeeze(1)
         if cols.numel() == 0:
             return
-        top = torch.cat([self.key[:, cols], ck[:, cols]]).topk(n, dim=0)
+        top = torch.cat([self.key[:, cols], key[:, cols]]).topk(n, dim=0)
         idx = top.indices  # [n, c]
         old = idx < n
         new_idx = (idx - n).clamp(min=0)
         old_idx = idx.clamp(max=n - 1)
         self.key[:, cols] = top.values
+        new = select(new_idx, cols)
+        new["value"] = value[:, cols].gather(0, new_idx)
         for f in ("value", "start", "length", "center", "attn_key"):
             mine = getattr(self, f)
-            mine[:, cols] = torch.where(old, mine[:, cols].gather(0, old_idx), cand[f][:, cols].gather(0, new_idx))
+            mine[:, cols] = torch.where(old, mine[:, cols].gather(0, old_idx), new[f])
         W = self.acts.shape[-1]
         kept = self.acts[:, cols].gather(0, old_idx[..., None].expand(-1, -1, W))
-        self.acts[:, cols] = torch.where(old[..., None], kept, windows(new_idx, cols))
+        self.acts[:, cols] = torch.where(old[..., None], kept, new["acts"])
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{f}": getattr(self, f).contiguous() for f in self.FIELDS}
@@ -159,6 +161,8 @@ class DatasetBuilder:
         spec = engine.spec
         self.head_cols = torch.tensor([b.offset + h for b in self.blocks if b.kind == "head" for h in range(b.n)],
                                       device=engine.device)
+        self.head_of_col = torch.full((self.C,), -1, dtype=torch.long, device=engine.device)
+        self.head_of_col[self.head_cols] = torch.arange(len(self.head_cols), device=engine.device)
         dev = engine.device
         c = self.cfg
         self.groups = {"top": Group(c.top_k, self.C, c.window, dev), "random": Group(c.n_random, self.C, c.window, dev),
@@ -213,47 +217,41 @@ class DatasetBuilder:
         offs = torch.arange(W, device=dev)
         At = A.transpose(1, 2)  # [b, C, s] (view)
 
-        def window_fields(center_pos: torch.Tensor) -> dict[str, torch.Tensor]:  # center_pos [b, C]
-            L = lens[:, None].expand_as(center_pos)
-            start = (center_pos - lead).clamp(min=0)
-            start = torch.minimum(start, (L - W).clamp(min=0))
-            length = torch.minimum(L, torch.full_like(L, W))
-            key_pos = torch.full_like(center_pos, -1)
-            # heads: the key position attended most at the centre (global token index)
-            hc = center_pos[:, self.head_cols]  # [b, LH]
-            kk = K.gather(1, hc[:, None, :].expand(-1, 1, -1))[:, 0]  # [b, LH]
-            key_pos[:, self.head_cols] = kk + base[:, None]
-            return {"start": start + base[:, None], "length": length, "center": center_pos - start,
-                    "attn_key": key_pos, "_start_local": start}
+        head_of = self.head_of_col
 
-        def gather_windows(fields, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-            """acts [n, c, W] of batch rows `rows` [n, c] at their windows, for columns cols."""
-            st = fields["_start_local"][:, cols].gather(0, rows)  # [n, c]
-            ln = fields["length"][:, cols].gather(0, rows)
-            idx = (st[..., None] + offs).clamp(max=s - 1)  # [n, c, W]
-            w = At[rows[..., None], cols[None, :, None], idx]
-            return torch.where(offs < ln[..., None], w, torch.zeros((), device=dev))
+        def selector(centers: torch.Tensor):
+            """select(rows, cols) for examples centred at centers[row, col] ([b, C] or [b, 1])."""
+            def select(rows: torch.Tensor, cols: torch.Tensor) -> dict[str, torch.Tensor]:
+                c = centers.expand(-1, self.C)[:, cols].gather(0, rows) if centers.shape[1] == 1 \
+                    else centers[:, cols].gather(0, rows)  # [n, c]
+                L = lens[rows]
+                st = torch.minimum((c - lead).clamp(min=0), (L - W).clamp(min=0))
+                ln = L.clamp(max=W)
+                h = head_of[cols].expand_as(rows)
+                key = K[rows, c, h.clamp(min=0)] + base[rows]  # heads: most attended key (global index)
+                idx = (st[..., None] + offs).clamp(max=s - 1)  # [n, c, W]
+                w = At[rows[..., None], cols[None, :, None], idx]
+                return {"start": st + base[rows], "length": ln, "center": c - st,
+                        "attn_key": torch.where(h >= 0, key, torch.full_like(key, -1)),
+                        "acts": torch.where(offs < ln[..., None], w, torch.zeros((), device=dev))}
+            return select
 
-        f_max = window_fields(am)
         has = torch.isfinite(mx)
-        cand = dict(f_max, value=mx, key=torch.where(has, mx, torch.full_like(mx, -float("inf"))))
-        self.groups["top"].merge(cand, lambda r, c: gather_windows(f_max, r, c))
+        self.groups["top"].merge(torch.where(has, mx, torch.full_like(mx, -float("inf"))), mx, selector(am))
         # random: documents with uniform keys, a uniform position in 1..len-1 (same for all components)
         u = torch.rand(b, generator=self.rng).to(dev)
         rpos = (torch.rand(b, generator=self.rng).to(dev) * (lens - 1).clamp(min=1)).long() + 1
         rpos = torch.minimum(rpos, (lens - 1).clamp(min=0))
-        rcenter = rpos[:, None].expand(-1, self.C)
-        f_rand = window_fields(rcenter)
-        rval = At.gather(2, rcenter[..., None])[..., 0]
+        rval = A[torch.arange(b, device=dev), rpos]  # [b, C]
         rkey = torch.where(lens[:, None] > 1, u[:, None].expand(-1, self.C), torch.full_like(rval, -float("inf")))
-        self.groups["random"].merge(dict(f_rand, value=rval, key=rkey), lambda r, c: gather_windows(f_rand, r, c))
+        self.groups["random"].merge(rkey, rval, selector(rpos[:, None]))
         # quantiles of the per-document maximum
         if self.edges is None:
             self.warm.append(mx.masked_fill(~has, float("nan")))
             if self.docs_done + b >= cfg.warmup_docs:
                 self._fix_edges()
         else:
-            self._merge_quantiles(mx, has, f_max, lambda r, c: gather_windows(f_max, r, c))
+            self._merge_quantiles(mx, has, selector(am))
         self.tokens += [np.asarray(d, dtype=np.int32) for d in docs]
         self.n_tokens += int(lens.sum())
         self.docs_done += b
@@ -267,7 +265,7 @@ class DatasetBuilder:
         self.edges = torch.nan_to_num(edges, nan=float("inf"))  # never active in warm-up: all in bin 0
         self.warm = []
 
-    def _merge_quantiles(self, mx, has, fields, windows) -> None:
+    def _merge_quantiles(self, mx, has, select) -> None:
         cfg = self.cfg
         b = mx.shape[0]
         binid = torch.searchsorted(self.edges.contiguous(), mx.T.contiguous().clamp(min=-1e30)).T  # [b, C]
@@ -285,7 +283,7 @@ class DatasetBuilder:
             sub = Group(0, 0, 0, mx.device)
             for f in Group.FIELDS:
                 setattr(sub, f, getattr(g, f)[sl])
-            sub.merge(dict(fields, value=mx, key=torch.where(ok, u, torch.full_like(u, -float("inf")))), windows)
+            sub.merge(torch.where(ok, u, torch.full_like(u, -float("inf"))), mx, select)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, torch.Tensor]:
