@@ -173,3 +173,20 @@ def test_mcp_tools(setup, tmp_path):
             assert -1 <= r.structured_content["score"] <= 1
 
     asyncio.run(go())
+
+
+def test_component_page_sections(setup, tmp_path):
+    from tdb_agent.components import parse_component
+    from tdb_agent.workbench import Workbench
+
+    e, ds, folder, _ = setup
+    bench = Workbench(e, workspace=tmp_path / "ws")
+    register_sae_tools(MCPServer("t"), bench, dataset=folder, cache_dir=tmp_path,
+                       llm=ExplainerLLM(base_url=None, api_key=None))
+    assert bench.dataset is not None and bench.saes is e.saes
+    page = bench.page_sections["top_examples"](parse_component("L1.N4@3"))
+    assert page.component == "L1.N4" and len(page.examples) == 5
+    assert page.stats.max == pytest.approx(float(ds.a["stats.max"][ds.column("L1.N4")]))
+    expl = bench.page_sections["explanation"](parse_component("L1.resid.F2"))
+    assert expl["method"] == "heuristic" and expl["explanation"]
+    assert bench.page_sections["explanation"](parse_component("L1.MLP")) is None
