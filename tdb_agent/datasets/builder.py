@@ -72,28 +72,29 @@ class Group:
 
     def merge(self, key: torch.Tensor, value: torch.Tensor,
               select: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]) -> None:
-        """key, value [b, C] of the batch's candidates; select(rows [n, c], cols [c]) -> the
-        example fields (start, length, center, attn_key [n, c]; acts [n, c, W]) of those batch
-        rows and columns, computed only for what is merged. Only columns where some candidate
-        beats the lowest kept key are touched (after the first batches, few are)."""
+        """key, value [b, C] of the batch's candidates; select(rows [m], cols [m]) -> the example
+        fields (start, length, center, attn_key [m]; acts [m, W]) of those (batch row, column)
+        pairs. Only columns where some candidate beats the lowest kept key are looked at, and
+        only the winning candidates' windows are read; each takes the slot of a dropped
+        example (slots are unordered; `finish` sorts)."""
         n = self.key.shape[0]
         cols = (key.amax(0) > self.key.amin(0)).nonzero().squeeze(1)
         if cols.numel() == 0:
             return
-        top = torch.cat([self.key[:, cols], key[:, cols]]).topk(n, dim=0)
-        idx = top.indices  # [n, c]
-        old = idx < n
-        new_idx = (idx - n).clamp(min=0)
-        old_idx = idx.clamp(max=n - 1)
-        self.key[:, cols] = top.values
-        new = select(new_idx, cols)
-        new["value"] = value[:, cols].gather(0, new_idx)
-        for f in ("value", "start", "length", "center", "attn_key"):
-            mine = getattr(self, f)
-            mine[:, cols] = torch.where(old, mine[:, cols].gather(0, old_idx), new[f])
-        W = self.acts.shape[-1]
-        kept = self.acts[:, cols].gather(0, old_idx[..., None].expand(-1, -1, W))
-        self.acts[:, cols] = torch.where(old[..., None], kept, new["acts"])
+        idx = torch.cat([self.key[:, cols], key[:, cols]]).topk(n, dim=0).indices  # [n, c]
+        keep = torch.zeros(n + key.shape[0], len(cols), dtype=torch.bool, device=key.device)
+        keep.scatter_(0, idx, True)
+        # pair, column by column, the k-th freed slot with the k-th winning candidate
+        free_c, free_slot = (~keep[:n]).T.nonzero(as_tuple=True)
+        win_c, win_row = keep[n:].T.nonzero(as_tuple=True)
+        if win_c.numel() == 0:
+            return
+        col = cols[win_c]
+        new = select(win_row, col)
+        self.key[free_slot, col] = key[win_row, col]
+        self.value[free_slot, col] = value[win_row, col]
+        for f in ("start", "length", "center", "attn_key", "acts"):
+            getattr(self, f)[free_slot, col] = new[f]
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{f}": getattr(self, f).contiguous() for f in self.FIELDS}
@@ -199,8 +200,7 @@ class DatasetBuilder:
         pad = pos[None] >= lens[:, None]
         if bool(pad.any()):
             A[pad] = -float("inf")  # padding is never read again (windows stop at the document's end)
-        mx, am = A[:, 1:].max(1)  # [b, C], position 0 (BOS) left out
-        am += 1
+        mx = A[:, 1:].amax(1)  # [b, C], position 0 (BOS) left out; argmax only where merged
         if bool(pad.any()):
             A[pad] = 0.0
         # stats over valid tokens: padding is 0 now; position 0 is subtracted
@@ -215,43 +215,47 @@ class DatasetBuilder:
         self.max = torch.maximum(self.max, mx.max(0).values)
         W, lead = cfg.window, cfg.lead
         offs = torch.arange(W, device=dev)
-        At = A.transpose(1, 2)  # [b, C, s] (view)
 
         head_of = self.head_of_col
 
-        def selector(centers: torch.Tensor):
-            """select(rows, cols) for examples centred at centers[row, col] ([b, C] or [b, 1])."""
+        def selector(centers: torch.Tensor | None):
+            """select(rows, cols) for examples centred at centers[row] ([b]), or at each
+            document's maximum (None)."""
             def select(rows: torch.Tensor, cols: torch.Tensor) -> dict[str, torch.Tensor]:
-                c = centers.expand(-1, self.C)[:, cols].gather(0, rows) if centers.shape[1] == 1 \
-                    else centers[:, cols].gather(0, rows)  # [n, c]
+                if centers is None:  # the argmax over positions 1..len-1, for these pairs only
+                    g = A[rows[:, None], pos[None, 1:], cols[:, None]]  # [m, s-1]
+                    g = g.masked_fill(pos[None, 1:] >= lens[rows][:, None], -float("inf"))
+                    c = g.argmax(-1) + 1
+                else:
+                    c = centers[rows]
                 L = lens[rows]
                 st = torch.minimum((c - lead).clamp(min=0), (L - W).clamp(min=0))
                 ln = L.clamp(max=W)
-                h = head_of[cols].expand_as(rows)
+                h = head_of[cols]
                 key = K[rows, c, h.clamp(min=0)] + base[rows]  # heads: most attended key (global index)
-                idx = (st[..., None] + offs).clamp(max=s - 1)  # [n, c, W]
-                w = At[rows[..., None], cols[None, :, None], idx]
+                idx = (st[:, None] + offs).clamp(max=s - 1)  # [m, W]
+                w = A[rows[:, None], idx, cols[:, None]]
                 return {"start": st + base[rows], "length": ln, "center": c - st,
                         "attn_key": torch.where(h >= 0, key, torch.full_like(key, -1)),
-                        "acts": torch.where(offs < ln[..., None], w, torch.zeros((), device=dev))}
+                        "acts": torch.where(offs < ln[:, None], w, torch.zeros((), device=dev))}
             return select
 
         has = torch.isfinite(mx)
-        self.groups["top"].merge(torch.where(has, mx, torch.full_like(mx, -float("inf"))), mx, selector(am))
+        self.groups["top"].merge(torch.where(has, mx, torch.full_like(mx, -float("inf"))), mx, selector(None))
         # random: documents with uniform keys, a uniform position in 1..len-1 (same for all components)
         u = torch.rand(b, generator=self.rng).to(dev)
         rpos = (torch.rand(b, generator=self.rng).to(dev) * (lens - 1).clamp(min=1)).long() + 1
         rpos = torch.minimum(rpos, (lens - 1).clamp(min=0))
         rval = A[torch.arange(b, device=dev), rpos]  # [b, C]
         rkey = torch.where(lens[:, None] > 1, u[:, None].expand(-1, self.C), torch.full_like(rval, -float("inf")))
-        self.groups["random"].merge(rkey, rval, selector(rpos[:, None]))
+        self.groups["random"].merge(rkey, rval, selector(rpos))
         # quantiles of the per-document maximum
         if self.edges is None:
             self.warm.append(mx.masked_fill(~has, float("nan")))
             if self.docs_done + b >= cfg.warmup_docs:
                 self._fix_edges()
         else:
-            self._merge_quantiles(mx, has, selector(am))
+            self._merge_quantiles(mx, has, selector(None))
         self.tokens += [np.asarray(d, dtype=np.int32) for d in docs]
         self.n_tokens += int(lens.sum())
         self.docs_done += b
@@ -327,7 +331,7 @@ class DatasetBuilder:
         for name, g in self.groups.items():
             ok = torch.isfinite(g.key)
             val = torch.where(ok, g.value, torch.full_like(g.value, -float("inf")))
-            order = val.argsort(0, descending=True)
+            order = val.argsort(0, descending=True, stable=True)
             take = lambda t: t.gather(0, order)  # noqa: E731
             okk = take(ok)
             arrays[f"{name}.start"] = torch.where(okk, take(g.start), -1).T.cpu().numpy().astype(np.int32)
