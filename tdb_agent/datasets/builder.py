@@ -331,7 +331,7 @@ class DatasetBuilder:
         for name, g in self.groups.items():
             ok = torch.isfinite(g.key)
             val = torch.where(ok, g.value, torch.full_like(g.value, -float("inf")))
-            order = val.argsort(0, descending=True, stable=True)
+            order = val.argsort(dim=0, descending=True, stable=True)
             take = lambda t: t.gather(0, order)  # noqa: E731
             okk = take(ok)
             arrays[f"{name}.start"] = torch.where(okk, take(g.start), -1).T.cpu().numpy().astype(np.int32)
