@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
-                          LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from tdb_agent.tasks.tokenizer import build_tokenizer
 
@@ -29,10 +30,14 @@ def _config(family: str, vocab: int):
         return Qwen2ForCausalLM, Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2,
                                              intermediate_size=48, max_position_embeddings=64)
+    if family == "mistral":
+        return MistralForCausalLM, MistralConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=1,
+                                                 intermediate_size=48, max_position_embeddings=64)
     raise ValueError(family)
 
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2"]
+FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral"]
 
 
 def build_tiny(family: str, folder: Path, seed: int = 0) -> Path:
