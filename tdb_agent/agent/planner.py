@@ -11,14 +11,15 @@ A fixed, systematic procedure that an LLM agent is compared with:
    upstream heads with strong edges;
 5. the graph: every node and edge with the measurement that put it there;
 6. check: validate faithfulness over several prompt pairs, grow the circuit by rank while
-   it is below the threshold, then prune to the smallest set that stays above it.
+   it is below the threshold, then prune to the smallest set that stays above it;
+7. explain: attach each kept head's or neuron's explanation (with its simulation score).
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 
-from tdb_agent.agent.toolbox import Toolbox
+from tdb_agent.agent.toolbox import ToolCallFailed, Toolbox
 
 
 class DiscoveryResult(BaseModel):
@@ -28,6 +29,25 @@ class DiscoveryResult(BaseModel):
     tool_calls: int
     rejected: list[str]
     notes: list[str]
+
+
+async def _explain(tb: Toolbox, circuit: str, nodes: list[str], notes: list[str]) -> None:
+    """Attach an explanation (with its simulation score) to every kept head or neuron that the
+    server's activation dataset covers; MLP blocks have none."""
+    if not await tb.has("explain_component"):
+        notes.append("no explain_component tool on this server: nodes left unexplained")
+        return
+    for node in nodes:
+        if ".H" not in node and ".N" not in node and ".F" not in node:
+            continue
+        try:
+            ex = await tb("explain_component", component=node, method="auto")
+        except ToolCallFailed as e:
+            notes.append(f"no explanation for {node}: {e}")
+            continue
+        text = f"{ex['explanation']} (simulation score {ex['score']:.2f})"
+        await tb("circuit_add", name=circuit, nodes=[{"id": node, "explanation": text, "evidence": [
+            {"tool": "explain_component", "args": {"method": ex.get("method", "auto")}, "value": ex["score"]}]}])
 
 
 def _score_table(*rankings: list[tuple[str, float]]) -> dict[str, float]:
@@ -157,5 +177,6 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
         notes.append(f"faithfulness stayed below {threshold} with every candidate ({len(kept)} nodes)")
     final = await tb("circuit_validate", name=circuit, mode=mode, necessity=True)
     nodes = list(final["nodes"])
+    await _explain(tb, circuit, nodes, notes)
     return DiscoveryResult(circuit=circuit, nodes=nodes, faithfulness=final["faithfulness"], tool_calls=tb.calls,
                            rejected=rejected, notes=notes)

@@ -68,5 +68,11 @@ class Toolbox:
         if self.on_step is not None:
             await self.on_step(name)
 
+    async def has(self, name: str) -> bool:
+        """Whether the server offers this tool (explanations need a dataset, for example)."""
+        if not hasattr(self, "_names"):
+            self._names = {t.name for t in (await self.client.list_tools()).tools}
+        return name in self._names
+
     def note(self, text: str, **data: Any) -> None:
         self.store.append("note", text=text, **data)
