@@ -32,6 +32,7 @@ from tdb_agent.ops.trace import TraceResult
 from tdb_agent.server.guard import UnknownArgumentGuard
 from tdb_agent.server.limits import LimitChecks
 from tdb_agent.server.circuit_tools import register_circuit_tools
+from tdb_agent.server.sae_tools import attach_dataset, register_sae_tools
 from tdb_agent.server.prompts import PROMPTS_DIR, register_prompts
 from tdb_agent.server.resources import register_resources
 from tdb_agent.server.running import run_long_tool, run_tool
@@ -302,6 +303,9 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
         return run_tool(bench, "steer", go)
 
     register_circuit_tools(mcp, bench)
+    if attach_dataset(bench) if getattr(bench, "dataset", None) is None else bench.dataset:
+        # top_examples / explain_component: only where there is a dataset to answer from
+        register_sae_tools(mcp, bench)
     register_resources(mcp, bench)
     register_prompts(mcp, prompts_dir)
     return mcp

@@ -18,6 +18,7 @@ from tdb_agent.components import parse_component
 from tdb_agent.datasets.command import BUNDLED_DATASET
 from tdb_agent.datasets.store import ActivationDataset, ComponentStats, DatasetMismatch, Example
 from tdb_agent.errors import TdbError
+from tdb_agent.server.running import run_tool
 from tdb_agent.explain import Explainer, ExplainerLLM, Explanation
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def register_sae_tools(mcp: MCPServer, bench, *, dataset: str | Path | None = No
         return state["x"]
 
     def run(fn):
+        if hasattr(bench, "cache"):  # a full Workbench: the server's lock and error handling
+            return run_tool(bench, "dataset tool", fn)
         try:
             return fn()
         except TdbError as e:
