@@ -57,6 +57,10 @@ class Workbench:
         """The SAEs attached to the engine (tdb_agent.engine.sae.SAESet)."""
         return self.engine.saes
 
+    def dataset_names(self) -> list[str]:
+        ds = getattr(self, "dataset", None)
+        return [ds.folder.name] if ds is not None else []
+
     def add_page_section(self, name: str, fn: PageSection) -> None:
         """Register a section of component pages (e.g. "explanation", "top_examples"), so
         the datasets and explainer can extend pages without the server knowing them."""

@@ -167,14 +167,15 @@ def report_markdown(info: dict, notes: list[str], calls: int, seconds: float, st
                   f"component outside the circuit, {v.get('positions')}; universe: {v.get('universe')}; "
                   f"{v.get('n_pairs')} pairs): metric full {v.get('metric_full', 0):.3f}, circuit "
                   f"{v.get('metric_circuit', 0):.3f}, all ablated {v.get('metric_empty', 0):.3f}."]
-    lines += ["", "## Nodes", "", "| node | role | effect | necessity | evidence |", "|---|---|---|---|---|"]
+    lines += ["", "## Nodes", "", "| node | role | effect | necessity | explanation | evidence |",
+              "|---|---|---|---|---|---|"]
     for n in info["nodes"]:
         if n["id"] == "LOGITS":
             continue
         ev = "; ".join(f"{e['tool']} {e.get('args', {})}: {e.get('value')}" for e in n.get("evidence", []))
         eff = f"{n['effect']:.3f}" if n.get("effect") is not None else ""
         nec = f"{n['necessity']:.3f}" if n.get("necessity") is not None else ""
-        lines.append(f"| {n['id']} | {n.get('role') or ''} | {eff} | {nec} | {ev} |")
+        lines.append(f"| {n['id']} | {n.get('role') or ''} | {eff} | {nec} | {n.get('explanation') or ''} | {ev} |")
     lines += ["", "## Edges", "", "| source | target | via | weight | evidence |", "|---|---|---|---|---|"]
     for e in info["edges"]:
         ev = "; ".join(f"{x['tool']} {x.get('args', {})}: {x.get('value')}" for x in e.get("evidence", []))

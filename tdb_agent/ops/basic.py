@@ -70,14 +70,15 @@ class TaskList(BaseModel):
     tasks: list[TaskSummary]
 
 
-def model_info(engine: Engine) -> ModelInfo:
+def model_info(engine: Engine, datasets: list[str] | None = None) -> ModelInfo:
+    """datasets: names of the activation datasets attached by the caller (the workbench)."""
     s = engine.spec
     return ModelInfo(
         name=engine.name, spec=s, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
         n_params=sum(p.numel() for p in engine.model.parameters()), component_ids=GRAMMAR,
         n_components={"head": s.n_layers * s.n_heads, "neuron": s.n_layers * s.d_mlp,
                       "attn": s.n_layers, "mlp": s.n_layers, "emb": 1},
-        hook_sites=len(engine.site_names()), saes=engine.saes.names())
+        hook_sites=len(engine.site_names()), saes=engine.saes.names(), datasets=datasets or [])
 
 
 def tokenize(engine: Engine, text: str) -> TokenizeResult:

@@ -93,7 +93,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
         """Describe the loaded model: architecture, sizes, device, dtype, how many heads and
         neurons there are, the component id grammar, and the SAEs and datasets attached.
         Call it first. Example: model_info()"""
-        return run_tool(bench, "model_info", lambda: ops.model_info(engine))
+        return run_tool(bench, "model_info", lambda: ops.model_info(engine, bench.dataset_names()))
 
     @mcp.tool(annotations=READ_ONLY)
     def tokenize(text: Annotated[str, Field(description="text to tokenize")]) -> TokenizeResult:

@@ -175,7 +175,7 @@ def register_resources(mcp: MCPServer, bench: Workbench) -> None:
                               "component id grammar, SAEs and datasets.")
     def model() -> str:
         with engine.lock:
-            return ops.model_info(engine).model_dump_json()
+            return ops.model_info(engine, bench.dataset_names()).model_dump_json()
 
     @mcp.resource("tdb://component/{id}", name="component", mime_type="application/json",
                   description="A component's page: kind, layer, hook site, weight statistics (norms, rank in its "
