@@ -78,3 +78,45 @@ def test_scripted_discovery_on_the_bundled_model(task, bundled, tmp_path):
     summary = asyncio.run(discover.run(cfg, tmp_path / task, echo=lambda m: None))
     assert summary.faithfulness >= 0.8, summary
     assert 1 <= len(summary.nodes) <= 15, summary.nodes
+
+
+def test_llm_planner_run_folder_shows_every_step(tiny_dirs, tmp_path):
+    """`discover --planner llm` end to end: real openai client -> local fake server; the
+    scripted model creates a circuit, makes a malformed call, adds nodes, validates, answers."""
+    from tdb_agent.agent.llm import LLMSettings
+    from tests.fake_openai import FakeOpenAI, text_response, tool_call_response
+
+    P = "When Mary and John went to the store , John gave a drink to"
+    script = [
+        tool_call_response([("circuit_create", json.dumps({"name": "ioi", "task": "ioi", "n_pairs": 2}))]),
+        tool_call_response([("attribute", '{"prompt": "oops"'),  # malformed JSON
+                            ("attribute", json.dumps({"prompt": P, "target": "Mary", "distractor": "John"}))]),
+        tool_call_response([("circuit_add", json.dumps({"name": "ioi", "nodes": [{"id": "L1.H2", "role": "mover"}],
+                                                        "edges": [{"source": "L1.H2", "target": "LOGITS"}]}))]),
+        tool_call_response([("circuit_validate", json.dumps({"name": "ioi"}))]),
+        text_response("Circuit: L1.H2 -> LOGITS."),
+    ]
+    out = tmp_path / "run"
+    with FakeOpenAI(script) as fake:
+        cfg = RunConfig(task="ioi", planner="llm", model=str(tiny_dirs["gpt2"]), max_steps=10)
+        summary = asyncio.run(discover.run(cfg, out, llm=LLMSettings(base_url=fake.url, model="m", api_key="x"),
+                                           echo=lambda m: None))
+    assert summary.stopped_because == "answered" and summary.nodes == ["L1.H2"]
+    events = RunStore(out).events()
+    calls = [e for e in events if e["kind"] == "tool_call"]
+    assert [c["tool"] for c in calls] == ["circuit_create", "attribute", "attribute", "circuit_add",
+                                          "circuit_validate"]
+    assert "not a valid JSON object" in calls[1]["error"]
+    assert sum(e["kind"] == "message" for e in events) == 2 + 5
+    graph = json.loads((out / "graph.json").read_text())
+    assert {n["id"] for n in graph["nodes"]} == {"L1.H2", "LOGITS"}
+    assert (out / "report.md").exists() and "L1.H2" in (out / "report.md").read_text()
+
+
+def test_discover_over_stdio_transport(tiny_dirs, tmp_path):
+    """The agent reaches the tools through a `tdb-agent serve` subprocess, like any MCP client."""
+    out = tmp_path / "run"
+    cfg = RunConfig(task="induction", planner="scripted", model=str(tiny_dirs["gpt2"]))
+    summary = asyncio.run(discover.run(cfg, out, transport="stdio", echo=lambda m: None))
+    assert (out / "report.md").exists() and (out / "workspace" / "circuits").is_dir()
+    assert summary.faithfulness is not None
