@@ -57,6 +57,11 @@ def tdb_attention(module, query, key, value, attention_mask, scaling=None, dropo
     k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
 
+    if not state.has_pattern_hooks(layer):  # q/k/v/z only: the fused kernel still serves
+        mask = None if q_len == k_len else _causal_mask(q_len, k_len, query.device)
+        z = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=q_len == k_len, scale=scaling)
+        return apply(_site(module, "hook_z"), z.transpose(1, 2)), None
+
     scores = torch.matmul(query, k.transpose(-1, -2)) * scaling  # [b, h, q, k]
     scores = scores.masked_fill(~_causal_mask(q_len, k_len, query.device), float("-inf"))
     scores = apply(_site(module, "hook_attn_scores"), scores)

@@ -71,6 +71,11 @@ class HookState:
         prefix = f"blocks.{layer}.attn."
         return any(prefix + s in self.hooks for s in attention.INTERNAL_SITES)
 
+    def has_pattern_hooks(self, layer: int) -> bool:
+        """Scores or pattern hooked: the attention must be computed explicitly."""
+        prefix = f"blocks.{layer}.attn."
+        return prefix + "hook_attn_scores" in self.hooks or prefix + "hook_pattern" in self.hooks
+
 
 @dataclass
 class ForwardOutput:
