@@ -96,6 +96,18 @@ def _check_same_length(a: CleanRun, b: CleanRun) -> None:
                        "resampling and patching need prompts of the same length (tokenize both)")
 
 
+def resample_source(engine: Engine, run: CleanRun, mode: Mode, corrupted_prompt: str | None,
+                    cache: RunCache | None) -> CleanRun | None:
+    """The corrupted run that `resample` takes activations from (None for other modes)."""
+    if mode != "resample":
+        return None
+    if not corrupted_prompt:
+        raise TdbError("mode 'resample' needs a corrupted_prompt")
+    source = get_run(engine, corrupted_prompt, cache)
+    _check_same_length(run, source)
+    return source
+
+
 def replacement_value(engine: Engine, site: str, mode: Mode, source: CleanRun | None,
                       cache: RunCache | None) -> torch.Tensor | None:
     """What an ablated activation becomes: None (zero), the reference mean, or the source run's."""
@@ -141,12 +153,7 @@ def ablate(engine: Engine, prompt: str, components: Sequence[str], target: str, 
     with engine.lock:
         run = get_run(engine, prompt, cache)
         comps = resolve_components(engine, components, run.n_tokens)
-        source = None
-        if mode == "resample":
-            if not corrupted_prompt:
-                raise TdbError("mode 'resample' needs a corrupted_prompt")
-            source = get_run(engine, corrupted_prompt, cache)
-            _check_same_length(run, source)
+        source = resample_source(engine, run, mode, corrupted_prompt, cache)
         hooks = component_hooks(engine, comps, mode, source, cache)
         logits = engine.forward(run.ids, hooks=hooks).logits[0, -1]
     before = m.from_logits(run.logits[None])[0].item()
@@ -189,12 +196,7 @@ def ablation_sweep(engine: Engine, prompt: str, kind: SweepKind, target: str, di
             if bad or not pos_list:
                 raise TdbError(f"positions {bad or positions} out of range; the prompt has {s} tokens (0..{s - 1})")
         last_only = pos_list == [s - 1]
-        source = None
-        if mode == "resample":
-            if not corrupted_prompt:
-                raise TdbError("mode 'resample' needs a corrupted_prompt")
-            source = get_run(engine, corrupted_prompt, cache)
-            _check_same_length(run, source)
+        source = resample_source(engine, run, mode, corrupted_prompt, cache)
         before = m.from_logits(run.logits[None])[0].item()
         if kind == "sae":  # every latent of every attached SAE (engine/sae.py)
             rows, n_all, passes = sae_ops.sweep(engine, run, m, before, mode, source, pos_list, batch_size,
