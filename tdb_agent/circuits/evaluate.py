@@ -44,20 +44,8 @@ def _sites(engine: Engine) -> list[str]:
 
 
 def reference_means_for(engine: Engine, sites: list[str], cache: RunCache | None) -> dict[str, torch.Tensor]:
-    """The mean-ablation values of many sites from one pass over the reference corpus.
-
-    `RunCache.mean` computes one site per corpus pass; here every site the cache lacks is
-    computed in a single pass and stored in the cache (the values are identical).
-    """
-    if cache is None:
-        return reference_means(engine, sites)
-    missing = [s for s in sites if s not in cache._means]
-    if missing:
-        values = reference_means(engine, missing)
-        with cache._lock:
-            for s, v in values.items():
-                cache._means.setdefault(s, v)
-    return {s: cache.mean(s) for s in sites}
+    """The mean-ablation values of many sites from one pass over the reference corpus."""
+    return cache.means(sites) if cache is not None else reference_means(engine, sites)
 
 
 class Evaluator:

@@ -88,13 +88,19 @@ class RunCache:
         return run
 
     def mean(self, site: str) -> torch.Tensor:
+        return self.means([site])[site]
+
+    def means(self, sites: list[str]) -> dict[str, torch.Tensor]:
+        """Reference means of many sites; those not cached yet come from one corpus pass."""
         with self._lock:
-            if site in self._means:
-                return self._means[site]
-        value = reference_means(self.engine, [site])[site]
+            missing = [s for s in sites if s not in self._means]
+        if missing:
+            values = reference_means(self.engine, missing)
+            with self._lock:
+                for s, v in values.items():
+                    self._means.setdefault(s, v)
         with self._lock:
-            self._means[site] = value
-        return value
+            return {s: self._means[s] for s in sites}
 
     def clear(self) -> None:
         with self._lock:
