@@ -24,7 +24,7 @@ from tdb_agent.engine.interventions import intervention
 from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.basic import TokenPrediction
 from tdb_agent.ops.metrics import MetricName, make_metric
-from tdb_agent.ops.runs import CleanRun, RunCache, get_mean, get_run
+from tdb_agent.ops.runs import CleanRun, RunCache, get_means, get_run
 from tdb_agent.ops import sae_ops
 
 Mode = Literal["zero", "mean", "resample"]
@@ -108,13 +108,13 @@ def resample_source(engine: Engine, run: CleanRun, mode: Mode, corrupted_prompt:
     return source
 
 
-def replacement_value(engine: Engine, site: str, mode: Mode, source: CleanRun | None,
-                      cache: RunCache | None) -> torch.Tensor | None:
+def replacement_value(site: str, mode: Mode, source: CleanRun | None,
+                      means: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """What an ablated activation becomes: None (zero), the reference mean, or the source run's."""
     if mode == "zero":
         return None
     if mode == "mean":
-        return get_mean(engine, site, cache)
+        return means[site]
     if source is None:
         raise TdbError("mode 'resample' needs a corrupted_prompt")
     return source.acts[site]
@@ -127,11 +127,11 @@ def component_hooks(engine: Engine, comps: list[Component], mode: Mode, source: 
     for site, fns in sae_ops.sae_component_hooks(engine, [c for c in comps if c.kind == "sae"], mode,
                                                  source).items():
         hooks.setdefault(site, []).extend(fns)
-    for c in comps:
-        if c.kind == "sae":
-            continue
+    plain = [c for c in comps if c.kind != "sae"]
+    means = get_means(engine, [hook_site(c)[0] for c in plain], cache) if mode == "mean" else {}
+    for c in plain:
         site, unit = hook_site(c)
-        value = replacement_value(engine, site, mode, source, cache)
+        value = replacement_value(site, mode, source, means)
         hooks.setdefault(site, []).append(intervention(
             "zero" if mode == "zero" else "set", site, units=None if unit is None else [unit],
             positions=None if c.position is None else [c.position], value=value))
@@ -214,9 +214,11 @@ def ablation_sweep(engine: Engine, prompt: str, kind: SweepKind, target: str, di
         done = 0
         passes = 0
         deltas = torch.empty(spec.n_layers, units, device=engine.device)
+        means = get_means(engine, [_sweep_site(kind, l) for l in range(spec.n_layers)], cache) \
+            if mode == "mean" else {}
         for layer in range(spec.n_layers):
             site = _sweep_site(kind, layer)
-            value = replacement_value(engine, site, mode, source, cache)
+            value = replacement_value(site, mode, source, means)
             if value is not None and last_only and source is not None:
                 value = value[:, -1:]
             resid = run.acts[f"blocks.{layer}.hook_resid_pre"]

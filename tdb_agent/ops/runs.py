@@ -113,7 +113,12 @@ def get_run(engine: Engine, prompt: str, cache: RunCache | None) -> CleanRun:
 
 
 def get_mean(engine: Engine, site: str, cache: RunCache | None) -> torch.Tensor:
-    return cache.mean(site) if cache is not None else reference_means(engine, [site])[site]
+    return get_means(engine, [site], cache)[site]
+
+
+def get_means(engine: Engine, sites: list[str], cache: RunCache | None) -> dict[str, torch.Tensor]:
+    """Reference means of several sites: one pass over the reference corpus, not one per site."""
+    return cache.means(sites) if cache is not None else reference_means(engine, list(dict.fromkeys(sites)))
 
 
 REFERENCE_DOCS = 48
