@@ -10,7 +10,23 @@ from tdb_agent.engine import Engine
 
 
 def _engine(args) -> Engine:
-    return Engine.load(args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download)
+    return Engine.load(args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
+                       **placement_kwargs(args))
+
+
+def placement_kwargs(args) -> dict:
+    """Engine.load arguments of --device-map / --max-memory / --offload-folder."""
+    return {"device_map": getattr(args, "device_map", None), "max_memory": getattr(args, "max_memory", None),
+            "offload_folder": getattr(args, "offload_folder", None)}
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-map", default=None, metavar="auto|balanced|JSON",
+                   help="spread the model over devices (accelerate device map): auto, balanced, or a JSON object "
+                        "(or file) {module: device} with devices 0, 1, ..., cpu, disk; overrides --device")
+    p.add_argument("--max-memory", default=None, metavar="0=70GiB,cpu=100GiB",
+                   help="memory cap per device for --device-map auto/balanced")
+    p.add_argument("--offload-folder", default=None, metavar="DIR", help="where weights mapped to disk are kept")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -20,6 +36,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-download", action="store_true",
                    help="allow fetching a hub model (never needed for the bundled model)")
 
+    _placement_args(p)
 
 def _limit_args(p: argparse.ArgumentParser) -> None:
     """One flag per field of `Limits` (--max-top-k ...), with its default."""
@@ -94,7 +111,8 @@ def cmd_discover(args) -> int:
         out = Path(args.out or f"runs/{cfg.task or 'prompt'}-{time.strftime('%Y%m%d-%H%M%S')}")
     llm = LLMSettings.from_env(base_url=args.llm_base_url, model=cfg.llm_model or args.llm_model)
     echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    summary = asyncio.run(discover.run(cfg, out, transport=args.transport, llm=llm, echo=echo, device=args.device))
+    summary = asyncio.run(discover.run(cfg, out, transport=args.transport, llm=llm, echo=echo, device=args.device,
+                                       load=placement_kwargs(args)))
     print(summary.model_dump_json(indent=2))
     return 0
 
@@ -177,8 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     # logs go to stderr: stdout carries the MCP protocol on the stdio transport
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return args.fn(args)
+    from tdb_agent.engine.placement import PlacementError
+    try:
+        return args.fn(args)
+    except PlacementError as e:  # a device map or memory request that cannot be honoured: say why, no traceback
+        print(f"tdb-agent {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
     sys.exit(main())
+    _placement_args(p)

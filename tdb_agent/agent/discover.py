@@ -41,12 +41,18 @@ def circuit_name(cfg: RunConfig) -> str:
 
 
 @asynccontextmanager
-async def open_session(model: str | None, transport: Transport, workspace: Path, device: str = "auto"):
-    """An MCP client session to the tools, in-process or over stdio."""
+async def open_session(model: str | None, transport: Transport, workspace: Path, device: str = "auto",
+                       load: dict | None = None, engine=None):
+    """An MCP client session to the tools, in-process or over stdio. load: more Engine.load
+    arguments (device_map, max_memory, offload_folder); engine: an engine already loaded
+    (Ray actors keep one for many runs)."""
+    load = {k: v for k, v in (load or {}).items() if v is not None}
     if transport == "stdio":
         args = ["-m", "tdb_agent.cli", "serve", "--workspace", str(workspace), "--device", device]
         if model:
             args += ["--model", model]
+        for k, v in load.items():
+            args += ["--" + k.replace("_", "-"), v if isinstance(v, str) else json.dumps(v)]
         params = StdioServerParameters(command=sys.executable, args=args)
         async with Client(params, read_timeout_seconds=600) as client:
             yield client
@@ -57,8 +63,9 @@ async def open_session(model: str | None, transport: Transport, workspace: Path,
 
     from tdb_agent.engine.sae import attach_saes
 
-    engine = Engine.load(model, device=device)
-    attach_saes(engine, [], bundled=True)  # as `tdb-agent serve` does
+    if engine is None:
+        engine = Engine.load(model, device=device, **load)
+        attach_saes(engine, [], bundled=True)  # as `tdb-agent serve` does
     server = build_server(Workbench(engine, workspace=workspace))
     async with Client(server) as client:
         yield client
@@ -78,14 +85,14 @@ async def _pairs(client, cfg: RunConfig) -> list[dict]:
 
 
 async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm: LLMSettings | None = None,
-              echo=print, device: str = "auto") -> RunSummary:
+              echo=print, device: str = "auto", load: dict | None = None, engine=None) -> RunSummary:
     store = RunStore(out)
     if not (out / "run.json").exists():
         cfg.started = time.time()
         store.save_config(cfg)
     name = circuit_name(cfg)
     t0 = time.time()
-    async with open_session(cfg.model, transport, out / "workspace", device) as client:
+    async with open_session(cfg.model, transport, out / "workspace", device, load, engine) as client:
         async def checkpoint(tool: str) -> None:
             if tool in EDITING_TOOLS and tool != "circuit_export":
                 r = await client.call_tool("circuit_export", {"name": name, "format": "json"})

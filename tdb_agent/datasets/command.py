@@ -40,7 +40,10 @@ def cmd_build_dataset(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download)
+    from tdb_agent.cli import placement_kwargs
+
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
+                         **placement_kwargs(args))
     attach_saes(engine, args.sae, bundled=not args.no_bundled_saes, allow_download=args.allow_download)
     if args.text:
         docs = documents_from_text(args.text, engine.tokenizer, engine.spec.n_ctx)

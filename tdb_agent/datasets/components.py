@@ -66,7 +66,11 @@ def component_name(blocks: list[Block], col: int) -> str:
 def model_fingerprint(engine: Engine) -> str:
     """Hash of the model's parameters (float32), independent of device and load dtype."""
     h = hashlib.sha256()
+    modules = dict(engine.model.named_modules())
     for name, p in sorted(engine.model.state_dict().items()):
+        if p.device.type == "meta":  # offloaded by a device map: read it from the offload store
+            mod, _, leaf = name.rpartition(".")
+            p = engine.param(modules[mod], leaf)
         h.update(name.encode())
         h.update(p.detach().to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()[:16]

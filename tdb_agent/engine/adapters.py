@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tdb_agent.engine.placement import param
 from tdb_agent.engine.spec import ModelSpec
 
 Where = Literal["input", "output"]
@@ -134,10 +135,17 @@ class Adapter:
         raise NotImplementedError
 
     def W_U(self) -> torch.Tensor:
-        return self.unembed().weight.T
+        return self._p(self.unembed()).T
 
     def b_U(self) -> torch.Tensor | None:
-        return getattr(self.unembed(), "bias", None)
+        return self._p(self.unembed(), "bias")
+
+    home: torch.device | None = None  # set by the engine for models spread over devices
+
+    def _p(self, module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+        """A weight, materialised where accelerate offloaded it, on the engine's home device."""
+        t = param(module, name)
+        return t if t is None or self.home is None or t.device == self.home else t.to(self.home)
 
 
 class GPT2Adapter(Adapter):
@@ -175,17 +183,17 @@ class GPT2Adapter(Adapter):
 
     # Conv1D stores weights as [in, out]
     def W_O(self, layer):
-        w = self.attn(layer).c_proj.weight  # [h*dh, d]
+        w = self._p(self.attn(layer).c_proj)  # [h*dh, d]
         return w.reshape(self.config.num_attention_heads, -1, w.shape[-1])
 
     def b_O(self, layer):
-        return self.attn(layer).c_proj.bias
+        return self._p(self.attn(layer).c_proj, "bias")
 
     def W_out(self, layer):
-        return self.mlp(layer).c_proj.weight  # [d_mlp, d]
+        return self._p(self.mlp(layer).c_proj)  # [d_mlp, d]
 
     def b_out(self, layer):
-        return self.mlp(layer).c_proj.bias
+        return self._p(self.mlp(layer).c_proj, "bias")
 
 
 class NeoXAdapter(Adapter):
@@ -230,17 +238,17 @@ class NeoXAdapter(Adapter):
                 "position_ids": position_ids}
 
     def W_O(self, layer):
-        w = self.attn(layer).dense.weight  # [d, h*dh]
+        w = self._p(self.attn(layer).dense)  # [d, h*dh]
         return w.T.reshape(self.config.num_attention_heads, -1, w.shape[0])
 
     def b_O(self, layer):
-        return self.attn(layer).dense.bias
+        return self._p(self.attn(layer).dense, "bias")
 
     def W_out(self, layer):
-        return self.mlp(layer).dense_4h_to_h.weight.T
+        return self._p(self.mlp(layer).dense_4h_to_h).T
 
     def b_out(self, layer):
-        return self.mlp(layer).dense_4h_to_h.bias
+        return self._p(self.mlp(layer).dense_4h_to_h, "bias")
 
 
 class LlamaAdapter(Adapter):
@@ -285,17 +293,17 @@ class LlamaAdapter(Adapter):
                 "position_ids": position_ids}
 
     def W_O(self, layer):
-        w = self.attn(layer).o_proj.weight  # [d, h*dh]
+        w = self._p(self.attn(layer).o_proj)  # [d, h*dh]
         return w.T.reshape(self.config.num_attention_heads, -1, w.shape[0])
 
     def b_O(self, layer):
-        return self.attn(layer).o_proj.bias
+        return self._p(self.attn(layer).o_proj, "bias")
 
     def W_out(self, layer):
-        return self.mlp(layer).down_proj.weight.T
+        return self._p(self.mlp(layer).down_proj).T
 
     def b_out(self, layer):
-        return self.mlp(layer).down_proj.bias
+        return self._p(self.mlp(layer).down_proj, "bias")
 
 
 ADAPTERS: dict[str, type[Adapter]] = {

@@ -35,6 +35,7 @@ def tdb_attention(module, query, key, value, attention_mask, scaling=None, dropo
     prefix = state.prefix_kv.get(layer) if state.prefix_kv else None
     if prefix is not None:  # keys/values of earlier positions from a cached clean run
         pk, pv = prefix  # [1, kv_heads, prefix_pos, d_head]
+        pk, pv = pk.to(key.device), pv.to(value.device)  # cached on the home device (device maps)
         key = torch.cat([pk.expand(key.shape[0], -1, -1, -1), key], dim=2)
         value = torch.cat([pv.expand(value.shape[0], -1, -1, -1), value], dim=2)
 

@@ -36,6 +36,8 @@ from transformers.utils import logging as hf_logging
 
 from tdb_agent.engine import attention
 from tdb_agent.engine.adapters import Adapter, adapter_for
+from tdb_agent.engine.placement import Placement, execution_device, param, parse_device_map, parse_max_memory, plan, \
+    placement, to_device
 from tdb_agent.engine.sae import SAESet
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.errors import ModelNotFound, PromptTooLong, TokenizationError, UnknownSite
@@ -64,7 +66,7 @@ class HookState:
         for fn in self.hooks.get(site, ()):
             out = fn(x, site)
             if out is not None:
-                x = out
+                x = out if out.device == x.device else out.to(x.device)  # the site stays on its device
         return x
 
     def has_attention_hooks(self, layer: int) -> bool:
@@ -119,6 +121,16 @@ class Engine:
             mod._tdb_layer = layer
             mod._tdb_state = self._state
         self._module_sites = self.adapter.module_sites(self.spec.n_layers)
+        # a dispatched model (accelerate device map) spans devices: the loop moves the
+        # residual stream between blocks and hands results out on the home device
+        self.dispatched = bool(getattr(model, "hf_device_map", None))
+        if self.dispatched:
+            cpu = torch.device("cpu")
+            emb = next(iter(self.adapter.embed_modules().values()))
+            self._home = execution_device(emb, cpu)
+            self._layer_devices = [execution_device(b, self._home) for b in self.adapter.blocks()]
+            self._out_device = execution_device(self.adapter.final_norm(), self._home)
+            self.adapter.home = self._home
         self._computed_sites = {"hook_resid_final", "ln_final.hook_scale", "ln_final.hook_normalized",
                                 "hook_logits"} | {
             f"blocks.{l}.attn.{s}" for l in range(self.spec.n_layers) for s in attention.INTERNAL_SITES}
@@ -126,9 +138,16 @@ class Engine:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "auto", dtype: str = "float32",
-             allow_download: bool = False) -> "Engine":
+             allow_download: bool = False, device_map: str | dict | None = None,
+             max_memory: str | dict | None = None, offload_folder: str | Path | None = None) -> "Engine":
         """Load a causal LM and its tokenizer from a local folder, or from the hub when
-        `allow_download` (never on the default path)."""
+        `allow_download` (never on the default path).
+
+        device_map: spread the model over devices with accelerate ("auto", "balanced", or
+        {module: device} where device is a GPU index, "cpu" or "disk"); then `device` is
+        ignored. max_memory ({0: "70GiB", "cpu": "100GiB"} or "0=70GiB,cpu=100GiB") caps
+        each device; offload_folder holds weights mapped to "disk". A model that would not
+        fit raises `DoesNotFit` with the estimate before any weight is read."""
         path = Path(model) if model is not None else DEFAULT_MODEL
         local = path.exists()
         if not local and not allow_download:
@@ -142,14 +161,35 @@ class Engine:
         hf_logging.disable_progress_bar()  # stdout/stderr stay clean (stdio MCP transport)
         hf_logging.set_verbosity_error()
         tok = _load_tokenizer(src, path if local else None, allow_download)
-        mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype],
-                                                   local_files_only=not allow_download)
-        log.info("loaded %s on %s (%s)", src, dev, dtype)
-        return cls(mdl.to(dev), tok, name=path.name if local else str(model))
+        device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+        dm = plan(src, DTYPES[dtype], device_map, max_memory, str(offload_folder) if offload_folder else None,
+                  single_device=dev, local_files_only=not allow_download)
+        if dm is None:
+            mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype],
+                                                       local_files_only=not allow_download).to(dev)
+        else:
+            mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], local_files_only=not allow_download,
+                                                       device_map=dm, offload_folder=offload_folder)
+        log.info("loaded %s on %s (%s)", src, dev if dm is None else dm, dtype)
+        return cls(mdl, tok, name=path.name if local else str(model))
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """The home device: inputs go here; results and captured activations come back here."""
+        return self._home if self.dispatched else next(self.model.parameters()).device
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where block `layer` computes (its hook sites' tensors live there)."""
+        return self._layer_devices[layer] if self.dispatched else self.device
+
+    def placement(self) -> Placement:
+        """Device map, execution device of each block, parameter bytes per device."""
+        return placement(self.model, self.device, [self.layer_device(l) for l in range(self.spec.n_layers)])
+
+    def param(self, module: torch.nn.Module, name: str = "weight") -> torch.Tensor | None:
+        """A weight of `module` on the home device (materialised if accelerate offloaded it)."""
+        t = param(module, name)
+        return t if t is None or t.device == self.device else t.to(self.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -285,13 +325,23 @@ class Engine:
             end = n_layers if stop_layer is None else stop_layer
             blocks = self.adapter.blocks()
             kwargs = self.adapter.block_kwargs(x, pos)
+            moved = {}  # block kwargs per device (dispatched models)
             try:
                 for layer in range(start_layer, end):
-                    x = blocks[layer](x, **kwargs)
+                    if self.dispatched:  # the residual stream crosses to this block's device
+                        dev = self._layer_devices[layer]
+                        x = to_device(x, dev)
+                        if dev not in moved:
+                            moved[dev] = to_device(kwargs, dev)
+                        x = blocks[layer](x, **moved[dev])
+                    else:
+                        x = blocks[layer](x, **kwargs)
             except StopForward:
                 return ForwardOutput(logits=None, resid_final=None)
             if stop_layer is not None and stop_layer < n_layers:
-                return ForwardOutput(logits=None, resid_final=x)
+                return ForwardOutput(logits=None, resid_final=to_device(x, self.device) if self.dispatched else x)
+            if self.dispatched:
+                x = to_device(x, self._out_device)
             x = self._state.apply("hook_resid_final", x)
             if "ln_final.hook_scale" in self._state.hooks:
                 self._state.apply("ln_final.hook_scale", self.final_norm_scale(x))
@@ -304,12 +354,16 @@ class Engine:
             normed = self._state.apply("ln_final.hook_normalized", self.adapter.final_norm()(sel))
             logits = self.unembed(normed, logit_ids)
             logits = self._state.apply("hook_logits", logits)
+            if self.dispatched:
+                logits, x = to_device(logits, self.device), to_device(x, self.device)
             return ForwardOutput(logits=logits, resid_final=x)
 
     def unembed(self, normed: torch.Tensor, logit_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the normalised final residual stream, for `logit_ids` only if given."""
-        W = self.adapter.unembed().weight  # [vocab, d]
-        bias = self.adapter.b_U()
+        W = param(self.adapter.unembed())  # [vocab, d]
+        bias = param(self.adapter.unembed(), "bias")
+        if W.device != normed.device:
+            W, bias = W.to(normed.device), to_device(bias, normed.device)
         if logit_ids is not None:
             idx = torch.as_tensor(logit_ids, device=W.device)
             W = W[idx]
@@ -336,8 +390,10 @@ class Engine:
         detached: call it under torch.enable_grad() with a leaf to take gradients)."""
         cache: dict[str, torch.Tensor] = {}
 
+        home = self.device
+
         def save(x, site):
-            cache[site] = x
+            cache[site] = x if x.device == home else x.to(home)  # differentiable: gradients still flow
 
         mapping: dict[str, list[HookFn]] = {}
         for site, fns in (hooks or {}).items():

@@ -64,13 +64,13 @@ def intervention(kind: Kind, site: str, *, units: Sequence[int] | None = None,
         raise ValueError(f"intervention {kind!r} needs a value")
 
     def hook(x: torch.Tensor, _site: str) -> torch.Tensor:
-        m = mask if mask is not None else selection_mask(x, site, units, positions)
+        m = mask.to(x.device) if mask is not None else selection_mask(x, site, units, positions)
         if kind == "zero":
             new = torch.zeros((), dtype=x.dtype, device=x.device)
-        elif kind == "add":
-            new = x + value.to(x.dtype)
+        elif kind == "add":  # values may come from the home device (models spread over devices)
+            new = x + value.to(x.device, x.dtype)
         else:
-            new = value.to(x.dtype)
+            new = value.to(x.device, x.dtype)
         return torch.where(m, new, x)
 
     return hook

@@ -260,7 +260,9 @@ def splice_hook(sae: SAE, latent_fns: list[LatentFn] | None = None,
     fns = latent_fns or []
 
     def hook(x: torch.Tensor, _site: str):
-        f = sae.encode(x)
+        dev = sae.W_dec.device  # the SAE sits on the home device; the site may be elsewhere (device maps)
+        x_in = x if x.device == dev else x.to(dev)
+        f = sae.encode(x_in)
         new = f
         for fn in fns:
             out = fn(new)
@@ -270,7 +272,7 @@ def splice_hook(sae: SAE, latent_fns: list[LatentFn] | None = None,
             capture[key] = new
         if new is f:
             return None
-        return x + (sae.decode(new) - sae.decode(f)).to(x.dtype)
+        return x + (sae.decode(new) - sae.decode(f)).to(x.device, x.dtype)
 
     return hook
 

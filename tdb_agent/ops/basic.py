@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field
 
 from tdb_agent.components import GRAMMAR
 from tdb_agent.engine import Engine, ModelSpec
+from tdb_agent.engine.placement import Placement
 from tdb_agent.ops.metrics import MetricName, make_metric
 from tdb_agent.tasks import task_examples, task_info, task_names
 from tdb_agent.tasks.generators import TaskExample
@@ -23,6 +24,8 @@ class ModelInfo(BaseModel):
     hook_sites: int
     saes: list[str] = []
     datasets: list[str] = []
+    placement: Placement | None = Field(None, description="device map, execution device of each block, parameter "
+                                                          "bytes (and CUDA memory) per device")
 
 
 class TokenInfo(BaseModel):
@@ -78,7 +81,8 @@ def model_info(engine: Engine, datasets: list[str] | None = None) -> ModelInfo:
         n_params=sum(p.numel() for p in engine.model.parameters()), component_ids=GRAMMAR,
         n_components={"head": s.n_layers * s.n_heads, "neuron": s.n_layers * s.d_mlp,
                       "attn": s.n_layers, "mlp": s.n_layers, "emb": 1},
-        hook_sites=len(engine.site_names()), saes=engine.saes.names(), datasets=datasets or [])
+        hook_sites=len(engine.site_names()), saes=engine.saes.names(), datasets=datasets or [],
+        placement=engine.placement())
 
 
 def tokenize(engine: Engine, text: str) -> TokenizeResult:

@@ -80,8 +80,9 @@ def decompose(engine: Engine, run: CleanRun, positions: list[int], g: torch.Tens
 def frozen_norm(engine: Engine, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A LayerNorm/RMSNorm with its scale detached: same value, but linear in x for autograd
     (the convention of direct effects and traces, as in Transformer Debugger)."""
-    w = module.weight
-    b = getattr(module, "bias", None)
+    w = engine.param(module, "weight").to(x.device)  # materialised where offloaded (device maps)
+    b = engine.param(module, "bias")
+    b = b.to(x.device) if b is not None else None
     eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-5)
     xf = x.float()
     if engine.spec.norm == "layernorm":

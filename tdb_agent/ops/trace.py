@@ -79,7 +79,7 @@ def _leaf_grad(engine: Engine, run: CleanRun, layer: int, leaf_site: str, read_s
                        resid=run.acts[f"blocks.{layer}.hook_resid_pre"].detach())
         value = value_box["v"]
         (g,) = torch.autograd.grad(value, leaf_box["x"])
-    return g[0], value.item()  # [s, d]
+    return g[0].to(engine.device), value.item()  # [s, d], on the home device (device maps)
 
 
 def _edges(engine: Engine, d: Decomposition, positions: list[int], target: str, via: str,
@@ -185,7 +185,7 @@ def _trace_head(engine: Engine, run: CleanRun, node: Component, via: Via, key_po
         W_O = engine.adapter.W_O(layer)[h]  # [d_head, d_model]
         direction = W_O @ g_final.to(W_O.dtype)  # [d_head]
         g, value = _leaf_grad(engine, run, layer, leaf_site, p + "hook_z",
-                              lambda x: x[0, q, h] @ direction, [p + "hook_q", p + "hook_k"], [ln1])
+                              lambda x: x[0, q, h] @ direction.to(x.device), [p + "hook_q", p + "hook_k"], [ln1])
         positions = list(range(q + 1))
         d = decompose(engine, run, positions, g[: q + 1], layer, layer, per_position=True)
         edges += _edges(engine, d, positions, node_id, "v", layer, layer)

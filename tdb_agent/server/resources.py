@@ -87,7 +87,7 @@ def _token_effects(bench: Workbench, direction: torch.Tensor, k: int = 8) -> tup
     v = direction.detach().float()
     if engine.spec.norm == "layernorm":
         v = v - v.mean()
-    gain = getattr(engine.adapter.final_norm(), "weight", None)
+    gain = engine.param(engine.adapter.final_norm(), "weight")
     if gain is not None:
         v = v * gain.detach().float()
     logits = v @ engine.adapter.W_U().detach().float()
