@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -123,6 +124,22 @@ def get_means(engine: Engine, sites: list[str], cache: RunCache | None) -> dict[
 
 REFERENCE_DOCS = 48
 REFERENCE_SEED = 4242
+REFERENCE_FILE = "reference.txt"
+
+
+def reference_documents(engine: Engine) -> list[str]:
+    """The reference set of mean ablation: the model folder's `reference.txt` (one document
+    per line) where it has one, else documents of the built-in synthetic corpus.
+
+    Why: a mean over text the model never sees (another tokenizer's words, all unknown
+    tokens) is no "typical activation"; a model trained on other data ships its own."""
+    folder = getattr(engine.model.config, "_name_or_path", "") or ""
+    path = Path(folder) / REFERENCE_FILE if folder else None
+    if path is not None and path.is_file():
+        docs = [line for line in path.read_text().splitlines() if line.strip()]
+        if docs:
+            return docs[:REFERENCE_DOCS]
+    return corpus_documents(REFERENCE_DOCS, seed=REFERENCE_SEED)
 
 
 @torch.no_grad()
@@ -132,7 +149,7 @@ def reference_means(engine: Engine, sites: list[str], prompts: list[str] | None 
 
     This is the `mean` of mean-ablation and of the act x grad reference (DESIGN §4).
     """
-    prompts = prompts or corpus_documents(REFERENCE_DOCS, seed=REFERENCE_SEED)
+    prompts = prompts or reference_documents(engine)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for text in prompts:

@@ -20,8 +20,7 @@ from tdb_agent.components import Component, hook_site
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import SAE, engine_site, splice_hook
 from tdb_agent.errors import Cancelled, TdbError
-from tdb_agent.ops.runs import REFERENCE_DOCS, REFERENCE_SEED, CleanRun
-from tdb_agent.tasks import corpus_documents
+from tdb_agent.ops.runs import CleanRun, reference_documents
 
 
 def sae_sizes(engine: Engine) -> dict[tuple[int, str], int]:
@@ -50,7 +49,7 @@ def latent_mean(engine: Engine, layer: int, site: str, prompts: list[str] | None
     sae = engine.saes.get(layer, site)
     s_name = engine_site(layer, site)
     total, count = None, 0
-    for text in prompts or corpus_documents(REFERENCE_DOCS, seed=REFERENCE_SEED):
+    for text in prompts or reference_documents(engine):
         ids = engine.to_tokens(text)[:, : engine.spec.n_ctx]
         _, acts = engine.run_with_cache(ids, [s_name], logit_positions=[-1], logit_ids=[0])
         f = sae.encode(acts[s_name][0]).sum(0)
