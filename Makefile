@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow serve bench clean
+.PHONY: setup browser demo test test-slow serve view bench clean
 
 setup: $(VENV)/.installed
 
@@ -13,11 +13,15 @@ $(VENV)/.installed: pyproject.toml tools/install_torch.sh
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# Chromium for the viewer's browser tests (Debian's, via apt-get, where root and missing)
+browser:
+	./tools/install_browser.sh
+
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/tdb-agent demo
 	HF_HUB_OFFLINE=1 $(BIN)/tdb-agent discover --task ioi --out runs/demo-ioi
 
-test: setup
+test: setup browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-slow: setup
@@ -25,6 +29,9 @@ test-slow: setup
 
 serve: setup
 	HF_HUB_OFFLINE=1 $(BIN)/tdb-agent serve
+
+view: setup
+	HF_HUB_OFFLINE=1 $(BIN)/tdb-agent view
 
 clean:
 	rm -rf $(VENV) .pytest_cache

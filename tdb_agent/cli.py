@@ -1,4 +1,5 @@
-"""`tdb-agent` command line: serve the MCP tools, or run the demo on the bundled model."""
+"""`tdb-agent` command line: serve the MCP tools, discover circuits, look at runs in the
+viewer, or run the demo on the bundled model."""
 
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def cmd_serve(args) -> int:
             print(f"tdb-agent serve: {e}", file=sys.stderr)
             return 2
     if settings is not None:
-        serve_http(bench, settings)
+        from tdb_agent.viewer.api import RunIndex
+        serve_http(bench, settings, runs=RunIndex(*args.runs))
     else:
         build_server(bench).run()
     return 0
@@ -114,6 +116,40 @@ def cmd_discover(args) -> int:
     summary = asyncio.run(discover.run(cfg, out, transport=args.transport, llm=llm, echo=echo, device=args.device,
                                        load=placement_kwargs(args)))
     print(summary.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_view(args) -> int:
+    """The viewer on loopback (the same app as `serve --transport http`), showing RUN_DIR."""
+    import webbrowser
+    from pathlib import Path
+
+    from tdb_agent.engine.sae import attach_saes
+    from tdb_agent.server.http import HttpSettings, serve_http
+    from tdb_agent.viewer.api import RunIndex, is_run
+    from tdb_agent.workbench import Workbench
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is not None and not run_dir.is_dir():
+        print(f"tdb-agent view: {run_dir} is not a folder", file=sys.stderr)
+        return 2
+    if args.model is None and run_dir is not None and is_run(run_dir) and (run_dir / "run.json").exists():
+        from tdb_agent.agent.runstore import RunStore
+        args.model = RunStore(run_dir).load_config().model  # the run's model (None: the bundled one)
+    engine = _engine(args)
+    attach_saes(engine, [], bundled=True)
+    bench = Workbench(engine)
+    runs = RunIndex(*([run_dir] if run_dir else [p for p in [Path("runs")] if p.is_dir()]))
+    start = "/"
+    if run_dir is not None and is_run(run_dir):
+        start = f"/run/{run_dir.resolve().name}"
+    url = f"http://127.0.0.1:{args.port}{start}"
+
+    def started():
+        print(f"tdb-agent viewer on {url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        if not args.no_browser:
+            webbrowser.open(url)
+    serve_http(bench, HttpSettings(host="127.0.0.1", port=args.port), runs=runs, on_started=started)
     return 0
 
 
@@ -164,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                         "default: the bundled model's shipped one")
     p.add_argument("--workspace", default=None,
                    help="folder where circuits and exports are saved (default: $TDB_WORKSPACE or ./tdb-workspace)")
+    p.add_argument("--runs", action="append", default=[], metavar="DIR",
+                   help="over HTTP: run folders (or folders of runs) the viewer at / lists (repeatable)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("discover", help="find the circuit of a behaviour (scripted planner or an LLM agent)")
@@ -183,6 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint (env OPENAI_BASE_URL)")
     p.add_argument("--llm-model", default=None, help="model name (env TDB_AGENT_LLM_MODEL)")
     p.set_defaults(fn=cmd_discover)
+
+    p = sub.add_parser("view", help="open the viewer (model, components, prompt explorer) on a run folder")
+    p.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR",
+                   help="a run folder (tdb-agent discover --out DIR) or a folder of runs (default: ./runs)")
+    _model_args(p)
+    p.add_argument("--port", type=int, default=8766, help="loopback port (default 8766)")
+    p.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
+    p.set_defaults(fn=cmd_view)
 
     p = sub.add_parser("demo", help="start-up check and predictions on the bundled tasks")
     _model_args(p)

@@ -1,4 +1,4 @@
-"""The streamable HTTP transport and its protection.
+"""The streamable HTTP transport (the MCP endpoint and the viewer) and its protection.
 
 Loopback binds need nothing. Binding any other address needs a bearer token, checked on
 every request by the SDK's bearer middleware (a `TokenVerifier`); the server refuses to
@@ -115,18 +115,45 @@ def auth_for(settings: HttpSettings) -> tuple[TokenVerifier | None, AuthSettings
     return StaticTokenVerifier(settings.token), AuthSettings(issuer_url="http://localhost", resource_server_url=None)
 
 
-def serve_http(bench: Workbench, settings: HttpSettings) -> None:
-    """Check the bind, then serve streamable HTTP until interrupted."""
+def http_app(bench: Workbench, settings: HttpSettings, runs=None):
+    """The ASGI app: the MCP endpoint at `settings.path` and the viewer's pages and JSON API
+    under `/` (tdb_agent.viewer), behind the same Host check and bearer token."""
     from tdb_agent.server.app import build_server
+    from tdb_agent.viewer.routes import add_viewer_routes
 
     check_bind(settings)
     verifier, auth = auth_for(settings)
     mcp = build_server(bench, token_verifier=verifier, auth=auth)
     security = security_settings(settings)
-    log.info("serving MCP on http://%s:%d%s (token %s; allowed hosts %s)", settings.host, settings.port,
-             settings.path, "required" if verifier else "not required", security.allowed_hosts)
-    mcp.run(transport="streamable-http", host=settings.host, port=settings.port, streamable_http_path=settings.path,
-            transport_security=security)
+    add_viewer_routes(mcp, bench, runs, security=security, token_required=verifier is not None)
+    log.info("serving MCP on http://%s:%d%s and the viewer on http://%s:%d/ (token %s; allowed hosts %s)",
+             settings.host, settings.port, settings.path, settings.host, settings.port,
+             "required" if verifier else "not required", security.allowed_hosts)
+    app = mcp.streamable_http_app(streamable_http_path=settings.path, transport_security=security,
+                                  host=settings.host)
+    return app, mcp
+
+
+def serve_http(bench: Workbench, settings: HttpSettings, runs=None, on_started=None) -> None:
+    """Check the bind, then serve streamable HTTP (and the viewer) until interrupted.
+    `runs`: the run folders the viewer lists (a `viewer.api.RunIndex`); `on_started` is
+    called once the socket listens (`tdb-agent view` opens the browser then)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    app, mcp = http_app(bench, settings, runs)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=mcp.settings.log_level.lower()))
+    if on_started is not None:
+        def watch():
+            while not server.started and not server.should_exit:
+                time.sleep(0.05)
+            if server.started:
+                on_started()
+        threading.Thread(target=watch, daemon=True, name="on-started").start()
+    server.run()
 
 
 def token_from_env() -> str | None:

@@ -1,0 +1,296 @@
+"""The viewer's JSON API, without any web framework: each function takes the workbench and
+a request model whose fields are the MCP tool's arguments, runs the same `ops` function the
+tool runs (same limit checks, same lock, same errors via `run_tool`) and returns the same
+pydantic model. The web routes (`viewer.routes`) only parse and serialise.
+
+Run folders (`tdb-agent discover --out DIR`) are read as they are on disk: `run.json`,
+`transcript.jsonl`, `graph.json`, `report.md`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tdb_agent import ops
+from tdb_agent.circuits.model import stream_order
+from tdb_agent.components import parse_component
+from tdb_agent.errors import TdbError
+from tdb_agent.ops.ablate import AblateResult
+from tdb_agent.ops.attention import AttentionPatternResult
+from tdb_agent.ops.attribute import AttributionResult
+from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList
+from tdb_agent.server.limits import LimitChecks
+from tdb_agent.server.resources import ComponentPage, component_page
+from tdb_agent.server.running import run_tool
+from tdb_agent.server.sae_tools import TopExamplesResult, top_examples_of
+from tdb_agent.workbench import Workbench
+
+Mode = Literal["zero", "mean", "resample"]
+Kind = Literal["head", "neuron", "attn", "mlp", "emb", "sae"]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------ requests (= the tools' arguments)
+class PredictRequest(Request):
+    prompt: str = Field(min_length=1)
+    top_k: int = Field(10, ge=1)
+    target: str | None = None
+    distractor: str | None = None
+
+
+class AttributeRequest(Request):
+    prompt: str = Field(min_length=1)
+    target: str = Field(min_length=1)
+    distractor: str | None = None
+    method: Literal["direct_effect", "act_times_grad"] = "direct_effect"
+    corrupted_prompt: str | None = None
+    reference: Literal["zero", "mean", "corrupted"] | None = None
+    kinds: list[Kind] | None = None
+    top_k: int = Field(20, ge=1)
+
+
+class AblateRequest(Request):
+    prompt: str = Field(min_length=1)
+    components: list[str] = Field(min_length=1)
+    target: str = Field(min_length=1)
+    distractor: str | None = None
+    mode: Mode = "zero"
+    corrupted_prompt: str | None = None
+
+
+class AttentionRequest(Request):
+    prompt: str = Field(min_length=1)
+    component: str = Field(min_length=1)
+    top_k: int = Field(3, ge=1, le=20)
+
+
+# ------------------------------------------------------------------ results of the viewer's own pages
+class RunSummary(BaseModel):
+    name: str
+    path: str
+    task: str | None = None
+    planner: str | None = None
+    faithfulness: float | None = None
+    n_nodes: int | None = None
+    n_steps: int = 0
+
+
+class CircuitSummary(BaseModel):
+    name: str
+    nodes: int
+    edges: int
+
+
+class ModelPage(BaseModel):
+    info: ModelInfo
+    tasks: TaskList
+    runs: list[RunSummary]
+    circuits: list[CircuitSummary]
+
+
+class ComponentView(BaseModel):
+    page: ComponentPage = Field(description="what tdb://component/{id} returns: weights, explanation, top examples")
+    random: TopExamplesResult | None = Field(None, description="random dataset examples (top_examples random=True)")
+    attention: AttentionPatternResult | None = Field(None, description="heads: the pattern on the top example")
+    attention_query: int | None = Field(None, description="the top example's position in `attention.tokens`")
+
+
+class GraphRow(BaseModel):
+    """Where a node sits in the picture: one row per (layer, attn|mlp|resid), logits on top."""
+
+    id: str
+    row: int
+    label: str
+
+
+class CircuitView(BaseModel):
+    name: str
+    graph: dict[str, Any] = Field(description="networkx node-link JSON, as in graph.json / tdb://circuit/{name}")
+    rows: list[GraphRow]
+
+
+class RunView(CircuitView):
+    path: str
+    config: dict[str, Any]
+    events: list[dict[str, Any]] = Field(description="transcript.jsonl, one event per step")
+    report: str | None = None
+
+
+# ------------------------------------------------------------------ the tools
+def predict(bench: Workbench, r: PredictRequest) -> PredictResult:
+    check = LimitChecks(bench)
+
+    def go():
+        check.text(r.prompt)
+        check.top_k(r.top_k)
+        return ops.predict(bench.engine, r.prompt, top_k=r.top_k, target=r.target or None,
+                           distractor=r.distractor or None)
+    return run_tool(bench, "predict", go)
+
+
+def attribute(bench: Workbench, r: AttributeRequest) -> AttributionResult:
+    check = LimitChecks(bench)
+
+    def go():
+        check.text(r.prompt)
+        check.text(r.corrupted_prompt, field="corrupted_prompt")
+        check.top_k(r.top_k)
+        return ops.attribute(bench.engine, r.prompt, r.target, r.distractor or None, method=r.method,
+                             corrupted_prompt=r.corrupted_prompt or None, reference=r.reference, kinds=r.kinds,
+                             top_k=r.top_k, cache=bench.cache)
+    return run_tool(bench, "attribute", go)
+
+
+def ablate(bench: Workbench, r: AblateRequest) -> AblateResult:
+    check = LimitChecks(bench)
+
+    def go():
+        check.text(r.prompt)
+        check.text(r.corrupted_prompt, field="corrupted_prompt")
+        check.components(r.components)
+        return ops.ablate(bench.engine, r.prompt, r.components, r.target, r.distractor or None, mode=r.mode,
+                          corrupted_prompt=r.corrupted_prompt or None, cache=bench.cache)
+    return run_tool(bench, "ablate", go)
+
+
+def attention_pattern(bench: Workbench, r: AttentionRequest) -> AttentionPatternResult:
+    check = LimitChecks(bench)
+
+    def go():
+        check.text(r.prompt)
+        return ops.attention_pattern(bench.engine, r.prompt, r.component, top_k=r.top_k, cache=bench.cache)
+    return run_tool(bench, "attention_pattern", go)
+
+
+# ------------------------------------------------------------------ pages
+def model_page(bench: Workbench, runs: RunIndex | None = None) -> ModelPage:
+    info = run_tool(bench, "model_info", lambda: ops.model_info(bench.engine, bench.dataset_names()))
+    circuits = [CircuitSummary(name=n, nodes=g.number_of_nodes(), edges=g.number_of_edges())
+                for n, g in sorted((bench.circuits or {}).items())]
+    return ModelPage(info=info, tasks=ops.list_tasks(), runs=runs.summaries() if runs else [], circuits=circuits)
+
+
+def example_text(bench: Workbench, token_ids: list[int]) -> str:
+    """The text of a dataset window, for the ops that take a prompt (BOS is added back by them)."""
+    bos = bench.engine.tokenizer.bos_token_id
+    ids = token_ids[1:] if token_ids and token_ids[0] == bos else token_ids
+    return bench.engine.tokenizer.decode(ids)
+
+
+def component_view(bench: Workbench, component: str) -> ComponentView:
+    """The component page plus random examples and, for heads, the attention pattern of the
+    top example (query = the example's position)."""
+    def go():
+        page = component_page(bench, component)
+        view = ComponentView(page=page)
+        base = page.id.split("@")[0]
+        ds = bench.dataset
+        if ds is None or page.kind not in ("neuron", "head", "sae"):
+            return view
+        try:
+            view.random = top_examples_of(ds, base, 5, "random")
+        except TdbError:
+            pass
+        top = (page.sections.get("top_examples") or {}).get("examples") or []
+        if page.kind == "head" and top:
+            ex = top[0]
+            text = example_text(bench, ex["token_ids"])
+            LimitChecks(bench).text(text)
+            view.attention = ops.attention_pattern(bench.engine, text, base, cache=bench.cache)
+            shift = len(view.attention.tokens) - len(ex["tokens"])  # 0 when the window starts with BOS
+            view.attention_query = ex["position"] + shift
+        return view
+    return run_tool(bench, "component page", go)
+
+
+def graph_rows(graph: dict[str, Any]) -> list[GraphRow]:
+    """Rows of the picture in residual-stream order (the order `circuits.draw` uses)."""
+    keys = {}
+    for n in graph.get("nodes", []):
+        try:
+            keys[n["id"]] = stream_order(parse_component(n["id"]))
+        except TdbError:
+            keys[n["id"]] = (-2, 0)
+    order = sorted(set(keys.values()), reverse=True)  # logits first
+    names = {0: "attn", 1: "mlp", 2: "resid"}
+
+    def label(key):
+        layer, sub = key
+        return "logits" if layer == float("inf") else "embed" if layer == -1 else "?" if layer == -2 \
+            else f"L{layer} {names[sub]}"
+    return [GraphRow(id=i, row=order.index(k), label=label(k)) for i, k in keys.items()]
+
+
+def circuit_view(bench: Workbench, name: str) -> CircuitView:
+    from tdb_agent.circuits.io import to_json
+
+    graph = (bench.circuits or {}).get(name)
+    if graph is None:
+        raise TdbError(f"no circuit named {name!r}; circuits: {', '.join(sorted(bench.circuits)) or 'none yet'}")
+    data = json.loads(json.dumps(to_json(graph), default=str))
+    return CircuitView(name=name, graph=data, rows=graph_rows(data))
+
+
+# ------------------------------------------------------------------ run folders
+def is_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).exists() for f in ("run.json", "graph.json", "transcript.jsonl"))
+
+
+class RunIndex:
+    """The run folders a viewer shows: one run (`tdb-agent view RUN_DIR`) or every run in a
+    folder of runs (`runs/`). Re-read on each request, so new runs appear."""
+
+    def __init__(self, *paths: str | Path):
+        self.paths = [Path(p).resolve() for p in paths]
+
+    def folders(self) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for p in self.paths:
+            if is_run(p):
+                out[p.name] = p
+            elif p.is_dir():
+                out.update({c.name: c for c in sorted(p.iterdir()) if is_run(c)})
+        return out
+
+    def get(self, name: str) -> Path:
+        folders = self.folders()
+        if name not in folders:
+            raise TdbError(f"no run named {name!r}; runs: {', '.join(folders) or 'none'}")
+        return folders[name]
+
+    def summaries(self) -> list[RunSummary]:
+        out = []
+        for name, path in self.folders().items():
+            cfg, graph, events = _read_run(path)
+            g = (graph or {}).get("graph", {})
+            out.append(RunSummary(name=name, path=str(path), task=cfg.get("task"), planner=cfg.get("planner"),
+                                  faithfulness=g.get("faithfulness"), n_nodes=len((graph or {}).get("nodes", [])),
+                                  n_steps=len(events)))
+        return out
+
+    def view(self, name: str) -> RunView:
+        path = self.get(name)
+        cfg, graph, events = _read_run(path)
+        graph = graph or {"directed": True, "graph": {}, "nodes": [], "links": []}
+        report = (path / "report.md").read_text(encoding="utf-8") if (path / "report.md").exists() else None
+        return RunView(name=name, path=str(path), config=cfg, graph=graph, rows=graph_rows(graph), events=events,
+                       report=report)
+
+
+def _read_run(path: Path) -> tuple[dict, dict | None, list[dict]]:
+    from tdb_agent.agent.runstore import RunStore
+
+    store = RunStore(path)  # the folder exists (is_run), so nothing is written
+    cfg = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
+    try:
+        graph = store.load_graph()
+    except json.JSONDecodeError:
+        graph = None
+    return cfg, graph, store.events()
