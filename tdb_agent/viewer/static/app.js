@@ -564,7 +564,8 @@ function showEdge(detail, e) {
     h("p", {}, componentLink(e.source), " · ", componentLink(e.target)));
 }
 
-function validationBlock(g) {
+/** Faithfulness and validation; `middle()` (the graph) goes between the summary and the necessity table. */
+function validationBlock(g, middle) {
   const v = g.validation || {}, f = g.faithfulness ?? v.faithfulness;
   const out = [h("div", {class: "cols"},
     h("div", {class: "card"}, h("div", {class: "muted"}, "faithfulness"), h("div", {class: "big", id: "faithfulness"}, fmt(f, 3)),
@@ -573,7 +574,8 @@ function validationBlock(g) {
       ["ablation", v.mode ? `${v.mode}, ${v.positions}` : null], ["pairs", v.n_pairs],
       ["metric full / empty / circuit", v.metric_full != null ? `${fmt(v.metric_full)} / ${fmt(v.metric_empty)} / ${fmt(v.metric_circuit)}` : null],
       ["kept of universe", v.n_kept != null ? `${v.n_kept} of ${v.n_universe}` : null],
-      ["pruned", g.prune ? `${g.prune.method.split(":")[0]} to threshold ${g.prune.threshold}: faithfulness ${fmt(g.prune.start_faithfulness)} → ${fmt(g.prune.faithfulness)}` : null]]))];
+      ["pruned", g.prune ? `${g.prune.method.split(":")[0]} to threshold ${g.prune.threshold}: faithfulness ${fmt(g.prune.start_faithfulness)} → ${fmt(g.prune.faithfulness)}` : null]])),
+    ...middle()];
   if (v.necessity && v.necessity.length) {
     out.push(h("h3", {}, "Necessity (faithfulness without each node)"), sortableTable([
       {key: "id", label: "node", render: (r) => componentLink(r.id)},
@@ -601,7 +603,10 @@ function transcriptBlock(events, highlight) {
   function go(i) {
     cur = Math.max(0, Math.min(events.length - 1, i));
     items.forEach((li, j) => li.classList.toggle("current", j === cur));
-    items[cur].scrollIntoView({block: "nearest"});
+    const li = items[cur];  // scroll the list only, never the page
+    if (li.offsetTop < list.scrollTop || li.offsetTop + li.offsetHeight > list.scrollTop + list.clientHeight) {
+      list.scrollTop = li.offsetTop - list.clientHeight / 2;
+    }
     const e = events[cur];
     counter.textContent = `step ${cur + 1} of ${events.length}`;
     const { step, time, kind, tool, arguments: args, result, ...rest } = e;
@@ -644,9 +649,7 @@ async function circuitPage(app, kind, name) {
     cfg ? h("p", {class: "muted"}, [cfg.task ? `task ${cfg.task}` : `prompt ${JSON.stringify(cfg.prompt)}`,
       `planner ${cfg.planner}`, cfg.model ? `model ${cfg.model}` : "bundled model", d.path].filter(Boolean).join(" · ")) : null,
     g.graph && g.graph.description ? h("p", {}, g.graph.description) : null,
-    ...validationBlock(g.graph || {}),
-    h("h2", {}, "Circuit graph"), legend,
-    h("div", {class: "graphwrap"}, svg, detail),
+    ...validationBlock(g.graph || {}, () => [h("h2", {}, "Circuit graph"), legend, h("div", {class: "graphwrap"}, svg, detail)]),
     d.events ? h("h2", {}, "Transcript") : null,
     ...(d.events ? transcriptBlock(d.events, highlight) : []),
     d.report ? h("details", {}, h("summary", {}, "report.md"), h("pre", {class: "json"}, d.report)) : null,
