@@ -5,8 +5,9 @@ A fixed, systematic procedure that an LLM agent is compared with:
 1. behaviour: predict on the first prompt pair (is there anything to explain?);
 2. candidates: heads and MLP blocks ranked by direct effect, by act x grad against the
    corrupted prompt (attribution patching), and by single-component resample ablation;
-3. redundancy: ablate the top act x grad heads *together*; when the group's effect is much
-   larger than the sum of its single ablations (backup heads), keep the whole group;
+3. redundancy: ablate the top act x grad heads, and each layer's heads, *together*; when a
+   group's effect is much larger than the sum of its single ablations (backup heads), find
+   the members that each restore it when left alone, keep them and protect them from pruning;
 4. structure: trace upstream from the strongest heads through q, k and v, adding the
    upstream heads with strong edges;
 5. the graph: every node and edge with the measurement that put it there;
@@ -60,6 +61,59 @@ def _score_table(*rankings: list[tuple[str, float]]) -> dict[str, float]:
     return scores
 
 
+#: a group is redundant when its joint ablation moves the metric by more than this many times
+#: the sum of its members' single ablations, and by at least GROUP_MATTERS of the clean metric
+SUPERADDITIVE = 1.5
+GROUP_MATTERS = 0.2
+#: a member "carries" a redundant group when, left alone in it, it restores this much of it
+CARRIES = 0.3
+
+
+async def _redundant_groups(tb: Toolbox, ex: dict, total: dict[str, float], single: dict[str, float],
+                            clean: float, n_layers: int, n_heads: int,
+                            notes: list[str]) -> list[tuple[list[str], list[dict]]]:
+    """Backup heads: single ablations miss a job that several heads each do alone.
+
+    Candidate groups are the top act x grad heads and every layer's heads. A group is
+    redundant when ablating it together matters (GROUP_MATTERS) and far more than its
+    single ablations add up to (SUPERADDITIVE). Its carriers are found by leaving one member
+    in (the rest ablated): a member that restores CARRIES of the group's effect does the job
+    alone. Returns (members to keep, their evidence) per redundant group."""
+    P, C, T, D = ex["prompt"], ex["corrupted_prompt"], ex["target"], ex["distractor"]
+    top = [cid for cid, _ in sorted(total.items(), key=lambda kv: -abs(kv[1])) if ".H" in cid][:6]
+    candidates = [("top act x grad heads", top)] + [
+        (f"layer {layer} heads", [f"L{layer}.H{h}" for h in range(n_heads)]) for layer in range(n_layers)]
+    found: list[tuple[list[str], list[dict]]] = []
+    for label, members in candidates:
+        if len(members) < 2:
+            continue
+        group = await tb("ablate", prompt=P, components=members, target=T, distractor=D, mode="resample",
+                         corrupted_prompt=C)
+        singles = sum(abs(single.get(h, 0.0)) for h in members)
+        joint = group["delta"]
+        if joint == 0 or abs(joint) <= SUPERADDITIVE * singles or abs(joint) < GROUP_MATTERS * abs(clean):
+            continue
+        ev = [{"tool": "ablate", "args": {"components": members, "mode": "resample"}, "value": round(joint, 4)}]
+        restored: dict[str, float] = {}
+        for h in members:
+            rest = [m for m in members if m != h]
+            r = await tb("ablate", prompt=P, components=rest, target=T, distractor=D, mode="resample",
+                         corrupted_prompt=C)
+            restored[h] = 1.0 - r["delta"] / joint
+        carriers = [h for h in members if restored[h] >= CARRIES]
+        if not carriers and label.startswith("top"):
+            carriers = list(members)  # no member does it alone: the top heads are kept together
+        notes.append(f"redundancy ({label}): ablating {members} together changes the metric by {joint:.3f}, "
+                     f"their single ablations by {singles:.3f} in total; left alone in the group, each restores "
+                     + ", ".join(f"{h} {restored[h]:.2f}" for h in members)
+                     + (f": kept {carriers} (protected from pruning)" if carriers else ": no single member restores it"))
+        for h in carriers:
+            found.append(([h], ev + [{"tool": "ablate", "args": {"components": [m for m in members if m != h],
+                                                                  "mode": "resample", "left_in": h},
+                                      "value": round(restored[h], 4)}]))
+    return found
+
+
 async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: str, *,
                    threshold: float = 0.8, max_nodes: int = 15, n_validate: int = 8,
                    mode: str = "mean") -> DiscoveryResult:
@@ -68,6 +122,7 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
     `n_validate` pairs (or `pairs` when there is no task)."""
     notes: list[str] = []
     rejected: list[str] = []
+    group_evidence: dict[str, list[dict]] = {}
     ex = pairs[0]
     P, C, T, D = ex["prompt"], ex["corrupted_prompt"], ex["target"], ex["distractor"]
     pred = await tb("predict", prompt=P, target=T, distractor=D, top_k=5)
@@ -86,16 +141,16 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
     single = {r["id"]: r["delta"] for r in sweep_h["rows"] + sweep_m["rows"]}
     scores = _score_table(list(direct.items()), list(total.items()), list(single.items()))
 
-    # redundancy: do the top heads matter more together than alone?
-    top_heads = [cid for cid, _ in sorted(total.items(), key=lambda kv: -abs(kv[1])) if ".H" in cid][:6]
-    group = await tb("ablate", prompt=P, components=top_heads, target=T, distractor=D, mode="resample",
-                     corrupted_prompt=C)
-    singles = sum(abs(single.get(h, 0.0)) for h in top_heads)
-    if abs(group["delta"]) > 1.5 * singles:
-        notes.append(f"redundancy: ablating {top_heads} together changes the metric by {group['delta']:.3f}, "
-                     f"the single ablations by {singles:.3f} in total: kept as a group")
-        for h in top_heads:
+    # redundancy: groups that matter far more together than their single ablations add up to
+    info = await tb("model_info")
+    groups = await _redundant_groups(tb, ex, total, single, pred["metric"]["value"],
+                                     info["spec"]["n_layers"], info["spec"]["n_heads"], notes)
+    protected: list[str] = []
+    for members, evidence in groups:
+        for h in members:
             scores[h] = max(scores.get(h, 0.0), 0.5)
+            group_evidence.setdefault(h, []).extend(evidence)
+        protected += [h for h in members if h not in protected]
 
     # structure: trace the strongest heads' attention and values upstream; one edge per pair
     # of nodes (the strongest of its q/k/v traces), the others kept as evidence
@@ -137,6 +192,7 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
                        "value": round(total[cid], 4)})
         if cid in single:
             ev.append({"tool": "ablation_sweep", "args": {"mode": "resample"}, "value": round(single[cid], 4)})
+        ev += group_evidence.get(cid, [])
         role = "writes to the logits" if abs(direct.get(cid, 0.0)) >= 0.3 * max(
             (abs(v) for v in direct.values()), default=1.0) else "upstream"
         effect = total.get(cid, direct.get(cid, single.get(cid)))
@@ -168,7 +224,8 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
         if faithfulness >= threshold:
             break
     if faithfulness is not None and faithfulness >= threshold:
-        pr = await tb("circuit_prune", name=circuit, threshold=threshold, mode=mode, into=circuit)
+        pr = await tb("circuit_prune", name=circuit, threshold=threshold, mode=mode, into=circuit,
+                      protect=[h for h in protected if h in kept])
         removed = [n for n in kept if n not in pr.get("kept", kept)]
         rejected += removed
         if removed:
