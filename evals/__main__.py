@@ -1,0 +1,108 @@
+"""`python -m evals`: score circuit discovery and explanations; write RESULTS.md and results.json.
+
+    python -m evals            # everything (under 15 minutes on two CPU cores)
+    python -m evals --quick    # constructed models, bundled IOI, explanation sample (under 2 minutes; CI)
+    python -m evals --out DIR  # write elsewhere (default: evals/)
+
+Tiers: 1 constructed models (hand-set weights), 2 trained toy with redundant heads
+(full run only: training takes tens of seconds), 3 Tracr (left out, see RESULTS.md),
+4 the bundled model's tasks against stored reference circuits (`evals/reference`),
+5 literature lists (`evals/literature.json`, data only), and explanations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from evals import constructed, explanations, reference
+from evals.methods import AGENT_METHODS, RANKING_METHODS, Case, MethodResult, score_case
+from evals.report import TRACR_NOTE, Results, write
+from tdb_agent.circuits import PromptPair
+from tdb_agent.tasks import task_examples
+
+HERE = Path(__file__).resolve().parent
+METHODS = list(RANKING_METHODS) + list(AGENT_METHODS)
+
+
+def constructed_cases(root: Path, n_pairs: int) -> list[Case]:
+    cases = []
+    for name in constructed.CASES:
+        c = constructed.build_case(name, root)
+        cases.append(Case(tier="constructed", name=name, model_dir=c.model_dir,
+                          pairs=constructed.case_pairs(name, n_pairs, seed=1), truth_nodes=c.nodes,
+                          truth_edges=c.edges, truth_neurons=c.neurons, note=c.description))
+    return cases
+
+
+def bundled_cases(tasks: list[str], n_pairs: int) -> list[Case]:
+    cases = []
+    for task in tasks:
+        ref = reference.load(task)
+        cases.append(Case(tier="bundled", name=task, task=task,
+                          pairs=[PromptPair(**ex.model_dump()) for ex in task_examples(task, n_pairs, seed=0)],
+            truth_nodes=ref.nodes, note=f"reference: node patching, {ref.n_pairs} pairs (seed {ref.seed}), "
+                                        f"threshold {ref.threshold}"))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m evals", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a subset in under 2 minutes (CI)")
+    ap.add_argument("--out", default=str(HERE), help="folder for RESULTS.md and results.json")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("TDB_EVAL_THREADS", "2")))
+    ap.add_argument("--keep-runs", default=None, help="keep the agents' run folders here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[MethodResult] = []
+    toy_truths = []
+    keep = Path(args.keep_runs) if args.keep_runs else None
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        print("tier 1: constructed models", flush=True)
+        cases = constructed_cases(root / "constructed", 16)
+        for case in cases:
+            results += score_case(case, METHODS, keep)
+        if not args.quick:
+            print("tier 2: trained toy with redundant induction heads", flush=True)
+            from evals.toy import toy_case
+            for seed in (0, 1):
+                case, truth = toy_case(root / "toy", seed=seed)
+                toy_truths.append({"case": case.name, **truth.model_dump()})
+                results += score_case(case, METHODS, keep)
+        print("tier 4: bundled model tasks", flush=True)
+        tasks = ["ioi"] if args.quick else ["ioi", "induction", "greater_than", "facts"]
+        for case in bundled_cases(tasks, 16):
+            results += score_case(case, (list(RANKING_METHODS) + ["scripted_planner"]) if args.quick else METHODS,
+                                  keep)
+        print("explanations", flush=True)
+        expl = explanations.run(str(root / "constructed" / "class_neuron"), quick=args.quick)
+    res = Results(command="python -m evals" + (" --quick" if args.quick else ""), quick=args.quick,
+                  seconds=time.time() - t0, threads=args.threads, machine=f"{platform.machine()}, {os.cpu_count()} "
+                  f"CPUs visible, torch {torch.__version__}, python {sys.version.split()[0]}",
+                  results=results, toy_truth=toy_truths,
+                  references={t: reference.load(t).model_dump(include={"nodes", "n_pairs", "seed", "threshold",
+                                                                       "command"}) for t in tasks},
+                  explanations=expl, tracr=TRACR_NOTE,
+                  literature=json.loads((HERE / "literature.json").read_text()))
+    write(res, out)
+    print(f"wrote {out / 'RESULTS.md'} and {out / 'results.json'} in {res.seconds:.0f} s")
+    failed = [r for r in results if r.status.startswith("failed")]
+    if failed:
+        print(f"{len(failed)} (case, method) runs failed; they are in the table", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

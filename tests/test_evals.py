@@ -1,0 +1,198 @@
+"""Evals (#7): the scoring functions on hand cases, the constructed models' mechanisms, and
+the quick eval end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from evals import constructed
+from evals.reference import node_effects
+from evals.scoring import area, cpr_cmd, first_reaching, ranking, roc_auc, set_scores
+from tdb_agent.circuits import Evaluator, keep_set
+from tdb_agent.engine import Engine
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def test_set_scores_hand_cases():
+    s = set_scores({"a", "b", "c"}, {"b", "c", "d"})
+    assert (s.tp, s.fp, s.fn) == (2, 1, 1)
+    assert s.precision == pytest.approx(2 / 3) and s.recall == pytest.approx(2 / 3) and s.f1 == pytest.approx(2 / 3)
+    s = set_scores(set(), {"a"})
+    assert s.precision is None and s.recall == 0 and s.f1 == 0
+    assert set_scores({"a"}, {"a"}).f1 == 1.0
+    s = set_scores({"a", "b", "c", "d"}, {"a"})  # P 1/4, R 1: F1 = 2PR/(P+R) = 0.4
+    assert s.f1 == pytest.approx(2 * 0.25 * 1 / 1.25)
+
+
+def test_roc_auc_hand_cases():
+    uni = ["a", "b", "c", "d"]
+    # positives a (3), c (1); negatives b (2), d (0): a>b, a>d, c<b, c>d -> 3/4
+    assert roc_auc({"a": 3, "b": 2, "c": 1, "d": 0}, {"a", "c"}, uni) == 0.75
+    assert roc_auc({"a": 1, "b": 1}, {"a"}, ["a", "b"]) == 0.5  # a tie counts one half
+    assert roc_auc({}, {"a"}, ["a", "b"]) == 0.5  # unscored: tied below everything
+    assert roc_auc({"b": 1.0}, {"a"}, ["a", "b"]) == 0.0
+    assert roc_auc({"a": 1}, {"a"}, ["a"]) is None  # no negatives
+    assert ranking({"c": 2, "a": 1}, uni) == ["c", "a", "b", "d"]
+
+
+def test_roc_auc_matches_the_rank_sum_formula():
+    rng = random.Random(0)
+    uni = [f"u{i}" for i in range(30)]
+    scores = {u: rng.random() for u in uni}  # no ties
+    truth = set(rng.sample(uni, 9))
+    order = sorted(uni, key=lambda u: scores[u])  # ascending: rank 1 = lowest
+    rank_sum = sum(i + 1 for i, u in enumerate(order) if u in truth)
+    n1, n0 = len(truth), len(uni) - len(truth)
+    assert roc_auc(scores, truth, uni) == pytest.approx((rank_sum - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def test_cpr_cmd_hand_cases():
+    assert cpr_cmd([0, 1]) == pytest.approx((0.5, 0.5))
+    assert cpr_cmd([1, 1, 1]) == pytest.approx((1.0, 0.0))
+    assert cpr_cmd([0, 1, 1]) == pytest.approx((0.75, 0.25))  # x = 0, .5, 1
+    assert cpr_cmd([0, 2]) == pytest.approx((1.0, 0.5))  # |1 - f| crosses zero at x = 1/2: two triangles
+    assert first_reaching([0, 0.5, 0.85, 0.9], 0.8) == 2 and first_reaching([0, 0.1], 0.8) is None
+    with pytest.raises(ValueError):
+        cpr_cmd([1.0])
+
+
+def test_cpr_cmd_against_dense_sampling():
+    rng = random.Random(1)
+    curve = [0.0] + [rng.uniform(-0.5, 1.6) for _ in range(9)] + [1.0]
+    n = len(curve) - 1
+    steps = 200_000
+    cpr = cmd = 0.0
+    for i in range(steps):  # midpoint rule on the piecewise-linear curve
+        x = (i + 0.5) / steps * n
+        j = min(int(x), n - 1)
+        f = curve[j] + (x - j) * (curve[j + 1] - curve[j])
+        cpr += f / steps
+        cmd += abs(1 - f) / steps
+    got = cpr_cmd(curve)
+    assert got[0] == pytest.approx(cpr, abs=1e-6) and got[1] == pytest.approx(cmd, abs=1e-6)
+    assert area([0, 1], [2, 2]) == 2.0
+
+
+# ----------------------------------------------------------------------------- constructed models
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("constructed")
+    return {name: constructed.build_case(name, root) for name in constructed.CASES}
+
+
+@pytest.mark.parametrize("name", constructed.CASES)
+def test_constructed_mechanism_works_in_plain_transformers(built, name):
+    """Plain transformers (not our engine): the model predicts the target on every clean
+    prompt, and the logit difference collapses on the corrupted prompt."""
+    case = built[name]
+    model = AutoModelForCausalLM.from_pretrained(case.model_dir).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(case.model_dir)
+    clean_diffs, corr_diffs = [], []
+    for p in constructed.case_pairs(name, 16, seed=3):
+        t, d = (tok.convert_tokens_to_ids(w) for w in (p.target, p.distractor))
+        for text, out in ((p.prompt, clean_diffs), (p.corrupted_prompt, corr_diffs)):
+            ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                logits = model(ids).logits[0, -1]
+            if out is clean_diffs:
+                assert logits.argmax().item() == t, (text, tok.decode([logits.argmax().item()]))
+            out.append((logits[t] - logits[d]).item())
+    assert min(clean_diffs) > 5.0
+    assert sum(clean_diffs) / 16 - sum(corr_diffs) / 16 > 8.0
+
+
+@pytest.mark.parametrize("name", constructed.CASES)
+def test_constructed_ground_truth_by_single_node_patching(built, name):
+    """Brute force (the reference code, independent of ops/circuits): patching a true node
+    from the corrupted prompt removes most of the behaviour; any other node, little."""
+    case = built[name]
+    engine = Engine.load(case.model_dir, device="cpu")
+    effects, _, _ = node_effects(engine, constructed.case_pairs(name, 12, seed=4))
+    by = {e.node: e.noising for e in effects}
+    for node in case.nodes:
+        assert by[node] < -0.7, (node, by[node])
+    others = {n: v for n, v in by.items() if n not in case.nodes}
+    assert max(abs(v) for v in others.values()) < 0.1, others
+
+
+@pytest.mark.parametrize("name", ["induction", "class_neuron"])
+def test_constructed_ground_truth_is_the_smallest_faithful_subset(built, name):
+    """Exhaustive over all 1,024 subsets of the 2-layer models' heads and MLP blocks: the
+    smallest subset with resample faithfulness >= 0.9 is exactly the constructed circuit."""
+    case = built[name]
+    engine = Engine.load(case.model_dir, device="cpu")
+    uni = [f"L{l}.H{h}" for l in range(2) for h in range(4)] + ["L0.MLP", "L1.MLP"]
+    ev = Evaluator(engine, constructed.case_pairs(name, 8, seed=5), mode="resample")
+    subsets = [list(c) for r in range(len(uni) + 1) for c in itertools.combinations(uni, r)]
+    rows = ev.metric_rows([keep_set(s, engine.spec) for s in subsets])
+    f = [ev.faithfulness(r) for r in rows]
+    reaching = [s for s, v in zip(subsets, f) if v >= 0.9]
+    smallest = min(len(s) for s in reaching)
+    assert [sorted(s) for s in reaching if len(s) == smallest] == [sorted(case.nodes)]
+
+
+def test_evaluator_faithfulness_matches_hand_hooks(built):
+    """The faithfulness the evals use (circuits.Evaluator, resample) equals a hand computation:
+    every head and MLP block outside the circuit gets its activation from the corrupted run."""
+    case = built["induction"]
+    engine = Engine.load(case.model_dir, device="cpu")
+    pairs = constructed.case_pairs("induction", 6, seed=6)
+    ev = Evaluator(engine, pairs, mode="resample")
+    circuit = ["L1.H1", "L0.H2", "L1.MLP"]
+    got = ev.faithfulness(ev.metric_rows([keep_set(circuit, engine.spec)])[0])
+    sites = [f"blocks.{l}.{s}" for l in range(2) for s in ("attn.hook_z", "hook_mlp_out")]
+
+    def metric(p, keep: list[str]) -> float:
+        c, x = engine.to_tokens(p.prompt), engine.to_tokens(p.corrupted_prompt)
+        _, src = engine.run_with_cache(x, sites)
+        hooks = {}
+        for l in range(2):
+            def z_hook(a, _s, l=l):
+                a = a.clone()
+                for h in range(4):
+                    if f"L{l}.H{h}" not in keep:
+                        a[:, :, h] = src[f"blocks.{l}.attn.hook_z"][:, :, h]
+                return a
+
+            hooks[f"blocks.{l}.attn.hook_z"] = z_hook
+            if f"L{l}.MLP" not in keep:
+                hooks[f"blocks.{l}.hook_mlp_out"] = lambda a, _s, l=l: src[f"blocks.{l}.hook_mlp_out"]
+        logits = engine.forward(c, hooks=hooks, logit_positions=[-1]).logits[0, -1]
+        return (logits[engine.token_id(p.target)] - logits[engine.token_id(p.distractor)]).item()
+
+    everything = [f"L{l}.H{h}" for l in range(2) for h in range(4)] + ["L0.MLP", "L1.MLP"]
+    with torch.no_grad():
+        m_c, m_full, m_empty = (sum(metric(p, keep) for p in pairs) / len(pairs) for keep in (circuit, everything, []))
+    assert got == pytest.approx((m_c - m_empty) / (m_full - m_empty), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- the quick eval, end to end
+
+def test_quick_evals_run_and_score_the_constructed_cases(tmp_path):
+    from evals.__main__ import main
+
+    assert main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "Tier 1" in md and "Tier 4" in md and "Tracr" in md and "Explanations" in md
+    rows = {(r["tier"], r["case"], r["method"]): r for r in res["results"]}
+    for case in constructed.CASES:
+        for method in ("direct_effect", "act_times_grad", "ablation_sweep", "scripted_planner", "llm_agent"):
+            assert ("constructed", case, method) in rows  # every (case, method) stays in the table
+        sweep = rows[("constructed", case, "ablation_sweep")]
+        assert sweep["status"] == "ok" and sweep["nodes"]["f1"] == 1.0 and sweep["auc"] == 1.0
+        assert rows[("constructed", case, "(truth)")]["faithfulness"]["resample"] > 0.95
+        assert rows[("constructed", case, "scripted_planner")]["status"] == "ok"
+    # the confounder head has a large direct effect: direct effect alone misses the induction circuit
+    assert rows[("constructed", "induction", "direct_effect")]["nodes"]["f1"] < 1.0
+    assert rows[("constructed", "induction", "scripted_planner")]["cost"]["forward_passes"] > 0
+    assert ("bundled", "ioi", "scripted_planner") in rows
+    assert res["explanations"]["planted"] and res["explanations"]["planted"][0]["names_feature"]
