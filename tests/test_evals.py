@@ -196,3 +196,31 @@ def test_quick_evals_run_and_score_the_constructed_cases(tmp_path):
     assert rows[("constructed", "induction", "scripted_planner")]["cost"]["forward_passes"] > 0
     assert ("bundled", "ioi", "scripted_planner") in rows
     assert res["explanations"]["planted"] and res["explanations"]["planted"][0]["names_feature"]
+
+
+def test_llm_agent_method_is_scored_through_discover(built, monkeypatch):
+    """With an endpoint configured (here the local fake OpenAI server playing a script), the
+    llm_agent method runs `discover` with the LLM planner and its circuit is scored."""
+    from evals.methods import Case, Curves, score_agent
+    from tests.fake_openai import FakeOpenAI, text_response, tool_call_response
+
+    case = built["induction"]
+    pairs = constructed.case_pairs("induction", 4, seed=7)
+    p = pairs[0].model_dump()
+    script = [
+        tool_call_response([("circuit_create", json.dumps({"name": "prompt", "pairs": [p], "overwrite": True}))]),
+        tool_call_response([("circuit_add", json.dumps({
+            "name": "prompt", "nodes": [{"id": "L0.H0"}, {"id": "L1.H1"}],
+            "edges": [{"source": "L0.H0", "target": "L1.H1", "via": "k"}, {"source": "L1.H1", "target": "LOGITS"}]}))]),
+        text_response("L0.H0 (previous token) -> L1.H1 (induction) -> logits."),
+    ]
+    ev_case = Case(tier="constructed", name="induction", model_dir=case.model_dir, pairs=pairs,
+                   truth_nodes=case.nodes, truth_edges=case.edges, modes=["resample"], select_mode="resample")
+    engine = Engine.load(case.model_dir, device="cpu")
+    with FakeOpenAI(script) as fake:
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.url)
+        monkeypatch.setenv("OPENAI_API_KEY", "x")
+        r = score_agent(engine, ev_case, Curves(engine, ev_case), "llm_agent")
+    assert r.status == "ok", r.detail.get("traceback")
+    assert sorted(r.found) == ["L0.H0", "L1.H1"] and r.nodes.f1 == 1.0 and r.edges.f1 == 1.0
+    assert r.faithfulness["resample"] > 0.95 and r.detail["tool_calls"] >= 2
