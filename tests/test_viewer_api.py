@@ -12,7 +12,8 @@ from tdb_agent import ops
 from tdb_agent.engine import DEFAULT_MODEL, Engine
 from tdb_agent.engine.sae import attach_saes
 from tdb_agent.server.http import HttpSettings, http_app
-from tdb_agent.server.resources import component_page
+from tdb_agent.circuits import add_edge, add_node, new_circuit
+from tdb_agent.server.resources import circuit_json, component_page
 from tdb_agent.server.sae_tools import top_examples_of
 from tdb_agent.viewer.api import RunIndex, example_text
 from tdb_agent.workbench import Workbench
@@ -104,7 +105,9 @@ def test_component_endpoint_is_the_resource_page(client, bench):
 def test_run_and_model_endpoints_read_the_folder(client, run_dir):
     view = client.get("/api/run/ioi-test").json()
     same(view["graph"], json.loads((run_dir / "graph.json").read_text()))
-    assert [e["tool"] for e in view["events"]] == ["predict", "attribute", "trace_upstream", "circuit_validate"]
+    assert [e["tool"] for e in view["events"] if e["kind"] == "tool_call"] == [
+        "predict", "attribute", "trace_upstream", "circuit_validate"]
+    assert [e["kind"] for e in view["events"]][:2] == ["message", "message"]
     rows = {r["id"]: r for r in view["rows"]}
     assert rows["LOGITS"]["row"] == 0 and rows["LOGITS"]["label"] == "logits"
     assert view["report"].startswith("# ioi")
@@ -113,6 +116,21 @@ def test_run_and_model_endpoints_read_the_folder(client, run_dir):
     [run] = model["runs"]
     assert run["name"] == "ioi-test" and run["faithfulness"] == view["graph"]["graph"]["faithfulness"]
     assert {t["name"] for t in model["tasks"]["tasks"]} >= {"ioi", "induction"}
+
+
+def test_circuit_endpoint_is_the_circuit_resource(client, bench):
+    g = new_circuit("t", metric="logit_diff")
+    add_node(g, "L3.H1", role="name mover")
+    add_edge(g, "L3.H1", "LOGITS", weight=1.5)
+    bench.circuits["t"] = g
+    try:
+        view = client.get("/api/circuit/t").json()
+        assert view["graph"] == json.loads(circuit_json(bench, "t"))  # = tdb://circuit/t
+        assert {r["id"]: r["row"] for r in view["rows"]} == {"LOGITS": 0, "L3.H1": 1}
+        assert client.get("/api/model").json()["circuits"] == [{"name": "t", "nodes": 2, "edges": 1}]
+    finally:
+        del bench.circuits["t"]
+    assert client.get("/api/circuit/t").status_code == 404
 
 
 def test_errors_say_what_was_wrong(client):

@@ -32,6 +32,9 @@ def make_run(engine: Engine, folder: Path) -> Path:
         return result
 
     base = {"prompt": ex.prompt, "target": ex.target, "distractor": ex.distractor}
+    store.append("message", message={"role": "user", "content": f"Find the circuit behind {ex.prompt!r}"})
+    store.append("message", message={"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "predict", "arguments": "{}"}}]})
     call("predict", {**base, "top_k": 5}, lambda: ops.predict(engine, **base, top_k=5))
     attr = call("attribute", {**base, "kinds": ["head"], "top_k": 3},
                 lambda: ops.attribute(engine, ex.prompt, ex.target, ex.distractor, kinds=["head"], top_k=3))
@@ -55,6 +58,7 @@ def make_run(engine: Engine, folder: Path) -> Path:
     v = validate(engine, g, mode="mean")
     store.append("tool_call", tool="circuit_validate", arguments={"name": "ioi"}, is_error=False, seconds=0.0,
                  result=v.model_dump(mode="json"))
+    store.append("note", text=f"validated: faithfulness {v.faithfulness:.3f}")
     store.save_graph(to_json(g))
     store.write("report.md", f"# ioi\n\nfaithfulness {v.faithfulness:.3f}\n")
     return folder

@@ -33,6 +33,10 @@ Mode = Literal["zero", "mean", "resample"]
 Kind = Literal["head", "neuron", "attn", "mlp", "emb", "sae"]
 
 
+class NotFound(TdbError):
+    """No run or circuit of that name (HTTP 404)."""
+
+
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -233,7 +237,7 @@ def circuit_view(bench: Workbench, name: str) -> CircuitView:
 
     graph = (bench.circuits or {}).get(name)
     if graph is None:
-        raise TdbError(f"no circuit named {name!r}; circuits: {', '.join(sorted(bench.circuits)) or 'none yet'}")
+        raise NotFound(f"no circuit named {name!r}; circuits: {', '.join(sorted(bench.circuits)) or 'none yet'}")
     data = json.loads(json.dumps(to_json(graph), default=str))
     return CircuitView(name=name, graph=data, rows=graph_rows(data))
 
@@ -262,7 +266,7 @@ class RunIndex:
     def get(self, name: str) -> Path:
         folders = self.folders()
         if name not in folders:
-            raise TdbError(f"no run named {name!r}; runs: {', '.join(folders) or 'none'}")
+            raise NotFound(f"no run named {name!r}; runs: {', '.join(folders) or 'none'}")
         return folders[name]
 
     def summaries(self) -> list[RunSummary]:

@@ -82,8 +82,10 @@ def add_viewer_routes(mcp: MCPServer, bench: Workbench, runs: api.RunIndex | Non
             except ValidationError as e:
                 return _error(422, "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}"
                                              for x in e.errors()))
+            except api.NotFound as e:
+                return _error(404, str(e))
             except (ToolError, TdbError) as e:
-                return _error(404 if "no run named" in str(e) or "no circuit named" in str(e) else 400, str(e))
+                return _error(400, str(e))
             except Exception as e:  # never a bare 500 page: the script shows the message
                 log.exception("viewer %s failed", path)
                 return _error(500, f"internal error ({type(e).__name__}: {str(e)[:300]})")

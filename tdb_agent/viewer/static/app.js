@@ -586,16 +586,26 @@ function validationBlock(g, middle) {
   return out;
 }
 
+// transcript.jsonl events: tool_call {tool, arguments, result | error}, message {message: an
+// OpenAI chat message}, tool_result {tool, message}, note {text}
+const isError = (e) => Boolean(e.is_error || e.error || e.ok === false);
+
 function stepSummary(e) {
-  if (e.kind === "tool_call") return `${e.tool}${e.is_error ? " (error)" : ""}`;
-  if (e.kind === "message") return `${e.role || "message"}: ${String(e.content || "").slice(0, 60)}`;
+  const m = e.message || {};
+  if (e.kind === "tool_call") return `${e.tool}${isError(e) ? " (error)" : ""}`;
+  if (e.kind === "message") {
+    const calls = (m.tool_calls || []).map((c) => c.function && c.function.name).filter(Boolean);
+    return `${m.role || "message"}: ` + (calls.length ? "calls " + calls.join(", ") : String(m.content || "").slice(0, 50));
+  }
+  if (e.kind === "tool_result") return `result of ${e.tool || "?"}`;
+  if (e.kind === "note") return `note: ${String(e.text || "").slice(0, 50)}`;
   return e.kind;
 }
 
 function transcriptBlock(events, highlight) {
   if (!events.length) return [h("p", {class: "muted"}, "empty transcript")];
   let cur = 0;
-  const items = events.map((e, i) => h("li", {class: e.is_error ? "err" : "", value: e.step ?? i, onclick: () => go(i)},
+  const items = events.map((e, i) => h("li", {class: isError(e) ? "err" : "", value: e.step ?? i, onclick: () => go(i)},
     stepSummary(e), e.seconds != null ? h("span", {class: "muted"}, ` ${fmt(e.seconds, 2)} s`) : null));
   const list = h("ol", {class: "steps", id: "steps"}, items);
   const view = h("div", {class: "stepview", id: "step-view"});
@@ -609,14 +619,17 @@ function transcriptBlock(events, highlight) {
     }
     const e = events[cur];
     counter.textContent = `step ${cur + 1} of ${events.length}`;
-    const { step, time, kind, tool, arguments: args, result, ...rest } = e;
+    const { step, time, kind, tool, arguments: args, result, message, text: note, error, ...rest } = e;
     const text = (x) => { const t = JSON.stringify(x, null, 1); return t.length > 20000 ? t.slice(0, 20000) + "\n…" : t; };
     fill(view, h("h3", {}, `#${step ?? cur} ${kind}${tool ? ": " + tool : ""}`),
       args ? h("div", {}, h("b", {}, "arguments"), h("pre", {class: "json"}, text(args))) : null,
-      e.content ? h("pre", {class: "json"}, String(e.content)) : null,
+      message && message.content ? h("div", {}, h("b", {}, message.role || "message"), h("pre", {class: "json"}, String(message.content))) : null,
+      message && message.tool_calls ? h("div", {}, h("b", {}, "tool calls"), h("pre", {class: "json"}, text(message.tool_calls))) : null,
+      note ? h("pre", {class: "json"}, String(note)) : null,
+      error ? h("div", {class: "error"}, String(error)) : null,
       result !== undefined ? h("div", {}, h("b", {}, "result"), h("pre", {class: "json"}, text(result))) : null,
       Object.keys(rest).length ? h("pre", {class: "json muted"}, text(rest)) : null);
-    highlight(JSON.stringify(args || e.content || ""));
+    highlight(JSON.stringify(args || (message && (message.tool_calls || message.content)) || note || ""));
   }
   const controls = h("div", {class: "stepper"}, h("button", {id: "step-prev", onclick: () => go(cur - 1)}, "◀ previous"),
     h("button", {id: "step-next", onclick: () => go(cur + 1)}, "next ▶"), counter,
