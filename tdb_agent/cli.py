@@ -121,6 +121,7 @@ def cmd_discover(args) -> int:
 
 def cmd_view(args) -> int:
     """The viewer on loopback (the same app as `serve --transport http`), showing RUN_DIR."""
+    import os
     import webbrowser
     from pathlib import Path
 
@@ -147,7 +148,9 @@ def cmd_view(args) -> int:
 
     def started():
         print(f"tdb-agent viewer on {url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
-        if not args.no_browser:
+        # only where there is a desktop: on a bare server webbrowser may start a text browser in this terminal
+        desktop = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+        if desktop and not args.no_browser:
             webbrowser.open(url)
     serve_http(bench, HttpSettings(host="127.0.0.1", port=args.port), runs=runs, on_started=started)
     return 0
