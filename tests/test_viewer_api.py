@@ -160,3 +160,13 @@ def test_token_protects_the_api_and_mcp_together(bench, run_dir):
         assert c.get("/").status_code == 200  # the page holds no data; its script sends the token
         assert c.post("/mcp", json=INIT, headers=MCP_HEADERS).status_code == 401
         assert c.post("/mcp", json=INIT, headers={**MCP_HEADERS, **auth}).status_code == 200
+
+
+def test_a_model_without_dataset_gets_weights_only_pages(gpt2_tiny):
+    app, _ = http_app(Workbench(gpt2_tiny), HttpSettings(), runs=RunIndex())
+    with TestClient(app, base_url=BASE) as c:
+        model = c.get("/api/model").json()
+        assert model["info"]["datasets"] == [] and model["runs"] == []
+        d = c.get("/api/component/L1.H2").json()
+        assert d["page"]["weights"] and d["page"]["sections"] == {} and d["random"] is None and d["attention"] is None
+        assert c.get("/api/component/L1.N5").json()["page"]["weights"][0]["promotes"]

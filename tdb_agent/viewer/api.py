@@ -209,7 +209,8 @@ def component_view(bench: Workbench, component: str) -> ComponentView:
             LimitChecks(bench).text(text)
             view.attention = ops.attention_pattern(bench.engine, text, base, cache=bench.cache)
             shift = len(view.attention.tokens) - len(ex["tokens"])  # 0 when the window starts with BOS
-            view.attention_query = ex["position"] + shift
+            if shift >= 0 and view.attention.tokens[shift:] == ex["tokens"]:  # else it re-tokenized differently
+                view.attention_query = ex["position"] + shift
         return view
     return run_tool(bench, "component page", go)
 
