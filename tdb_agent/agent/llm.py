@@ -17,15 +17,14 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from tdb_agent import PROMPTS
 from tdb_agent.agent.runstore import RunStore
 
 log = logging.getLogger(__name__)
 
-PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
 MAX_RESULT_CHARS = 12000
 
 

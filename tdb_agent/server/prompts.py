@@ -1,4 +1,4 @@
-"""MCP prompts from the investigation templates in `prompts/investigations/*.md`.
+"""MCP prompts from the investigation templates in `tdb_agent/prompts/investigations/*.md`.
 
 A template is markdown with a small header:
 
@@ -27,7 +27,9 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import INVALID_PARAMS
 from pydantic import BaseModel
 
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts" / "investigations"
+from tdb_agent import PROMPTS
+
+PROMPTS_DIR = PROMPTS / "investigations"
 MAX_ARGUMENT_CHARS = 20000
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")

@@ -1,0 +1,31 @@
+"""A non-editable install carries what the package reads at run time: the bundled model,
+SAEs, dataset, and the prompts (a wheel is what `pip install tdb-agent` unpacks)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_has_prompts_and_assets(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True)
+    wheel = next(tmp_path.glob("tdb_agent-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for rel in ["prompts/agent_system.md", "prompts/explain_component.md", "prompts/simulate_activations.md",
+                "assets/tdb-tiny/config.json", "assets/tdb-tiny/model.safetensors"]:
+        assert f"tdb_agent/{rel}" in names, rel
+    assert any(n.startswith("tdb_agent/prompts/investigations/") and n.endswith(".md") for n in names)
+    assert any(n.startswith("tdb_agent/viewer/static/") for n in names), "the viewer's pages"
+
+
+def test_prompts_live_in_the_package():
+    from tdb_agent import PROMPTS
+    from tdb_agent.server.prompts import load_templates
+
+    assert PROMPTS.is_relative_to(Path(__import__("tdb_agent").__file__).parent)
+    assert (PROMPTS / "agent_system.md").is_file()
+    assert load_templates()
