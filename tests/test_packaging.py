@@ -1,6 +1,7 @@
 """A non-editable install carries what the package reads at run time: the bundled model,
 SAEs, dataset, and the prompts (a wheel is what `pip install tdb-agent` unpacks)."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,9 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_has_prompts_and_assets(tmp_path):
+    # built from a copy: setuptools writes build/ and *.egg-info next to the sources
+    src = shutil.copytree(ROOT, tmp_path / "src", ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "runs", "tdb-workspace", "artifacts", "evals"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True)
-    wheel = next(tmp_path.glob("tdb_agent-*.whl"))
+                    "-w", str(tmp_path / "dist"), str(src)], check=True)
+    wheel = next((tmp_path / "dist").glob("tdb_agent-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for rel in ["prompts/agent_system.md", "prompts/explain_component.md", "prompts/simulate_activations.md",
                 "assets/tdb-tiny/config.json", "assets/tdb-tiny/model.safetensors"]:
