@@ -152,8 +152,9 @@ def planted_constructed(model_dir: str, n_docs: int) -> PlantedResult:
         e = Explainer(engine, ds, llm=ExplainerLLM(base_url=None, api_key=None), cache_dir=None).explain(
             "L0.N5", method="heuristic")
     return PlantedResult(feature="names", component="L0.N5", selectivity=None,
-                         how_found=f"constructed model class_neuron: L0.N5 fires on 10 names by construction "
-                                   f"(dataset built here over {n_docs} corpus documents)",
+                         how_found=f"constructed model class_neuron: L0.N5 fires on 10 of the 109 names by construction "
+                                   f"(dataset built here over {n_docs} corpus documents; the simulator predicts "
+                                   f"every name, hence a middling score)",
                          explanation=e.explanation, score=e.score, names_feature=_names_feature(e.explanation, "names"))
 
 

@@ -48,7 +48,9 @@ def _modes(d: dict[str, float]) -> str:
 
 def _row(r: MethodResult) -> str:
     if r.method == "(truth)":
-        return (f"| {r.case} | *ground truth* | {len(r.found)} nodes | | | | | {_modes(r.faithfulness)} | | | |")
+        label = "*reference*" if r.tier == "bundled" else "*ground truth*"
+        return (f"| {r.case} | {label} | {len(r.found)} nodes | | | | {', '.join(r.found)} | "
+                f"{_modes(r.faithfulness)} | | | |")
     if r.status != "ok":
         return f"| {r.case} | {r.method} | **{r.status}** | | | | | | | | |"
     n = r.nodes
@@ -57,13 +59,39 @@ def _row(r: MethodResult) -> str:
     auc = _f(r.auc) + (f" (neurons {_f(r.neuron_auc)})" if r.neuron_auc is not None else "")
     k = str(r.k) + ("" if r.detail.get("threshold_reached", True) else " (max f)")
     cost = f"{r.cost.forward_passes} / {r.cost.forward_rows} / {r.cost.backward_passes} / {r.cost.seconds:.1f}"
+    own = r.detail.get("planner_faithfulness", r.detail.get("agent_faithfulness"))
+    faith = _modes(r.faithfulness) + (f" (own report: {own:.2f})" if own is not None else "")
     return (f"| {r.case} | {r.method} | {prf} | {edge} | {auc} | {k} | {', '.join(r.found) or '∅'} | "
-            f"{_modes(r.faithfulness)} | {_modes(r.cpr)} | {_modes(r.cmd)} | {cost} |")
+            f"{faith} | {_modes(r.cpr)} | {_modes(r.cmd)} | {cost} |")
 
 
 HEADER = ("| case | method | node P / R / F1 | edge F1 | ROC AUC | k | circuit | faithfulness (mean / resample) | "
           "CPR (mean / resample) | CMD (mean / resample) | cost: fwd passes / rows / bwd / s |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def summary(res: Results) -> list[str]:
+    """Per tier and method: mean node F1 and faithfulness over the cases that ran."""
+    L = ["## Summary", "", "Means over the tier's cases (runs that failed count as F1 0; 'not run' rows are left out "
+         "and counted).", "", "| tier | method | cases run | mean node F1 | mean ROC AUC | mean faithfulness "
+         "(mean / resample) | failed | not run |", "|---|---|---|---|---|---|---|---|"]
+    methods = list(dict.fromkeys(r.method for r in res.results if r.method != "(truth)"))
+    for tier, _ in TIERS:
+        for m in methods:
+            rows = [r for r in res.results if r.tier == tier and r.method == m]
+            if not rows:
+                continue
+            ran = [r for r in rows if not r.status.startswith("not run")]
+            ok = [r for r in ran if r.status == "ok"]
+            failed = len(ran) - len(ok)
+            f1 = [r.nodes.f1 if r.nodes else 0.0 for r in ok] + [0.0] * failed
+            aucs = [r.auc for r in ok if r.auc is not None]
+            faith = {mode: [r.faithfulness[mode] for r in ok if mode in r.faithfulness] for mode in ("mean", "resample")}
+            mean = {k: sum(v) / len(v) for k, v in faith.items() if v}
+            L.append(f"| {tier} | {m} | {len(ran)} | {_f(sum(f1) / len(f1) if f1 else None)} | "
+                     f"{_f(sum(aucs) / len(aucs) if aucs else None)} | {_modes(mean)} | {failed} | "
+                     f"{len(rows) - len(ran)} |")
+    return L + [""]
 
 
 def markdown(res: Results) -> str:
@@ -82,13 +110,15 @@ def markdown(res: Results) -> str:
          f"faithfulness curve's passes, which are not in the method's cost.",
          "* The scripted planner (`tdb_agent.agent.planner` through `tdb_agent.agent.discover`: `discover.run` "
          "for bundled tasks, an in-process MCP session with the case's first 8 pairs otherwise) returns a "
-         "circuit; it is re-validated here on the case's 16 pairs. Its cost is everything it ran, including "
+         "circuit; it is re-validated here on the case's 16 pairs ('own report': the faithfulness the planner itself "
+         "reported, on its 8 validation pairs, under mean ablation). Its cost is everything it ran, including "
          "its own validations and pruning. A neuron it keeps counts as its MLP block. It gives no ranking, "
          "so no AUC / CPR / CMD.",
          "* Cost is counted, not estimated: every `Engine.forward` call (a batched pass counts once; rows "
          "= sequences in it) and every autograd call (direct effect's is a backward through the final norm "
          "only).",
          "* A failed run stays in the table with its error.", ""]
+    L += summary(res)
     for tier, title in TIERS:
         rows = [r for r in res.results if r.tier == tier]
         L += [f"## {title}", ""]
