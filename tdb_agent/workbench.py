@@ -14,9 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tdb_agent.components import Component
+from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.ops.runs import RunCache
+from tdb_agent.ops.weights import WeightStats, weight_stats
 
 
 class Limits(BaseModel):
@@ -67,3 +68,52 @@ class Workbench:
         if name in ("id", "kind", "layer", "index", "position", "weights"):
             raise ValueError(f"page section name {name!r} is reserved")
         self.page_sections[name] = fn
+
+
+# ---------------------------------------------------------------- component pages
+
+RELATED_TOOLS = {
+    "head": ["attention_pattern", "trace_upstream", "ablate", "patch", "steer"],
+    "neuron": ["trace_upstream", "ablate", "patch", "steer"],
+    "attn": ["ablate", "patch"],
+    "mlp": ["ablate", "patch"],
+    "emb": ["ablate", "patch"],
+    "sae": ["ablate", "patch"],
+    "logits": ["predict", "attribute"],
+}
+
+
+class ComponentPage(BaseModel):
+    id: str
+    kind: str
+    layer: int | None = None
+    index: int | None = None
+    position: int | None = Field(None, description="the @t suffix, if given (weights do not depend on it)")
+    hook_site: str | None = None
+    weights: list[WeightStats] = []
+    related_tools: list[str] = []
+    sections: dict[str, Any] = Field({}, description="explanation, top examples, ... as registered on the workbench")
+
+
+def sae_sizes(bench: Workbench) -> dict[tuple[int, str], int]:
+    saes = getattr(bench.engine, "saes", None)
+    return saes.sizes() if saes is not None else {}
+
+
+def component_page(bench: Workbench, text: str) -> ComponentPage:
+    """A component's page (`tdb://component/{id}`, the viewer's component page): the id's
+    parts, the hook site it reads, its weight statistics and the registered sections."""
+    engine = bench.engine
+    c = parse_component(text, engine.spec, sae_sizes=sae_sizes(bench))
+    site = None
+    if c.kind != "logits":
+        s, unit = hook_site(c)
+        site = s if unit is None else f"{s}[{unit}]"
+    sections: dict[str, Any] = {}
+    for name, fn in bench.page_sections.items():
+        value = fn(c)
+        if value is not None:
+            sections[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return ComponentPage(id=c.id, kind=c.kind, layer=c.layer, index=c.index, position=c.position, hook_site=site,
+                         weights=weight_stats(engine, c), related_tools=RELATED_TOOLS.get(c.kind, []),
+                         sections=sections)

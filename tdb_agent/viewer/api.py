@@ -24,10 +24,9 @@ from tdb_agent.ops.attention import AttentionPatternResult
 from tdb_agent.ops.attribute import AttributionResult
 from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList
 from tdb_agent.server.limits import LimitChecks
-from tdb_agent.server.resources import ComponentPage, component_page
 from tdb_agent.server.running import run_tool
 from tdb_agent.server.sae_tools import TopExamplesResult, top_examples_of
-from tdb_agent.workbench import Workbench
+from tdb_agent.workbench import ComponentPage, Workbench, component_page
 
 Mode = Literal["zero", "mean", "resample"]
 Kind = Literal["head", "neuron", "attn", "mlp", "emb", "sae"]
