@@ -148,6 +148,10 @@ def test_attribution_table_shows_the_expected_top_component(tab, engine):
     assert first.get_attribute("data-id") == want.rows[0].id
     assert float(first.locator("td").nth(3).inner_text()) == pytest.approx(want.rows[0].effect, abs=1e-4)
     assert float(page.inner_text("#metric-before")) == pytest.approx(want.metric, abs=1e-4)
+    # a head row's "pattern" button shows that head's attention heatmap
+    second = page.locator("#attribution tbody tr").nth(1)
+    second.locator("button.show-pattern").click()
+    page.wait_for_selector(f"#attention canvas[data-head='{second.get_attribute('data-id')}']")
     # sortable: two clicks sort by effect ascending (most negative first); its link opens its page
     page.click("#attribution th[data-key=effect]")
     page.click("#attribution th[data-key=effect]")

@@ -384,7 +384,7 @@ async function explore(p, out, heads) {
 
   async function reAblate() {
     const mine = ++seq;
-    rows.forEach((r) => r.tr && r.tr.classList.toggle("ablated", ablated.has(r.id)));
+    table.querySelectorAll("tbody tr").forEach((tr) => tr.classList.toggle("ablated", ablated.has(tr.dataset.id)));
     if (!ablated.size) {
       metricAfter.textContent = "—";
       metricDelta.textContent = "";
@@ -408,29 +408,7 @@ async function explore(p, out, heads) {
     }
   }
 
-  const rows = attr.rows.map((r) => ({...r}));
-  const maxAbs = Math.max(...rows.map((r) => Math.abs(r.effect)), 1e-9);
-  const table = sortableTable([
-    {key: "ablate", label: "ablate", sort: false, render: (r) => h("input", {type: "checkbox", class: "ablate",
-      dataset: {id: r.id}, checked: ablated.has(r.id), title: `ablate ${r.id}`,
-      onchange: (ev) => { if (ev.target.checked) ablated.add(r.id); else ablated.delete(r.id); reAblate(); }})},
-    {key: "id", label: "component", render: (r) => componentLink(r.id)},
-    {key: "kind", label: "kind", render: (r) => r.kind},
-    {key: "effect", label: "effect", num: true, render: (r) => fmt(r.effect, 4)},
-    {key: "share", label: "share", num: true, render: (r) => fmt(r.share, 3)},
-    {key: "bar", label: "", sort: false, render: (r) => h("span", {class: "bar",
-      style: `width:${(80 * Math.abs(r.effect) / maxAbs).toFixed(1)}px;background:${r.effect >= 0 ? "#2563eb" : "#dc2626"}`})},
-  ], rows, {rowAttrs: (r) => ({dataset: {id: r.id}, class: ablated.has(r.id) ? "ablated" : ""})});
-  table.id = "attribution";
-  // keep a handle on each row so ablation can mark it after sorting redraws
-  const observer = () => table.querySelectorAll("tbody tr").forEach((tr) => {
-    const r = rows.find((x) => x.id === tr.dataset.id);
-    if (r) r.tr = tr;
-  });
-  observer();
-  new MutationObserver(observer).observe(table.querySelector("tbody"), {childList: true});
-
-  const topHead = (attr.rows.find((r) => r.kind === "head") || {}).id || heads[heads.length - 1];
+  const topHead = ((attr.rows.find((r) => r.kind === "head") || {}).id || heads[heads.length - 1]).split("@")[0];
   const headSelect = h("select", {id: "head-select"}, heads.map((x) => h("option", {value: x, selected: x === topHead}, x)));
   const attBox = h("div", {id: "attention"});
   async function showAttention() {
@@ -441,6 +419,24 @@ async function explore(p, out, heads) {
     } catch (e) { attBox.replaceChildren(errorBox(e)); }
   }
   headSelect.addEventListener("change", showAttention);
+
+  const rows = attr.rows;
+  const maxAbs = Math.max(...rows.map((r) => Math.abs(r.effect)), 1e-9);
+  const table = sortableTable([
+    {key: "ablate", label: "ablate", sort: false, render: (r) => h("input", {type: "checkbox", class: "ablate",
+      dataset: {id: r.id}, checked: ablated.has(r.id), title: `ablate ${r.id}`,
+      onchange: (ev) => { if (ev.target.checked) ablated.add(r.id); else ablated.delete(r.id); reAblate(); }})},
+    {key: "id", label: "component", render: (r) => componentLink(r.id)},
+    {key: "kind", label: "kind", render: (r) => r.kind === "head"
+      ? h("span", {}, "head ", h("button", {class: "show-pattern", title: `show ${r.id}'s attention pattern below`,
+        onclick: () => { headSelect.value = r.id.split("@")[0]; showAttention(); attBox.scrollIntoView(); }}, "pattern"))
+      : r.kind},
+    {key: "effect", label: "effect", num: true, render: (r) => fmt(r.effect, 4)},
+    {key: "share", label: "share", num: true, render: (r) => fmt(r.share, 3)},
+    {key: "bar", label: "", sort: false, render: (r) => h("span", {class: "bar",
+      style: `width:${(80 * Math.abs(r.effect) / maxAbs).toFixed(1)}px;background:${r.effect >= 0 ? "#2563eb" : "#dc2626"}`})},
+  ], rows, {rowAttrs: (r) => ({dataset: {id: r.id}, class: ablated.has(r.id) ? "ablated" : ""})});
+  table.id = "attribution";
 
   fill(out, 
     h("h2", {}, "Prediction"),
