@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser demo test test-slow serve view bench clean
+.PHONY: setup browser demo test test-slow evals serve view bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ test: setup browser
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+# scores of circuit discovery and explanations -> evals/RESULTS.md (the quick subset runs in `make test`)
+evals: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m evals
 
 serve: setup
 	HF_HUB_OFFLINE=1 $(BIN)/tdb-agent serve
