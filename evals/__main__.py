@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +55,18 @@ def bundled_cases(tasks: list[str], n_pairs: int) -> list[Case]:
     return cases
 
 
+def revision() -> str:
+    """The git commit of the tree being evaluated, marked when files have uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + (" + uncommitted changes" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evals", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a subset in under 2 minutes (CI)")
@@ -63,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    rev = revision()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[MethodResult] = []
@@ -88,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                   keep)
         print("explanations", flush=True)
         expl = explanations.run(str(root / "constructed" / "class_neuron"), quick=args.quick)
-    res = Results(command="python -m evals" + (" --quick" if args.quick else ""), quick=args.quick,
+    res = Results(command="python -m evals" + (" --quick" if args.quick else ""), quick=args.quick, revision=rev,
                   seconds=time.time() - t0, threads=args.threads, machine=f"{platform.machine()}, {os.cpu_count()} "
                   f"CPUs visible, torch {torch.__version__}, python {sys.version.split()[0]}",
                   results=results, toy_truth=toy_truths,
