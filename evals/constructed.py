@@ -21,6 +21,8 @@ hand-set reads see exactly the features below):
 Cases (ground truth at the level of heads and MLP blocks, and edges between them):
 
 * `induction`: L0.H0 previous-token head -> (k) L1.H1 induction head -> logits.
+* `induction_backup`: the same with a second previous-token head L0.H3 (a backup): either
+  one alone saturates the induction head, so single-component ablation sees neither.
 * `names`: IOI-like. L0.H2 duplicate-token head -> (k) L1.H1 S-inhibition head (copies the
   duplicated name) -> (q) L2.H3 name mover (attends to names that are not inhibited, copies
   the name) -> logits.
@@ -51,7 +53,7 @@ TOK, OTHER, BOS, CONST, DUP = 0, 40, 41, 42, 43
 POS, PREV, OUT, NOISE = 64, 128, 168, 208
 LOGIT_SCALE = 10.0
 LN_EPS = 1e4  # with weight sqrt(eps), LayerNorm(x) = x (x has mean 0) up to var(x)/2e4
-CASES = ("induction", "names", "class_neuron")
+CASES = ("induction", "induction_backup", "names", "class_neuron")
 
 
 class ConstructedCase(BaseModel):
@@ -178,15 +180,17 @@ NAME_WORDS = V.NAMES[:10]
 CLASS_WORDS = V.NAMES[:10] + ["said", "the"]
 
 
-def _induction(w: _Weights, n: int) -> None:
-    # L0.H0: previous-token head. Query at i points at position i-1; value copies TOK to PREV.
+def _induction(w: _Weights, n: int, backup: bool = False) -> None:
+    # L0.H0 (and with `backup` also L0.H3): previous-token head. Query at i points at
+    # position i-1; value copies TOK to PREV.
     q, k = torch.zeros(D, D_HEAD), torch.zeros(D, D_HEAD)
     for i in range(1, N_CTX):
         q[POS + i, i - 1] = 8 * 12.0
     for j in range(N_CTX):
         k[POS + j, j] = 1.0
     v, o = _copy(TOK, PREV, n)
-    w.head(0, 0, q=q, k=k, v=v, o=o)
+    for h in ((0, 3) if backup else (0,)):
+        w.head(0, h, q=q, k=k, v=v, o=o)
     # L1.H1: induction head. Query = current token, key = previous token; BOS as the default.
     q, k = torch.zeros(D, D_HEAD), torch.zeros(D, D_HEAD)
     for t in range(n):
@@ -196,7 +200,7 @@ def _induction(w: _Weights, n: int) -> None:
     k[POS + 0, D_HEAD - 1] = 1.0
     v, o = _copy(TOK, OUT, n)
     w.head(1, 1, q=q, k=k, v=v, o=o)
-    for l, h in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3)):
+    for l, h in ((0, 1), (0, 2)) + (() if backup else ((0, 3),)) + ((1, 2), (1, 3)):
         w.distractor_head(l, h)
     w.confounder_head(1, 0)
     for l in range(2):
@@ -273,6 +277,16 @@ def build_case(name: str, root: str | Path, seed: int = 0) -> ConstructedCase:
                                description="previous-token head L0.H0 -> induction head L1.H1; random distractor "
                                            "heads; confounder L1.H0 (constant write to the logits)",
                                nodes=["L0.H0", "L1.H1"], edges=[("L0.H0", "L1.H1"), ("L1.H1", "LOGITS")])
+    elif name == "induction_backup":
+        words, layers = INDUCTION_WORDS, 2
+        w = _Weights(layers, len(tok), seed)
+        _embed(w, tok, words)
+        _induction(w, len(words), backup=True)
+        case = ConstructedCase(name=name, model_dir=str(folder), n_layers=layers, words=words,
+                               description="previous-token heads L0.H0 and L0.H3 (either alone suffices) -> induction "
+                                           "head L1.H1; random distractor heads; confounder L1.H0",
+                               nodes=["L0.H0", "L0.H3", "L1.H1"],
+                               edges=[("L0.H0", "L1.H1"), ("L0.H3", "L1.H1"), ("L1.H1", "LOGITS")])
     elif name == "names":
         words, layers = NAME_WORDS, 3
         w = _Weights(layers, len(tok), seed)
@@ -310,7 +324,7 @@ def case_pairs(name: str, n: int, seed: int = 0) -> list[PromptPair]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        if name == "induction":
+        if name in ("induction", "induction_backup"):
             L = rng.randint(4, 10)
             words = rng.sample(INDUCTION_WORDS, 2 * L)
             seg, other = words[:L], words[L:]
