@@ -346,7 +346,7 @@ async function promptPage(app) {
         h("option", {value: m, selected: q.get("method") === m}, m))), " kinds ",
       ["head", "neuron", "mlp", "attn", "emb", "sae"].map((k) => h("label", {},
         h("input", {type: "checkbox", name: "kind", value: k, checked: kinds.includes(k)}), k + " ")),
-      " ablation mode ",
+      " · ablation mode ",
       h("select", {name: "mode", id: "f-mode"}, ["zero", "mean", "resample"].map((m) =>
         h("option", {value: m, selected: q.get("mode") === m}, m)))),
     h("span"), h("div", {}, h("button", {type: "submit", id: "run"}, "Run"),
