@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                   seconds=time.time() - t0, threads=args.threads, machine=f"{platform.machine()}, {os.cpu_count()} "
                   f"CPUs visible, torch {torch.__version__}, python {sys.version.split()[0]}",
                   results=results, toy_truth=toy_truths,
-                  references={t: reference.load(t).model_dump(include={"nodes", "n_pairs", "seed", "threshold",
-                                                                       "command"}) for t in tasks},
+                  references={t: reference.load(t).model_dump(include={"nodes", "edges", "n_pairs", "seed", "threshold",
+                                                                       "edge_threshold", "command"}) for t in tasks},
                   explanations=expl, tracr=TRACR_NOTE,
                   literature=json.loads((HERE / "literature.json").read_text()))
     write(res, out)

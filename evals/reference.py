@@ -14,6 +14,10 @@ least `THRESHOLD` of the clean - corrupted gap of the mean logit difference.
 This code is deliberately independent of `tdb_agent.ops` and `tdb_agent.circuits` (the code
 under test): it uses only the engine's forward pass with its own hooks and its own metric.
 Nodes are heads (at hook_z) and MLP blocks (at hook_mlp_out), patched at every position.
+
+Edges: path patching (noising) between the reference nodes and into LOGITS: v alone reads
+u's corrupted write (see `edge_effects`); an edge is in the reference when its effect is at
+least `EDGE_THRESHOLD` of the gap.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from tdb_agent.tasks import task_examples, task_names
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 THRESHOLD = 0.1
+EDGE_THRESHOLD = 0.05
 N_PAIRS = 32
 SEED = 1000  # not the seed the evals score on (0): the reference is computed on other pairs
 
@@ -38,6 +43,12 @@ class NodeEffect(BaseModel):
     node: str
     noising: float  # (m(clean, node corrupted) - m(clean)) / gap: -1 = the behaviour is gone
     denoising: float  # (m(corrupted, node clean) - m(corrupted)) / gap: 1 = fully restored
+
+
+class EdgeEffect(BaseModel):
+    source: str
+    target: str
+    noising: float  # (m(clean, source's corrupted write seen by target only) - m(clean)) / gap
 
 
 class Reference(BaseModel):
@@ -51,6 +62,9 @@ class Reference(BaseModel):
     metric_corrupted: float
     nodes: list[str]  # the reference circuit
     effects: list[NodeEffect]  # every head and MLP block, largest |effect| first
+    edge_threshold: float = 0.0
+    edges: list[tuple[str, str]] = []  # reference edges among the reference nodes and LOGITS
+    edge_effects: list[EdgeEffect] = []  # every edge between reference nodes (and into LOGITS)
 
 
 def _sites(engine: Engine) -> list[tuple[str, str, int | None]]:
@@ -118,6 +132,89 @@ def node_effects(engine: Engine, pairs) -> tuple[list[NodeEffect], float, float]
     return effects, clean_sum / n, corr_sum / n
 
 
+def _layer(node: str) -> int:
+    return int(node[1:].split(".")[0])
+
+
+def _edge_ok(u: str, v: str) -> bool:
+    """u can write into v's input: an earlier layer, or a head into its own layer's MLP."""
+    if v == "LOGITS":
+        return True
+    return _layer(u) < _layer(v) or (_layer(u) == _layer(v) and ".H" in u and v.endswith(".MLP"))
+
+
+@torch.no_grad()
+def edge_effects(engine: Engine, pairs, nodes: list[str]) -> list[EdgeEffect]:
+    """Path patching (noising) of every edge u -> v between `nodes` (and into LOGITS): the
+    clean run, except that v alone reads u's write from the corrupted prompt instead of
+    the clean one (v's q, k and v for a head; its input for an MLP block; the final residual
+    stream for LOGITS). GPT-2 only: the writes and the receivers' inputs are recomputed from
+    the model's own modules."""
+    model = engine.model
+    if model.config.model_type != "gpt2":
+        raise ValueError("edge patching here is written for GPT-2 models")
+    blocks, H = model.transformer.h, engine.spec.n_heads
+    dh = engine.spec.d_model // H
+    L = engine.spec.n_layers
+    sites = [f"blocks.{l}.{s}" for l in range(L) for s in ("hook_resid_pre", "hook_resid_mid", "attn.hook_z",
+                                                             "hook_mlp_out")]
+    edges = [(u, v) for u in nodes for v in nodes + ["LOGITS"] if u != v and _edge_ok(u, v)]
+    groups: dict[int, list] = {}
+    for p in pairs:
+        c, x = engine.to_tokens(p.prompt), engine.to_tokens(p.corrupted_prompt)
+        groups.setdefault(c.shape[1], []).append((c, x, _tok(engine, p.target), _tok(engine, p.distractor)))
+    sums = {e: 0.0 for e in edges}
+    clean_sum = corr_sum = 0.0
+
+    def write(acts, u: str) -> torch.Tensor:
+        l = _layer(u)
+        if u.endswith(".MLP"):
+            return acts[f"blocks.{l}.hook_mlp_out"]
+        h = int(u.split(".H")[1])
+        W = blocks[l].attn.c_proj.weight[h * dh:(h + 1) * dh]  # Conv1D: z @ W
+        return acts[f"blocks.{l}.attn.hook_z"][:, :, h] @ W
+
+    for rows in groups.values():
+        c = torch.cat([r[0] for r in rows])
+        x = torch.cat([r[1] for r in rows])
+        t = torch.tensor([r[2] for r in rows])
+        d = torch.tensor([r[3] for r in rows])
+        out_c, ac = engine.run_with_cache(c, sites, logit_positions=[-1])
+        out_x, ax = engine.run_with_cache(x, sites, logit_positions=[-1])
+        m_c = _logit_diff(out_c.logits, t, d)
+        clean_sum += m_c.sum().item()
+        corr_sum += _logit_diff(out_x.logits, t, d).sum().item()
+        for u, v in edges:
+            delta = write(ax, u) - write(ac, u)
+            if v == "LOGITS":
+                hooks = {"hook_resid_final": lambda a, _s, delta=delta: a + delta}
+            elif v.endswith(".MLP"):
+                lv = _layer(v)
+                mlp_in = blocks[lv].ln_2(ac[f"blocks.{lv}.hook_resid_mid"] + delta)
+                new = blocks[lv].mlp(mlp_in)
+                hooks = {f"blocks.{lv}.hook_mlp_out": lambda a, _s, new=new: new}
+            else:
+                lv, hv = _layer(v), int(v.split(".H")[1])
+                qkv = blocks[lv].attn.c_attn(blocks[lv].ln_1(ac[f"blocks.{lv}.hook_resid_pre"] + delta))
+                b, s_, _ = qkv.shape
+                parts = qkv.split(engine.spec.d_model, dim=-1)  # q, k, v [b, s, d]
+                hooks = {}
+                for name, part in zip(("hook_q", "hook_k", "hook_v"), parts):
+                    new = part.view(b, s_, H, dh)[:, :, hv]
+
+                    def hook(a, _s, new=new, hv=hv):
+                        a = a.clone()
+                        a[:, :, hv] = new
+                        return a
+                    hooks[f"blocks.{lv}.attn.{name}"] = hook
+            out = engine.forward(c, hooks=hooks, logit_positions=[-1])
+            sums[(u, v)] += (_logit_diff(out.logits, t, d) - m_c).sum().item()
+    gap = (clean_sum - corr_sum) / len(pairs)
+    out = [EdgeEffect(source=u, target=v, noising=sums[(u, v)] / len(pairs) / gap) for u, v in edges]
+    out.sort(key=lambda e: -abs(e.noising))
+    return out
+
+
 def reference_circuit(effects: list[NodeEffect], threshold: float = THRESHOLD) -> list[str]:
     return [e.node for e in effects if abs(e.noising) >= threshold or e.denoising >= threshold]
 
@@ -126,9 +223,12 @@ def compute(task: str, engine: Engine | None = None, n: int = N_PAIRS, seed: int
     engine = engine or Engine.load(device="cpu")
     pairs = task_examples(task, n, seed=seed)
     effects, mc, mx = node_effects(engine, pairs)
+    nodes = reference_circuit(effects)
+    edges = edge_effects(engine, pairs, nodes)
     return Reference(task=task, command=f"python -m evals.reference --task {task}", n_pairs=n, seed=seed,
-                     threshold=THRESHOLD, metric_clean=mc, metric_corrupted=mx,
-                     nodes=reference_circuit(effects), effects=effects)
+                     threshold=THRESHOLD, metric_clean=mc, metric_corrupted=mx, nodes=nodes, effects=effects,
+                     edge_threshold=EDGE_THRESHOLD, edge_effects=edges,
+                     edges=[(e.source, e.target) for e in edges if abs(e.noising) >= EDGE_THRESHOLD])
 
 
 def load(task: str) -> Reference:

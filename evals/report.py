@@ -142,8 +142,10 @@ def markdown(res: Results) -> str:
             L.append("")
         if tier == "bundled":
             for task, ref in res.references.items():
-                L.append(f"* `{task}` reference ({ref['n_pairs']} pairs, seed {ref['seed']}, |noising| or "
-                         f"denoising ≥ {ref['threshold']} of the gap; `{ref['command']}`): {ref['nodes']}")
+                edges = ", ".join(f"{a}→{b}" for a, b in ref.get("edges", []))
+                L.append(f"* `{task}` reference ({ref['n_pairs']} pairs, seed {ref['seed']}, `{ref['command']}`): "
+                         f"nodes (|noising| or denoising ≥ {ref['threshold']} of the gap) {ref['nodes']}; edges "
+                         f"(path patching ≥ {ref.get('edge_threshold')} of the gap) {edges or 'none'}")
             L.append("")
         L += [HEADER] + [_row(r) for r in rows] + [""]
     L += ["## Tier 3: Tracr", "", res.tracr, "",

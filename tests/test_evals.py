@@ -239,3 +239,16 @@ def test_llm_agent_method_is_scored_through_discover(built, monkeypatch):
     assert r.status == "ok", r.detail.get("traceback")
     assert sorted(r.found) == ["L0.H0", "L1.H1"] and r.nodes.f1 == 1.0 and r.edges.f1 == 1.0
     assert r.faithfulness["resample"] > 0.95 and r.detail["tool_calls"] >= 2
+
+
+def test_reference_edge_patching_recovers_the_constructed_edges(built):
+    """Path patching (evals.reference.edge_effects, independent of ops): on the names model the
+    true edges carry the whole effect and the confounder's edges none."""
+    from evals.reference import edge_effects
+
+    case = built["names"]
+    engine = Engine.load(case.model_dir, device="cpu")
+    effects = edge_effects(engine, constructed.case_pairs("names", 8, seed=8), case.nodes + ["L1.H0"])
+    strong = {(e.source, e.target) for e in effects if abs(e.noising) > 0.5}
+    assert strong == set(map(tuple, case.edges))
+    assert max(abs(e.noising) for e in effects if (e.source, e.target) not in strong) < 0.01
