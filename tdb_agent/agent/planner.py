@@ -12,7 +12,8 @@ A fixed, systematic procedure that an LLM agent is compared with:
    upstream heads with strong edges;
 5. the graph: every node and edge with the measurement that put it there;
 6. check: validate faithfulness over several prompt pairs, grow the circuit by rank while
-   it is below the threshold, then prune to the smallest set that stays above it;
+   it is below the threshold, then prune to the smallest set that stays above it; report the
+   faithfulness under the other ablation mode beside it;
 7. explain: attach each kept head's or neuron's explanation (with its simulation score).
 """
 
@@ -27,6 +28,7 @@ class DiscoveryResult(BaseModel):
     circuit: str
     nodes: list[str]
     faithfulness: float | None
+    faithfulness_other: dict[str, float] = {}  # under the other ablation mode, reported beside the claim
     tool_calls: int
     rejected: list[str]
     notes: list[str]
@@ -232,8 +234,20 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
             notes.append(f"pruning removed {removed}")
     else:
         notes.append(f"faithfulness stayed below {threshold} with every candidate ({len(kept)} nodes)")
+    # the other ablation, reported beside the claim: a circuit pruned under one ablation can
+    # fall apart under the other (evals/RESULTS.md shows it on the bundled tasks)
+    other = "resample" if mode == "mean" else "mean"
+    faithfulness_other = None
+    try:
+        faithfulness_other = (await tb("circuit_validate", name=circuit, mode=other, necessity=False))["faithfulness"]
+        notes.append(f"the same circuit under {other} ablation: faithfulness {faithfulness_other:.3f}"
+                     + ("" if faithfulness_other >= threshold else
+                        f" (below {threshold}: the claim holds under {mode} ablation only)"))
+    except ToolCallFailed as e:
+        notes.append(f"no {other}-ablation check: {e}")
     final = await tb("circuit_validate", name=circuit, mode=mode, necessity=True)
     nodes = list(final["nodes"])
     await _explain(tb, circuit, nodes, notes)
-    return DiscoveryResult(circuit=circuit, nodes=nodes, faithfulness=final["faithfulness"], tool_calls=tb.calls,
-                           rejected=rejected, notes=notes)
+    return DiscoveryResult(circuit=circuit, nodes=nodes, faithfulness=final["faithfulness"],
+                           faithfulness_other={other: faithfulness_other} if faithfulness_other is not None else {},
+                           tool_calls=tb.calls, rejected=rejected, notes=notes)
