@@ -15,6 +15,18 @@ An example is a window of at most `window` tokens of its document with the per-t
 activations; heads also record the key position they attended to most at the centre.
 Merges select indices first and gather only the winners, so the bookkeeping is
 O(batch x components) per batch plus O(kept x components x window).
+
+The result depends only on the corpus and the settings, not on how the batches were
+grouped into chunks or which worker ran them (so a build sharded over Ray workers equals
+the single-process one, bit for bit):
+
+* the corpus is cut into chunks of batches (`plan_chunks`): chunk 0 holds the warm-up
+  batches that fix the quantile edges, the others `checkpoint_every` batches; each chunk
+  is built alone (`run_chunk`) and the chunk states are merged in chunk order (`merge`);
+* every random draw is keyed by the document's global index (`_doc_uniforms`), not by a
+  stream shared across batches;
+* kept examples are ranked by (key descending, document ascending): ties have one answer;
+* sums are pairwise over an aligned binary tree of batches (`TreeSum`), whatever the chunks.
 """
 
 from __future__ import annotations
@@ -56,11 +68,15 @@ class BuildConfig:
     sort_buffer: int = 16  # batches whose documents are grouped by length
 
 
+NO_DOC = 2 ** 62  # document index of an empty slot (after every real document)
+
+
 class Group:
     """Running kept examples of one kind for every component: [n, C] keys and [n, C, W] acts."""
 
     def __init__(self, n: int, C: int, W: int, device):
         self.key = torch.full((n, C), -float("inf"), device=device)
+        self.doc = torch.full((n, C), NO_DOC, dtype=torch.long, device=device)  # global document index
         self.value = torch.zeros(n, C, device=device)
         self.start = torch.full((n, C), -1, dtype=torch.long, device=device)  # global token index
         self.length = torch.zeros(n, C, dtype=torch.long, device=device)
@@ -68,33 +84,55 @@ class Group:
         self.attn_key = torch.full((n, C), -1, dtype=torch.long, device=device)  # heads: global index
         self.acts = torch.zeros(n, C, W, device=device)
 
-    FIELDS = ("key", "value", "start", "length", "center", "attn_key", "acts")
+    FIELDS = ("key", "doc", "value", "start", "length", "center", "attn_key", "acts")
 
-    def merge(self, key: torch.Tensor, value: torch.Tensor,
+    def merge(self, key: torch.Tensor, value: torch.Tensor, doc: torch.Tensor,
               select: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]) -> None:
-        """key, value [b, C] of the batch's candidates; select(rows [m], cols [m]) -> the example
-        fields (start, length, center, attn_key [m]; acts [m, W]) of those (batch row, column)
-        pairs. Only columns where some candidate beats the lowest kept key are looked at, and
-        only the winning candidates' windows are read; each takes the slot of a dropped
-        example (slots are unordered; `finish` sorts)."""
+        """key, value, doc [b, C] of candidates from documents after every kept one;
+        select(rows [m], cols [m]) -> the example fields (start, length, center, attn_key
+        [m]; acts [m, W]) of those (candidate row, column) pairs. The kept set becomes the
+        top n by (key descending, document ascending). Only columns where some candidate
+        beats the lowest kept key are looked at (a tie goes to the earlier, kept document),
+        and only the winners' windows are read; each takes the slot of a dropped example
+        (slots are unordered; `finish` sorts)."""
         n = self.key.shape[0]
         cols = (key.amax(0) > self.key.amin(0)).nonzero().squeeze(1)
         if cols.numel() == 0:
             return
-        idx = torch.cat([self.key[:, cols], key[:, cols]]).topk(n, dim=0).indices  # [n, c]
+        # both sides in document order, kept first: a stable sort then breaks ties by document
+        ok = self.doc[:, cols].argsort(dim=0, stable=True)
+        oc = doc[:, cols].argsort(dim=0, stable=True)
+        both = torch.cat([self.key[:, cols].gather(0, ok), key[:, cols].gather(0, oc)])
+        idx = both.sort(dim=0, descending=True, stable=True).indices[:n]  # [n, c]
         keep = torch.zeros(n + key.shape[0], len(cols), dtype=torch.bool, device=key.device)
         keep.scatter_(0, idx, True)
+        slot_keep = torch.zeros_like(keep[:n]).scatter_(0, ok, keep[:n])
+        row_win = torch.zeros_like(keep[n:]).scatter_(0, oc, keep[n:])
         # pair, column by column, the k-th freed slot with the k-th winning candidate
-        free_c, free_slot = (~keep[:n]).T.nonzero(as_tuple=True)
-        win_c, win_row = keep[n:].T.nonzero(as_tuple=True)
+        free_c, free_slot = (~slot_keep).T.nonzero(as_tuple=True)
+        win_c, win_row = row_win.T.nonzero(as_tuple=True)
         if win_c.numel() == 0:
             return
         col = cols[win_c]
         new = select(win_row, col)
         self.key[free_slot, col] = key[win_row, col]
         self.value[free_slot, col] = value[win_row, col]
+        self.doc[free_slot, col] = doc[win_row, col]
         for f in ("start", "length", "center", "attn_key", "acts"):
             getattr(self, f)[free_slot, col] = new[f]
+
+    def merge_group(self, other: "Group") -> None:
+        """Merge the kept examples of a later chunk (its documents come after ours)."""
+        def select(rows, cols):
+            return {f: getattr(other, f)[rows, cols] for f in ("start", "length", "center", "attn_key", "acts")}
+        self.merge(other.key, other.value, other.doc, select)
+
+    def view(self, sl: slice) -> "Group":
+        """Rows `sl` of this group, sharing memory (quantile bins are merged in place)."""
+        sub = Group(0, 0, 0, self.key.device)
+        for f in Group.FIELDS:
+            setattr(sub, f, getattr(self, f)[sl])
+        return sub
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{f}": getattr(self, f).contiguous() for f in self.FIELDS}
@@ -153,7 +191,63 @@ def documents_from_corpus(n_docs: int, seed: int, tokenizer, n_ctx: int) -> Iter
             yield ([bos] + tokenizer(text, add_special_tokens=False)["input_ids"])[:n_ctx]
 
 
+class TreeSum:
+    """Sum of per-batch vectors [C] over an aligned binary tree of batch indices: block
+    (level, i) holds batches [i * 2**level, (i + 1) * 2**level) and is always left + right
+    of its two halves, so the bits do not depend on which chunks the batches were added
+    in, nor on the order chunks are merged (pairwise summation, also more accurate)."""
+
+    def __init__(self):
+        self.blocks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(self, level: int, index: int, v: torch.Tensor) -> None:
+        while (level, index ^ 1) in self.blocks:
+            sib = self.blocks.pop((level, index ^ 1))
+            v = sib + v if index & 1 else v + sib
+            level, index = level + 1, index >> 1
+        self.blocks[(level, index)] = v
+
+    def merge(self, other: "TreeSum") -> None:
+        for (level, index), v in sorted(other.blocks.items()):
+            self.add(level, index, v.to(next(iter(self.blocks.values())).device) if self.blocks else v)
+
+    def total(self, like: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(like)
+        for (level, index), v in sorted(self.blocks.items(), key=lambda kv: kv[0][1] << kv[0][0]):
+            out = out + v
+        return out
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        keys = sorted(self.blocks)
+        if not keys:
+            return {}
+        return {f"{prefix}.keys": torch.tensor(keys, dtype=torch.long),
+                f"{prefix}.values": torch.stack([self.blocks[k] for k in keys])}
+
+    def load(self, prefix: str, d: dict[str, torch.Tensor], device) -> None:
+        self.blocks = {}
+        if f"{prefix}.keys" in d:
+            for (level, index), v in zip(d[f"{prefix}.keys"].tolist(), d[f"{prefix}.values"].to(device)):
+                self.blocks[(level, index)] = v
+
+
+def _doc_uniforms(seed: int, first_doc: int, n: int, C: int) -> torch.Tensor:
+    """[n, C + 2] uniforms per document, drawn from a generator seeded by (seed, global
+    document index): column 0 ranks the random sample, 1 picks its position, 2.. rank the
+    quantile samples. The same for a document whichever worker or batch reads it."""
+    out = torch.empty(n, C + 2)
+    g = torch.Generator(device="cpu")
+    for i in range(n):
+        g.manual_seed((seed * 0x9E3779B97F4A7C15 + first_doc + i) % 2 ** 63)
+        out[i] = torch.rand(C + 2, generator=g)
+    return out
+
+
 class DatasetBuilder:
+    """Kept examples and statistics of a run of consecutive batches (a chunk, or all of them).
+    `docs_done`, `n_tokens`, `batches_done` are global: the index of the next document, its
+    first token and the next batch."""
+
     def __init__(self, engine: Engine, cfg: BuildConfig | None = None):
         self.engine = engine
         self.cfg = cfg or BuildConfig()
@@ -168,16 +262,16 @@ class DatasetBuilder:
         c = self.cfg
         self.groups = {"top": Group(c.top_k, self.C, c.window, dev), "random": Group(c.n_random, self.C, c.window, dev),
                        "quantile": Group(c.n_quantile_bins * c.per_bin, self.C, c.window, dev)}
-        self.sum = torch.zeros(self.C, dtype=torch.float64, device=dev)
+        self.sum = TreeSum()
         self.max = torch.full((self.C,), -float("inf"), device=dev)
         self.active = torch.zeros(self.C, dtype=torch.float64, device=dev)
         self.count = 0
         self.tokens: list[np.ndarray] = []
         self.n_tokens = 0
         self.docs_done = 0
+        self.batches_done = 0
         self.warm: list[torch.Tensor] = []
         self.edges: torch.Tensor | None = None
-        self.rng = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
         self.n_layers_heads = spec.n_layers * spec.n_heads
 
     # ------------------------------------------------------------------ one batch
@@ -193,6 +287,7 @@ class DatasetBuilder:
             ids[i, : len(d)] = torch.tensor(d)
         ids = ids.to(dev)
         base = torch.tensor(np.cumsum([0] + [len(d) for d in docs[:-1]]), device=dev) + self.n_tokens  # doc starts
+        doc = (torch.arange(b, device=dev) + self.docs_done)[:, None].expand(b, self.C)  # global document index
         A, K = _activations(self.engine, ids)  # [b, s, C], [b, s, LH]
         pos = torch.arange(s, device=dev)
         valid = (pos[None] < lens[:, None]) & (pos[None] > 0)  # [b, s]
@@ -205,7 +300,7 @@ class DatasetBuilder:
             A[pad] = 0.0
         # stats over valid tokens: padding is 0 now; position 0 is subtracted
         Af = A.view(b * s, self.C)
-        self.sum += ((torch.ones(1, b * s, device=dev) @ Af)[0] - A[:, 0].sum(0)).double()  # gemv: fast
+        self.sum.add(0, self.batches_done, ((torch.ones(1, b * s, device=dev) @ Af)[0] - A[:, 0].sum(0)).double())
         if dev.type == "cpu":  # numpy counts booleans ~8x faster than torch on CPU
             positive = torch.from_numpy(np.count_nonzero(Af.numpy() > 0, axis=0))
         else:
@@ -241,24 +336,26 @@ class DatasetBuilder:
             return select
 
         has = torch.isfinite(mx)
-        self.groups["top"].merge(torch.where(has, mx, torch.full_like(mx, -float("inf"))), mx, selector(None))
+        self.groups["top"].merge(torch.where(has, mx, torch.full_like(mx, -float("inf"))), mx, doc, selector(None))
         # random: documents with uniform keys, a uniform position in 1..len-1 (same for all components)
-        u = torch.rand(b, generator=self.rng).to(dev)
-        rpos = (torch.rand(b, generator=self.rng).to(dev) * (lens - 1).clamp(min=1)).long() + 1
+        r = _doc_uniforms(cfg.seed, self.docs_done, b, self.C).to(dev)
+        u, rfrac, uq = r[:, 0], r[:, 1], r[:, 2:]
+        rpos = (rfrac * (lens - 1).clamp(min=1)).long() + 1
         rpos = torch.minimum(rpos, (lens - 1).clamp(min=0))
         rval = A[torch.arange(b, device=dev), rpos]  # [b, C]
         rkey = torch.where(lens[:, None] > 1, u[:, None].expand(-1, self.C), torch.full_like(rval, -float("inf")))
-        self.groups["random"].merge(rkey, rval, selector(rpos))
+        self.groups["random"].merge(rkey, rval, doc, selector(rpos))
         # quantiles of the per-document maximum
         if self.edges is None:
             self.warm.append(mx.masked_fill(~has, float("nan")))
             if self.docs_done + b >= cfg.warmup_docs:
                 self._fix_edges()
         else:
-            self._merge_quantiles(mx, has, selector(None))
+            self._merge_quantiles(mx, has, uq, doc, selector(None))
         self.tokens += [np.asarray(d, dtype=np.int32) for d in docs]
         self.n_tokens += int(lens.sum())
         self.docs_done += b
+        self.batches_done += 1
 
     def _fix_edges(self) -> None:
         warm = torch.cat(self.warm)  # [n, C]
@@ -269,59 +366,76 @@ class DatasetBuilder:
         self.edges = torch.nan_to_num(edges, nan=float("inf"))  # never active in warm-up: all in bin 0
         self.warm = []
 
-    def _merge_quantiles(self, mx, has, select) -> None:
+    def _bins(self):
         cfg = self.cfg
-        b = mx.shape[0]
+        return [self.groups["quantile"].view(slice(j * cfg.per_bin, (j + 1) * cfg.per_bin))
+                for j in range(cfg.n_quantile_bins)]
+
+    def _merge_quantiles(self, mx, has, u, doc, select) -> None:
+        cfg = self.cfg
         binid = torch.searchsorted(self.edges.contiguous(), mx.T.contiguous().clamp(min=-1e30)).T  # [b, C]
-        u = torch.rand(b, self.C, generator=self.rng).to(mx.device)
         g = self.groups["quantile"]
         # the lowest kept key of each document's bin: only (document, column) pairs above it
         # can enter, and bins without any are skipped
         lowest = g.key.view(cfg.n_quantile_bins, cfg.per_bin, self.C).amin(1)  # [bins, C]
         enters = has & (mx > 0) & (u > lowest.gather(0, binid.clamp(max=cfg.n_quantile_bins - 1)))
-        for j in range(cfg.n_quantile_bins):  # bin j keeps rows j*per_bin.. (views: merged in place)
+        for j, sub in enumerate(self._bins()):  # bin j keeps rows j*per_bin.. (views: merged in place)
             ok = enters & (binid == j)
             if not bool(ok.any()):
                 continue
-            sl = slice(j * cfg.per_bin, (j + 1) * cfg.per_bin)
-            sub = Group(0, 0, 0, mx.device)
-            for f in Group.FIELDS:
-                setattr(sub, f, getattr(g, f)[sl])
-            sub.merge(torch.where(ok, u, torch.full_like(u, -float("inf"))), mx, select)
+            sub.merge(torch.where(ok, u, torch.full_like(u, -float("inf"))), mx, doc, select)
+
+    # ------------------------------------------------------------------ chunks
+    def merge(self, other: "DatasetBuilder") -> None:
+        """Fold in the state of the next chunk (its documents come after ours)."""
+        for name in ("top", "random"):
+            self.groups[name].merge_group(other.groups[name])
+        for mine, theirs in zip(self._bins(), other._bins()):
+            mine.merge_group(theirs)
+        self.sum.merge(other.sum)
+        self.max = torch.maximum(self.max, other.max)
+        self.active += other.active
+        self.count += other.count
+        if self.edges is None:
+            self.edges = other.edges
+        self.n_tokens, self.docs_done, self.batches_done = other.n_tokens, other.docs_done, other.batches_done
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> dict[str, torch.Tensor]:
+    def state(self, tokens: bool = True) -> dict[str, torch.Tensor]:
         d = {}
         for name, g in self.groups.items():
             d |= g.state(name)
-        d |= {"stats.sum": self.sum, "stats.max": self.max, "stats.active": self.active,
-              "tokens": torch.from_numpy(np.concatenate(self.tokens) if self.tokens else np.zeros(0, np.int32)),
-              "doc_lengths": torch.tensor([len(t) for t in self.tokens], dtype=torch.int32),
-              "rng": self.rng.get_state()}
+        d |= self.sum.state("stats.sum")
+        d |= {"stats.max": self.max, "stats.active": self.active,
+              "counters": torch.tensor([self.count, self.n_tokens, self.docs_done, self.batches_done])}
+        if tokens:
+            d |= {"tokens": torch.from_numpy(np.concatenate(self.tokens) if self.tokens else np.zeros(0, np.int32)),
+                  "doc_lengths": torch.tensor([len(t) for t in self.tokens], dtype=torch.int32)}
         if self.edges is not None:
             d["edges"] = self.edges.contiguous()
         if self.warm:
             d["warm"] = torch.cat(self.warm)
         return d
 
-    def load_state(self, d: dict[str, torch.Tensor], meta: dict) -> None:
+    def load_state(self, d: dict[str, torch.Tensor]) -> None:
         for name, g in self.groups.items():
             g.load(name, d)
         dev = self.engine.device
-        self.sum, self.max, self.active = d["stats.sum"].to(dev), d["stats.max"].to(dev), d["stats.active"].to(dev)
-        toks, lens = d["tokens"].numpy(), d["doc_lengths"].numpy()
-        self.tokens = np.split(toks, np.cumsum(lens)[:-1]) if len(lens) else []
-        self.n_tokens = int(lens.sum())
-        self.docs_done = len(lens)
-        self.count = int(meta["count"])
-        self.rng.set_state(d["rng"])
+        self.sum.load("stats.sum", d, dev)
+        self.max, self.active = d["stats.max"].to(dev), d["stats.active"].to(dev)
+        self.count, self.n_tokens, self.docs_done, self.batches_done = (int(x) for x in d["counters"].tolist())
+        if "tokens" in d:
+            toks, lens = d["tokens"].numpy(), d["doc_lengths"].numpy()
+            self.tokens = np.split(toks, np.cumsum(lens)[:-1]) if len(lens) else []
         self.edges = d["edges"].to(dev) if "edges" in d else None
         self.warm = [d["warm"].to(dev)] if "warm" in d else []
 
     # ------------------------------------------------------------------ output
     def finish(self) -> dict[str, np.ndarray]:
-        """Arrays of the store: per group sorted by value (descending); acts as int8 with a
-        per-component scale."""
+        """Arrays of the store: per group sorted by value (descending; ties: earlier
+        document first); acts as int8 with a per-component scale."""
+        if self.edges is None and self.warm:
+            self._fix_edges()  # a corpus shorter than the warm-up: edges from what was seen
         arrays: dict[str, np.ndarray] = {}
         scale = torch.zeros(self.C, device=self.engine.device)
         for g in self.groups.values():
@@ -331,7 +445,8 @@ class DatasetBuilder:
         for name, g in self.groups.items():
             ok = torch.isfinite(g.key)
             val = torch.where(ok, g.value, torch.full_like(g.value, -float("inf")))
-            order = val.argsort(dim=0, descending=True, stable=True)
+            by_doc = g.doc.argsort(dim=0, stable=True)
+            order = by_doc.gather(0, val.gather(0, by_doc).argsort(dim=0, descending=True, stable=True))
             take = lambda t: t.gather(0, order)  # noqa: E731
             okk = take(ok)
             arrays[f"{name}.start"] = torch.where(okk, take(g.start), -1).T.cpu().numpy().astype(np.int32)
@@ -345,7 +460,7 @@ class DatasetBuilder:
             arrays[f"{name}.attn_key"] = take(g.attn_key)[:, heads].T.cpu().numpy().astype(np.int32)
         count = max(self.count, 1)
         arrays["scale"] = scale.cpu().numpy().astype(np.float32)
-        arrays["stats.mean"] = (self.sum / count).float().cpu().numpy()
+        arrays["stats.mean"] = (self.sum.total(self.active) / count).float().cpu().numpy()
         arrays["stats.max"] = self.max.cpu().numpy().astype(np.float32)
         arrays["stats.frac_active"] = (self.active / count).float().cpu().numpy()
         toks = np.concatenate(self.tokens) if self.tokens else np.zeros(0, np.int32)
@@ -374,59 +489,160 @@ def _batched(docs: Iterable[list[int]], batch_size: int, sort_buffer: int = 16) 
         yield buf[i:i + batch_size]
 
 
+@dataclass
+class Chunk:
+    """Consecutive batches built alone: index in the build, the global index of its first
+    document, token and batch."""
+    index: int
+    batches: list[list[list[int]]]
+    doc0: int
+    tok0: int
+    batch0: int
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(d) for b in self.batches for d in b)
+
+
+def plan_chunks(docs: Iterable[list[int]], cfg: BuildConfig, max_tokens: int | None = None) -> Iterator[Chunk]:
+    """The corpus as chunks: chunk 0 is the warm-up (batches until `warmup_docs` documents:
+    they fix the quantile edges every later chunk uses), then `checkpoint_every` batches each.
+    Lazy: reads the documents as the chunks are consumed."""
+    n_doc = n_tok = n_batch = 0
+    cur: list[list[list[int]]] = []
+    start = (0, 0, 0)
+    index = 0
+    for batch in _batched(docs, cfg.batch_size, cfg.sort_buffer):
+        if max_tokens is not None and n_tok >= max_tokens:
+            break
+        if not cur:
+            start = (n_doc, n_tok, n_batch)
+        cur.append(batch)
+        n_doc, n_tok, n_batch = n_doc + len(batch), n_tok + sum(map(len, batch)), n_batch + 1
+        if (n_doc >= cfg.warmup_docs) if index == 0 else len(cur) == cfg.checkpoint_every:
+            yield Chunk(index, cur, *start)
+            index, cur = index + 1, []
+    if cur:
+        yield Chunk(index, cur, *start)
+
+
+def run_chunk(engine: Engine, cfg: BuildConfig, chunk: Chunk, edges: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The state (CPU tensors, no tokens) of one chunk built alone: what a worker returns."""
+    b = DatasetBuilder(engine, cfg)
+    b.docs_done, b.n_tokens, b.batches_done = chunk.doc0, chunk.tok0, chunk.batch0
+    b.edges = edges.to(engine.device) if edges is not None else None
+    for batch in chunk.batches:
+        b.add_batch(batch)
+    return {k: v.cpu() for k, v in b.state(tokens=False).items()}
+
+
+class LocalRunner:
+    """Runs chunks one after another in this process (the default)."""
+
+    n_workers = 1
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def run(self, chunks: Iterable[Chunk], cfg: BuildConfig, edges) -> Iterator[tuple[int, dict]]:
+        for c in chunks:
+            yield c.index, run_chunk(self.engine, cfg, c, edges)
+
+    def close(self) -> None:
+        pass
+
+
 def build(engine: Engine, docs: Iterable[list[int]], out: str | Path, cfg: BuildConfig | None = None,
-          source: str = "", max_tokens: int | None = None, progress: bool = True, resume: bool = True) -> dict:
+          source: str = "", max_tokens: int | None = None, progress: bool = True, resume: bool = True,
+          runner=None, on_chunk: Callable[[int], None] | None = None) -> dict:
     """Build a dataset into folder `out` (manifest.json + data.safetensors). With `resume`,
-    continues from `out/partial/` after an interruption. Returns the manifest."""
+    continues from `out/partial/` after an interruption. `runner` runs the chunks (default
+    in this process; `datasets.ray_build.RayRunner` shards them over Ray workers); their
+    states are merged here in chunk order. on_chunk(i) is called after chunk i is merged
+    and checkpointed. Returns the manifest."""
     from tdb_agent.datasets.store import MANIFEST, DATA
 
     cfg = cfg or BuildConfig()
+    own_runner = runner is None  # a runner passed in is the caller's to close
+    runner = runner or LocalRunner(engine)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    builder = DatasetBuilder(engine, cfg)
+    folded: DatasetBuilder | None = None
     partial = out / "partial"
     fp = {"model": model_fingerprint(engine), "saes": sae_fingerprints(engine)}
-    skip_docs = 0
+    chunks_done = 0
     if resume and (partial / "state.safetensors").exists():
         meta = json.loads((partial / "meta.json").read_text())
-        if meta["fingerprints"] != fp or meta["config"] != cfg.__dict__:
+        if meta["fingerprints"] != fp or meta["config"] != cfg.__dict__ or meta.get("format") != 2:
             raise TdbError(f"{partial} was started with another model, SAEs or settings; delete it to start over")
-        builder.load_state(load_torch(str(partial / "state.safetensors"), device=str(engine.device)), meta)
-        skip_docs = meta["batches_done"]
-        log.info("resuming after %d batches (%d tokens)", skip_docs, builder.n_tokens)
+        folded = DatasetBuilder(engine, cfg)
+        folded.load_state(load_torch(str(partial / "state.safetensors"), device=str(engine.device)))
+        chunks_done = meta["chunks_done"]
+        log.info("resuming after %d chunks (%d tokens)", chunks_done, folded.n_tokens)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=max_tokens, initial=builder.n_tokens, unit="tok", desc="build-dataset", dynamic_ncols=True)
+        bar = tqdm(total=max_tokens, initial=folded.n_tokens if folded else 0, unit="tok", desc="build-dataset",
+                   dynamic_ncols=True)
     t0 = time.time()
-    batches_done = 0
-    for batch in _batched(docs, cfg.batch_size, cfg.sort_buffer):
-        if max_tokens is not None and builder.n_tokens >= max_tokens:
-            break
-        batches_done += 1
-        if batches_done <= skip_docs:
-            continue
-        builder.add_batch(batch)
+    pending: dict[int, Chunk] = {}  # dispatched, not merged yet
+
+    def todo() -> Iterator[Chunk]:
+        for c in plan_chunks(docs, cfg, max_tokens):
+            if c.index >= chunks_done:
+                pending[c.index] = c
+                yield c
+
+    def fold(index: int, state: dict) -> None:
+        nonlocal folded
+        chunk = pending.pop(index)
+        part = DatasetBuilder(engine, cfg)
+        part.load_state(state)
+        if folded is None:
+            folded = part
+        else:
+            folded.merge(part)
+        folded.tokens += [np.asarray(d, dtype=np.int32) for b in chunk.batches for d in b]
+        partial.mkdir(exist_ok=True)
+        save_torch(folded.state(), str(partial / "state.tmp"))
+        (partial / "state.tmp").replace(partial / "state.safetensors")
+        (partial / "meta.json").write_text(json.dumps({"format": 2, "fingerprints": fp, "config": cfg.__dict__,
+                                                       "chunks_done": index + 1}))
         if bar is not None:
-            bar.update(sum(len(d) for d in batch))
-        if batches_done % cfg.checkpoint_every == 0:
-            partial.mkdir(exist_ok=True)
-            save_torch(builder.state(), str(partial / "state.tmp"))
-            (partial / "state.tmp").replace(partial / "state.safetensors")
-            (partial / "meta.json").write_text(json.dumps({"fingerprints": fp, "config": cfg.__dict__,
-                                                           "batches_done": batches_done, "count": builder.count}))
-    if bar is not None:
-        bar.close()
-    if builder.edges is None and builder.warm:
-        builder._fix_edges()  # a corpus shorter than the warm-up: edges from what was seen
-    arrays = builder.finish()
+            bar.update(chunk.n_tokens)
+        if on_chunk is not None:
+            on_chunk(index)
+
+    try:
+        stream = todo()
+        if chunks_done == 0:  # the warm-up chunk first: it fixes the quantile edges the others use
+            first = next(stream, None)
+            if first is not None:
+                for index, state in runner.run([first], cfg, None):
+                    fold(index, state)
+        edges = folded.edges.cpu() if folded is not None and folded.edges is not None else None
+        ready: dict[int, dict] = {}
+        next_index = max(chunks_done, 1)
+        for index, state in runner.run(stream, cfg, edges):  # completion order; merged in chunk order
+            ready[index] = state
+            while next_index in ready:
+                fold(next_index, ready.pop(next_index))
+                next_index += 1
+    finally:
+        if own_runner:
+            runner.close()
+        if bar is not None:
+            bar.close()
+    if folded is None:
+        folded = DatasetBuilder(engine, cfg)
+    arrays = folded.finish()
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out / DATA))
     manifest = {
         "format_version": FORMAT_VERSION, "model": engine.name, "model_fingerprint": fp["model"],
-        "sae_fingerprints": fp["saes"], "source": source, "n_tokens": builder.n_tokens,
-        "n_documents": builder.docs_done, "stat_tokens": builder.count, "config": cfg.__dict__,
-        "blocks": [b.model_dump() for b in builder.blocks], "n_components": builder.C,
-        "build_seconds": round(time.time() - t0, 2),
+        "sae_fingerprints": fp["saes"], "source": source, "n_tokens": folded.n_tokens,
+        "n_documents": folded.docs_done, "stat_tokens": folded.count, "config": cfg.__dict__,
+        "blocks": [b.model_dump() for b in folded.blocks], "n_components": folded.C,
+        "build_seconds": round(time.time() - t0, 2), "workers": runner.n_workers,
         "notes": "position 0 (BOS) is excluded from examples and stats; heads: activation = norm of the head's "
                  "write at the query position; acts are int8 x scale[component]",
     }
@@ -436,4 +652,3 @@ def build(engine: Engine, docs: Iterable[list[int]], out: str | Path, cfg: Build
             f.unlink()
         partial.rmdir()
     return manifest
-

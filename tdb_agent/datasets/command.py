@@ -27,7 +27,13 @@ def add_build_dataset(sub, model_args) -> None:
     p.add_argument("--sae", action="append", default=[], metavar="PATH", help="SAE folder (repeatable)")
     p.add_argument("--no-bundled-saes", action="store_true")
     p.add_argument("--no-resume", action="store_true", help="start over even if <out>/partial exists")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker with --ray)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="shard the corpus over Ray workers (pip install 'tdb-agent[ray]'): a local cluster, or the "
+                        "one at ADDRESS ('auto': the cluster this machine is in); the result equals the "
+                        "single-process build")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray workers (default: one per GPU, or one per --threads CPUs of the cluster)")
     p.set_defaults(fn=cmd_build_dataset)
 
 
@@ -38,12 +44,24 @@ def cmd_build_dataset(args: argparse.Namespace) -> int:
     from tdb_agent.engine import Engine
     from tdb_agent.engine.sae import attach_saes
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from tdb_agent.cli import placement_kwargs
 
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
-                         **placement_kwargs(args))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runner = None
+    if args.ray:
+        from tdb_agent.datasets.ray_build import RayRunner
+        from tdb_agent.scaleout import EngineSpec
+
+        spec = EngineSpec(model=args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
+                          saes=args.sae, bundled_saes=not args.no_bundled_saes, threads=args.threads or 1,
+                          **placement_kwargs(args))
+        runner = RayRunner(spec, workers=args.workers, address=args.ray)
+        # the driver only merges chunk states: its engine (fingerprints, tokenizer) stays off the GPUs
+        engine = Engine.load(args.model, device="cpu", dtype=args.dtype, allow_download=args.allow_download)
+    else:
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
+                             **placement_kwargs(args))
     attach_saes(engine, args.sae, bundled=not args.no_bundled_saes, allow_download=args.allow_download)
     if args.text:
         docs = documents_from_text(args.text, engine.tokenizer, engine.spec.n_ctx)
@@ -53,8 +71,12 @@ def cmd_build_dataset(args: argparse.Namespace) -> int:
         source = f"synthetic corpus, {args.corpus_docs} documents from seed {args.corpus_seed}"
     cfg = BuildConfig(top_k=args.top_k, n_random=args.n_random, window=args.window, lead=args.lead,
                       batch_size=args.batch_size)
-    manifest = build(engine, docs, args.out, cfg, source=source, max_tokens=args.max_tokens,
-                     resume=not args.no_resume)
+    try:
+        manifest = build(engine, docs, args.out, cfg, source=source, max_tokens=args.max_tokens,
+                         resume=not args.no_resume, runner=runner)
+    finally:
+        if runner is not None:
+            runner.close()
     print(json.dumps({k: manifest[k] for k in ("model", "n_tokens", "n_documents", "n_components",
-                                               "build_seconds")}, indent=2))
+                                               "build_seconds", "workers")}, indent=2))
     return 0

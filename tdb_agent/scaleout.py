@@ -1,0 +1,85 @@
+"""What Ray workers share: how to load the engine they hold, and how to reach the cluster.
+
+Ray is an optional extra (`pip install tdb-agent[ray]`). A worker is a Ray actor that
+loads its own engine once (from an `EngineSpec`: the same model, SAEs and settings as the
+driver) and then serves many dataset chunks or discovery runs. One actor per GPU where the
+engine goes to CUDA, otherwise one per `threads` CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import BaseModel, Field
+
+from tdb_agent.errors import TdbError
+
+log = logging.getLogger(__name__)
+
+
+class EngineSpec(BaseModel):
+    """Everything a worker needs to load the same engine as the driver (all plain data)."""
+
+    model: str | None = Field(None, description="local HF folder or hub id; None: the bundled model")
+    device: str = "auto"
+    dtype: str = "float32"
+    device_map: str | dict | None = None
+    max_memory: str | dict | None = None
+    offload_folder: str | None = None
+    saes: list[str] = Field(default_factory=list, description="SAE folders to attach")
+    bundled_saes: bool = True
+    allow_download: bool = False
+    threads: int = Field(1, description="torch CPU threads per worker (also the CPUs Ray reserves for it)")
+
+    def load(self):
+        import torch
+
+        from tdb_agent.engine import Engine
+        from tdb_agent.engine.sae import attach_saes
+
+        torch.set_num_threads(self.threads)
+        engine = Engine.load(self.model, device=self.device, dtype=self.dtype, allow_download=self.allow_download,
+                             device_map=self.device_map, max_memory=self.max_memory,
+                             offload_folder=self.offload_folder)
+        attach_saes(engine, self.saes, bundled=self.bundled_saes, allow_download=self.allow_download)
+        return engine
+
+    def wants_gpu(self) -> bool:
+        import torch
+
+        if self.device_map is not None:
+            return torch.cuda.is_available()
+        return self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+
+    def actor_options(self) -> dict:
+        """Resources Ray reserves for one worker holding this engine."""
+        return {"num_cpus": self.threads, "num_gpus": 1 if self.wants_gpu() else 0}
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise TdbError("Ray is not installed: pip install 'tdb-agent[ray]'") from None
+    return ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None):
+    """Join the cluster at `address` ("auto": the one this machine belongs to), or start a
+    local one (address None or "local"); a session already connected is reused."""
+    ray = require_ray()
+    if not ray.is_initialized():
+        if address in (None, "", "local"):
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    return ray
+
+
+def default_workers(spec: EngineSpec) -> int:
+    """One worker per GPU (engines on CUDA) or per `threads` CPUs of the cluster."""
+    ray = require_ray()
+    res = ray.cluster_resources()
+    if spec.wants_gpu():
+        return max(1, int(res.get("GPU", 0)))
+    return max(1, int(res.get("CPU", 1)) // max(spec.threads, 1))

@@ -1,0 +1,118 @@
+"""Scale-out: dataset builds sharded over Ray workers equal the single-process build bit for
+bit (also after a killed worker and a resumed driver), whatever the chunking; discovery
+runs in parallel over engine actors. One local Ray cluster (2 CPUs) for the module."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tdb_agent.datasets import BuildConfig, build, documents_from_corpus
+from tdb_agent.datasets.store import DATA
+from tdb_agent.engine import Engine
+from tdb_agent.engine.sae import SAE
+from tdb_agent.scaleout import EngineSpec
+from tests.test_sae import random_sae
+
+CFG = dict(top_k=5, n_random=3, n_quantile_bins=3, per_bin=2, window=8, lead=5, batch_size=6, warmup_docs=12,
+           sort_buffer=2, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dirs, tmp_path_factory):
+    """The tiny GPT-2 with an SAE saved as a folder (so workers can load the same engine)."""
+    root = tmp_path_factory.mktemp("scaleout")
+    sae_dir = root / "sae"
+    random_sae(32, 24, "blocks.1.hook_resid_post", seed=5).save(sae_dir)
+    spec = EngineSpec(model=str(tiny_dirs["gpt2"]), device="cpu", saes=[str(sae_dir)], bundled_saes=False, threads=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same kernels, the same bits
+    engine = spec.load()
+    docs = list(documents_from_corpus(80, 91, engine.tokenizer, engine.spec.n_ctx))
+    yield engine, spec, docs, root
+    torch.set_num_threads(threads)
+
+
+def _arrays(folder):
+    from safetensors.numpy import load_file
+    return load_file(str(folder / DATA))
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    engine, _, docs, root = setup
+    build(engine, iter(docs), root / "single", BuildConfig(**CFG), progress=False)
+    return _arrays(root / "single")
+
+
+def test_chunking_does_not_change_the_dataset(setup, single):
+    """Chunks of 1, 3 or all batches: the same bits (ties by document, keyed randomness, tree sums)."""
+    engine, _, docs, root = setup
+    for every in (1, 3, 1000):
+        out = root / f"every{every}"
+        build(engine, iter(docs), out, BuildConfig(**(CFG | {"checkpoint_every": every})), progress=False)
+        b = _arrays(out)
+        for k in single:  # the config differs only in chunking
+            assert np.array_equal(single[k], b[k]), (every, k)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runner(ray_cluster, setup):
+    from tdb_agent.datasets.ray_build import RayRunner
+    r = RayRunner(setup[1], workers=2)
+    yield r
+    r.close()
+
+
+def test_ray_build_equals_single_process(setup, single, runner):
+    engine, _, docs, root = setup
+    m = build(engine, iter(docs), root / "ray", BuildConfig(**CFG), progress=False, runner=runner)
+    assert m["workers"] == 2
+    _assert_same(single, _arrays(root / "ray"))
+    pids = runner.ray.get([a.pid.remote() for a in runner.actors])
+    assert len(set(pids)) == 2 and os.getpid() not in pids  # two worker processes did the work
+
+
+def test_ray_build_resumes_after_the_driver_stops(setup, single, runner):
+    engine, _, docs, root = setup
+    out = root / "ray-resume"
+
+    def stop(i):
+        if i == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        build(engine, iter(docs), out, BuildConfig(**CFG), progress=False, runner=runner, on_chunk=stop)
+    assert (out / "partial" / "state.safetensors").exists()
+    merged = []
+    build(engine, iter(docs), out, BuildConfig(**CFG), progress=False, runner=runner, on_chunk=merged.append)
+    assert merged[0] == 3  # chunks 0..2 came from the checkpoint
+    _assert_same(single, _arrays(out))
+
+
+@pytest.mark.parametrize("how", ["exit", "raise"])
+def test_failed_worker_chunk_is_retried(setup, single, runner, tmp_path, how):
+    """A worker process that dies (exit) or a chunk that raises: sent again, same dataset."""
+    engine, _, docs, _ = setup
+    marker = tmp_path / "failed-once"
+    runner.fault, retries = {"chunk": 2, "marker": str(marker), "how": how}, runner.retries
+    try:
+        build(engine, iter(docs), tmp_path / "ds", BuildConfig(**CFG), progress=False, runner=runner)
+    finally:
+        runner.fault = None
+    assert marker.exists() and runner.retries > retries
+    _assert_same(single, _arrays(tmp_path / "ds"))
