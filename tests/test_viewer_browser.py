@@ -20,7 +20,7 @@ from tests.viewer_fixtures import ioi_example, make_run
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("TDB_ARTIFACTS", REPO / "artifacts")) / "viewer"
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu"]
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]  # last: small /dev/shm in containers
 
 
 def find_chromium() -> str | None:
