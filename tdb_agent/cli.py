@@ -36,8 +36,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--allow-download", action="store_true",
                    help="allow fetching a hub model (never needed for the bundled model)")
-
     _placement_args(p)
+
 
 def _limit_args(p: argparse.ArgumentParser) -> None:
     """One flag per field of `Limits` (--max-top-k ...), with its default."""
@@ -100,11 +100,16 @@ def cmd_discover(args) -> int:
     from tdb_agent.agent.llm import LLMSettings
     from tdb_agent.agent.runstore import RunConfig, RunStore
 
+    tasks = args.task or []
+    if not args.resume and (len(tasks) > 1 or args.batch or args.ray):
+        from tdb_agent.agent.batch import cmd_batch
+        return cmd_batch(args, placement_kwargs(args))
     if args.resume:
         out = Path(args.resume)
         cfg = RunStore(out).load_config()
     else:
-        cfg = RunConfig(task=args.task, prompt=args.prompt, corrupted_prompt=args.corrupted, target=args.target,
+        cfg = RunConfig(task=tasks[0] if tasks else None, prompt=args.prompt, corrupted_prompt=args.corrupted,
+                        target=args.target,
                         distractor=args.distractor, planner=args.planner, model=args.model, max_steps=args.max_steps,
                         llm_model=args.llm_model)
         if not cfg.task and not (cfg.prompt and cfg.target):
@@ -208,7 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("discover", help="find the circuit of a behaviour (scripted planner or an LLM agent)")
-    p.add_argument("--task", default=None, help="a built-in task: ioi, induction, greater_than, facts")
+    p.add_argument("--task", action="append", default=None,
+                   help="a built-in task: ioi, induction, greater_than, facts (repeat for a batch of runs)")
+    p.add_argument("--batch", default=None, metavar="FILE",
+                   help="JSON lines, one run each: {\"task\": ...} or {\"prompt\", \"target\", \"distractor\", "
+                        "\"corrupted_prompt\", \"name\"}; runs go to --out/<name>/ with summary.md")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the batch in parallel on Ray engine actors: a local cluster, or the one at ADDRESS "
+                        "(pip install 'tdb-agent[ray]')")
+    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per GPU or CPU)")
     p.add_argument("--prompt", default=None)
     p.add_argument("--target", default=None)
     p.add_argument("--distractor", default=None)
@@ -216,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--planner", choices=["scripted", "llm"], default="scripted")
     p.add_argument("--model", default=None, help="local HF folder (default: the bundled model)")
     p.add_argument("--device", default="auto")
+    _placement_args(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/<task>-<time>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run")
     p.add_argument("--max-steps", type=int, default=40, help="LLM turns (llm planner)")
@@ -254,4 +268,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    _placement_args(p)

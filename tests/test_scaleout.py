@@ -71,6 +71,35 @@ def ray_cluster():
     ray.shutdown()
 
 
+def test_discover_batch_on_ray_equals_sequential(ray_cluster, setup, tmp_path):
+    """Runs on two engine actors: the same circuits as one after another here, one run
+    folder each, a summary table, and a failed run is a row (the others go on).
+    (Before the dataset tests: their module-wide workers hold both CPUs of the cluster.)"""
+    import json
+
+    from tdb_agent.agent.batch import BatchItem, plan_runs, run_batch
+    from tdb_agent.agent.runstore import RunConfig
+    _, spec, _, _ = setup
+    spec = spec.model_copy(update={"saes": [], "bundled_saes": False})
+    items = [BatchItem(task="ioi"), BatchItem(task="induction"), BatchItem(task="no_such_task"),
+             BatchItem(name="mine", prompt="When Mary and John went to the store , John gave a drink to", target="Mary",
+                       distractor="John", corrupted_prompt="When Mary and John went to the store , Anna gave a drink to")]
+    template = RunConfig(model=spec.model)
+    results = {}
+    for mode in ("local", "ray"):
+        root = tmp_path / mode
+        s = run_batch(plan_runs(items, template, root), spec, root, ray_address="local" if mode == "ray" else None,
+                      workers=2, echo=lambda m: None)
+        assert [r.name for r in s.runs] == ["ioi", "induction", "no_such_task", "mine"]
+        assert [r.ok for r in s.runs] == [True, True, False, True] and "no_such_task" in s.runs[2].error
+        assert (root / "summary.md").read_text().count("\n| [") == 4
+        results[mode] = {r.name: (r.faithfulness, json.loads((root / r.name / "graph.json").read_text())["nodes"])
+                         for r in s.runs if r.ok}
+        if mode == "ray":
+            assert s.workers == 2 and len({r.worker for r in s.runs}) == 2
+    assert results["ray"] == results["local"]
+
+
 @pytest.fixture(scope="module")
 def runner(ray_cluster, setup):
     from tdb_agent.datasets.ray_build import RayRunner
