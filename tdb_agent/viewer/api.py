@@ -26,7 +26,7 @@ from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList
 from tdb_agent.server.limits import LimitChecks
 from tdb_agent.server.running import run_tool
 from tdb_agent.server.sae_tools import TopExamplesResult, top_examples_of
-from tdb_agent.workbench import ComponentPage, Workbench, component_page
+from tdb_agent.workbench import ComponentPage, Limits, Workbench, component_page
 
 Mode = Literal["zero", "mean", "resample"]
 Kind = Literal["head", "neuron", "attn", "mlp", "emb", "sae"]
@@ -96,6 +96,7 @@ class ModelPage(BaseModel):
     tasks: TaskList
     runs: list[RunSummary]
     circuits: list[CircuitSummary]
+    limits: Limits = Field(description="the server's per-call limits (the page keeps its requests within them)")
 
 
 class ComponentView(BaseModel):
@@ -177,7 +178,8 @@ def model_page(bench: Workbench, runs: RunIndex | None = None) -> ModelPage:
     info = run_tool(bench, "model_info", lambda: ops.model_info(bench.engine, bench.dataset_names()))
     circuits = [CircuitSummary(name=n, nodes=g.number_of_nodes(), edges=g.number_of_edges())
                 for n, g in sorted((bench.circuits or {}).items())]
-    return ModelPage(info=info, tasks=ops.list_tasks(), runs=runs.summaries() if runs else [], circuits=circuits)
+    return ModelPage(info=info, tasks=ops.list_tasks(), runs=runs.summaries() if runs else [], circuits=circuits,
+                     limits=bench.limits)
 
 
 def example_text(bench: Workbench, token_ids: list[int]) -> str:

@@ -362,18 +362,19 @@ async function promptPage(app) {
     const params = {prompt: f.get("prompt"), target: f.get("target"), distractor: f.get("distractor"),
       corrupted: f.get("corrupted"), method: f.get("method"), mode: f.get("mode"), kinds: f.getAll("kind").join(",")};
     history.replaceState(null, "", "/prompt?" + new URLSearchParams(params));
-    explore(params, out, heads).catch((e) => fill(out, errorBox(e)));
+    explore(params, out, heads, info.limits).catch((e) => fill(out, errorBox(e)));
   });
   if (q.get("prompt") && q.get("target")) form.requestSubmit();
 }
 
-async function explore(p, out, heads) {
+async function explore(p, out, heads, limits) {
   fill(out, h("p", {class: "muted"}, "running…"));
   const base = {prompt: p.prompt, target: p.target, distractor: p.distractor || null};
   const corrupted = p.corrupted || null;
-  const pred = await api("/api/predict", {prompt: p.prompt, target: p.target, distractor: p.distractor || null, top_k: 10});
+  const pred = await api("/api/predict", {prompt: p.prompt, target: p.target, distractor: p.distractor || null,
+    top_k: Math.min(10, limits.max_top_k)});
   const attr = await api("/api/attribute", {...base, method: p.method, corrupted_prompt: corrupted,
-    kinds: p.kinds ? p.kinds.split(",") : null, top_k: 40});
+    kinds: p.kinds ? p.kinds.split(",") : null, top_k: Math.min(40, limits.max_top_k)});
   const m = pred.metric;
   const ablated = new Set();
   const metricAfter = h("span", {class: "big", id: "metric-after"}, "—");
