@@ -1,11 +1,11 @@
 """`python -m evals`: score circuit discovery and explanations; write RESULTS.md and results.json.
 
     python -m evals            # everything (under 15 minutes on two CPU cores)
-    python -m evals --quick    # constructed models, bundled IOI, explanation sample (under 2 minutes; CI)
+    python -m evals --quick    # constructed models, Tracr, bundled IOI, explanation sample (under 2 minutes; CI)
     python -m evals --out DIR  # write elsewhere (default: evals/)
 
 Tiers: 1 constructed models (hand-set weights), 2 trained toy with redundant heads
-(full run only: training takes tens of seconds), 3 Tracr (left out, see RESULTS.md),
+(full run only: training takes tens of seconds), 3 Tracr-compiled programs (`evals/tracr/`),
 4 the bundled model's tasks against stored reference circuits (`evals/reference`),
 5 literature lists (`evals/literature.json`, data only), and explanations.
 """
@@ -44,6 +44,28 @@ def constructed_cases(root: Path, n_pairs: int) -> list[Case]:
     return cases
 
 
+def tracr_cases(root: Path, n_pairs: int) -> list[tuple[Case, dict]]:
+    """Compiled programs; truth = the compiled (non-empty) blocks: the algorithm as Tracr
+    wrote it. Which of them the read-out position needs under each ablation is found by
+    exhaustive ablation and reported beside it."""
+    from evals import tracr_models
+    from evals.toy import exhaustive_truth
+    from tdb_agent.engine import Engine
+
+    out = []
+    for program in tracr_models.PROGRAMS:
+        folder = tracr_models.build(program, root / program)
+        pairs = tracr_models.program_pairs(program, n_pairs, seed=1)
+        compiled = tracr_models.ground_truth(program)
+        engine = Engine.load(folder, device="cpu")
+        with torch.no_grad():
+            needed = {m: exhaustive_truth(engine, pairs, mode=m).nodes for m in ("mean", "resample")}
+        out.append((Case(tier="tracr", name=program, model_dir=str(folder), pairs=pairs, truth_nodes=compiled,
+                         note=f"compiled blocks {compiled}"),
+                    {"compiled_blocks": compiled, "needed": needed}))
+    return out
+
+
 def bundled_cases(tasks: list[str], n_pairs: int) -> list[Case]:
     cases = []
     for task in tasks:
@@ -80,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[MethodResult] = []
-    toy_truths = []
+    toy_truths, tracr_truths = [], []
     keep = Path(args.keep_runs) if args.keep_runs else None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -95,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 case, truth = toy_case(root / "toy", seed=seed)
                 toy_truths.append({"case": case.name, **truth.model_dump()})
                 results += score_case(case, METHODS, keep)
+        print("tier 3: Tracr-compiled programs", flush=True)
+        for case, truth in tracr_cases(root / "tracr", 16):
+            tracr_truths.append({"case": case.name, **truth})
+            results += score_case(case, METHODS, keep)
         print("tier 4: bundled model tasks", flush=True)
         tasks = ["ioi"] if args.quick else ["ioi", "induction", "greater_than", "facts"]
         for case in bundled_cases(tasks, 16):
@@ -105,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     res = Results(command="python -m evals" + (" --quick" if args.quick else ""), quick=args.quick, revision=rev,
                   seconds=time.time() - t0, threads=args.threads, machine=f"{platform.machine()}, {os.cpu_count()} "
                   f"CPUs visible, torch {torch.__version__}, python {sys.version.split()[0]}",
-                  results=results, toy_truth=toy_truths,
+                  results=results, toy_truth=toy_truths, tracr_truth=tracr_truths,
                   references={t: reference.load(t).model_dump(include={"nodes", "edges", "n_pairs", "seed", "threshold",
                                                                        "edge_threshold", "command"}) for t in tasks},
                   explanations=expl, tracr=TRACR_NOTE,

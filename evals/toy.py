@@ -31,15 +31,17 @@ class ToyTruth(BaseModel):
     nodes: list[str]
     max_marginal: dict[str, float]  # v -> max over subsets S of f(S + v) - f(S)
     single_ablation: dict[str, float]  # v -> f(universe - v): single-component ablation
-    all_layer1_heads_ablated: float
+    all_layer1_heads_ablated: float | None
     smallest_reaching_08: list[str]  # a smallest subset with f >= 0.8
     n_subsets: int
     train_seconds: float
 
 
-def exhaustive_truth(engine: Engine, pairs: list[PromptPair]) -> ToyTruth:
+def exhaustive_truth(engine: Engine, pairs: list[PromptPair], mode: str = "resample") -> ToyTruth:
+    """Every subset of the universe kept (the rest ablated by `mode`): a component is in the
+    truth when adding it to some subset raises faithfulness by at least MARGINAL."""
     uni = universe(engine)
-    ev = Evaluator(engine, pairs, mode="resample")
+    ev = Evaluator(engine, pairs, mode=mode)
     subsets = [frozenset(c) for r in range(len(uni) + 1) for c in itertools.combinations(uni, r)]
     rows = ev.metric_rows([keep_set(sorted(s), engine.spec) for s in subsets])
     f = {s: ev.faithfulness(r) for s, r in zip(subsets, rows)}
@@ -50,7 +52,7 @@ def exhaustive_truth(engine: Engine, pairs: list[PromptPair]) -> ToyTruth:
     smallest = min(reaching, key=len) if reaching else full
     return ToyTruth(nodes=[v for v in uni if marg[v] >= MARGINAL], max_marginal=marg,
                     single_ablation={v: f[full - {v}] for v in uni},
-                    all_layer1_heads_ablated=f[full - set(l1)], smallest_reaching_08=sorted(smallest),
+                    all_layer1_heads_ablated=f[full - set(l1)] if l1 else None, smallest_reaching_08=sorted(smallest),
                     n_subsets=len(subsets), train_seconds=0.0)
 
 

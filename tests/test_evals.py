@@ -210,6 +210,8 @@ def test_quick_evals_run_and_score_the_constructed_cases(tmp_path):
     assert rows[("constructed", "induction", "direct_effect")]["nodes"]["f1"] < 1.0
     assert rows[("constructed", "induction", "scripted_planner")]["cost"]["forward_passes"] > 0
     assert ("bundled", "ioi", "scripted_planner") in rows
+    assert rows[("tracr", "hist", "ablation_sweep")]["nodes"]["f1"] == 1.0
+    assert rows[("tracr", "reverse", "(truth)")]["found"] == ["L0.H0", "L0.MLP", "L1.MLP", "L2.MLP", "L3.H0"]
     assert res["explanations"]["planted"] and res["explanations"]["planted"][0]["names_feature"]
 
 
@@ -252,3 +254,29 @@ def test_reference_edge_patching_recovers_the_constructed_edges(built):
     strong = {(e.source, e.target) for e in effects if abs(e.noising) > 0.5}
     assert strong == set(map(tuple, case.edges))
     assert max(abs(e.noising) for e in effects if (e.source, e.target) not in strong) < 0.01
+
+
+@pytest.mark.parametrize("program", ["hist", "reverse"])
+def test_tracr_program_runs_exactly_as_a_gpt2_folder(tmp_path, program):
+    """The converted Tracr model, in plain transformers, gives Tracr's own output (stored when
+    it was compiled) at the last position and the right answer on every test pair; every
+    compiled block of hist matters by single-node patching."""
+    from evals import tracr_models
+
+    folder = tracr_models.build(program, tmp_path / program)
+    meta = json.loads((tracr_models.STORE / f"{program}.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    ex = meta["example"]
+    ids = torch.tensor([tok.convert_tokens_to_ids(ex["input"])])
+    with torch.no_grad():
+        assert tok.convert_ids_to_tokens([model(ids).logits[0, -1].argmax().item()]) == [ex["output"][-1]]
+    engine = Engine.load(folder, device="cpu")
+    for p in tracr_models.program_pairs(program, 12, seed=9):
+        for text, want in ((p.prompt, p.target), (p.corrupted_prompt, p.distractor)):
+            with torch.no_grad():
+                logits = engine.forward(engine.to_tokens(text), logit_positions=[-1]).logits[0, -1]
+            assert engine.tokenizer.decode([logits.argmax().item()]) == want, (text, want)
+    if program == "hist":
+        effects, _, _ = node_effects(engine, tracr_models.program_pairs(program, 8, seed=10))
+        assert {e.node: round(e.noising, 2) for e in effects} == {"L0.H0": -1.0, "L0.MLP": -1.0}
