@@ -75,6 +75,26 @@ def _kind(cid: str) -> str:
     return "sae latent" if ".F" in cid else "head" if ".H" in cid else "neuron"
 
 
+def llm_distributions(engine: Engine, ds: ActivationDataset, per_kind: int, seed: int = 0) -> list[Distribution]:
+    """LLM explanations scored by the LLM simulator (only where an endpoint is configured); a
+    component whose explanation fails scores 0 and is counted in the source column."""
+    explainer = Explainer(engine, ds, llm=ExplainerLLM.from_env(), cache_dir=None)
+    comps = [component_name(ds.blocks, c) for c in range(ds.manifest["n_components"])]
+    rng = random.Random(seed)
+    out = []
+    for kind in ("head", "neuron", "sae latent"):
+        of_kind = [c for c in comps if _kind(c) == kind]
+        scores, failed = [], 0
+        for c in rng.sample(of_kind, min(per_kind, len(of_kind))):
+            try:
+                scores.append(explainer.explain(c, method="llm", refresh=True).score)
+            except Exception:  # an endpoint error stays visible as a failure, scored 0
+                scores.append(0.0)
+                failed += 1
+        out.append(_dist(kind, f"LLM ({explainer.llm_settings.model}), seeded sample, {failed} failed", scores))
+    return out
+
+
 def distributions(engine: Engine, ds: ActivationDataset, per_kind: int, seed: int = 0) -> list[Distribution]:
     explainer = Explainer(engine, ds, llm=ExplainerLLM(base_url=None, api_key=None), cache_dir=None)
     comps = [component_name(ds.blocks, c) for c in range(ds.manifest["n_components"])]
@@ -164,10 +184,12 @@ def run(constructed_class_neuron: str | None, quick: bool) -> ExplanationEval:
         attach_saes(engine, [], bundled=True)
         ds = ActivationDataset.open(BUNDLED_DATASET, engine)
         dists = distributions(engine, ds, per_kind=16 if quick else 96)
+        llm_on = ExplainerLLM.from_env().configured
+        if llm_on:
+            dists += llm_distributions(engine, ds, per_kind=4 if quick else 16)
         planted = [] if quick else planted_bundled(engine, ds, n_docs=200)
         if constructed_class_neuron:
             planted.append(planted_constructed(constructed_class_neuron, n_docs=256))
-    llm = ("heuristic only: no explainer endpoint (TDB_EXPLAINER_BASE_URL / OPENAI_BASE_URL)"
-           if not ExplainerLLM.from_env().configured else "LLM endpoint configured but LLM explanations are not "
-                                                          "scored by this eval yet")
+    llm = ("LLM explanations: not run, no explainer endpoint (TDB_EXPLAINER_BASE_URL / OPENAI_BASE_URL); "
+           "heuristic explanations only" if not llm_on else "LLM explanations scored on a seeded sample (rows 'LLM')")
     return ExplanationEval(distributions=dists, planted=planted, llm=llm, cost=cost)
