@@ -72,8 +72,8 @@ def bundled_cases(tasks: list[str], n_pairs: int) -> list[Case]:
         ref = reference.load(task)
         cases.append(Case(tier="bundled", name=task, task=task,
                           pairs=[PromptPair(**ex.model_dump()) for ex in task_examples(task, n_pairs, seed=0)],
-            truth_nodes=ref.nodes, note=f"reference: node patching, {ref.n_pairs} pairs (seed {ref.seed}), "
-                                        f"threshold {ref.threshold}"))
+                          truth_nodes=ref.nodes, truth_edges=[tuple(e) for e in ref.edges],
+                          note=f"reference: node and path patching, {ref.n_pairs} pairs (seed {ref.seed})"))
     return cases
 
 

@@ -209,7 +209,7 @@ def test_quick_evals_run_and_score_the_constructed_cases(tmp_path):
     # the confounder head has a large direct effect: direct effect alone misses the induction circuit
     assert rows[("constructed", "induction", "direct_effect")]["nodes"]["f1"] < 1.0
     assert rows[("constructed", "induction", "scripted_planner")]["cost"]["forward_passes"] > 0
-    assert ("bundled", "ioi", "scripted_planner") in rows
+    assert rows[("bundled", "ioi", "scripted_planner")]["edges"] is not None  # scored against the reference edges
     assert rows[("tracr", "hist", "ablation_sweep")]["nodes"]["f1"] == 1.0
     assert rows[("tracr", "reverse", "(truth)")]["found"] == ["L0.H0", "L0.MLP", "L1.MLP", "L2.MLP", "L3.H0"]
     assert res["explanations"]["planted"] and res["explanations"]["planted"][0]["names_feature"]
