@@ -162,6 +162,7 @@ def test_bad_maps_are_clear_errors(tiny_dirs):
         parse_device_map("everywhere")
     assert parse_device_map('{"lm_head": 0}') == {"lm_head": 0}
     assert parse_max_memory("0=70GiB, cpu=100GiB") == {0: "70GiB", "cpu": "100GiB"}
+    assert parse_max_memory('{"0": "70GiB", "cpu": 1000}') == {0: "70GiB", "cpu": 1000}
 
 
 @pytest.mark.gpu

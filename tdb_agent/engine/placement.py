@@ -87,6 +87,8 @@ def parse_max_memory(text: str | Mapping | None) -> dict | None:
     """'0=70GiB,1=70GiB,cpu=200GiB' -> {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'} (accelerate's form)."""
     if text is None or isinstance(text, Mapping):
         return dict(text) if text is not None else None
+    if text.strip().startswith("{"):  # JSON, as discover passes a dict on to `serve`
+        return {int(k) if k.isdigit() else k: v for k, v in json.loads(text).items()}
     out: dict = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
