@@ -258,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     # logs go to stderr: stdout carries the MCP protocol on the stdio transport
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from tdb_agent.engine.placement import PlacementError
+    from tdb_agent.errors import TdbError
     try:
         return args.fn(args)
-    except PlacementError as e:  # a device map or memory request that cannot be honoured: say why, no traceback
+    except TdbError as e:  # user-facing (a model that does not fit, Ray missing, ...): say why, no traceback
         print(f"tdb-agent {args.cmd}: {e}", file=sys.stderr)
         return 2
 
