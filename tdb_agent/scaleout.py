@@ -83,3 +83,16 @@ def default_workers(spec: EngineSpec) -> int:
     if spec.wants_gpu():
         return max(1, int(res.get("GPU", 0)))
     return max(1, int(res.get("CPU", 1)) // max(spec.threads, 1))
+
+
+def check_fits(spec: EngineSpec, workers: int) -> None:
+    """Warn when the cluster cannot hold `workers` engines at once (Ray would wait, silently,
+    for resources that may never come, unless an autoscaler adds them)."""
+    ray = require_ray()
+    res = ray.cluster_resources()
+    opts = spec.actor_options()
+    for key, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+        need = workers * opts[key]
+        if need > res.get(name, 0):
+            log.warning("%d workers need %s %s but the cluster has %s: some will wait for resources",
+                        workers, need, name, res.get(name, 0))

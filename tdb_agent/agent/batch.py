@@ -131,10 +131,11 @@ def run_batch(runs: list[tuple[str, RunConfig, Path]], spec: EngineSpec, root: P
             echo(_row_line(rows[-1]))
         n_workers = 1
     else:
-        from tdb_agent.scaleout import connect, default_workers
+        from tdb_agent.scaleout import check_fits, connect, default_workers
 
         ray = connect(ray_address)
         n_workers = min(workers or default_workers(spec), max(len(runs), 1))
+        check_fits(spec, n_workers)
         cls = ray.remote(DiscoverWorker).options(**spec.actor_options())
         actors = [cls.remote(spec.model_dump()) for _ in range(n_workers)]
         try:

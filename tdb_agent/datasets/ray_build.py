@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 from tdb_agent.datasets.builder import BuildConfig, Chunk, run_chunk
 from tdb_agent.errors import TdbError
-from tdb_agent.scaleout import EngineSpec, connect, default_workers
+from tdb_agent.scaleout import EngineSpec, check_fits, connect, default_workers
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class RayRunner:
         self.ray = connect(address)
         self.spec = spec
         self.n_workers = workers or default_workers(spec)
+        check_fits(spec, self.n_workers)
         self.max_retries = max_retries
         self.in_flight = in_flight
         self.fault = fault
