@@ -140,7 +140,7 @@ def plan(src: str, dtype: torch.dtype, device_map, max_memory: dict | None, offl
         no_split = getattr(meta, "_no_split_modules", None) or []
         no_split = list(no_split) if not isinstance(no_split, str) else [no_split]
         mem = {k: _bytes(v) for k, v in (max_memory or get_max_memory()).items()}
-        if device_map in ("balanced", "balanced_low_0") and torch.cuda.device_count() > 1:
+        if device_map != "sequential" and torch.cuda.device_count() > 1:  # as transformers: auto = balanced
             mem = get_balanced_memory(meta, max_memory=mem, no_split_module_classes=no_split, dtype=dtype,
                                       low_zero=device_map == "balanced_low_0")
         dm = infer_auto_device_map(meta, max_memory=mem, no_split_module_classes=no_split, dtype=dtype)
