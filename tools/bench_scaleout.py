@@ -6,7 +6,10 @@ Builds the same dataset (bundled model and SAEs by default) in this process, the
 Ray and N workers (a local cluster with one CPU per worker, one torch thread each), all
 in one process run; each Ray build starts once its workers have loaded their engines.
 Prints tokens/s per setting, the ratio to one Ray worker, the time the driver spends
-merging chunk states, and whether every build is bit-identical to the in-process one.
+merging chunk states, the CPU cores the workers really got (CPU seconds / wall seconds:
+other load on the machine shows here), tokens per worker CPU second (what scales with
+the cores a cluster gives), and whether every build is bit-identical to the
+in-process one.
 """
 
 from __future__ import annotations
@@ -56,11 +59,17 @@ def main() -> None:
 
     def run(name, runner=None):
         merge_s[0] = 0.0
+        cpu0 = ray.get([a.cpu_seconds.remote() for a in runner.actors]) if runner else [time.process_time()]
         t = time.perf_counter()
         B.build(engine, iter(docs), tmp / name, cfg, progress=False, runner=runner)
         dt = time.perf_counter() - t
-        return {"seconds": round(dt, 2), "tok_s": round(n_tokens / dt), "driver_merge_s": round(merge_s[0], 2)}
+        cpu1 = ray.get([a.cpu_seconds.remote() for a in runner.actors]) if runner else [time.process_time()]
+        # cores the build's workers actually got (other load on the machine shows here)
+        cores = sum(b - a for a, b in zip(cpu0, cpu1)) / dt
+        return {"seconds": round(dt, 2), "tok_s": round(n_tokens / dt), "driver_merge_s": round(merge_s[0], 2),
+                "worker_cores_used": round(cores, 2), "tok_per_worker_cpu_s": round(n_tokens / (cores * dt))}
 
+    ray = None
     rows = {"in-process": run("local")}
     ref = load_file(str(tmp / "local" / DATA))
     from tdb_agent.datasets.ray_build import RayRunner

@@ -44,6 +44,11 @@ class BuildWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def cpu_seconds(self) -> float:
+        """CPU time this worker process used (benchmarks: how much CPU it really got)."""
+        import time
+        return time.process_time()
+
 
 class RayRunner:
     """Runs chunks on `workers` Ray actors (default: one per GPU, or per `spec.threads` CPUs),
