@@ -100,6 +100,19 @@ def test_discover_batch_on_ray_equals_sequential(ray_cluster, setup, tmp_path):
     assert results["ray"] == results["local"]
 
 
+def test_build_dataset_cli_with_ray(ray_cluster, setup, tmp_path, capsys):
+    """`tdb-agent build-dataset --ray --workers 2` writes the file the in-process command writes.
+    (Also before the module-wide workers exist.)"""
+    from tdb_agent.cli import main
+    _, spec, _, _ = setup
+    common = ["build-dataset", "--model", spec.model, "--device", "cpu", "--sae", spec.saes[0], "--no-bundled-saes",
+              "--corpus-docs", "40", "--batch-size", "8", "--top-k", "4", "--threads", "1"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--out", str(tmp_path / "b"), "--ray", "--workers", "2"]) == 0
+    assert '"workers": 2' in capsys.readouterr().out
+    assert (tmp_path / "a" / DATA).read_bytes() == (tmp_path / "b" / DATA).read_bytes()
+
+
 @pytest.fixture(scope="module")
 def runner(ray_cluster, setup):
     from tdb_agent.datasets.ray_build import RayRunner
