@@ -189,7 +189,7 @@ def test_evaluator_faithfulness_matches_hand_hooks(built):
 def test_quick_evals_run_and_score_the_constructed_cases(tmp_path):
     from evals.__main__ import main
 
-    assert main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert main(["--quick", "--out", str(tmp_path), "--threads", str(torch.get_num_threads())]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     md = (tmp_path / "RESULTS.md").read_text()
     assert "Tier 1" in md and "Tier 4" in md and "Tracr" in md and "Explanations" in md
