@@ -10,8 +10,6 @@ import torch
 
 from tdb_agent.datasets import BuildConfig, build, documents_from_corpus
 from tdb_agent.datasets.store import DATA
-from tdb_agent.engine import Engine
-from tdb_agent.engine.sae import SAE
 from tdb_agent.scaleout import EngineSpec
 from tests.test_sae import random_sae
 
@@ -82,8 +80,9 @@ def test_discover_batch_on_ray_equals_sequential(ray_cluster, setup, tmp_path):
     _, spec, _, _ = setup
     spec = spec.model_copy(update={"saes": [], "bundled_saes": False})
     items = [BatchItem(task="ioi"), BatchItem(task="induction"), BatchItem(task="no_such_task"),
-             BatchItem(name="mine", prompt="When Mary and John went to the store , John gave a drink to", target="Mary",
-                       distractor="John", corrupted_prompt="When Mary and John went to the store , Anna gave a drink to")]
+             BatchItem(name="mine", prompt="When Mary and John went to the store , John gave a drink to",
+                       target="Mary", distractor="John",
+                       corrupted_prompt="When Mary and John went to the store , Anna gave a drink to")]
     template = RunConfig(model=spec.model)
     results = {}
     for mode in ("local", "ray"):

@@ -157,7 +157,8 @@ def plan(src: str, dtype: torch.dtype, device_map, max_memory: dict | None, offl
         unknown = [m for m in dm if m not in names]
         if unknown:
             tops = sorted(n for n in names if n and n.count(".") <= 2)[:12]
-            raise PlacementError(f"device map names modules the model does not have: {unknown}; modules look like {tops}")
+            raise PlacementError(f"device map names modules the model does not have: {unknown}; "
+                                 f"modules look like {tops}")
         if "disk" in dm.values() and offload_folder is None:
             raise DoesNotFit("the device map puts modules on 'disk': pass --offload-folder DIR")
         if max_memory:
