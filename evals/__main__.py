@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print("explanations", flush=True)
         expl = explanations.run(str(root / "constructed" / "class_neuron"), quick=args.quick)
     res = Results(command="python -m evals" + (" --quick" if args.quick else ""), quick=args.quick, revision=rev,
+                  finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   seconds=time.time() - t0, threads=args.threads, machine=f"{platform.machine()}, {os.cpu_count()} "
                   f"CPUs visible, torch {torch.__version__}, python {sys.version.split()[0]}",
                   results=results, toy_truth=toy_truths, tracr_truth=tracr_truths,

@@ -103,11 +103,14 @@ def distributions(engine: Engine, ds: ActivationDataset, per_kind: int, seed: in
     out = []
     for kind in ("head", "neuron", "sae latent"):
         of_kind = [c for c in comps if _kind(c) == kind]
-        sample = of_kind if kind == "head" and len(of_kind) <= per_kind * 4 else rng.sample(of_kind, min(per_kind, len(of_kind)))
+        every = kind == "head" and len(of_kind) <= per_kind * 4  # all heads; a seeded sample of the rest
+        sample = of_kind if every else rng.sample(of_kind, min(per_kind, len(of_kind)))
         scores = [explainer.explain(c, method="heuristic", refresh=True).score for c in sample]
         diff = max(abs(s - shipped[c]["score"]) for c, s in zip(sample, scores) if c in shipped)
-        out.append(_dist(kind, f"recomputed, {'all' if len(sample) == len(of_kind) else 'seeded sample'}", scores, diff))
-        out.append(_dist(kind, "shipped explanations.json, all", [shipped[c]["score"] for c in of_kind if c in shipped]))
+        what = "all" if len(sample) == len(of_kind) else "seeded sample"
+        out.append(_dist(kind, f"recomputed, {what}", scores, diff))
+        out.append(_dist(kind, "shipped explanations.json, all",
+                         [shipped[c]["score"] for c in of_kind if c in shipped]))
     return out
 
 
@@ -172,7 +175,8 @@ def planted_constructed(model_dir: str, n_docs: int) -> PlantedResult:
         e = Explainer(engine, ds, llm=ExplainerLLM(base_url=None, api_key=None), cache_dir=None).explain(
             "L0.N5", method="heuristic")
     return PlantedResult(feature="names", component="L0.N5", selectivity=None,
-                         how_found=f"constructed model class_neuron: L0.N5 fires on 10 of the 109 names by construction "
+                         how_found=f"constructed model class_neuron: L0.N5 fires on 10 of the 109 names by "
+                                   f"construction "
                                    f"(dataset built here over {n_docs} corpus documents; the simulator predicts "
                                    f"every name, hence a middling score)",
                          explanation=e.explanation, score=e.score, names_feature=_names_feature(e.explanation, "names"))

@@ -74,7 +74,8 @@ class MethodResult(BaseModel):
 
 def universe(engine: Engine) -> list[str]:
     s = engine.spec
-    return [f"L{l}.H{h}" for l in range(s.n_layers) for h in range(s.n_heads)] + [f"L{l}.MLP" for l in range(s.n_layers)]
+    heads = [f"L{l}.H{h}" for l in range(s.n_layers) for h in range(s.n_heads)]
+    return heads + [f"L{l}.MLP" for l in range(s.n_layers)]
 
 
 def _mean_abs(per_pair: list[dict[str, float]]) -> dict[str, float]:
@@ -241,7 +242,8 @@ def _block_of(cid: str) -> str:
 def score_case(case: Case, methods: list[str], keep_runs: Path | None = None, log=print) -> list[MethodResult]:
     engine = Engine.load(case.model_dir, device="cpu")
     curves = Curves(engine, case)
-    truth = MethodResult(tier=case.tier, case=case.name, method="(truth)", found=case.truth_nodes, k=len(case.truth_nodes))
+    truth = MethodResult(tier=case.tier, case=case.name, method="(truth)", found=case.truth_nodes,
+                         k=len(case.truth_nodes))
     truth.faithfulness = {m: c[0] for m, c in curves.of([case.truth_nodes]).items()}
     out = [truth]
     for method in methods:
