@@ -196,15 +196,18 @@ class Engine:
         return next(self.model.parameters()).dtype
 
     # ------------------------------------------------------------------ tokens
-    def to_tokens(self, text: str, prepend_bos: bool = True) -> torch.Tensor:
+    def to_tokens(self, text: str, prepend_bos: bool = True, truncate: bool = False) -> torch.Tensor:
         """Token ids [1, s], BOS first (as the bundled model was trained, and as
-        TransformerLens does by default)."""
+        TransformerLens does by default). Longer than the context: an error, or with
+        `truncate` (reference text, corpora) the first n_ctx tokens."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
         if prepend_bos and bos is not None:
             ids = [bos] + ids
         if not ids:
             raise TokenizationError("the prompt is empty")
+        if truncate:
+            ids = ids[: self.spec.n_ctx]
         if len(ids) > self.spec.n_ctx:
             raise PromptTooLong(f"the prompt is {len(ids)} tokens; the model's context is {self.spec.n_ctx}")
         return torch.tensor([ids], device=self.device)

@@ -153,7 +153,7 @@ def reference_means(engine: Engine, sites: list[str], prompts: list[str] | None 
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for text in prompts:
-        ids = engine.to_tokens(text)[:, : engine.spec.n_ctx]
+        ids = engine.to_tokens(text, truncate=True)
         _, acts = engine.run_with_cache(ids, sites, logit_positions=[-1], logit_ids=[0])
         for site in sites:
             a = acts[site]

@@ -50,7 +50,7 @@ def latent_mean(engine: Engine, layer: int, site: str, prompts: list[str] | None
     s_name = engine_site(layer, site)
     total, count = None, 0
     for text in prompts or reference_documents(engine):
-        ids = engine.to_tokens(text)[:, : engine.spec.n_ctx]
+        ids = engine.to_tokens(text, truncate=True)
         _, acts = engine.run_with_cache(ids, [s_name], logit_positions=[-1], logit_ids=[0])
         f = sae.encode(acts[s_name][0]).sum(0)
         total = f if total is None else total + f
