@@ -78,6 +78,9 @@ def test_scripted_discovery_on_the_bundled_model(task, bundled, tmp_path):
     summary = asyncio.run(discover.run(cfg, tmp_path / task, echo=lambda m: None))
     assert summary.faithfulness >= 0.8, summary
     assert 1 <= len(summary.nodes) <= 15, summary.nodes
+    # the claim is also checked on pairs pruning never saw, and reported as it is
+    assert summary.faithfulness_heldout is not None
+    assert "held-out pairs" in (tmp_path / task / "report.md").read_text()
 
 
 def test_llm_planner_run_folder_shows_every_step(tiny_dirs, tmp_path):

@@ -31,6 +31,7 @@ class RunSummary(BaseModel):
     circuit: str
     nodes: list[str]
     faithfulness: float | None
+    faithfulness_heldout: float | None = None  # scripted planner, task behaviours: on pairs pruning never saw
     tool_calls: int
     seconds: float
     stopped_because: str
@@ -112,7 +113,7 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
             if tb.replayed or store.n_events():
                 echo(f"resuming: {store.n_events()} events in the transcript")
             result = await planner.discover(tb, cfg.task, pairs, name)
-            stopped, calls, notes = "done", tb.calls, result.notes
+            stopped, calls, notes, heldout = "done", tb.calls, result.notes, result.faithfulness_heldout
         else:
             tb = Toolbox(client, store)
             await _restore_circuits(client, store)
@@ -127,9 +128,12 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
             outcome = await run_llm_loop(client, store, goal, llm or LLMSettings.from_env(),
                                          Budgets(max_steps=cfg.max_steps), on_tool_result=on_result)
             stopped, calls, notes = outcome.stopped_because, outcome.steps, [outcome.final_message or ""]
+            heldout = None
         summary = await _finish(client, store, name, notes, calls, time.time() - t0, stopped)
+        summary.faithfulness_heldout = heldout
     echo(f"run folder: {out}\ncircuit {summary.circuit}: {len(summary.nodes)} nodes {summary.nodes}, "
-         f"faithfulness {summary.faithfulness}")
+         f"faithfulness {summary.faithfulness}"
+         + (f" (held-out pairs: {summary.faithfulness_heldout:.3f})" if summary.faithfulness_heldout is not None else ""))
     return summary
 
 

@@ -29,6 +29,7 @@ class DiscoveryResult(BaseModel):
     nodes: list[str]
     faithfulness: float | None
     faithfulness_other: dict[str, float] = {}  # under the other ablation mode, reported beside the claim
+    faithfulness_heldout: float | None = None  # on pairs of the task that pruning never saw
     tool_calls: int
     rejected: list[str]
     notes: list[str]
@@ -67,6 +68,8 @@ def _score_table(*rankings: list[tuple[str, float]]) -> dict[str, float]:
 #: the sum of its members' single ablations, and by at least GROUP_MATTERS of the clean metric
 SUPERADDITIVE = 1.5
 GROUP_MATTERS = 0.2
+#: the task pairs (seed) the final claim is also checked on; the circuit is built on seed 0
+HELDOUT_SEED = 1
 #: a member "carries" a redundant group when, left alone in it, it restores this much of it
 CARRIES = 0.3
 
@@ -117,7 +120,7 @@ async def _redundant_groups(tb: Toolbox, ex: dict, total: dict[str, float], sing
 
 
 async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: str, *,
-                   threshold: float = 0.8, max_nodes: int = 15, n_validate: int = 8,
+                   threshold: float = 0.8, max_nodes: int = 15, n_validate: int = 32,
                    mode: str = "mean") -> DiscoveryResult:
     """Run the procedure; `pairs` are prompt pairs (dicts with prompt, corrupted_prompt, target,
     distractor), the first of which the analysis runs on; validation uses the task's
@@ -245,9 +248,16 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
                         f" (below {threshold}: the claim holds under {mode} ablation only)"))
     except ToolCallFailed as e:
         notes.append(f"no {other}-ablation check: {e}")
+    faithfulness_heldout = None
+    if task:  # pruning chose nodes on these pairs: the claim is checked on pairs it never saw
+        held = await tb("circuit_validate", name=circuit, mode=mode, necessity=False, heldout_seed=HELDOUT_SEED)
+        faithfulness_heldout = held["faithfulness"]
+        notes.append(f"held-out pairs (seed {HELDOUT_SEED}, {n_validate} pairs): faithfulness "
+                     f"{faithfulness_heldout:.3f} ({mode} ablation)")
     final = await tb("circuit_validate", name=circuit, mode=mode, necessity=True)
     nodes = list(final["nodes"])
     await _explain(tb, circuit, nodes, notes)
     return DiscoveryResult(circuit=circuit, nodes=nodes, faithfulness=final["faithfulness"],
                            faithfulness_other={other: faithfulness_other} if faithfulness_other is not None else {},
+                           faithfulness_heldout=faithfulness_heldout,
                            tool_calls=tb.calls, rejected=rejected, notes=notes)
