@@ -147,8 +147,10 @@ def reference_means(engine: Engine, sites: list[str], prompts: list[str] | None 
     """Mean activation per site over every token of a reference set (default: documents of
     the built-in synthetic corpus): shape [units..] without batch and position dims.
 
-    This is the `mean` of mean-ablation and of the act x grad reference (DESIGN §4).
+    This is the `mean` of mean-ablation and of the act x grad reference (DESIGN §4). A site
+    named twice is summed once (else its mean would be counted twice).
     """
+    sites = list(dict.fromkeys(sites))
     prompts = prompts or reference_documents(engine)
     sums: dict[str, torch.Tensor] = {}
     count = 0
