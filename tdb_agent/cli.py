@@ -111,7 +111,7 @@ def cmd_discover(args) -> int:
         cfg = RunConfig(task=tasks[0] if tasks else None, prompt=args.prompt, corrupted_prompt=args.corrupted,
                         target=args.target,
                         distractor=args.distractor, planner=args.planner, model=args.model, max_steps=args.max_steps,
-                        llm_model=args.llm_model)
+                        llm_model=args.llm_model, ablation=args.ablation)
         if not cfg.task and not (cfg.prompt and cfg.target):
             print("tdb-agent discover: give --task, or --prompt and --target", file=sys.stderr)
             return 2
@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="run folder (default: runs/<task>-<time>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run")
     p.add_argument("--max-steps", type=int, default=40, help="LLM turns (llm planner)")
+    p.add_argument("--ablation", choices=["mean", "resample", "both"], default="mean",
+                   help="scripted planner: grow and prune until faithfulness reaches the threshold under mean "
+                        "ablation, resample ablation, or both (each of them; the report gives both numbers)")
     p.add_argument("--transport", choices=["inprocess", "stdio"], default="inprocess",
                    help="reach the tools in this process or through a `tdb-agent serve` subprocess")
     p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint (env OPENAI_BASE_URL)")

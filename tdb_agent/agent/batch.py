@@ -193,7 +193,8 @@ def cmd_batch(args, load: dict) -> int:
         print("tdb-agent discover: give --task (repeatable), --prompt with --target, or --batch FILE", file=sys.stderr)
         return 2
     root = Path(args.out or f"runs/batch-{time.strftime('%Y%m%d-%H%M%S')}")
-    template = RunConfig(planner=args.planner, model=args.model, max_steps=args.max_steps, llm_model=args.llm_model)
+    template = RunConfig(planner=args.planner, model=args.model, max_steps=args.max_steps, llm_model=args.llm_model,
+                         ablation=args.ablation)
     runs = plan_runs(items, template, root)
     llm = None
     if args.planner == "llm":

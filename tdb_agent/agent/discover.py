@@ -32,9 +32,14 @@ class RunSummary(BaseModel):
     nodes: list[str]
     faithfulness: float | None
     faithfulness_heldout: float | None = None  # scripted planner, task behaviours: on pairs pruning never saw
+    faithfulness_other: dict[str, float] = {}  # scripted planner: under the other ablation mode
     tool_calls: int
     seconds: float
     stopped_because: str
+
+
+#: `--ablation`: the modes the scripted planner's circuit must reach the threshold under (first: primary)
+ABLATION_MODES = {"mean": ("mean",), "resample": ("resample",), "both": ("mean", "resample")}
 
 
 def circuit_name(cfg: RunConfig) -> str:
@@ -112,8 +117,9 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
             tb = Toolbox(client, store, on_step=on_step)
             if tb.replayed or store.n_events():
                 echo(f"resuming: {store.n_events()} events in the transcript")
-            result = await planner.discover(tb, cfg.task, pairs, name)
+            result = await planner.discover(tb, cfg.task, pairs, name, modes=ABLATION_MODES[cfg.ablation])
             stopped, calls, notes, heldout = "done", tb.calls, result.notes, result.faithfulness_heldout
+            other = result.faithfulness_other
         else:
             tb = Toolbox(client, store)
             await _restore_circuits(client, store)
@@ -128,12 +134,13 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
             outcome = await run_llm_loop(client, store, goal, llm or LLMSettings.from_env(),
                                          Budgets(max_steps=cfg.max_steps), on_tool_result=on_result)
             stopped, calls, notes = outcome.stopped_because, outcome.steps, [outcome.final_message or ""]
-            heldout = None
+            heldout, other = None, {}
         summary = await _finish(client, store, name, notes, calls, time.time() - t0, stopped)
-        summary.faithfulness_heldout = heldout
+        summary.faithfulness_heldout, summary.faithfulness_other = heldout, other
     echo(f"run folder: {out}\ncircuit {summary.circuit}: {len(summary.nodes)} nodes {summary.nodes}, "
          f"faithfulness {summary.faithfulness}"
-         + (f" (held-out pairs: {summary.faithfulness_heldout:.3f})" if summary.faithfulness_heldout is not None else ""))
+         + (f" (held-out pairs: {summary.faithfulness_heldout:.3f})" if summary.faithfulness_heldout is not None else "")
+         + "".join(f"; under {m} ablation {f:.3f}" for m, f in summary.faithfulness_other.items()))
     return summary
 
 

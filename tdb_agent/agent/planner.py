@@ -13,11 +13,16 @@ A fixed, systematic procedure that an LLM agent is compared with:
 5. the graph: every node and edge with the measurement that put it there;
 6. check: validate faithfulness over several prompt pairs, grow the circuit by rank while
    it is below the threshold, then prune to the smallest set that stays above it; report the
-   faithfulness under the other ablation mode beside it;
+   faithfulness under the other ablation mode beside it. With `modes=("mean", "resample")`
+   the threshold must hold under both ablations while growing and pruning (a circuit chosen
+   under one can fall apart under the other);
 7. explain: attach each kept head's or neuron's explanation (with its simulation score).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -30,6 +35,8 @@ class DiscoveryResult(BaseModel):
     faithfulness: float | None
     faithfulness_other: dict[str, float] = {}  # under the other ablation mode, reported beside the claim
     faithfulness_heldout: float | None = None  # on pairs of the task that pruning never saw
+    faithfulness_heldout_other: dict[str, float] = {}  # held out, under the other required modes
+    modes: list[str] = ["mean"]  # the ablations the threshold had to hold under; the first is the claim's
     tool_calls: int
     rejected: list[str]
     notes: list[str]
@@ -119,12 +126,19 @@ async def _redundant_groups(tb: Toolbox, ex: dict, total: dict[str, float], sing
     return found
 
 
+AblationMode = Literal["mean", "resample"]
+
+
 async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: str, *,
                    threshold: float = 0.8, max_nodes: int = 15, n_validate: int = 32,
-                   mode: str = "mean") -> DiscoveryResult:
+                   mode: AblationMode = "mean", modes: Sequence[AblationMode] | None = None) -> DiscoveryResult:
     """Run the procedure; `pairs` are prompt pairs (dicts with prompt, corrupted_prompt, target,
     distractor), the first of which the analysis runs on; validation uses the task's
-    `n_validate` pairs (or `pairs` when there is no task)."""
+    `n_validate` pairs (or `pairs` when there is no task). `modes` (default: just `mode`) are
+    the ablations the circuit must reach the threshold under, growing and pruning; the first
+    is the primary one its recorded validation uses."""
+    modes = list(dict.fromkeys(modes or [mode]))
+    mode = modes[0]
     notes: list[str] = []
     rejected: list[str] = []
     group_evidence: dict[str, list[dict]] = {}
@@ -218,46 +232,62 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
     # grow in two steps (the top max_nodes + 1 candidates, then every candidate), validating
     # once per step: validation is the expensive call
     kept: list[str] = []
-    faithfulness = None
+    faithfulness = None  # the minimum over the required modes
+
+    async def validate_all(among: Sequence[str] = modes, **kw) -> dict[str, float]:
+        return {m: (await tb("circuit_validate", name=circuit, mode=m, necessity=False, **kw))["faithfulness"]
+                for m in among}
+
+    def show(fs: dict[str, float]) -> str:
+        return ", ".join(f"{f:.3f} ({m} ablation)" for m, f in fs.items())
+
     for size in dict.fromkeys((min(max_nodes + 1, len(ranked)), len(ranked))):
         batch = ranked[len(kept):size]
         kept += batch
         await tb("circuit_add", name=circuit, nodes=[node_in(c) for c in batch], edges=edges_for(set(kept)))
-        v = await tb("circuit_validate", name=circuit, mode=mode, necessity=False)
-        faithfulness = v["faithfulness"]
-        notes.append(f"{len(kept)} nodes: faithfulness {faithfulness:.3f} ({mode} ablation)")
+        fs = await validate_all()
+        faithfulness = min(fs.values())
+        notes.append(f"{len(kept)} nodes: faithfulness {show(fs)}")
         if faithfulness >= threshold:
             break
     if faithfulness is not None and faithfulness >= threshold:
+        both = {"modes": modes} if len(modes) > 1 else {}  # single mode: the call as before
         pr = await tb("circuit_prune", name=circuit, threshold=threshold, mode=mode, into=circuit,
-                      protect=[h for h in protected if h in kept])
+                      protect=[h for h in protected if h in kept], **both)
         removed = [n for n in kept if n not in pr.get("kept", kept)]
         rejected += removed
         if removed:
-            notes.append(f"pruning removed {removed}")
+            notes.append(f"pruning removed {removed}" + (f" (faithfulness >= {threshold} under each of {modes})"
+                                                         if both else ""))
     else:
-        notes.append(f"faithfulness stayed below {threshold} with every candidate ({len(kept)} nodes)")
+        notes.append(f"faithfulness stayed below {threshold} with every candidate ({len(kept)} nodes"
+                     + (f"; under each of {modes}" if len(modes) > 1 else "") + ")")
     # the other ablation, reported beside the claim: a circuit pruned under one ablation can
     # fall apart under the other (evals/RESULTS.md shows it on the bundled tasks)
-    other = "resample" if mode == "mean" else "mean"
-    faithfulness_other = None
-    try:
-        faithfulness_other = (await tb("circuit_validate", name=circuit, mode=other, necessity=False))["faithfulness"]
-        notes.append(f"the same circuit under {other} ablation: faithfulness {faithfulness_other:.3f}"
-                     + ("" if faithfulness_other >= threshold else
-                        f" (below {threshold}: the claim holds under {mode} ablation only)"))
-    except ToolCallFailed as e:
-        notes.append(f"no {other}-ablation check: {e}")
-    faithfulness_heldout = None
+    faithfulness_other: dict[str, float] = {}
+    if len(modes) > 1:
+        faithfulness_other = await validate_all(modes[1:])
+        notes.append("the circuit under the other required ablation: faithfulness " + show(faithfulness_other))
+    else:
+        other = "resample" if mode == "mean" else "mean"
+        try:
+            f_other = (await tb("circuit_validate", name=circuit, mode=other, necessity=False))["faithfulness"]
+            faithfulness_other = {other: f_other}
+            notes.append(f"the same circuit under {other} ablation: faithfulness {f_other:.3f}"
+                         + ("" if f_other >= threshold else
+                            f" (below {threshold}: the claim holds under {mode} ablation only)"))
+        except ToolCallFailed as e:
+            notes.append(f"no {other}-ablation check: {e}")
+    faithfulness_heldout, heldout_other = None, {}
     if task:  # pruning chose nodes on these pairs: the claim is checked on pairs it never saw
-        held = await tb("circuit_validate", name=circuit, mode=mode, necessity=False, heldout_seed=HELDOUT_SEED)
-        faithfulness_heldout = held["faithfulness"]
-        notes.append(f"held-out pairs (seed {HELDOUT_SEED}, {n_validate} pairs): faithfulness "
-                     f"{faithfulness_heldout:.3f} ({mode} ablation)")
+        held = await validate_all(heldout_seed=HELDOUT_SEED)
+        faithfulness_heldout = held[mode]
+        heldout_other = {m: f for m, f in held.items() if m != mode}
+        notes.append(f"held-out pairs (seed {HELDOUT_SEED}, {n_validate} pairs): faithfulness {show(held)}")
     final = await tb("circuit_validate", name=circuit, mode=mode, necessity=True)
     nodes = list(final["nodes"])
     await _explain(tb, circuit, nodes, notes)
     return DiscoveryResult(circuit=circuit, nodes=nodes, faithfulness=final["faithfulness"],
-                           faithfulness_other={other: faithfulness_other} if faithfulness_other is not None else {},
-                           faithfulness_heldout=faithfulness_heldout,
+                           faithfulness_other=faithfulness_other, faithfulness_heldout=faithfulness_heldout,
+                           faithfulness_heldout_other=heldout_other, modes=modes,
                            tool_calls=tb.calls, rejected=rejected, notes=notes)

@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -32,6 +32,8 @@ class RunConfig(BaseModel):
     model: str | None = None
     max_steps: int = 40
     llm_model: str | None = None
+    # scripted planner: the ablation(s) the circuit's faithfulness must hold under ("both": mean and resample)
+    ablation: Literal["mean", "resample", "both"] = "mean"
     started: float = 0.0
 
 

@@ -5,12 +5,17 @@ share batched forward passes) and the one whose removal leaves the highest faith
 dropped, as long as that faithfulness stays >= the threshold. The result is minimal in the
 sense that removing any single kept node would fall below the threshold; it is not
 guaranteed to be the smallest such subset (that search is exponential).
+
+With several ablation modes (`modes=["mean", "resample"]`) a node set counts as faithful only
+when it is >= the threshold under every mode: the criterion is the minimum over the modes (a
+circuit chosen under one ablation can fall apart under the other). Each mode has its own
+`Evaluator`; every step's candidates share that mode's batched passes.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import networkx as nx
 from pydantic import BaseModel, Field
@@ -25,22 +30,28 @@ from tdb_agent.errors import TdbError
 from tdb_agent.ops.runs import RunCache
 
 METHOD = ("greedy backward elimination: repeatedly drop the node whose removal keeps faithfulness highest, "
-          "while it stays >= threshold (locally minimal, not guaranteed smallest)")
+          "while it stays >= threshold (locally minimal, not guaranteed smallest); with several ablation modes, "
+          "faithfulness is the minimum over the modes")
 
 
 class PruneStep(BaseModel):
     removed: str
-    faithfulness: float = Field(description="faithfulness after this removal")
+    faithfulness: float = Field(description="faithfulness after this removal (the minimum over the modes)")
+    by_mode: dict[str, float] = Field(default_factory=dict, description="faithfulness after it, per mode")
 
 
 class PruneResult(BaseModel):
     threshold: float
-    mode: AblationMode
+    mode: AblationMode = Field(description="the first (primary) ablation mode")
+    modes: list[AblationMode] = Field(default_factory=list, description="every mode the threshold had to hold "
+                                      "under (just `mode` for single-mode pruning)")
     positions: str = POSITIONS
     method: str = METHOD
     behaviour: str
     start_faithfulness: float
-    faithfulness: float = Field(description="faithfulness of the kept nodes")
+    faithfulness: float = Field(description="faithfulness of the kept nodes (the minimum over the modes)")
+    faithfulness_by_mode: dict[str, float] = Field(default_factory=dict, description="the kept nodes' "
+                                                   "faithfulness under each mode")
     reached: bool = Field(description="whether the kept circuit is at or above the threshold (False when the "
                           "starting circuit was already below it: then nothing is removed)")
     kept: list[str]
@@ -50,11 +61,18 @@ class PruneResult(BaseModel):
 
 def prune(engine: Engine, g: nx.DiGraph, threshold: float = 0.8, pairs: list[PromptPair] | Behaviour | None = None,
           mode: AblationMode = "mean", protect: Iterable[str] = (), cache: RunCache | None = None,
-          batch_size: int = 64, should_stop: Callable[[], bool] | None = None) -> PruneResult:
-    """Greedy backward elimination of the circuit's nodes (`protect`ed ones, EMB and LOGITS stay)."""
+          batch_size: int = 64, should_stop: Callable[[], bool] | None = None,
+          modes: Sequence[AblationMode] | None = None) -> PruneResult:
+    """Greedy backward elimination of the circuit's nodes (`protect`ed ones, EMB and LOGITS stay).
+
+    `modes` (default: just `mode`) are the ablations the threshold must hold under; its
+    first is the primary mode reported as `mode`."""
     if not 0 < threshold <= 1.5:
         raise TdbError(f"threshold must be a faithfulness in (0, 1.5], typically 0.8; got {threshold}")
-    ev, desc = make_evaluator(engine, g, pairs, mode, cache, batch_size)
+    modes = list(dict.fromkeys(modes or [mode]))
+    evs = {}
+    for m in modes:
+        evs[m], desc = make_evaluator(engine, g, pairs, m, cache, batch_size)
     nodes = components(g)
     protected = set(protect)
     unknown = protected - set(nodes)
@@ -62,25 +80,31 @@ def prune(engine: Engine, g: nx.DiGraph, threshold: float = 0.8, pairs: list[Pro
         raise TdbError(f"protected nodes not in the circuit: {sorted(unknown)}")
     spec = engine.spec
 
-    def f_of(sets: list[list[str]]) -> list[float]:
-        rows = ev.metric_rows([keep_set(s, spec) for s in sets], should_stop=should_stop)
-        return [ev.faithfulness(r) for r in rows]
+    def f_of(sets: list[list[str]]) -> list[dict[str, float]]:
+        """Each set's faithfulness per mode (one batched evaluation per mode)."""
+        keeps = [keep_set(s, spec) for s in sets]
+        per_mode = {m: [ev.faithfulness(r) for r in ev.metric_rows(keeps, should_stop=should_stop)]
+                    for m, ev in evs.items()}
+        return [{m: per_mode[m][i] for m in modes} for i in range(len(sets))]
 
     start = f_of([nodes])[0]
     current, f_now, steps = list(nodes), start, []
-    while start >= threshold:
+    while min(start.values()) >= threshold:
         cands = [n for n in current if n not in protected and n.split("@")[0] not in NEVER_ABLATED]
         if not cands:
             break
-        fs = f_of([[m for m in current if m != n] for n in cands])
+        by = f_of([[m for m in current if m != n] for n in cands])
+        fs = [min(d.values()) for d in by]
         best = max(range(len(cands)), key=lambda i: (fs[i], -i))
         if fs[best] < threshold:
             break
         current.remove(cands[best])
-        f_now = fs[best]
-        steps.append(PruneStep(removed=cands[best], faithfulness=f_now))
-    return PruneResult(threshold=threshold, mode=mode, behaviour=desc, start_faithfulness=start, faithfulness=f_now,
-                       reached=f_now >= threshold, kept=current, removed=steps, forward_passes=ev.forward_passes)
+        f_now = by[best]
+        steps.append(PruneStep(removed=cands[best], faithfulness=fs[best], by_mode=f_now))
+    return PruneResult(threshold=threshold, mode=modes[0], modes=modes, behaviour=desc,
+                       start_faithfulness=min(start.values()), faithfulness=min(f_now.values()),
+                       faithfulness_by_mode=f_now, reached=min(f_now.values()) >= threshold, kept=current,
+                       removed=steps, forward_passes=sum(ev.forward_passes for ev in evs.values()))
 
 
 def pruned_circuit(g: nx.DiGraph, result: PruneResult, name: str | None = None) -> nx.DiGraph:

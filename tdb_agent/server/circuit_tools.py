@@ -252,20 +252,27 @@ def register_circuit_tools(mcp: MCPServer, bench: Workbench) -> None:
         protect: Annotated[list[str], Field(max_length=256, description="nodes never removed")] = [],  # noqa: B006
         into: Annotated[str | None, Field(description="name for the pruned circuit (default: '<name>-pruned'; "
                                           "the same name replaces the circuit)", max_length=64)] = None,
+        modes: Annotated[list[Literal["mean", "resample"]] | None, Field(
+            min_length=1, max_length=2, description="several ablation modes at once, e.g. ['mean', 'resample']: "
+            "a subset is kept only if it stays >= threshold under every one (the minimum over the modes); the "
+            "first is the primary mode the pruned circuit is validated under. Replaces `mode` when given")] = None,
         ctx: Context | None = None,
     ) -> PruneOut:
         """Find a small sub-circuit that keeps faithfulness >= threshold, by greedy backward
         elimination (drop the least needed node while faithfulness stays above the threshold),
-        validate it and store it under `into`. Example: circuit_prune(name="ioi", threshold=0.8)"""
+        validate it and store it under `into`. With `modes=["mean", "resample"]` the threshold
+        must hold under both ablations (faithfulness = their minimum; `faithfulness_by_mode`
+        gives each), so the circuit does not hold under one ablation only.
+        Example: circuit_prune(name="ioi", threshold=0.8, modes=["mean", "resample"])"""
         def work(progress, should_stop):
             target = into or f"{name}-pruned"
             check_name(target)
             g = store.get(name)
             with store.lock:
-                r = C.prune(engine, g, threshold=threshold, mode=mode, protect=protect, cache=bench.cache,
-                            batch_size=bench.limits.batch_size, should_stop=should_stop)
+                r = C.prune(engine, g, threshold=threshold, mode=mode, modes=modes, protect=protect,
+                            cache=bench.cache, batch_size=bench.limits.batch_size, should_stop=should_stop)
                 h = C.pruned_circuit(g, r, name=target)
-                C.validate(engine, h, mode=mode, cache=bench.cache, batch_size=bench.limits.batch_size,
+                C.validate(engine, h, mode=r.mode, cache=bench.cache, batch_size=bench.limits.batch_size,
                            should_stop=should_stop)
                 path = store.put(target, h)
             return PruneOut(**r.model_dump(), name=name, saved_as=target, saved_to=str(path))
