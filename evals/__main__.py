@@ -32,6 +32,7 @@ from tdb_agent.tasks import task_examples
 
 HERE = Path(__file__).resolve().parent
 METHODS = list(RANKING_METHODS) + list(AGENT_METHODS)
+QUICK_METHODS = [m for m in METHODS if m != "scripted_planner_both"]  # --quick (CI) keeps its time
 
 
 def constructed_cases(root: Path, n_pairs: int) -> list[Case]:
@@ -104,27 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     results: list[MethodResult] = []
     toy_truths, tracr_truths = [], []
     keep = Path(args.keep_runs) if args.keep_runs else None
+    methods = QUICK_METHODS if args.quick else METHODS
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         print("tier 1: constructed models", flush=True)
         cases = constructed_cases(root / "constructed", 16)
         for case in cases:
-            results += score_case(case, METHODS, keep)
+            results += score_case(case, methods, keep)
         if not args.quick:
             print("tier 2: trained toy with redundant induction heads", flush=True)
             from evals.toy import toy_case
             for seed in (0, 1):
                 case, truth = toy_case(root / "toy", seed=seed)
                 toy_truths.append({"case": case.name, **truth.model_dump()})
-                results += score_case(case, METHODS, keep)
+                results += score_case(case, methods, keep)
         print("tier 3: Tracr-compiled programs", flush=True)
         for case, truth in tracr_cases(root / "tracr", 16):
             tracr_truths.append({"case": case.name, **truth})
-            results += score_case(case, METHODS, keep)
+            results += score_case(case, methods, keep)
         print("tier 4: bundled model tasks", flush=True)
         tasks = ["ioi"] if args.quick else ["ioi", "induction", "greater_than", "facts"]
         for case in bundled_cases(tasks, 16):
-            results += score_case(case, (list(RANKING_METHODS) + ["scripted_planner"]) if args.quick else METHODS,
+            results += score_case(case, (list(RANKING_METHODS) + ["scripted_planner"]) if args.quick else methods,
                                   keep)
         print("explanations", flush=True)
         expl = explanations.run(str(root / "constructed" / "class_neuron"), quick=args.quick)

@@ -11,6 +11,8 @@ A ranking method's circuit is its smallest top-k whose faithfulness reaches 0.8 
 the case's selection mode; the largest-faithfulness k when none does). The faithfulness
 curve over k = 0..N gives CPR and CMD. The scripted planner and the LLM agent return a
 circuit (nodes and edges), which is re-validated here on the case's pairs.
+`scripted_planner_both` is the same planner required to reach the threshold under mean AND
+resample ablation while it grows and prunes (`tdb-agent discover --ablation both`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tdb_agent.engine import Engine
 
 Mode = Literal["mean", "resample"]
 RANKING_METHODS = ("direct_effect", "act_times_grad", "ablation_sweep")
-AGENT_METHODS = ("scripted_planner", "llm_agent")
+AGENT_METHODS = ("scripted_planner", "scripted_planner_both", "llm_agent")
 THRESHOLD = 0.8
 
 
@@ -155,29 +157,34 @@ def _strip(cid: str) -> str:
     return cid.split("@")[0]
 
 
-async def _planner_run(case: Case, workdir: Path) -> tuple[list[str], list[tuple[str, str]], dict]:
+async def _planner_run(case: Case, workdir: Path, both: bool = False) -> tuple[list[str], list[tuple[str, str]], dict]:
     """The scripted planner through `tdb_agent.agent.discover`: `discover.run` for a bundled
     task (as `tdb-agent discover --task`), otherwise an in-process MCP session on the case's
-    model with the case's pairs."""
+    model with the case's pairs. `both`: the threshold must hold under mean and resample
+    ablation (`--ablation both`; the case's selection mode first)."""
     from tdb_agent.agent import discover, planner
     from tdb_agent.agent.runstore import RunConfig, RunStore
     from tdb_agent.agent.toolbox import Toolbox
 
     if case.task is not None and case.model_dir is None:
-        summary = await discover.run(RunConfig(task=case.task), workdir / "run", echo=lambda *_: None)
+        summary = await discover.run(RunConfig(task=case.task, ablation="both" if both else "mean"), workdir / "run",
+                                     echo=lambda *_: None)
         graph = RunStore(workdir / "run").load_graph() or {}
         edges = [(_strip(e["source"]), _strip(e["target"])) for e in graph.get("links", graph.get("edges", []))]
         return [_strip(n) for n in summary.nodes], edges, {"planner_faithfulness": summary.faithfulness,
+                                                           "planner_faithfulness_other": summary.faithfulness_other,
                                                            "tool_calls": summary.tool_calls}
     async with discover.open_session(case.model_dir, "inprocess", workdir / "workspace") as client:
         tb = Toolbox(client, RunStore(workdir / "run"))
         pairs = [p.model_dump() for p in case.pairs[:8]]
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", case.name).strip("-")
-        result = await planner.discover(tb, None, pairs, name, mode=case.select_mode)
+        modes = [case.select_mode] + ([m for m in ("mean", "resample") if m != case.select_mode] if both else [])
+        result = await planner.discover(tb, None, pairs, name, modes=modes)
         show = await tb("circuit_show", name=name)
     edges = [(_strip(e["source"]), _strip(e["target"])) for e in show["edges"]]
     return [_strip(n) for n in result.nodes if n != "LOGITS"], edges, {
-        "planner_faithfulness": result.faithfulness, "tool_calls": result.tool_calls}
+        "planner_faithfulness": result.faithfulness, "planner_faithfulness_other": result.faithfulness_other,
+        "tool_calls": result.tool_calls}
 
 
 async def _llm_run(case: Case, workdir: Path) -> tuple[list[str], list[tuple[str, str]], dict]:
@@ -201,7 +208,8 @@ def score_agent(engine: Engine, case: Case, curves: Curves, method: str, keep_ru
     if method == "llm_agent" and not os.environ.get("OPENAI_BASE_URL"):
         res.status = "not run: no endpoint (set OPENAI_BASE_URL)"
         return res
-    run = _planner_run if method == "scripted_planner" else _llm_run
+    run = {"scripted_planner": _planner_run, "scripted_planner_both": lambda c, w: _planner_run(c, w, both=True),
+           "llm_agent": _llm_run}[method]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(keep_runs) / f"{case.tier}-{case.name}-{method}" if keep_runs else Path(tmp)

@@ -63,7 +63,9 @@ def _row(r: MethodResult) -> str:
     k = str(r.k) + ("" if r.detail.get("threshold_reached", True) else " (max f)")
     cost = f"{r.cost.forward_passes} / {r.cost.forward_rows} / {r.cost.backward_passes} / {r.cost.seconds:.1f}"
     own = r.detail.get("planner_faithfulness", r.detail.get("agent_faithfulness"))
-    faith = _modes(r.faithfulness) + (f" (own report: {own:.2f})" if own is not None else "")
+    other = r.detail.get("planner_faithfulness_other") or {}
+    own_s = f"{own:.2f}" + "".join(f", {m} {f:.2f}" for m, f in other.items()) if own is not None else ""
+    faith = _modes(r.faithfulness) + (f" (own report: {own_s})" if own is not None else "")
     return (f"| {r.case} | {r.method} | {prf} | {edge} | {auc} | {k} | {', '.join(r.found) or '∅'} | "
             f"{faith} | {_modes(r.cpr)} | {_modes(r.cmd)} | {cost} |")
 
@@ -116,8 +118,10 @@ def markdown(res: Results) -> str:
          "* The scripted planner (`tdb_agent.agent.planner` through `tdb_agent.agent.discover`: `discover.run` "
          "for bundled tasks, an in-process MCP session with the case's first 8 pairs otherwise) returns a "
          "circuit; it is re-validated here on the case's 16 pairs ('own report': the faithfulness the planner itself "
-         "reported, on its 8 validation pairs, under mean ablation). Its cost is everything it ran, including "
-         "its own validations and pruning. A neuron it keeps counts as its MLP block. It gives no ranking, "
+         "reported, on its validation pairs, under mean ablation, then under the other mode). "
+         "`scripted_planner_both` is the same planner required to reach 0.8 under mean and resample ablation "
+         "while it grows and prunes (`tdb-agent discover --ablation both`). Its cost is everything it ran, "
+         "including its own validations and pruning. A neuron it keeps counts as its MLP block. It gives no ranking, "
          "so no AUC / CPR / CMD.",
          "* Cost is counted, not estimated: every `Engine.forward` call (a batched pass counts once; rows "
          "= sequences in it) and every autograd call (direct effect's is a backward through the final norm "
