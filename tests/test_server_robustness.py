@@ -279,6 +279,7 @@ FIELDS = {  # plausible-but-wrong values per argument name: these reach the oper
     "edges": st.lists(st.fixed_dictionaries({"source": COMPONENTS, "target": COMPONENTS,
                                              "via": st.sampled_from(["q", "k", "v", "direct", "x"])}), max_size=3),
     "protect": st.lists(COMPONENTS, max_size=3),
+    "modes": st.one_of(st.none(), st.lists(st.sampled_from(["mean", "resample", "zero"]), max_size=3)),
     "format": st.sampled_from(["json", "graphml", "dot", "circuit_tracer", "svg", "html", "pdf"]),
     "metric": st.sampled_from([None, "logit_diff", "logprob", "accuracy"]),
     "pairs": st.one_of(st.none(), st.lists(st.fixed_dictionaries({"prompt": PROMPTS, "target": TOKENS}), max_size=2)),
