@@ -11,9 +11,9 @@ done
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing Debian's chromium for the viewer's browser tests"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
-  command -v chromium >/dev/null 2>&1
+  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; }; then
+    echo "WARNING: apt-get could not install chromium: the viewer's browser tests will be skipped" >&2
+  fi
 else
   echo "no chromium found and it cannot be installed here (needs root and apt-get):" \
        "the viewer's browser tests will be skipped (install chromium or set TDB_CHROMIUM)" >&2
