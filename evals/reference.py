@@ -82,10 +82,16 @@ def _logit_diff(logits: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> torch
     return last[r, t] - last[r, d]
 
 
-def _tok(engine: Engine, word: str) -> int:
-    ids = engine.tokenizer(word, add_special_tokens=False)["input_ids"]
-    assert len(ids) == 1, (word, ids)
-    return ids[0]
+def _batches(engine: Engine, pairs):
+    """The pairs stacked by prompt length: (clean ids, corrupted ids, target ids, distractor ids)."""
+    groups: dict[int, list] = {}
+    for p in pairs:
+        c, x = engine.to_tokens(p.prompt), engine.to_tokens(p.corrupted_prompt)
+        assert c.shape == x.shape, p
+        groups.setdefault(c.shape[1], []).append((c, x, engine.token_id(p.target), engine.token_id(p.distractor)))
+    for rows in groups.values():
+        yield (torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]),
+               torch.tensor([r[2] for r in rows]), torch.tensor([r[3] for r in rows]))
 
 
 @torch.no_grad()
@@ -93,19 +99,9 @@ def node_effects(engine: Engine, pairs) -> tuple[list[NodeEffect], float, float]
     """Noising and denoising effect of every node, as fractions of the mean gap."""
     sites = _sites(engine)
     site_names = sorted({s for _, s, _ in sites})
-    groups: dict[int, list] = {}
-    for p in pairs:
-        c = engine.to_tokens(p.prompt)
-        x = engine.to_tokens(p.corrupted_prompt)
-        assert c.shape == x.shape, p
-        groups.setdefault(c.shape[1], []).append((c, x, _tok(engine, p.target), _tok(engine, p.distractor)))
     sums = {node: [0.0, 0.0] for node, _, _ in sites}
     clean_sum = corr_sum = 0.0
-    for rows in groups.values():
-        c = torch.cat([r[0] for r in rows])
-        x = torch.cat([r[1] for r in rows])
-        t = torch.tensor([r[2] for r in rows])
-        d = torch.tensor([r[3] for r in rows])
+    for c, x, t, d in _batches(engine, pairs):
         out_c, acts_c = engine.run_with_cache(c, site_names, logit_positions=[-1])
         out_x, acts_x = engine.run_with_cache(x, site_names, logit_positions=[-1])
         m_c, m_x = _logit_diff(out_c.logits, t, d), _logit_diff(out_x.logits, t, d)
@@ -159,10 +155,6 @@ def edge_effects(engine: Engine, pairs, nodes: list[str]) -> list[EdgeEffect]:
     sites = [f"blocks.{l}.{s}" for l in range(L) for s in ("hook_resid_pre", "hook_resid_mid", "attn.hook_z",
                                                              "hook_mlp_out")]
     edges = [(u, v) for u in nodes for v in nodes + ["LOGITS"] if u != v and _edge_ok(u, v)]
-    groups: dict[int, list] = {}
-    for p in pairs:
-        c, x = engine.to_tokens(p.prompt), engine.to_tokens(p.corrupted_prompt)
-        groups.setdefault(c.shape[1], []).append((c, x, _tok(engine, p.target), _tok(engine, p.distractor)))
     sums = {e: 0.0 for e in edges}
     clean_sum = corr_sum = 0.0
 
@@ -174,11 +166,7 @@ def edge_effects(engine: Engine, pairs, nodes: list[str]) -> list[EdgeEffect]:
         W = blocks[l].attn.c_proj.weight[h * dh:(h + 1) * dh]  # Conv1D: z @ W
         return acts[f"blocks.{l}.attn.hook_z"][:, :, h] @ W
 
-    for rows in groups.values():
-        c = torch.cat([r[0] for r in rows])
-        x = torch.cat([r[1] for r in rows])
-        t = torch.tensor([r[2] for r in rows])
-        d = torch.tensor([r[3] for r in rows])
+    for c, x, t, d in _batches(engine, pairs):
         out_c, ac = engine.run_with_cache(c, sites, logit_positions=[-1])
         out_x, ax = engine.run_with_cache(x, sites, logit_positions=[-1])
         m_c = _logit_diff(out_c.logits, t, d)
