@@ -1,18 +1,17 @@
 """The scripted planner finds backup heads that single-component ablation misses.
 
-The model: the constructed induction case (previous-token head L0.H0 -> induction head L1.H1,
-evals/constructed.py) with a planted backup: L0.H3 gets a copy of L0.H0's weights. The
+The model: the constructed `induction_backup` case (evals/constructed.py): previous-token
+heads L0.H0 and L0.H3 with the same weights feed induction head L1.H1. The
 induction head's attention saturates with either previous-token head, so ablating one of
 them does nothing and ablating both breaks induction (an OR). Direct effect, act x grad and
 single ablations all score both near zero, and pruning alone would keep only one of them.
 """
 
 import asyncio
-import shutil
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from evals.constructed import D_HEAD, build_case, case_pairs
 from tdb_agent.agent import planner
@@ -21,36 +20,14 @@ from tdb_agent.agent.runstore import RunStore
 from tdb_agent.agent.toolbox import Toolbox
 
 
-def _copy_head(model: GPT2LMHeadModel, layer: int, src: int, dst: int) -> None:
-    attn = model.transformer.h[layer].attn
-    d = model.config.n_embd
-    s, t = slice(src * D_HEAD, (src + 1) * D_HEAD), slice(dst * D_HEAD, (dst + 1) * D_HEAD)
-    with torch.no_grad():
-        for part in range(3):  # q, k, v columns of the fused Conv1D
-            attn.c_attn.weight[:, part * d + t.start:part * d + t.stop] = \
-                attn.c_attn.weight[:, part * d + s.start:part * d + s.stop]
-            attn.c_attn.bias[part * d + t.start:part * d + t.stop] = attn.c_attn.bias[part * d + s.start:part * d + s.stop]
-        attn.c_proj.weight[t] = attn.c_proj.weight[s]
-
-
 @pytest.fixture(scope="module")
 def backup_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("backup")
-    case = build_case("induction", root)
-    model = GPT2LMHeadModel.from_pretrained(case.model_dir)
-    _copy_head(model, 0, 0, 3)
-    folder = root / "induction-backup"
-    model.save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (root / "induction" / f).exists():
-            shutil.copy(root / "induction" / f, folder / f)
-    return folder
+    return build_case("induction_backup", tmp_path_factory.mktemp("backup")).model_dir
 
 
 def _logit_diff_without(folder, heads: list[int], pairs) -> float:
     """Mean logit diff with layer-0 heads zeroed in the weights: plain transformers, no engine."""
     model = GPT2LMHeadModel.from_pretrained(folder)
-    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
     with torch.no_grad():
         for h in heads:
