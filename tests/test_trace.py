@@ -45,7 +45,7 @@ def test_head_score_trace_via_q_and_k_by_hand(gpt2_tiny, plain_gpt2):
     scale = dh ** -0.5
     score = ((q_x + q_b) @ (k_x + k_b)).item() * scale
 
-    r = trace_upstream(eng, PROMPT, f"L{layer}.H{h}@{q}", via="all", key_position=k, top_k=None)
+    r = trace_upstream(eng, PROMPT, f"L{layer}.H{h}@{q}", via="qk", key_position=k, top_k=None)
     assert r.value == pytest.approx(score, abs=1e-5)
     # via q: edges + output biases = the part linear in x_q; the rest is the bias side
     assert r.sum_of_edges["q"] + r.unattributed["q_output_biases"] == pytest.approx(
@@ -102,7 +102,7 @@ def test_value_trace_sums_to_the_heads_direct_effect(family, tiny_engines):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_score_traces_add_up_for_every_family(family, tiny_engines):
     eng = tiny_engines[family]
-    r = trace_upstream(eng, PROMPT, "L1.H0@12", via="all", top_k=5)
+    r = trace_upstream(eng, PROMPT, "L1.H0@12", via="qk", top_k=5)
     for side in ("q", "k"):
         total = (r.sum_of_edges[side] + r.unattributed[f"{side}_output_biases"]
                  + r.unattributed[f"{side}_norm_bias_qk_bias_and_other_side"])
@@ -110,9 +110,20 @@ def test_score_traces_add_up_for_every_family(family, tiny_engines):
     assert len(r.edges) == 5 and r.key_position is not None
 
 
+def test_via_all_is_an_alias_of_qk(gpt2_tiny):
+    qk = trace_upstream(gpt2_tiny, PROMPT, "L1.H2@14", via="qk", top_k=None)
+    old = trace_upstream(gpt2_tiny, PROMPT, "L1.H2@14", via="all", top_k=None)
+    assert [e.model_dump() for e in old.edges] == [e.model_dump() for e in qk.edges]
+    assert {e.via for e in qk.edges} == {"q", "k"}  # edges keep their side; v is not part of qk
+    assert old.value == qk.value and old.sum_of_edges == qk.sum_of_edges and old.via == qk.via == "qk"
+    assert trace_upstream(gpt2_tiny, PROMPT, "L1.H2@14", top_k=None).edges == qk.edges  # the default
+
+
 def test_trace_errors(gpt2_tiny):
     with pytest.raises(TdbError, match="give target"):
         trace_upstream(gpt2_tiny, PROMPT, "L1.H0", via="v")
+    with pytest.raises(TdbError, match="unknown via"):
+        trace_upstream(gpt2_tiny, PROMPT, "L1.H0", via="x")
     with pytest.raises(TdbError, match="causal"):
         trace_upstream(gpt2_tiny, PROMPT, "L1.H0@3", via="q", key_position=5)
     with pytest.raises(TdbError, match="neuron"):

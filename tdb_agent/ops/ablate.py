@@ -149,6 +149,25 @@ def _top(engine: Engine, logits: torch.Tensor, k: int = 5) -> list[TokenPredicti
 def ablate(engine: Engine, prompt: str, components: Sequence[str], target: str, distractor: str | None = None,
            mode: Mode = "zero", corrupted_prompt: str | None = None, metric: MetricName | None = None,
            cache: RunCache | None = None) -> AblateResult:
+    """Ablate components together and measure the change in the metric.
+
+    Args:
+        prompt: the text to run.
+        components: component ids (heads, neurons, attn, mlp, SAE latents; optionally @position
+            to ablate at one position only, otherwise at every position).
+        target: the single token whose logit or probability is measured.
+        distractor: optional single token; with it the metric is logit_diff
+            (logit[target] - logit[distractor] at the last position), without it logprob.
+        mode: "zero" (set the activation to 0), "mean" (its mean over the reference set) or
+            "resample" (its activation on corrupted_prompt).
+        corrupted_prompt: for mode "resample": the prompt to take activations from (same
+            number of tokens).
+        metric: force "logit_diff" or "logprob" (default as described for distractor).
+
+    Returns:
+        AblateResult: the metric before and after the ablation, delta = after - before, and the
+        top next tokens with the ablation.
+    """
     m = make_metric(engine, target, distractor, metric)
     with engine.lock:
         run = get_run(engine, prompt, cache)
@@ -178,7 +197,33 @@ def ablation_sweep(engine: Engine, prompt: str, kind: SweepKind, target: str, di
                    metric: MetricName | None = None, batch_size: int = 64, max_batch_tokens: int = 16384,
                    cache: RunCache | None = None, progress: Progress | None = None,
                    should_stop: Callable[[], bool] | None = None) -> SweepResult:
-    """Every component of `kind` ablated alone, at `positions` ('all', 'last' or a list)."""
+    """Ablate every component of one kind, one at a time, and rank them by |change in metric|.
+
+    Exact (one ablation per batch row), with work that cannot change skipped.
+
+    Args:
+        prompt: the text to run.
+        kind: "head", "neuron", "attn", "mlp" or "sae" (every latent of every attached SAE).
+        target: the single token whose logit or probability is measured.
+        distractor: optional single token; with it the metric is logit_diff
+            (logit[target] - logit[distractor] at the last position), without it logprob.
+        mode: "zero", "mean" (mean over the reference set) or "resample" (the activation on
+            corrupted_prompt).
+        corrupted_prompt: for mode "resample": the prompt to take activations from (same
+            number of tokens).
+        positions: where each component is ablated: "all", "last" or a list of positions.
+        top_k: how many rows to return (None: all).
+        metric: force "logit_diff" or "logprob" (default as described for distractor).
+        max_batch_tokens: cap on rows x positions per forward pass (bounds memory).
+        batch_size: most components per forward pass.
+        progress: called with (done, total) after each pass.
+        should_stop: polled before each pass; returning True cancels the sweep.
+
+    Returns:
+        SweepResult: the metric before ablation, rows (id, kind, layer, index, delta =
+        metric(ablated) - metric(clean)) ranked by |delta|, the positions used, the number of
+        components swept and the forward passes run.
+    """
     if kind not in ("head", "neuron", "attn", "mlp", "sae"):
         raise TdbError(f"unknown kind {kind!r}; sweep kinds: head, neuron, attn, mlp, sae")
     m = make_metric(engine, target, distractor, metric)
@@ -279,9 +324,24 @@ def _row_mask(kind: SweepKind, b: int, u0: int, units: int, n_pos: int, pos_list
 def patch(engine: Engine, clean_prompt: str, corrupted_prompt: str, components: Sequence[str], target: str,
           distractor: str | None = None, direction: Literal["denoise", "noise"] = "denoise",
           metric: MetricName | None = None, cache: RunCache | None = None) -> PatchResult:
-    """denoise: run the corrupted prompt with the components' clean activations patched in
-    (how much of the clean behaviour do they restore?). noise: run the clean prompt with
-    their corrupted activations (how much survives?)."""
+    """Activation patching of components between a clean and a corrupted prompt.
+
+    Args:
+        clean_prompt: the prompt showing the behaviour.
+        corrupted_prompt: a prompt of the same number of tokens without it.
+        components: component ids to patch (optionally @position; otherwise every position).
+        target: the single token whose logit or probability is measured.
+        distractor: optional single token; with it the metric is logit_diff
+            (logit[target] - logit[distractor] at the last position), without it logprob.
+        direction: "denoise": run the corrupted prompt with the components' clean activations
+            patched in (how much of the clean behaviour do they restore?); "noise": run the
+            clean prompt with their corrupted activations (how much survives?).
+        metric: force "logit_diff" or "logprob" (default as described for distractor).
+
+    Returns:
+        PatchResult: the metric on the clean, corrupted and patched runs, and fraction_restored
+        = (patched - corrupted) / (clean - corrupted) (None when clean equals corrupted).
+    """
     m = make_metric(engine, target, distractor, metric)
     with engine.lock:
         clean = get_run(engine, clean_prompt, cache)

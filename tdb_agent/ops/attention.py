@@ -51,6 +51,18 @@ def head_pattern(engine: Engine, prompt: str, component: str, cache: RunCache | 
 
 def attention_pattern(engine: Engine, prompt: str, component: str, top_k: int = 3,
                       cache: RunCache | None = None) -> AttentionPatternResult:
+    """Where one head looks: its attention pattern on the prompt.
+
+    Args:
+        prompt: the text to run.
+        component: a head, e.g. L1.H3.
+        top_k: how many of the most attended key positions to list per query.
+
+    Returns:
+        AttentionPatternResult: the head id, the tokens, per query position its top_k keys
+        (position, token, attention weight), and the full [query, key] pattern for prompts of
+        up to 64 tokens (None otherwise).
+    """
     pattern, tokens, head = head_pattern(engine, prompt, component, cache)
     s = pattern.shape[0]
     k = min(top_k, s)

@@ -127,6 +127,34 @@ def attribute(engine: Engine, prompt: str, target: str, distractor: str | None =
               reference: Reference | None = None, kinds=None, top_k: int | None = 20,
               per_position: bool = False, metric: MetricName | None = None,
               cache: RunCache | None = None) -> AttributionResult:
+    """Attribute the metric on the prompt's next token to components, ranked by |effect|.
+
+    Args:
+        prompt: the text to run.
+        target: the single token whose logit or probability is explained.
+        distractor: optional single token; with it the metric is logit_diff
+            (logit[target] - logit[distractor] at the last position), without it logprob.
+        method: "direct_effect" (a component's write at the last position dotted with the
+            gradient of the metric w.r.t. the final residual stream, final norm frozen; exact
+            for logit_diff) or "act_times_grad" ((a - a_ref) x d metric / d a, summed over
+            positions and the component's dimensions; one forward and one backward).
+        corrupted_prompt: for act_times_grad with reference "corrupted": the prompt whose
+            activations are a_ref (same number of tokens).
+        reference: act_times_grad's a_ref: "zero", "mean" (mean over the reference set) or
+            "corrupted"; default corrupted if a corrupted_prompt is given, else zero.
+        kinds: component kinds to rank, among head, neuron, attn, mlp, emb, sae (default head
+            and neuron).
+        top_k: how many rows to return (None: all).
+        per_position: report components with their position (ids with @position; for
+            direct_effect the last position) instead of summing over positions.
+        metric: force "logit_diff" or "logprob" (default as described for distractor).
+
+    Returns:
+        AttributionResult: the metric's value (and on the corrupted prompt), ranked rows (id,
+        kind, layer, index, position, effect, share), n_ranked, total_effect over all heads,
+        neurons and the embedding, named remainder terms (biases, first-order error) and
+        sum_check = total_effect + remainder.
+    """
     kinds = _check_kinds(kinds)
     m = make_metric(engine, target, distractor, metric)
     with engine.lock:

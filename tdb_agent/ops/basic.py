@@ -74,7 +74,17 @@ class TaskList(BaseModel):
 
 
 def model_info(engine: Engine, datasets: list[str] | None = None) -> ModelInfo:
-    """datasets: names of the activation datasets attached by the caller (the workbench)."""
+    """Describe the loaded model: its spec, device, dtype, size, component ids and attachments.
+
+    Args:
+        datasets: names of the activation datasets attached by the caller (the workbench);
+            listed as they are, none if omitted.
+
+    Returns:
+        ModelInfo: name, spec (layers, heads, widths, ...), device, dtype, parameter count, the
+        component-id grammar, the number of components of each kind (head, neuron, attn, mlp,
+        emb), the number of hook sites, attached SAEs and datasets, and the device placement.
+    """
     s = engine.spec
     return ModelInfo(
         name=engine.name, spec=s, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
@@ -86,6 +96,14 @@ def model_info(engine: Engine, datasets: list[str] | None = None) -> ModelInfo:
 
 
 def tokenize(engine: Engine, text: str) -> TokenizeResult:
+    """Split text into the model's tokens, exactly as every other op tokenizes a prompt.
+
+    Args:
+        text: the text to tokenize.
+
+    Returns:
+        TokenizeResult: n_tokens and, per position, the token string and its vocabulary id.
+    """
     ids = engine.to_tokens(text)[0].tolist()
     toks = engine.str_tokens(ids)
     return TokenizeResult(n_tokens=len(ids), tokens=[TokenInfo(position=i, token=t, id=x)
@@ -95,6 +113,20 @@ def tokenize(engine: Engine, text: str) -> TokenizeResult:
 @torch.no_grad()
 def predict(engine: Engine, prompt: str, top_k: int = 10, target: str | None = None,
             distractor: str | None = None) -> PredictResult:
+    """The model's next-token distribution after the prompt (last position, no intervention).
+
+    Args:
+        prompt: the text to run.
+        top_k: how many of the most probable next tokens to list.
+        target: optional single token; if given, the metric is reported for it.
+        distractor: optional single token; with a target the metric is logit_diff
+            (logit[target] - logit[distractor] at the last position), without one it is
+            logprob (log p(target)).
+
+    Returns:
+        PredictResult: n_tokens, the top_k tokens with probability and logit, and, when a target
+        is given, the metric's value with the target's probability and rank (0 = top prediction).
+    """
     metric = make_metric(engine, target, distractor) if target else None
     ids = engine.to_tokens(prompt)
     logits = engine.forward(ids).logits[0, -1].float()  # [vocab]
@@ -112,5 +144,13 @@ def predict(engine: Engine, prompt: str, top_k: int = 10, target: str | None = N
 
 
 def list_tasks(n_examples: int = 3) -> TaskList:
+    """The built-in tasks (prompt families with a target and distractor), with sample prompts.
+
+    Args:
+        n_examples: how many seeded example prompt pairs to include per task.
+
+    Returns:
+        TaskList: per task its name, description, metric (logit_diff or logprob) and examples.
+    """
     return TaskList(tasks=[TaskSummary(**task_info(n).model_dump(), examples=task_examples(n, n_examples))
                            for n in task_names()])

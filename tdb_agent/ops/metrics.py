@@ -51,6 +51,18 @@ class Metric(BaseModel):
 
 def make_metric(engine: Engine, target: str | None, distractor: str | None = None,
                 metric: MetricName | None = None) -> Metric:
+    """Resolve a metric on the next token: logit_diff or logprob at the last position.
+
+    Args:
+        target: the single token whose logit or probability is explained (required).
+        distractor: optional single token, different from the target.
+        metric: "logit_diff" (logit[target] - logit[distractor], needs a distractor) or
+            "logprob" (log p(target), no distractor); default logit_diff when a distractor is
+            given, logprob otherwise.
+
+    Returns:
+        Metric: the chosen name with the target's (and distractor's) token ids checked.
+    """
     if not target:
         raise TdbError("a target token is required (the token whose logit or probability to explain)")
     name = metric or ("logit_diff" if distractor else "logprob")

@@ -53,6 +53,22 @@ def greedy(engine: Engine, ids: torch.Tensor, max_new_tokens: int, hooks=None) -
 
 def steer(engine: Engine, prompt: str, component: str, scale: float = 5.0, max_new_tokens: int = 12,
           cache: RunCache | None = None) -> SteerResult:
+    """Greedy continuation of a prompt with and without a component's direction added.
+
+    The direction is a neuron's output weights (added to that layer's MLP output), a head's
+    mean write (mean z over the reference set times W_O, added to the attention output) or an
+    SAE latent's decoder row; it is scaled and added at every position.
+
+    Args:
+        prompt: the text to continue.
+        component: a neuron (L1.N7), a head (L2.H5) or an SAE latent.
+        scale: multiplier of the direction (negative values subtract it).
+        max_new_tokens: how many tokens to generate greedily (stops early at end-of-text).
+
+    Returns:
+        SteerResult: the hook site, the direction's norm, the baseline continuation and the
+        steered continuation.
+    """
     with engine.lock:
         site, vec = steering_vector(engine, component, cache)
         ids = engine.to_tokens(prompt)
