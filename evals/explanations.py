@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from evals.cost import Cost, count_passes
 from tdb_agent.datasets import ActivationDataset, BuildConfig, build, documents_from_corpus
-from tdb_agent.datasets.command import BUNDLED_DATASET
+from tdb_agent.datasets.store import BUNDLED_DATASET
 from tdb_agent.datasets.components import component_name
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import attach_saes

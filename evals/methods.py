@@ -32,6 +32,7 @@ from evals.scoring import SetScores, cpr_cmd, first_reaching, ranking, roc_auc, 
 from tdb_agent import ops
 from tdb_agent.circuits import Evaluator, PromptPair, keep_set
 from tdb_agent.engine import Engine
+from tdb_agent.session import EngineSpec, open_session
 
 Mode = Literal["mean", "resample"]
 RANKING_METHODS = ("direct_effect", "act_times_grad", "ablation_sweep")
@@ -174,7 +175,7 @@ async def _planner_run(case: Case, workdir: Path, both: bool = False) -> tuple[l
         return [_strip(n) for n in summary.nodes], edges, {"planner_faithfulness": summary.faithfulness,
                                                            "planner_faithfulness_other": summary.faithfulness_other,
                                                            "tool_calls": summary.tool_calls}
-    async with discover.open_session(case.model_dir, "inprocess", workdir / "workspace") as client:
+    async with open_session(EngineSpec(model=case.model_dir), workspace=workdir / "workspace") as client:
         tb = Toolbox(client, RunStore(workdir / "run"))
         pairs = [p.model_dump() for p in case.pairs[:8]]
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", case.name).strip("-")

@@ -7,18 +7,7 @@ import argparse
 import logging
 import sys
 
-from tdb_agent.engine import Engine
-
-
-def _engine(args) -> Engine:
-    return Engine.load(args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
-                       **placement_kwargs(args))
-
-
-def placement_kwargs(args) -> dict:
-    """Engine.load arguments of --device-map / --max-memory / --offload-folder."""
-    return {"device_map": getattr(args, "device_map", None), "max_memory": getattr(args, "max_memory", None),
-            "offload_folder": getattr(args, "offload_folder", None)}
+from tdb_agent.session import EngineSpec, open_workbench
 
 
 def _placement_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +46,7 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> int:
     from tdb_agent.server import build_server
     from tdb_agent.server.http import HttpSettings, InsecureBind, check_bind, serve_http, token_from_env
-    from tdb_agent.workbench import Limits, Workbench
+    from tdb_agent.workbench import Limits
 
     limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields})
     settings = None
@@ -70,19 +59,12 @@ def cmd_serve(args) -> int:
             print(f"tdb-agent serve: {e}", file=sys.stderr)
             return 2
 
-    from tdb_agent.engine.sae import attach_saes
-
-    engine = _engine(args)
-    attach_saes(engine, args.sae, bundled=not args.no_bundled_saes, allow_download=args.allow_download)
-    bench = Workbench(engine, limits, workspace=args.workspace)
-    if args.dataset:  # else the bundled model's shipped dataset, when it matches (server.sae_tools)
-        from tdb_agent.errors import TdbError
-        from tdb_agent.server.sae_tools import attach_dataset
-        try:
-            attach_dataset(bench, args.dataset)
-        except TdbError as e:
-            print(f"tdb-agent serve: {e}", file=sys.stderr)
-            return 2
+    from tdb_agent.errors import TdbError
+    try:
+        bench = open_workbench(EngineSpec.from_args(args), limits=limits, workspace=args.workspace)
+    except TdbError as e:  # e.g. a --dataset built from another model
+        print(f"tdb-agent serve: {e}", file=sys.stderr)
+        return 2
     if settings is not None:
         from tdb_agent.viewer.api import RunIndex
         serve_http(bench, settings, runs=RunIndex(*args.runs))
@@ -103,7 +85,7 @@ def cmd_discover(args) -> int:
     tasks = args.task or []
     if not args.resume and (len(tasks) > 1 or args.batch or args.ray):
         from tdb_agent.agent.batch import cmd_batch
-        return cmd_batch(args, placement_kwargs(args))
+        return cmd_batch(args)
     if args.resume:
         out = Path(args.resume)
         cfg = RunStore(out).load_config()
@@ -118,8 +100,8 @@ def cmd_discover(args) -> int:
         out = Path(args.out or f"runs/{cfg.task or 'prompt'}-{time.strftime('%Y%m%d-%H%M%S')}")
     llm = LLMSettings.from_env(base_url=args.llm_base_url, model=cfg.llm_model or args.llm_model)
     echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    summary = asyncio.run(discover.run(cfg, out, transport=args.transport, llm=llm, echo=echo, device=args.device,
-                                       load=placement_kwargs(args)))
+    connect = discover.default_connect(cfg, args.transport, spec=EngineSpec.from_args(args, model=cfg.model))
+    summary = asyncio.run(discover.run(cfg, out, llm=llm, echo=echo, connect=connect))
     print(summary.model_dump_json(indent=2))
     return 0
 
@@ -130,10 +112,8 @@ def cmd_view(args) -> int:
     import webbrowser
     from pathlib import Path
 
-    from tdb_agent.engine.sae import attach_saes
     from tdb_agent.server.http import HttpSettings, serve_http
     from tdb_agent.viewer.api import RunIndex, is_run
-    from tdb_agent.workbench import Workbench
 
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is not None and not run_dir.is_dir():
@@ -142,9 +122,7 @@ def cmd_view(args) -> int:
     if args.model is None and run_dir is not None and is_run(run_dir) and (run_dir / "run.json").exists():
         from tdb_agent.agent.runstore import RunStore
         args.model = RunStore(run_dir).load_config().model  # the run's model (None: the bundled one)
-    engine = _engine(args)
-    attach_saes(engine, [], bundled=True)
-    bench = Workbench(engine)
+    bench = open_workbench(EngineSpec.from_args(args))
     runs = RunIndex(*([run_dir] if run_dir else [p for p in [Path("runs")] if p.is_dir()]))
     start = "/"
     if run_dir is not None and is_run(run_dir):
@@ -166,7 +144,7 @@ def cmd_demo(args) -> int:
     from tdb_agent import ops
     from tdb_agent.tasks import task_examples, task_names
 
-    engine = _engine(args)
+    engine = EngineSpec.from_args(args, bundled_saes=False).load()
     info = ops.model_info(engine)
     s = info.spec
     print(f"model {info.name}: {s.architecture}, {s.n_layers} layers x {s.n_heads} heads, d_model {s.d_model}, "

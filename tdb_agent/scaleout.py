@@ -10,50 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from pydantic import BaseModel, Field
-
 from tdb_agent.errors import TdbError
+from tdb_agent.session import EngineSpec
 
 log = logging.getLogger(__name__)
 
-
-class EngineSpec(BaseModel):
-    """Everything a worker needs to load the same engine as the driver (all plain data)."""
-
-    model: str | None = Field(None, description="local HF folder or hub id; None: the bundled model")
-    device: str = "auto"
-    dtype: str = "float32"
-    device_map: str | dict | None = None
-    max_memory: str | dict | None = None
-    offload_folder: str | None = None
-    saes: list[str] = Field(default_factory=list, description="SAE folders to attach")
-    bundled_saes: bool = True
-    allow_download: bool = False
-    threads: int = Field(1, description="torch CPU threads per worker (also the CPUs Ray reserves for it)")
-
-    def load(self):
-        import torch
-
-        from tdb_agent.engine import Engine
-        from tdb_agent.engine.sae import attach_saes
-
-        torch.set_num_threads(self.threads)
-        engine = Engine.load(self.model, device=self.device, dtype=self.dtype, allow_download=self.allow_download,
-                             device_map=self.device_map, max_memory=self.max_memory,
-                             offload_folder=self.offload_folder)
-        attach_saes(engine, self.saes, bundled=self.bundled_saes, allow_download=self.allow_download)
-        return engine
-
-    def wants_gpu(self) -> bool:
-        import torch
-
-        if self.device_map is not None:
-            return torch.cuda.is_available()
-        return self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
-
-    def actor_options(self) -> dict:
-        """Resources Ray reserves for one worker holding this engine."""
-        return {"num_cpus": self.threads, "num_gpus": 1 if self.wants_gpu() else 0}
+__all__ = ["EngineSpec", "check_fits", "connect", "default_workers", "require_ray"]
 
 
 def require_ray():

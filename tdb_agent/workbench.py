@@ -51,7 +51,7 @@ class Workbench:
         self.workspace: Path = Path(workspace if workspace is not None
                                     else os.environ.get("TDB_WORKSPACE", "tdb-workspace")).resolve()
         self.page_sections: dict[str, PageSection] = {}
-        self.dataset = None  # activation dataset (tdb_agent.datasets), set by server.sae_tools.attach_dataset
+        self.dataset = None  # activation dataset (tdb_agent.datasets), set by service.examples.attach_dataset
 
     @property
     def saes(self):

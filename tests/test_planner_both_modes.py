@@ -12,7 +12,7 @@ from mcp import Client
 from tdb_agent import circuits as C
 from tdb_agent.agent import planner
 from tdb_agent.agent.discover import _pairs as task_pairs
-from tdb_agent.agent.discover import open_session
+from tdb_agent.session import open_session
 from tdb_agent.agent.runstore import RunConfig, RunStore
 from tdb_agent.agent.toolbox import Toolbox
 from tdb_agent.ops.ablate import ablate
@@ -106,7 +106,7 @@ def test_discover_with_both_modes_on_bundled_induction(bundled, tmp_path):
     ~0.1 under resample (evals/RESULTS.md); required under both, it reaches 0.8 under each
     on its 32 pairs, checked here with the ablate op."""
     async def go():
-        async with open_session(None, "inprocess", tmp_path / "workspace", engine=bundled) as client:
+        async with open_session(workspace=tmp_path / "workspace", engine=bundled) as client:
             pairs = await task_pairs(client, RunConfig(task="induction"))  # as `tdb-agent discover` gets them
             return await planner.discover(Toolbox(client, RunStore(tmp_path / "run")), "induction", pairs,
                                           "induction", modes=("mean", "resample"))

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from evals.constructed import D_HEAD, build_case, case_pairs
 from tdb_agent.agent import planner
-from tdb_agent.agent.discover import open_session
+from tdb_agent.session import EngineSpec, open_session
 from tdb_agent.agent.runstore import RunStore
 from tdb_agent.agent.toolbox import Toolbox
 
@@ -52,7 +52,7 @@ def test_backup_head_is_an_or(backup_model):
 
 def _discover(folder, pairs, out):
     async def go():
-        async with open_session(str(folder), "inprocess", out / "workspace") as client:
+        async with open_session(EngineSpec(model=str(folder)), workspace=out / "workspace") as client:
             return await planner.discover(Toolbox(client, RunStore(out)), None, pairs, "backup")
     return asyncio.run(go())
 

@@ -14,7 +14,7 @@ from tdb_agent.engine.sae import attach_saes
 from tdb_agent.circuits import add_edge, add_node, new_circuit
 from tdb_agent.server.http import HttpSettings, http_app
 from tdb_agent.server.resources import circuit_json
-from tdb_agent.server.sae_tools import top_examples_of
+from tdb_agent.service.examples import top_examples_of
 from tdb_agent.viewer.api import RunIndex, example_text
 from tdb_agent.workbench import Workbench, component_page
 from tests.viewer_fixtures import ioi_example, make_run

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tdb_agent.datasets import ActivationDataset
-from tdb_agent.datasets.command import BUNDLED_DATASET
+from tdb_agent.datasets.store import BUNDLED_DATASET
 from tdb_agent.datasets.components import component_name
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import attach_saes

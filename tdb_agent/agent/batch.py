@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tdb_agent.agent.runstore import RunConfig
-from tdb_agent.scaleout import EngineSpec
+from tdb_agent.session import EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _run_one(engine, name: str, cfg: RunConfig, out: Path, llm: dict | None) -> 
     try:
         settings = LLMSettings(**llm) if llm else None
         s = asyncio.run(discover.run(cfg, out, llm=settings, echo=lambda m: log.info("[%s] %s", name, m),
-                                     engine=engine))
+                                     connect=discover.default_connect(cfg, "inprocess", engine=engine)))
         return RunRow(name=name, run_dir=str(out), task=cfg.task, ok=True, nodes=len(s.nodes),
                       faithfulness=s.faithfulness, tool_calls=s.tool_calls, seconds=round(s.seconds, 2),
                       stopped_because=s.stopped_because, worker=who)
@@ -111,7 +111,7 @@ class DiscoverWorker:
     """A Ray actor holding one engine; each `run` call is one discovery run."""
 
     def __init__(self, spec: dict):
-        self.engine = EngineSpec(**spec).load()
+        self.engine = EngineSpec(**spec).load(set_threads=True)
 
     def run(self, name: str, cfg: dict, out: str, llm: dict | None) -> dict:
         return _run_one(self.engine, name, RunConfig(**cfg), Path(out), llm).model_dump()
@@ -177,7 +177,7 @@ def summary_table(s: BatchSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cmd_batch(args, load: dict) -> int:
+def cmd_batch(args) -> int:
     """`tdb-agent discover` with several --task, a --batch file or --ray."""
     import sys
 
@@ -199,7 +199,7 @@ def cmd_batch(args, load: dict) -> int:
     llm = None
     if args.planner == "llm":
         llm = LLMSettings.from_env(base_url=args.llm_base_url, model=args.llm_model).model_dump()
-    spec = EngineSpec(model=args.model, device=args.device, **{k: v for k, v in load.items() if v is not None})
+    spec = EngineSpec.from_args(args)
     echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     echo(f"{len(runs)} runs -> {root}" + (f" on Ray ({args.ray})" if args.ray else ""))
     summary = run_batch(runs, spec, root, llm=llm, ray_address=args.ray, workers=args.workers, echo=echo)

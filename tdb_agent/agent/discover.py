@@ -9,19 +9,18 @@ report and the picture (see `runstore`).
 from __future__ import annotations
 
 import json
-import sys
 import time
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from mcp import Client, StdioServerParameters
 from pydantic import BaseModel
 
 from tdb_agent.agent import planner
 from tdb_agent.agent.llm import Budgets, LLMSettings, run_llm_loop
 from tdb_agent.agent.runstore import RunConfig, RunStore
-from tdb_agent.agent.toolbox import EDITING_TOOLS, Toolbox
+from tdb_agent.agent.toolbox import Toolbox, read_only
 
 Transport = Literal["inprocess", "stdio"]
 
@@ -46,37 +45,6 @@ def circuit_name(cfg: RunConfig) -> str:
     return (cfg.task or "prompt").replace("_", "-")
 
 
-@asynccontextmanager
-async def open_session(model: str | None, transport: Transport, workspace: Path, device: str = "auto",
-                       load: dict | None = None, engine=None):
-    """An MCP client session to the tools, in-process or over stdio. load: more Engine.load
-    arguments (device_map, max_memory, offload_folder); engine: an engine already loaded
-    (Ray actors keep one for many runs)."""
-    load = {k: v for k, v in (load or {}).items() if v is not None}
-    if transport == "stdio":
-        args = ["-m", "tdb_agent.cli", "serve", "--workspace", str(workspace), "--device", device]
-        if model:
-            args += ["--model", model]
-        for k, v in load.items():
-            args += ["--" + k.replace("_", "-"), v if isinstance(v, str) else json.dumps(v)]
-        params = StdioServerParameters(command=sys.executable, args=args)
-        async with Client(params, read_timeout_seconds=600) as client:
-            yield client
-        return
-    from tdb_agent.engine import Engine
-    from tdb_agent.server import build_server
-    from tdb_agent.workbench import Workbench
-
-    from tdb_agent.engine.sae import attach_saes
-
-    if engine is None:
-        engine = Engine.load(model, device=device, **load)
-        attach_saes(engine, [], bundled=True)  # as `tdb-agent serve` does
-    server = build_server(Workbench(engine, workspace=workspace))
-    async with Client(server) as client:
-        yield client
-
-
 async def _pairs(client, cfg: RunConfig) -> list[dict]:
     if cfg.task:
         r = await client.call_tool("list_tasks", {})
@@ -90,17 +58,38 @@ async def _pairs(client, cfg: RunConfig) -> list[dict]:
              "distractor": cfg.distractor}]
 
 
+Connect = Callable[[Path], AbstractAsyncContextManager[Any]]
+"""Opens an MCP client session to the tools whose workspace is the given folder."""
+
+
+def default_connect(cfg: RunConfig, transport: Transport, spec=None, engine=None) -> Connect:
+    """Sessions as `tdb_agent.session` opens them (the composition root): the run's model,
+    in-process or over stdio. Callers that hold an engine or a spec (the CLI, Ray actors)
+    pass theirs."""
+    from tdb_agent.session import EngineSpec, open_session
+
+    spec = spec or EngineSpec(model=cfg.model)
+    return lambda workspace: open_session(spec, transport, workspace=workspace, engine=engine)
+
+
 async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm: LLMSettings | None = None,
-              echo=print, device: str = "auto", load: dict | None = None, engine=None) -> RunSummary:
+              echo=print, connect: Connect | None = None) -> RunSummary:
+    """One discovery run into the folder `out` (resumed where it has a transcript). The
+    tools are reached through `connect(out / "workspace")`; by default a session opened by
+    `tdb_agent.session` on the run's model over `transport`."""
+    connect = connect or default_connect(cfg, transport)
     store = RunStore(out)
     if not (out / "run.json").exists():
         cfg.started = time.time()
         store.save_config(cfg)
     name = circuit_name(cfg)
     t0 = time.time()
-    async with open_session(cfg.model, transport, out / "workspace", device, load, engine) as client:
+    async with connect(out / "workspace") as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+
         async def checkpoint(tool: str) -> None:
-            if tool in EDITING_TOOLS and tool != "circuit_export":
+            # after every tool that may change a circuit (export is the checkpoint itself)
+            if tool != "circuit_export" and not await read_only(client, tool, tools):
                 r = await client.call_tool("circuit_export", {"name": name, "format": "json"})
                 if not r.is_error:
                     store.save_graph(json.loads(r.structured_content["content"]))

@@ -22,11 +22,11 @@ A fixed, systematic procedure that an LLM agent is compared with:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 from pydantic import BaseModel
 
-from tdb_agent.agent.toolbox import ToolCallFailed, Toolbox
+from tdb_agent.agent.toolbox import Toolbox, ToolCallFailed
+from tdb_agent.circuits.evaluate import AblationMode
 
 
 class DiscoveryResult(BaseModel):
@@ -124,9 +124,6 @@ async def _redundant_groups(tb: Toolbox, ex: dict, total: dict[str, float], sing
                 "components": [m for m in members if m != h], "mode": "resample", "left_in": h},
                 "value": round(restored[h], 4)}])
     return found
-
-
-AblationMode = Literal["mean", "resample"]
 
 
 async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: str, *,

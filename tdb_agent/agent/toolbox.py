@@ -2,8 +2,9 @@
 
 Every call is appended to the run transcript. On resume, read-only calls already in the
 transcript are answered from it (the planner is deterministic, so it asks the same
-questions in the same order), and state-changing calls (the circuit_* editors) are sent
-again, which rebuilds the server's circuit state in a fresh process.
+questions in the same order), and state-changing calls (every tool whose annotations do not
+say read-only: the circuit editors) are sent again, which rebuilds the server's circuit
+state in a fresh process.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from typing import Any
 
 from tdb_agent.agent.runstore import RunStore
 from tdb_agent.errors import TdbError
-
-EDITING_TOOLS = ("circuit_create", "circuit_add", "circuit_prune", "circuit_validate", "circuit_export")
 
 
 class ToolCallFailed(TdbError):
@@ -39,7 +38,7 @@ class Toolbox:
             prev = self._replay[0]
             if prev["tool"] == name and json.dumps(prev["arguments"], sort_keys=True) == json.dumps(args, sort_keys=True):
                 self._replay.pop(0)
-                if name not in EDITING_TOOLS:
+                if await self.read_only(name):
                     self.replayed += 1
                     self.calls += 1
                     return prev["result"]
@@ -68,11 +67,26 @@ class Toolbox:
         if self.on_step is not None:
             await self.on_step(name)
 
+    async def _tools(self) -> dict:
+        if not hasattr(self, "_listed"):
+            self._listed = {t.name: t for t in (await self.client.list_tools()).tools}
+        return self._listed
+
     async def has(self, name: str) -> bool:
         """Whether the server offers this tool (explanations need a dataset, for example)."""
-        if not hasattr(self, "_names"):
-            self._names = {t.name for t in (await self.client.list_tools()).tools}
-        return name in self._names
+        return name in await self._tools()
+
+    async def read_only(self, name: str) -> bool:
+        """Whether the tool says (in its MCP annotations) that it changes nothing, so that a
+        resumed run may answer it from the transcript instead of calling it again."""
+        return await read_only(self.client, name, await self._tools())
+
+
+async def read_only(client, name: str, tools: dict | None = None) -> bool:
+    """A tool's read-only annotation (False for a tool that does not say, or is unknown)."""
+    tools = tools if tools is not None else {t.name: t for t in (await client.list_tools()).tools}
+    ann = getattr(tools.get(name), "annotations", None)
+    return bool(getattr(ann, "read_only_hint", False))
 
     def note(self, text: str, **data: Any) -> None:
         self.store.append("note", text=text, **data)

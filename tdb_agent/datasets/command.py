@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-BUNDLED_DATASET = Path(__file__).resolve().parent.parent / "assets" / "datasets" / "tdb-tiny"
 DATASET_SEED = 930_000_000  # held-out corpus documents (the model and SAEs trained on other seeds)
 
 
@@ -41,28 +40,21 @@ def cmd_build_dataset(args: argparse.Namespace) -> int:
     import torch
 
     from tdb_agent.datasets import BuildConfig, build, documents_from_corpus, documents_from_text
-    from tdb_agent.engine import Engine
-    from tdb_agent.engine.sae import attach_saes
-
-    from tdb_agent.cli import placement_kwargs
+    from tdb_agent.session import EngineSpec
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    spec = EngineSpec.from_args(args, dataset=None)  # --out is the dataset being built
     runner = None
     if args.ray:
         from tdb_agent.datasets.ray_build import RayRunner
-        from tdb_agent.scaleout import EngineSpec
 
-        spec = EngineSpec(model=args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
-                          saes=args.sae, bundled_saes=not args.no_bundled_saes, threads=args.threads or 1,
-                          **placement_kwargs(args))
         runner = RayRunner(spec, workers=args.workers, address=args.ray)
         # the driver only merges chunk states: its engine (fingerprints, tokenizer) stays off the GPUs
-        engine = Engine.load(args.model, device="cpu", dtype=args.dtype, allow_download=args.allow_download)
+        engine = spec.model_copy(update=dict(device="cpu", device_map=None, max_memory=None,
+                                             offload_folder=None)).load()
     else:
-        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
-                             **placement_kwargs(args))
-    attach_saes(engine, args.sae, bundled=not args.no_bundled_saes, allow_download=args.allow_download)
+        engine = spec.load()
     if args.text:
         docs = documents_from_text(args.text, engine.tokenizer, engine.spec.n_ctx)
         source = f"text file {Path(args.text).name}"

@@ -30,7 +30,7 @@ class BuildWorker:
     path, "how": "exit" | "raise"} makes the first attempt at chunk i fail."""
 
     def __init__(self, spec: dict):
-        self.engine = EngineSpec(**spec).load()
+        self.engine = EngineSpec(**spec).load(set_threads=True)
 
     def run(self, cfg: dict, chunk: Chunk, edges, fault: dict | None = None):
         f = fault

@@ -31,6 +31,9 @@ from tdb_agent.components import parse_component
 from tdb_agent.datasets.components import Block, column, model_fingerprint, sae_fingerprints
 from tdb_agent.errors import TdbError
 
+#: the bundled model's shipped activation dataset (`tools/build_bundled_assets.sh` builds it)
+BUNDLED_DATASET = Path(__file__).resolve().parent.parent / "assets" / "datasets" / "tdb-tiny"
+
 MANIFEST = "manifest.json"
 DATA = "data.safetensors"
 Group = Literal["top", "random", "quantile"]

@@ -6,6 +6,7 @@ The backward pass starts at a node instead of the metric:
   stream feeding the MLP (via `direct`);
 * a head `L{l}.H{h}@q` with `via=q` / `via=k`: its attention score from query q to one key
   position, traced through the query side (keys held fixed) or the key side (queries fixed);
+  `via=qk` traces both sides (`all` is its old name, still accepted; it never included v);
 * a head with `via=v`: its direct effect on the metric, traced through its values with the
   attention pattern held fixed (to every key position).
 
@@ -21,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-from tdb_agent.components import Component, parse_component
+from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.engine import Engine, StopForward
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.attribute import final_gradient
@@ -30,7 +31,7 @@ from tdb_agent.ops.metrics import make_metric
 from tdb_agent.ops.runs import CleanRun, RunCache, get_run
 from tdb_agent.ops import sae_ops
 
-Via = Literal["q", "k", "v", "all"]
+Via = Literal["q", "k", "v", "qk", "all"]  # "all": old name of "qk" (query and key sides; v is separate)
 
 
 class Edge(BaseModel):
@@ -100,15 +101,43 @@ def _edges(engine: Engine, d: Decomposition, positions: list[int], target: str, 
     return [Edge(source=src, target=target, weight=w.item(), via=via) for w, src in edges]
 
 
-def trace_upstream(engine: Engine, prompt: str, component: str, via: Via = "all",
+def trace_upstream(engine: Engine, prompt: str, component: str, via: Via = "qk",
                    key_position: int | None = None, target: str | None = None, distractor: str | None = None,
                    top_k: int | None = 20, cache: RunCache | None = None) -> TraceResult:
+    """Attribute a head's attention score or effect, or a neuron's pre-activation, to upstream components.
+
+    Edge weights are gradient x upstream write with the feeding norm's scale frozen, so
+    edges + unattributed terms add up to the traced value.
+
+    Args:
+        prompt: the text to run.
+        component: a head with its query position (L2.H5@14), a neuron (L1.N7@9) or an SAE
+            latent; without @t the last position.
+        via: for heads: "q" / "k" trace the attention score from the query to key_position
+            through the query side (keys fixed) / the key side (queries fixed); "qk" traces
+            both ("all" is its old name, an alias: query and key sides only); "v" traces the
+            head's direct effect on the metric through its values (pattern fixed, every key
+            position). Ignored for neurons (edges have via "direct").
+        key_position: for via q/k/qk: the key position of the score (default: the most
+            attended one; at most the query position).
+        target: for via "v": the single token of the metric (required there).
+        distractor: for via "v": optional single token; with it the metric is logit_diff
+            (logit[target] - logit[distractor] at the last position), without it logprob.
+        top_k: how many edges to return, ranked by |weight| (None: all).
+
+    Returns:
+        TraceResult: the node id, the traced value, query and key positions, edges (source with
+        @position, target, weight, via q/k/v/direct), n_edges before top_k, sum_of_edges per
+        via and the unattributed terms (biases, frozen-norm and other-side terms).
+    """
+    if via == "all":
+        via = "qk"
     with engine.lock:
         run = get_run(engine, prompt, cache)
         s = run.n_tokens
         node = parse_component(component, engine.spec, n_positions=s, sae_sizes=sae_ops.sae_sizes(engine))
         if node.kind == "sae":
-            return sae_ops.trace_latent(engine, run, node, top_k)
+            return _trace_latent(engine, run, node, top_k)
         if node.kind == "neuron":
             return _trace_neuron(engine, run, node, top_k)
         if node.kind == "head":
@@ -157,7 +186,7 @@ def _trace_head(engine: Engine, run: CleanRun, node: Component, via: Via, key_po
     unattributed: dict[str, float] = {}
     value = 0.0
     k_pos = None
-    if via in ("q", "k", "all"):
+    if via in ("q", "k", "qk"):
         if key_position is None:
             _, acts = engine.run_with_cache(run.ids, [p + "hook_pattern"], start_layer=layer,
                                             resid=run.acts[leaf_site], stop_layer=layer + 1)
@@ -166,7 +195,7 @@ def _trace_head(engine: Engine, run: CleanRun, node: Component, via: Via, key_po
             k_pos = int(key_position)
             if not 0 <= k_pos <= q:
                 raise TdbError(f"key_position {k_pos} must be between 0 and the query position {q} (causal)")
-        for side in (["q", "k"] if via == "all" else [via]):
+        for side in (["q", "k"] if via == "qk" else [via]):
             frozen = p + ("hook_k" if side == "q" else "hook_q")
             g, value = _leaf_grad(engine, run, layer, leaf_site, p + "hook_attn_scores",
                                   lambda x: x[0, h, q, k_pos], [frozen], [ln1])
@@ -193,6 +222,45 @@ def _trace_head(engine: Engine, run: CleanRun, node: Component, via: Via, key_po
         read = (run.acts[leaf_site][0, : q + 1] * g[: q + 1]).sum().item()
         unattributed["v_output_biases"] = (d.attn_bias.sum() + d.mlp_bias.sum()).item()
         unattributed["v_norm_bias_and_v_bias"] = value - read
-    elif via not in ("q", "k", "all"):
-        raise TdbError(f"unknown via {via!r}; via is q, k, v or all")
+    elif via not in ("q", "k", "qk"):
+        raise TdbError(f"unknown via {via!r}; via is q, k, qk (both; old name all) or v")
     return _finish(run.prompt, node_id, via, value, edges, sums, unattributed, top_k, q=q, k=k_pos)
+
+
+def _trace_latent(engine: Engine, run: CleanRun, c: Component, top_k: int | None) -> TraceResult:
+    """Trace a latent's pre-activation at position t, (x_t − b_dec) · W_enc[:, i] + b_enc[i],
+    to the upstream writes that make up x_t (resid: every head, neuron and the embedding
+    below; mlp/attn: the neurons/heads of that block). Edges + biases + constant = value."""
+    sae = sae_ops.sae_for(engine, c)
+    L = c.layer
+    t = run.n_tokens - 1 if c.position is None else c.position
+    x = run.acts[hook_site(c)[0]][0, t]
+    w = sae.W_enc[:, c.index]
+    with torch.no_grad():
+        value = sae.pre_acts(x)[c.index].item()
+        b_dec_term = (sae.b_dec @ w).item() if sae.cfg.apply_b_dec_to_input else 0.0
+        d = decompose(engine, run, [t], w.to(engine.dtype)[None], L + 1, L + 1, per_position=True)
+    first = 0 if c.sae_site == "resid" else L
+    node = f"L{L}.{c.sae_site}.F{c.index}@{t}"
+    pairs: list[tuple[torch.Tensor, str]] = []
+    total = torch.zeros((), device=w.device)
+    bias = torch.zeros((), device=w.device)
+    if c.sae_site in ("resid", "attn"):
+        for layer in range(first, L + 1):
+            pairs += [(d.heads[0, layer, h], f"L{layer}.H{h}@{t}") for h in range(engine.spec.n_heads)]
+            total = total + d.heads[0, layer].sum()
+            bias = bias + d.attn_bias[0, layer]
+    if c.sae_site in ("resid", "mlp"):
+        for layer in range(first, L + 1):
+            vals = d.neurons[0, layer]
+            pairs += [(vals[i], f"L{layer}.N{i}@{t}") for i in vals.abs().topk(min(64, vals.numel())).indices.tolist()]
+            total = total + vals.sum()
+            bias = bias + d.mlp_bias[0, layer]
+    if c.sae_site == "resid":
+        pairs.append((d.emb[0], f"EMB@{t}"))
+        total = total + d.emb[0]
+    edges = [Edge(source=src, target=node, weight=v.item(), via="direct") for v, src in pairs]
+    read = total.item() + bias.item()
+    unattributed = {"output_biases": bias.item(), "sae_b_enc_minus_b_dec_term": sae.b_enc[c.index].item() - b_dec_term,
+                    "rounding": value - read - (sae.b_enc[c.index].item() - b_dec_term)}
+    return _finish(run.prompt, node, "direct", value, edges, {"direct": total.item()}, unattributed, top_k, q=t)

@@ -19,29 +19,29 @@ from mcp.server import MCPServer
 from mcp.server.auth.provider import TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context
-from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
+from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
 from tdb_agent import ops
-from tdb_agent.ops.ablate import AblateResult, PatchResult, SweepResult
+from tdb_agent.ops.ablate import AblateResult, Mode, PatchResult, SweepResult
 from tdb_agent.ops.attention import AttentionPatternResult, head_pattern, pattern_png
 from tdb_agent.ops.attribute import AttributionResult
 from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList, TokenizeResult
 from tdb_agent.ops.steer import SteerResult
 from tdb_agent.ops.trace import TraceResult
-from tdb_agent.server.guard import UnknownArgumentGuard
-from tdb_agent.server.limits import LimitChecks
+from tdb_agent.server.annotations import READ_ONLY
 from tdb_agent.server.circuit_tools import register_circuit_tools
-from tdb_agent.server.sae_tools import attach_dataset, register_sae_tools
+from tdb_agent.server.guard import UnknownArgumentGuard
 from tdb_agent.server.prompts import PROMPTS_DIR, register_prompts
 from tdb_agent.server.resources import register_resources
-from tdb_agent.server.running import run_long_tool, run_tool
+from tdb_agent.server.sae_tools import register_sae_tools
+from tdb_agent.service.examples import attach_dataset
+from tdb_agent.service.limits import LimitChecks
+from tdb_agent.service.running import run_long_tool, run_tool
 from tdb_agent.workbench import Workbench
 
 log = logging.getLogger(__name__)
 
-READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
-                            open_world_hint=False)
 
 INSTRUCTIONS = """Interpretability workbench for a transformer language model (Transformer
 Debugger as tools). Start with model_info and list_tasks; use predict to see what the model
@@ -59,7 +59,6 @@ Distractor = Annotated[str | None, Field(description="a single token to compare 
                                          max_length=200)]
 ComponentId = Annotated[str, Field(description="component id, e.g. L1.H3, L0.N17, L2.MLP, EMB, with optional "
                                    "@t", min_length=1, max_length=64)]
-Mode = Literal["zero", "mean", "resample"]
 
 
 def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = None,
@@ -243,9 +242,10 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
         prompt: Prompt,
         component: Annotated[str, Field(description="a head with its query position (L2.H5@14) or a neuron "
                                         "(L1.N7@9); without @t the last position", min_length=1, max_length=64)],
-        via: Annotated[Literal["q", "k", "v", "all"], Field(
-            description="for heads: q / k trace the attention score through the query / key side; all = both; "
-                        "v traces the head's effect on the metric through its values")] = "all",
+        via: Annotated[Literal["q", "k", "qk", "v", "all"], Field(
+            description="for heads: q / k trace the attention score through the query / key side; qk = both "
+                        "(query and key sides); v traces the head's effect on the metric through its values; "
+                        "all = the old name of qk (q and k only, not v)")] = "qk",
         key_position: Annotated[int | None, Field(ge=0, description="key position of the attention score "
                                                   "(default: the most attended one)")] = None,
         target: Annotated[str | None, Field(description="for via=v: the metric's target token",
@@ -255,8 +255,9 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
     ) -> TraceResult:
         """Why did this head attend to that token, or why did this neuron fire? Attributes the
         node to upstream components (heads, neurons, embedding at specific positions) as weighted
-        edges (source, target, weight, via). Example: trace_upstream(prompt="...",
-        component="L2.H5@14", via="q")"""
+        edges (source, target, weight, via). For heads, via=q / k / qk (both) traces the
+        attention score, via=v the effect on the metric through the values. Example:
+        trace_upstream(prompt="...", component="L2.H5@14", via="q")"""
         def go():
             check.text(prompt)
             check.top_k(top_k)

@@ -13,27 +13,22 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from tdb_agent import circuits as C
+from tdb_agent.circuits.evaluate import AblationMode
 from tdb_agent.circuits.store import CircuitStore, check_name
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.metrics import make_metric
-from tdb_agent.server.running import run_long_tool, run_tool
+from tdb_agent.server.annotations import DESTRUCTIVE, EDITS, READ_ONLY, WRITES_RESULT
+from tdb_agent.service.running import run_long_tool, run_tool
 from tdb_agent.workbench import Workbench
 
 T = TypeVar("T")
 
-READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
-EDITS = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False)
-DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
-                              open_world_hint=False)
-WRITES_RESULT = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-                                open_world_hint=False)
 
 Name = Annotated[str, Field(description="the circuit's name (letters, digits, _ . -)", min_length=1, max_length=64)]
-Mode = Annotated[Literal["mean", "resample"], Field(
+Mode = Annotated[AblationMode, Field(
     description="how components outside the circuit are ablated: mean (over a reference corpus) or resample "
                 "(their activation on each pair's corrupted prompt)")]
 Format = Literal["json", "graphml", "dot", "circuit_tracer", "svg", "html"]
@@ -252,7 +247,7 @@ def register_circuit_tools(mcp: MCPServer, bench: Workbench) -> None:
         protect: Annotated[list[str], Field(max_length=256, description="nodes never removed")] = [],  # noqa: B006
         into: Annotated[str | None, Field(description="name for the pruned circuit (default: '<name>-pruned'; "
                                           "the same name replaces the circuit)", max_length=64)] = None,
-        modes: Annotated[list[Literal["mean", "resample"]] | None, Field(
+        modes: Annotated[list[AblationMode] | None, Field(
             min_length=1, max_length=2, description="several ablation modes at once, e.g. ['mean', 'resample']: "
             "a subset is kept only if it stays >= threshold under every one (the minimum over the modes); the "
             "first is the primary mode the pruned circuit is validated under. Replaces `mode` when given")] = None,

@@ -11,54 +11,22 @@ from typing import Annotated, Literal
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from tdb_agent.components import parse_component
-from tdb_agent.datasets.command import BUNDLED_DATASET
-from tdb_agent.datasets.store import ActivationDataset, ComponentStats, DatasetMismatch, Example
+from tdb_agent.datasets.store import ActivationDataset
 from tdb_agent.errors import TdbError
-from tdb_agent.server.running import run_tool
 from tdb_agent.explain import Explainer, ExplainerLLM, Explanation
+from tdb_agent.server.annotations import READ_ONLY
+from tdb_agent.service.examples import (
+    TopExamplesResult,
+    attach_dataset,
+    top_examples_of,
+)
+from tdb_agent.service.running import run_tool
 
 log = logging.getLogger(__name__)
 
-READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 CACHE_DIR = Path(os.environ.get("TDB_CACHE_DIR", Path.home() / ".cache" / "tdb-agent"))
-
-
-class TopExamplesResult(BaseModel):
-    component: str
-    group: Literal["top", "random", "quantile"]
-    examples: list[Example] = Field(description="sorted by their maximum activation, largest first")
-    stats: ComponentStats
-    dataset: str
-
-
-def attach_dataset(bench, path: str | Path | None = None) -> ActivationDataset | None:
-    """Open `path` (or, for the bundled model, its shipped dataset) as `bench.dataset`.
-    A dataset built from another model or other SAEs is refused with a clear error (for an
-    explicit path) or skipped with a warning (the bundled default)."""
-    engine = bench.engine
-    if path is None:
-        if engine.name != "tdb-tiny" or not (BUNDLED_DATASET / "manifest.json").exists():
-            return None
-        try:
-            ds = ActivationDataset.open(BUNDLED_DATASET, engine)
-        except DatasetMismatch as e:
-            log.warning("bundled dataset not used: %s", e)
-            return None
-    else:
-        ds = ActivationDataset.open(path, engine)
-    bench.dataset = ds
-    return ds
-
-
-def top_examples_of(ds: ActivationDataset, component: str, k: int = 10, group: str = "top") -> TopExamplesResult:
-    ex = ds.examples(component, group, k=None)
-    ex.sort(key=lambda e: -max(e.activations, default=0.0))
-    return TopExamplesResult(component=parse_component(component).model_copy(update={"position": None}).id,
-                             group=group, examples=ex[:k], stats=ds.stats(component), dataset=ds.info())
 
 
 def register_sae_tools(mcp: MCPServer, bench, *, dataset: str | Path | None = None,

@@ -19,16 +19,15 @@ from tdb_agent import ops
 from tdb_agent.circuits.model import stream_order
 from tdb_agent.components import parse_component
 from tdb_agent.errors import TdbError
-from tdb_agent.ops.ablate import AblateResult
+from tdb_agent.ops.ablate import AblateResult, Mode
 from tdb_agent.ops.attention import AttentionPatternResult
 from tdb_agent.ops.attribute import AttributionResult
 from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList
-from tdb_agent.server.limits import LimitChecks
-from tdb_agent.server.running import run_tool
-from tdb_agent.server.sae_tools import TopExamplesResult, top_examples_of
+from tdb_agent.service.limits import LimitChecks
+from tdb_agent.service.running import run_tool
+from tdb_agent.service.examples import TopExamplesResult, top_examples_of
 from tdb_agent.workbench import ComponentPage, Limits, Workbench, component_page
 
-Mode = Literal["zero", "mean", "resample"]
 Kind = Literal["head", "neuron", "attn", "mlp", "emb", "sae"]
 
 
