@@ -24,12 +24,19 @@ def test_wheel_has_prompts_and_assets(tmp_path):
         assert f"tdb_agent/{rel}" in names, rel
     assert any(n.startswith("tdb_agent/prompts/investigations/") and n.endswith(".md") for n in names)
     assert any(n.startswith("tdb_agent/viewer/static/") for n in names), "the viewer's pages"
+    # unpacked (as pip installs it), the package reads its own copy of the prompts
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    out = subprocess.run([sys.executable, "-c", "import tdb_agent; print(tdb_agent.PROMPTS)"], cwd=tmp_path,
+                         env={"PYTHONPATH": str(site)}, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out) == site / "tdb_agent" / "prompts" and (Path(out) / "agent_system.md").is_file()
 
 
-def test_prompts_live_in_the_package():
+def test_prompts_are_the_top_level_folder_of_a_checkout():
     from tdb_agent import PROMPTS
     from tdb_agent.server.prompts import load_templates
 
-    assert PROMPTS.is_relative_to(Path(__import__("tdb_agent").__file__).parent)
+    assert PROMPTS == ROOT / "prompts"
+    assert not (ROOT / "tdb_agent" / "prompts").exists(), "one home for the prompts: prompts/"
     assert (PROMPTS / "agent_system.md").is_file()
     assert load_templates()

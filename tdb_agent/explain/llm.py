@@ -2,8 +2,8 @@
 
 Settings come from arguments or the environment: TDB_EXPLAINER_BASE_URL (else
 OPENAI_BASE_URL), TDB_EXPLAINER_MODEL (else TDB_AGENT_LLM_MODEL, else gpt-4o-mini) and
-TDB_EXPLAINER_API_KEY (else OPENAI_API_KEY). Prompt templates: tdb_agent/prompts/explain_component.md
-and tdb_agent/prompts/simulate_activations.md (Bills et al. 2023: activations shown on a 0-10 scale).
+TDB_EXPLAINER_API_KEY (else OPENAI_API_KEY). Prompt templates: prompts/explain_component.md
+and prompts/simulate_activations.md (Bills et al. 2023: activations shown on a 0-10 scale).
 """
 
 from __future__ import annotations

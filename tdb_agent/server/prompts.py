@@ -1,4 +1,4 @@
-"""MCP prompts from the investigation templates in `tdb_agent/prompts/investigations/*.md`.
+"""MCP prompts from the investigation templates in `prompts/investigations/*.md`.
 
 A template is markdown with a small header:
 
