@@ -1,4 +1,4 @@
-"""Component ids (DESIGN §3): the vocabulary every tool, graph and file shares.
+"""Component ids (docs/DESIGN.md §3): the vocabulary every tool, graph and file shares.
 
     EMB                 token (+ position) embedding
     L{l}.H{h}           attention head h of layer l (its write z·W_O)

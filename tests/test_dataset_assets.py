@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tdb_agent.datasets import ActivationDataset
-from tdb_agent.datasets.command import BUNDLED_DATASET
+from tdb_agent.datasets.store import BUNDLED_DATASET
 from tdb_agent.datasets.components import component_name
 from tdb_agent.engine.sae import attach_saes
 from tdb_agent.explain import Explainer, ExplainerLLM

@@ -14,7 +14,7 @@ from mcp import Client
 from tdb_agent import ops
 from tdb_agent.errors import Cancelled
 from tdb_agent.server import build_server
-from tdb_agent.server.running import INTERNAL
+from tdb_agent.service.running import INTERNAL
 from tdb_agent.workbench import Limits, Workbench
 from tests.test_server_tools import CALLS, C, P
 

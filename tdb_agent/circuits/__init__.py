@@ -1,4 +1,4 @@
-"""Circuit hypotheses (DESIGN §6): networkx graphs of components whose nodes and edges carry
+"""Circuit hypotheses (docs/DESIGN.md §6): networkx graphs of components whose nodes and edges carry
 their evidence, validated by ablation (faithfulness, necessity, pruning) and exported.
 
     g = new_circuit("ioi", behaviour=Behaviour(task="ioi", n=16), metric="logit_diff")

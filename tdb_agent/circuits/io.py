@@ -1,4 +1,4 @@
-"""Circuit files (DESIGN §6): node-link JSON (the native format, round-trips exactly),
+"""Circuit files (docs/DESIGN.md §6): node-link JSON (the native format, round-trips exactly),
 GraphML, Graphviz DOT, and the circuit-tracer / Neuronpedia graph JSON.
 
 GraphML and DOT cannot hold lists or dicts, so evidence, behaviour and validation are

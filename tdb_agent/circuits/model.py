@@ -1,6 +1,6 @@
 """The circuit hypothesis: a `networkx.DiGraph` whose every node and edge carries its evidence.
 
-Nodes are component ids (DESIGN §3, optionally `@t`); `LOGITS` is the sink. Attributes:
+Nodes are component ids (docs/DESIGN.md §3, optionally `@t`); `LOGITS` is the sink. Attributes:
 
     node   kind, layer, index, position, role, explanation, effect, necessity, evidence
     edge   weight, via (q | k | v | direct), evidence

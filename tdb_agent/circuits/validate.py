@@ -1,4 +1,4 @@
-"""Faithfulness (DESIGN §4) of a circuit and the necessity of each of its nodes.
+"""Faithfulness (docs/DESIGN.md §4) of a circuit and the necessity of each of its nodes.
 
 faithfulness f(C) = (m(C) − m(∅)) / (m(full) − m(∅)), each m the metric averaged over the
 behaviour's prompt pairs; m(C) ablates every component of the universe (see `universe`)

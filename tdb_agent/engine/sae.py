@@ -12,7 +12,7 @@ original does until a latent is changed:
 With f' = f the difference is exactly zero (same tensor, same ops), so logits are
 bit-identical; ablating latent i gives x - f_i W_dec[i] (its decoder contribution removed).
 
-Latents are components `L{l}.{resid|mlp|attn}.F{i}` (DESIGN §3); an SAE on
+Latents are components `L{l}.{resid|mlp|attn}.F{i}` (docs/DESIGN.md §3); an SAE on
 `blocks.{l+1}.hook_resid_pre` is the same tensor as `blocks.{l}.hook_resid_post` and is
 filed as `L{l}.resid`.
 """

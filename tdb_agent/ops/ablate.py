@@ -1,4 +1,4 @@
-"""Ablation, batched ablation sweeps and activation patching (DESIGN §4).
+"""Ablation, batched ablation sweeps and activation patching (docs/DESIGN.md §4).
 
 ablation effect = metric(ablated) − metric(clean), with `zero`, `mean` (mean over the
 reference set, see `runs.reference_means`) or `resample` (the activation on the corrupted

@@ -1,4 +1,4 @@
-"""Attribution of a metric to components: direct effect and act x grad (DESIGN §4).
+"""Attribution of a metric to components: direct effect and act x grad (docs/DESIGN.md §4).
 
 direct_effect: a component's write at the last position · g, where g = ∂metric/∂(final
 residual stream) with the final norm's scale frozen. For logit_diff this is exact: the

@@ -1,4 +1,4 @@
-"""Metrics (DESIGN §4): what a logit difference or a log-probability is, in one place.
+"""Metrics (docs/DESIGN.md §4): what a logit difference or a log-probability is, in one place.
 
 `logit_diff` = logit[target] - logit[distractor] at the last position (default when a
 distractor is given); `logprob` = log p(target) at the last position (default otherwise).

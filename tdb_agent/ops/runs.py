@@ -147,7 +147,7 @@ def reference_means(engine: Engine, sites: list[str], prompts: list[str] | None 
     """Mean activation per site over every token of a reference set (default: documents of
     the built-in synthetic corpus): shape [units..] without batch and position dims.
 
-    This is the `mean` of mean-ablation and of the act x grad reference (DESIGN §4). A site
+    This is the `mean` of mean-ablation and of the act x grad reference (docs/DESIGN.md §4). A site
     named twice is summed once (else its mean would be counted twice).
     """
     sites = list(dict.fromkeys(sites))

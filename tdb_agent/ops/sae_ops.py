@@ -2,7 +2,7 @@
 sweeps and upstream traces. The other ops modules call in here for components of kind
 `sae` (ids `L{l}.{resid|mlp|attn}.F{i}`); the SAEs are those attached to `engine.saes`.
 
-Conventions (DESIGN §4, applied to latents):
+Conventions (docs/DESIGN.md §4, applied to latents):
 * activation of a latent = its SAE's encoding of the site's clean activation;
 * ablating a latent changes the site by (f'_i − f_i) · W_dec[i] (the error term is kept);
   zero removes exactly its decoder contribution f_i · W_dec[i];

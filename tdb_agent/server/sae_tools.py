@@ -1,5 +1,5 @@
 """MCP tools over activation datasets and explanations: `top_examples` and
-`explain_component` (DESIGN §5), plus component-page sections (examples, stats,
+`explain_component` (docs/DESIGN.md §5), plus component-page sections (examples, stats,
 explanation). Wiring only: the numbers come from tdb_agent.datasets and tdb_agent.explain."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Word lists of the synthetic world the bundled model is trained on.
 
 Every word here is one token of the bundled word-level tokenizer, so names, years and
-fact attributes are single tokens (the metrics of DESIGN §4 need single-token targets).
+fact attributes are single tokens (the metrics of docs/DESIGN.md §4 need single-token targets).
 Made-up words are generated from syllables with a fixed seed, so the lists are the same
 on every machine.
 """
