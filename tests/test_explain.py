@@ -47,6 +47,14 @@ def test_heuristic_names_category_and_simulator():
     a, b = [0, 1, 0, 1, 2], [0.1, 0.9, 0.2, 1.1, 2.5]
     assert correlation(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
     assert correlation([1, 1, 1], b[:3]) == 0.0
+    # hand-computed Pearson values, independent of the implementation: for x=[1,2,3], y=[1,2,4]
+    # the deviations are [-1,0,1] and [-4/3,-1/3,5/3]: cov sum 3, sums of squares 2 and 14/3
+    assert correlation([1, 2, 3], [1, 2, 4]) == pytest.approx(3 / (2 * 14 / 3) ** 0.5)
+    assert correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert correlation([0, 2, 4, 6], [1, 2, 3, 4]) == pytest.approx(1.0)  # invariant to scale and shift
+    # edge cases the function defines: 0 when either side is constant or has fewer than two points
+    assert correlation([0.1, 0.9, 0.2], [2, 2, 2]) == 0.0
+    assert correlation([5], [3]) == 0.0
 
 
 @pytest.fixture(scope="module")
