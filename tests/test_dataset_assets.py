@@ -2,13 +2,13 @@
 
 import json
 import random
-import time
 
 import pytest
 import torch
 
 from tdb_agent.datasets import ActivationDataset
 from tdb_agent.datasets.store import BUNDLED_DATASET
+from tests.test_datasets import _no_io
 from tdb_agent.datasets.components import component_name
 from tdb_agent.engine.sae import attach_saes
 from tdb_agent.explain import Explainer, ExplainerLLM
@@ -35,7 +35,7 @@ def ds(eng):
     return ActivationDataset.open(BUNDLED_DATASET, eng)
 
 
-def test_dataset_covers_every_component_over_held_out_text(eng, ds):
+def test_dataset_covers_every_component_over_held_out_text(eng, ds, monkeypatch):
     m = ds.manifest
     assert m["n_tokens"] >= 200_000
     assert m["n_components"] == eng.spec.n_layers * (eng.spec.d_mlp + eng.spec.n_heads) + sum(
@@ -44,10 +44,13 @@ def test_dataset_covers_every_component_over_held_out_text(eng, ds):
     for cid in ("L0.N5", "L3.H7", "L2.resid.F100"):
         ex = ds.examples(cid)
         assert len(ex) >= 20 and all(len(e.tokens) == len(e.activations) for e in ex)
-        t0 = time.perf_counter()
-        ds.examples(cid)
-        ds.stats(cid)
-        assert time.perf_counter() - t0 < 0.010
+        # a repeated query is answered from the arrays loaded at open and the cached vocabulary: no
+        # file is opened and no token decoded (wall-clock speed: tools/bench_dataset.py)
+        with monkeypatch.context() as m:
+            _no_io(m, ds)
+            again = ds.examples(cid)
+            ds.stats(cid)
+        assert again == ex
 
 
 def test_shipped_explanations_match_live_ones(eng, ds):

@@ -4,10 +4,8 @@ resuming a run killed midway."""
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -37,30 +35,49 @@ def _discover_cmd(*args):
     return [sys.executable, "-m", "tdb_agent.cli", "discover", *args]
 
 
+def _interrupt(out, keep_after: str = "circuit_add") -> int:
+    """Turn a finished run folder into one killed midway, deterministically: the transcript is cut
+    in the middle of its successful `keep_after` calls (at a line boundary: a line half-written by
+    a kill is not survivable yet, see RunStore.append), and the final outputs are removed. Returns
+    the number of events kept."""
+    lines = (out / "transcript.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    events = [json.loads(line) for line in lines]
+    adds = [i for i, e in enumerate(events) if e["kind"] == "tool_call" and e["tool"] == keep_after
+            and not e.get("is_error") and not e.get("error")]
+    assert adds, f"the run made no {keep_after} call to cut after"
+    cut = adds[len(adds) // 2] + 1
+    assert cut < len(events), "the cut must leave work for the resumed run"
+    (out / "transcript.jsonl").write_text("".join(lines[:cut]), encoding="utf-8")
+    for name in ("report.md", "graph.svg", "graph.html"):
+        (out / name).unlink(missing_ok=True)
+    return cut
+
+
 def test_a_killed_run_resumes(tiny_dirs, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_discover_cmd("--task", "ioi", "--model", str(tiny_dirs["gpt2"]), "--out", str(out)),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    graph_file = out / "graph.json"
-    deadline = time.time() + 120
-    while not graph_file.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    if proc.poll() is not None:
-        pytest.skip("the run finished before it could be killed")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = json.loads(graph_file.read_text())
-    n_events = len(RunStore(out).events())
+    cfg = RunConfig(task="ioi", planner="scripted", model=str(tiny_dirs["gpt2"]))
+    asyncio.run(discover.run(cfg, out, echo=lambda m: None))
+    # the state a kill midway leaves, built explicitly (not by racing a kill against the run)
+    n_events = _interrupt(out)
+    kept = RunStore(out).events()
+    assert len(kept) == n_events
+    before_nodes = set()
+    for e in kept:  # what had been checkpointed into the circuit before the "kill"
+        if e["kind"] == "tool_call" and not e.get("is_error"):
+            if e["tool"] == "circuit_add":
+                before_nodes |= {n if isinstance(n, str) else n["id"] for n in e["arguments"].get("nodes", [])}
+            elif e["tool"] == "circuit_remove":
+                before_nodes -= set(e["arguments"].get("nodes", []))
+    assert before_nodes
     assert not (out / "report.md").exists()
 
     done = subprocess.run(_discover_cmd("--resume", str(out)), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)
-    after = json.loads(graph_file.read_text())
+    after = json.loads((out / "graph.json").read_text())
     assert (out / "report.md").exists() and (out / "graph.svg").exists()
     # everything checkpointed before the kill is in the final graph (pruning aside, which is recorded)
-    before_nodes = {n["id"] for n in before["nodes"]}
     after_nodes = {n["id"] for n in after["nodes"]}
     pruned = set()
     for e in RunStore(out).events():
@@ -69,6 +86,45 @@ def test_a_killed_run_resumes(tiny_dirs, tmp_path):
     assert before_nodes - pruned <= after_nodes
     assert len(RunStore(out).events()) > n_events
     assert summary["circuit"] == "ioi"
+
+
+def test_resuming_an_llm_run_does_not_duplicate_evidence(tiny_dirs, tmp_path):
+    """A resumed LLM-planner run must not re-apply the transcript's circuit edits on top of the
+    circuits the server reloads from the run's workspace (that would append every node's
+    evidence a second time)."""
+    from tdb_agent.agent.llm import LLMSettings
+    from tests.fake_openai import FakeOpenAI, text_response, tool_call_response
+
+    evidence = [{"tool": "attribute", "args": {"prompt": "p"}, "value": 1.5},
+                {"tool": "ablate", "args": {"prompt": "p"}, "value": 0.7}]
+    script = [
+        tool_call_response([("circuit_create", json.dumps({"name": "ioi", "task": "ioi", "n_pairs": 2}))]),
+        tool_call_response([("circuit_add", json.dumps({"name": "ioi", "nodes": [
+            {"id": "L1.H2", "role": "mover", "evidence": evidence}],
+            "edges": [{"source": "L1.H2", "target": "LOGITS"}]}))]),
+        text_response("Circuit: L1.H2 -> LOGITS."),
+    ]
+    out = tmp_path / "run"
+    cfg = RunConfig(task="ioi", planner="llm", model=str(tiny_dirs["gpt2"]), max_steps=10)
+
+    def node_evidence():
+        graph = json.loads((out / "graph.json").read_text())
+        return [n.get("evidence", []) for n in graph["nodes"] if n["id"] == "L1.H2"][0]
+
+    with FakeOpenAI(script) as fake:
+        asyncio.run(discover.run(cfg, out, llm=LLMSettings(base_url=fake.url, model="m", api_key="x"),
+                                 echo=lambda m: None))
+    before = node_evidence()
+    assert len(before) == len(evidence)
+    assert (out / "workspace" / "circuits" / "ioi.json").exists()
+
+    with FakeOpenAI([text_response("Still L1.H2 -> LOGITS.")]) as fake:
+        summary = asyncio.run(discover.run(cfg, out, llm=LLMSettings(base_url=fake.url, model="m", api_key="x"),
+                                           echo=lambda m: None))
+    assert summary.nodes == ["L1.H2"]
+    after = node_evidence()
+    assert len(after) == len(before), after
+    assert after == before
 
 
 @pytest.mark.parametrize("task", ["ioi", "induction"])

@@ -134,10 +134,14 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
 
 
 async def _restore_circuits(client, store: RunStore) -> None:
-    """After a restart, replay the circuit edits of the transcript into the fresh server."""
+    """After a restart, replay the circuit edits of the transcript into the fresh server, for the
+    circuits it does not have yet: those it reloaded from the run's workspace are already up to
+    date (every edit is saved there), and replaying onto them would append evidence again."""
+    r = await client.call_tool("circuit_list", {})
+    have = set() if r.is_error else {c["name"] for c in r.structured_content["circuits"]}
     for e in store.events():
         if e["kind"] == "tool_call" and e.get("tool") in ("circuit_create", "circuit_add", "circuit_remove") \
-                and not e.get("is_error") and not e.get("error"):
+                and not e.get("is_error") and not e.get("error") and e["arguments"].get("name") not in have:
             await client.call_tool(e["tool"], e["arguments"])
 
 
