@@ -81,12 +81,12 @@ class Toolbox:
         resumed run may answer it from the transcript instead of calling it again."""
         return await read_only(self.client, name, await self._tools())
 
+    def note(self, text: str, **data: Any) -> None:
+        self.store.append("note", text=text, **data)
+
 
 async def read_only(client, name: str, tools: dict | None = None) -> bool:
     """A tool's read-only annotation (False for a tool that does not say, or is unknown)."""
     tools = tools if tools is not None else {t.name: t for t in (await client.list_tools()).tools}
     ann = getattr(tools.get(name), "annotations", None)
     return bool(getattr(ann, "read_only_hint", False))
-
-    def note(self, text: str, **data: Any) -> None:
-        self.store.append("note", text=text, **data)
