@@ -29,12 +29,14 @@ from tdb_agent.ops.attribute import AttributionResult
 from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList, TokenizeResult
 from tdb_agent.ops.steer import SteerResult
 from tdb_agent.ops.trace import TraceResult
-from tdb_agent.server.annotations import READ_ONLY
+from tdb_agent.service.annotations import READ_ONLY
 from tdb_agent.server.circuit_tools import register_circuit_tools
 from tdb_agent.server.guard import UnknownArgumentGuard
 from tdb_agent.server.prompts import PROMPTS_DIR, register_prompts
 from tdb_agent.server.resources import register_resources
 from tdb_agent.server.sae_tools import register_sae_tools
+from tdb_agent.server.tools import add_tools
+from tdb_agent.service.model_tools import TOOLS as MODEL_TOOLS
 from tdb_agent.service.examples import attach_dataset
 from tdb_agent.service.limits import LimitChecks
 from tdb_agent.service.running import run_long_tool, run_tool
@@ -105,62 +107,11 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
         return run_tool(bench, "tokenize", go)
 
     @mcp.tool(annotations=READ_ONLY)
-    def predict(
-        prompt: Prompt,
-        top_k: Annotated[int, Field(ge=1, description="how many top next tokens to list (at most "
-                                    f"max_top_k={lim.max_top_k})")] = k10,
-        target: Annotated[str | None, Field(description="a single token whose probability to report",
-                                            max_length=200)] = None,
-        distractor: Distractor = None,
-    ) -> PredictResult:
-        """What does the model predict next? Top next tokens with probabilities and logits; with
-        a target (and optional distractor), the metric the other tools explain (logit_diff, or
-        log-prob without a distractor). Example: predict(prompt="When Mary and John went to the
-        store , John gave a drink to", target="Mary", distractor="John")"""
-        def go():
-            check.text(prompt)
-            check.top_k(top_k)
-            return ops.predict(engine, prompt, top_k=top_k, target=target, distractor=distractor)
-        return run_tool(bench, "predict", go)
-
-    @mcp.tool(annotations=READ_ONLY)
     def list_tasks() -> TaskList:
         """The built-in behaviour tasks (ioi, induction, greater_than, facts), each with a
         description and example prompt pairs (prompt, corrupted_prompt, target, distractor)
         ready to pass to predict/attribute/ablate/patch. Example: list_tasks()"""
         return run_tool(bench, "list_tasks", ops.list_tasks)
-
-    @mcp.tool(annotations=READ_ONLY)
-    def attribute(
-        prompt: Prompt,
-        target: Target,
-        distractor: Distractor = None,
-        method: Annotated[Literal["direct_effect", "act_times_grad"], Field(
-            description="direct_effect: each component's write at the last position times the metric's "
-                        "gradient there (exact, sums to the metric); act_times_grad: (activation - reference) "
-                        "x gradient, includes indirect paths")] = "direct_effect",
-        corrupted_prompt: Corrupted = None,
-        reference: Annotated[Literal["zero", "mean", "corrupted"] | None, Field(
-            description="act_times_grad reference activation (default: corrupted if a corrupted_prompt is "
-                        "given, else zero)")] = None,
-        kinds: Annotated[list[Literal["head", "neuron", "attn", "mlp", "emb", "sae"]] | None, Field(
-            description="component kinds to rank (default head and neuron; sae = latents of the loaded SAEs)",
-            max_length=6)] = None,
-        top_k: TopK = k20,
-        per_position: Annotated[bool, Field(description="split act_times_grad effects by token position")] = False,
-    ) -> AttributionResult:
-        """Why does the model prefer target over distractor? Ranks heads, neurons and blocks by
-        their contribution to the metric. Rows carry id, kind, effect and share; the totals and
-        the named remainder (biases) add up to the metric. Example: attribute(prompt="When Mary
-        and John went to the store , John gave a drink to", target="Mary", distractor="John")"""
-        def go():
-            check.text(prompt)
-            check.text(corrupted_prompt, field="corrupted_prompt")
-            check.top_k(top_k)
-            return ops.attribute(engine, prompt, target, distractor, method=method, corrupted_prompt=corrupted_prompt,
-                                 reference=reference, kinds=kinds, top_k=top_k, per_position=per_position,
-                                 cache=cache)
-        return run_tool(bench, "attribute", go)
 
     @mcp.tool(annotations=READ_ONLY)
     def ablate(
@@ -303,6 +254,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
             return ops.steer(engine, prompt, component, scale=scale, max_new_tokens=max_new_tokens, cache=cache)
         return run_tool(bench, "steer", go)
 
+    add_tools(mcp, bench, MODEL_TOOLS)
     register_circuit_tools(mcp, bench)
     if attach_dataset(bench) if getattr(bench, "dataset", None) is None else bench.dataset:
         # top_examples / explain_component: only where there is a dataset to answer from

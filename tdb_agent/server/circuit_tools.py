@@ -20,7 +20,7 @@ from tdb_agent.circuits.evaluate import AblationMode
 from tdb_agent.circuits.store import CircuitStore, check_name
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.metrics import make_metric
-from tdb_agent.server.annotations import DESTRUCTIVE, EDITS, READ_ONLY, WRITES_RESULT
+from tdb_agent.service.annotations import DESTRUCTIVE, EDITS, READ_ONLY, WRITES_RESULT
 from tdb_agent.service.running import run_long_tool, run_tool
 from tdb_agent.workbench import Workbench
 

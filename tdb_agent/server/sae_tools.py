@@ -16,7 +16,7 @@ from pydantic import Field
 from tdb_agent.datasets.store import ActivationDataset
 from tdb_agent.errors import TdbError
 from tdb_agent.explain import Explainer, ExplainerLLM, Explanation
-from tdb_agent.server.annotations import READ_ONLY
+from tdb_agent.service.annotations import READ_ONLY
 from tdb_agent.service.examples import (
     TopExamplesResult,
     attach_dataset,

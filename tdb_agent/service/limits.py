@@ -54,3 +54,13 @@ class LimitChecks:
     def new_tokens(self, n: int) -> None:
         if n > self.limits.max_new_tokens:
             raise _exceeded(f"max_new_tokens={n}", "max_new_tokens", n, self.limits)
+
+    def at_most(self, limit: str, value: int, field: str) -> None:
+        """A number at most the named limit (what `service.tool.AtMost` marks)."""
+        if value > getattr(self.limits, limit):
+            raise _exceeded(f"{field}={value}", limit, value, self.limits)
+
+    def items(self, limit: str, n: int, field: str) -> None:
+        """A list of at most the named limit of items (what `service.tool.AtMostItems` marks)."""
+        if n > getattr(self.limits, limit):
+            raise _exceeded(f"{n} {field}", limit, n, self.limits)
