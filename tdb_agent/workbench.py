@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.engine import Engine
+from tdb_agent.engine.transcoder import tc_sizes
 from tdb_agent.ops.runs import RunCache
 from tdb_agent.ops.weights import WeightStats, weight_stats
 
@@ -97,7 +98,7 @@ class ComponentPage(BaseModel):
 
 def sae_sizes(bench: Workbench) -> dict[tuple[int, str], int]:
     saes = getattr(bench.engine, "saes", None)
-    return saes.sizes() if saes is not None else {}
+    return (saes.sizes() if saes is not None else {}) | tc_sizes(bench.engine)
 
 
 def component_page(bench: Workbench, text: str) -> ComponentPage:

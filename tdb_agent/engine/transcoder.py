@@ -323,6 +323,13 @@ def load_transcoders(paths, read_site: str | None = None) -> TranscoderSet:
     return TranscoderSet(layers, sites.pop(), source=",".join(str(p) for p in paths))
 
 
+def tc_sizes(engine) -> dict[tuple[int, str], int]:
+    """{(layer, "tc"): feature count}: merged into the SAE sizes that component ids are
+    range-checked against (components.TC_SITE)."""
+    tcs = getattr(engine, "transcoders", None)
+    return {} if tcs is None else {(l, "tc"): n for l, n in tcs.sizes().items()}
+
+
 BUNDLED_TRANSCODERS = Path(__file__).resolve().parent.parent / "assets" / "transcoders"
 
 

@@ -10,7 +10,7 @@ from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.runs import RunCache, get_mean
-from tdb_agent.ops import sae_ops
+from tdb_agent.ops import sae_ops, transcoder_ops
 
 
 class SteerResult(BaseModel):
@@ -28,6 +28,8 @@ def steering_vector(engine: Engine, component: str, cache: RunCache | None = Non
     c = parse_component(component, engine.spec, sae_sizes=sae_ops.sae_sizes(engine))
     if c.kind == "sae":  # a latent's decoder row at its SAE's site
         return sae_ops.steering_vector(engine, c)
+    if c.kind == "transcoder":  # a feature's decoder row into its layer's MLP output
+        return transcoder_ops.steering_vector(engine, c)
     if c.kind == "neuron":
         return f"blocks.{c.layer}.hook_mlp_out", engine.adapter.W_out(c.layer)[c.index]
     if c.kind == "head":
