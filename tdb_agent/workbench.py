@@ -49,6 +49,7 @@ class Workbench:
         self.cache = RunCache(engine, max_runs=self.limits.cached_runs)
         # named circuit hypotheses (networkx DiGraphs, tdb_agent.circuits), saved under workspace/circuits
         self.circuits: dict[str, Any] = {}
+        self.graphs: dict[str, Any] = {}  # attribution graphs by name (tdb_agent.ops.graph), kept in memory
         self.workspace: Path = Path(workspace if workspace is not None
                                     else os.environ.get("TDB_WORKSPACE", "tdb-workspace")).resolve()
         self.page_sections: dict[str, PageSection] = {}

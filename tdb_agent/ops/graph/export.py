@@ -16,6 +16,7 @@ import torch
 
 from tdb_agent.ops.graph.build import AttributionGraph
 from tdb_agent.ops.graph.influence import Pruned, SquareGraph
+from tdb_agent.ops.graph.query import col_tid
 
 FORMAT = "tdb-attribution-graph/1"
 NODE_FIELDS = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "jsNodeId": str,
@@ -43,21 +44,21 @@ def node_info(graph: AttributionGraph, sq: SquareGraph, k: int) -> dict[str, Any
     if col < src.n_feat:
         l, p, i = src.feat[col].tolist()
         kind = "tc" if graph.mode == "transcoders" else "resid"
-        tid = f"L{l}.{kind}.F{i}@{p}"
+        tid = col_tid(graph, col)
         return base | {"node_id": f"{l}_{i}_{p}", "feature": i, "layer": str(l), "ctx_idx": p,
                        "feature_type": "cross layer transcoder" if kind == "tc" else "sae latent", "clerp": tid,
                        "tdb_id": tid, "activation": float(src.feat_act[col])}
     if col < src.n_feat + src.n_err:
         site, l = src.err_keys[(col - src.n_feat) // src.n_pos]
         p = (col - src.n_feat) % src.n_pos
-        tid = f"ERR.L{l}.{site}@{p}"
+        tid = col_tid(graph, col)
         return base | {"node_id": f"{l}_{-1 if site == 'mlp' else -2}_{p}", "feature": -1 if site == "mlp" else -2,
                        "layer": str(l), "ctx_idx": p, "clerp": tid, "tdb_id": tid, "activation": None,
                        "feature_type": "mlp reconstruction error" if site == "mlp" else "sae reconstruction error"}
     p = col - src.n_feat - src.n_err
     return base | {"node_id": f"E_{int(graph.rep.clean.ids[0, p]) if graph.rep else p}_{p}", "feature": p,
                    "layer": "E", "ctx_idx": p, "feature_type": "embedding", "clerp": f"token {graph.tokens[p]!r}",
-                   "tdb_id": f"EMB@{p}", "activation": None}
+                   "tdb_id": col_tid(graph, col), "activation": None}
 
 
 def to_json(graph: AttributionGraph, sq: SquareGraph, pruned: Pruned | None = None, slug: str = "graph",
