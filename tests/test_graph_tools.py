@@ -16,7 +16,7 @@ from tdb_agent.workbench import Workbench
 from tests.test_graph import attached, random_transcoders
 from tests.test_server_tools import P
 
-GRAPH_TOOLS = {"attribution_graph", "graph_edge_heads", "graph_qk", "graph_export"}
+GRAPH_TOOLS = {"attribution_graph", "graph_edge_heads", "graph_qk", "graph_export", "graph_intervene"}
 
 
 def test_graph_tools_over_mcp(tiny_engines, tmp_path):
@@ -58,6 +58,11 @@ def test_graph_tools_over_mcp(tiny_engines, tmp_path):
             assert not x.is_error and x.structured_content["problems"] == []
             data = json.loads(open(x.structured_content["path"]).read())
             assert validate(data) == [] and len(data["nodes"]) == x.structured_content["nodes"]
+            feats = [n["id"] for n in g["top_nodes"] if ".tc.F" in n["id"]][:2]
+            iv = await c.call_tool("graph_intervene", {"name": "ioi", "nodes": feats})
+            assert not iv.is_error, iv.content
+            jsonschema.validate(iv.structured_content, tools["graph_intervene"].output_schema)
+            assert iv.structured_content["nodes"] == feats and iv.structured_content["measured"] != 0
             bad = await c.call_tool("graph_qk", {"name": "nope", "head": "L1.H2", "query": 3, "key": 2})
             assert bad.is_error and "no attribution graph named 'nope'" in bad.content[0].text
             bad = await c.call_tool("graph_edge_heads", {"name": "ioi", "source": "L9.tc.F1@2"})

@@ -14,6 +14,7 @@ from tdb_agent.ops.graph import GraphTarget, build_graph
 from tdb_agent.ops.graph.export import to_json, validate
 from tdb_agent.ops.graph.heads import head_split, qk_decompose, qk_pairs
 from tdb_agent.ops.graph.influence import prune, scores, square
+from tdb_agent.ops.graph.intervene import InterventionCheck, check
 from tdb_agent.ops.graph.query import col_tid, find_col, find_row, row_tid, strongest_paths
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
 from tdb_agent.service.fields import Distractor, Prompt, TopK
@@ -242,11 +243,28 @@ def graph_export(bench: Workbench, args: ExportArgs, job: Job) -> ExportResult:
     return ExportResult(path=str(out), nodes=len(data["nodes"]), links=len(data["links"]), problems=validate(data))
 
 
+class InterveneArgs(ToolArgs):
+    name: GraphName
+    nodes: Annotated[list[NodeId], Field(min_length=1, max_length=256, description="feature nodes to zero")]
+    target: NodeId = "LOGIT"
+
+
+def graph_intervene(bench: Workbench, args: InterveneArgs, job: Job) -> InterventionCheck:
+    """Does the graph's account hold in the real model? Zeroes the given feature nodes in the
+    model with its transcoders (or SAEs) spliced, error terms kept, with attention patterns
+    frozen and free, and compares the measured change of the target with the graph's
+    predictions (direct edges only, and propagated through the graph). Example:
+    graph_intervene(name="ioi", nodes=["L1.tc.F7@14", "L2.tc.F30@14"])"""
+    g = _graph(bench, args.name)
+    return check(g, [find_col(g, n) for n in args.nodes], find_row(g, args.target))
+
+
 TOOLS: list[Tool] = [
     Tool("attribution_graph", GraphArgs, attribution_graph, WRITES_RESULT, long=True),
     Tool("graph_edge_heads", EdgeHeadsArgs, graph_edge_heads, READ_ONLY, long=True),
     Tool("graph_qk", QKArgs, graph_qk, READ_ONLY),
     Tool("graph_export", ExportArgs, graph_export, WRITES_RESULT),
+    Tool("graph_intervene", InterveneArgs, graph_intervene, READ_ONLY),
 ]
 
 
