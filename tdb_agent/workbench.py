@@ -81,6 +81,7 @@ RELATED_TOOLS = {
     "mlp": ["ablate", "patch"],
     "emb": ["ablate", "patch"],
     "sae": ["ablate", "patch"],
+    "transcoder": ["ablate", "steer", "attribution_graph"],
     "logits": ["predict", "attribute"],
 }
 

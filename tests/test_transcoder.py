@@ -166,3 +166,16 @@ def test_ablate_and_steer_features_against_plain_hooks(tiny_engines):
         assert site == "blocks.1.hook_mlp_out" and torch.equal(vec, tc.W_dec[i, 0])
     with pytest.raises(TdbError, match="transcoder"):
         ablate(e, PROMPT, ["L1.tc.F0"], "dog", "cat")
+
+
+def test_feature_component_page(tiny_engines):
+    from tdb_agent.workbench import Workbench, component_page
+
+    e = tiny_engines["gpt2"]
+    with attached(e, random_transcoders(e, n=16)):
+        page = component_page(Workbench(e), "L1.tc.F3")
+        assert page.kind == "transcoder" and page.hook_site == "blocks.1.hook_mlp_out[3]"
+        dec = page.weights[0]
+        assert dec.matrix == "W_dec[L1.tc.F3] [32]" and dec.norm == pytest.approx(
+            float(e.transcoders.layers[1].W_dec[3, 0].norm()), rel=1e-5)
+        assert "attribution_graph" in page.related_tools
