@@ -180,3 +180,21 @@ def test_head_split_and_qk_decomposition(tiny_engines, family):
         hand_score = float(full["q"][L][qpos, h] @ full["k"][L][kpos, kv]) * ref.dh ** -0.5
         assert abs(float(P.sum()) - hand_score) < 1e-4 and abs(score - hand_score) < 1e-4
         assert abs(top[0].contribution) == pytest.approx(float(P.abs().max()), rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_intervention_on_a_last_layer_feature_is_exact(tiny_engines, family):
+    """Zeroing a last-layer feature at the last position in the real model (spliced, attention
+    and norms frozen) moves the target by minus its edge: nothing nonlinear lies between."""
+    from tdb_agent.ops.graph.intervene import check
+
+    e = tiny_engines[family]
+    with attached(e, random_transcoders(e, seed=2)):
+        g = build_graph(e, PROMPT, GraphTarget(kind="logit_diff", token="dog", distractor="cat"))
+        row, last, L = len(g.rows), g.n_pos - 1, e.spec.n_layers - 1
+        cols = [c for c in range(g.src.n_feat) if g.src.feat[c, 0] == L and g.src.feat[c, 1] == last]
+        col = max(cols, key=lambda c: abs(float(g.adjacency[row, c])))
+        r = check(g, [col])
+        assert abs(r.predicted_direct) > 1e-2
+        assert r.measured_frozen == pytest.approx(r.predicted_direct, abs=1e-4)
+        assert r.predicted_total == pytest.approx(r.predicted_direct, abs=1e-6)

@@ -7,7 +7,7 @@ predicts the MLP output (`blocks.{l}.hook_mlp_out`): TopK features plus a linear
 term, f = topk(x W_enc + b_enc), y ~ f W_dec + b_dec + x W_skip. One model pass feeds every
 layer's transcoder. Inputs and outputs are divided by per-layer scales during training,
 folded back into the weights on export. Features that have not fired for `--dead-window`
-tokens are pointed at the worst-reconstructed outputs (first 75% of training). Position 0
+tokens are pointed at the worst-reconstructed outputs (first `--resample-until` of training). Position 0
 (BOS) is left out.
 
 Checkpoints to `--ckpt` every `--ckpt-every` steps and resumes from it. At the end it
@@ -142,7 +142,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=600_000)
     ap.add_argument("--docs-per-batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--dead-window", type=int, default=100_000)
+    ap.add_argument("--dead-window", type=int, default=50_000)
+    ap.add_argument("--resample-until", type=float, default=0.9, help="resample dead features during this share "
+                    "of training")
     ap.add_argument("--eval-tokens", type=int, default=50_000)
     ap.add_argument("--ckpt", default="/tmp/train_transcoders.ckpt.pt")
     ap.add_argument("--ckpt-every", type=int, default=25)
@@ -196,7 +198,7 @@ def main() -> None:
             fired = (f != 0).any(0)
             since[l] = torch.where(fired, torch.zeros_like(since[l]), since[l] + x.shape[0])
             dead = since[l] >= args.dead_window
-            if seen < 0.75 * args.tokens and step % 25 == 0 and dead.any():
+            if seen < args.resample_until * args.tokens and step % 25 == 0 and dead.any():
                 t.resample(dead, x, y, opt, gen)
                 since[l][dead] = 0
             msg.append(f"L{l} fvu {loss.item():.3f} dead {int(dead.sum())}")

@@ -252,7 +252,7 @@ class InterveneArgs(ToolArgs):
 def graph_intervene(bench: Workbench, args: InterveneArgs, job: Job) -> InterventionCheck:
     """Does the graph's account hold in the real model? Zeroes the given feature nodes in the
     model with its transcoders (or SAEs) spliced, error terms kept, with attention patterns
-    frozen and free, and compares the measured change of the target with the graph's
+    and norm scales frozen (as in the graph) and free, and compares the measured change of the target with the graph's
     predictions (direct edges only, and propagated through the graph). Example:
     graph_intervene(name="ioi", nodes=["L1.tc.F7@14", "L2.tc.F30@14"])"""
     g = _graph(bench, args.name)

@@ -6,8 +6,11 @@ Predictions (the graph is linear in the frozen model):
 * total: the change propagated through the expanded features' rows, each responding
   linearly to its pre-activation (slope 1 while active, the first-order response of ReLU,
   JumpReLU and TopK), errors and embeddings fixed.
-Measurements: the model with its dictionaries spliced (error terms kept) and the features
-set to zero, with attention patterns frozen at their clean values or free.
+Measurements: the model with its dictionaries spliced (error terms kept: downstream MLPs are
+the real ones) and the features set to zero, either frozen (attention patterns and norm
+scales at their clean values, as in the graph) or free. Frozen, a feature whose only path to
+the target is the residual stream (the last layer, the last position) moves the target by
+exactly its predicted direct effect; the rest of the gap is the response of the real MLPs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from tdb_agent.components import Component
 from tdb_agent.errors import TdbError
 from tdb_agent.ops import sae_ops, transcoder_ops
 from tdb_agent.ops.graph.build import AttributionGraph
+from tdb_agent.ops.graph.frozen import frozen_norm, module_hooks, norm_modules
 from tdb_agent.ops.graph.query import col_tid
 
 
@@ -27,7 +31,7 @@ class InterventionCheck(BaseModel):
     target: str
     predicted_direct: float = Field(description="minus the nodes' direct edges into the target")
     predicted_total: float = Field(description="the change propagated linearly through the graph")
-    measured_frozen_attention: float = Field(description="real model, attention patterns frozen")
+    measured_frozen: float = Field(description="real model, attention patterns and norm scales frozen")
     measured: float = Field(description="real model, attention free")
 
 
@@ -64,7 +68,7 @@ def _components(graph: AttributionGraph, cols: list[int]) -> list[Component]:
 
 
 @torch.no_grad()
-def measure(graph: AttributionGraph, cols: list[int], row: int, freeze_attention: bool) -> float:
+def measure(graph: AttributionGraph, cols: list[int], row: int, freeze: bool) -> float:
     """Target after - target before, the features zeroed in the spliced real model."""
     rep = graph.rep
     e = rep.engine
@@ -73,10 +77,14 @@ def measure(graph: AttributionGraph, cols: list[int], row: int, freeze_attention
     ln = graph.logits[row - len(graph.rows)]
 
     def value(hooks):
-        if freeze_attention:
+        norms = []
+        if freeze:
             for l, pat in rep.clean.patterns.items():
                 hooks.setdefault(f"blocks.{l}.attn.hook_pattern", []).append(lambda x, s, pat=pat: pat)
-        logits = e.forward(rep.clean.ids, hooks=hooks, logit_positions=[-1], logit_ids=ids).logits[0, -1]
+            norms = [(m, lambda mod, a, out, k=k: frozen_norm(e, mod, a[0], rep.clean.scales[k]))
+                     for k, m in norm_modules(e).items()]
+        with module_hooks(norms):
+            logits = e.forward(rep.clean.ids, hooks=hooks, logit_positions=[-1], logit_ids=ids).logits[0, -1]
         return float(sum(cf * logits[ids.index(t)] for t, cf in zip(ln.token_ids, ln.coef)))
 
     if graph.mode == "transcoders":
@@ -100,5 +108,5 @@ def check(graph: AttributionGraph, cols: list[int], row: int | None = None) -> I
         frozen = measure(graph, cols, row, True)
         free = measure(graph, cols, row, False)
     return InterventionCheck(nodes=[col_tid(graph, c) for c in cols], target=graph.logits[row - len(graph.rows)].label,
-                             predicted_direct=direct, predicted_total=total, measured_frozen_attention=frozen,
+                             predicted_direct=direct, predicted_total=total, measured_frozen=frozen,
                              measured=free)
