@@ -1,0 +1,185 @@
+"""GPT-style families: GPT-2, GPT-NeoX (Pythia), GPT-J and Falcon (docs/DESIGN.md §4).
+
+GPT-J and Falcon (parallel_attn) run attention and MLP side by side on one normalised
+input: residual + attn(ln(x)) + mlp(ln(x)); their `ln2` is that same norm.
+"""
+
+from __future__ import annotations
+
+from tdb_agent.engine.families.base import Adapter
+
+
+class GPT2Adapter(Adapter):
+    family = "gpt2"
+
+    def blocks(self):
+        return list(self.base.h)
+
+    def attn(self, layer):
+        return self.base.h[layer].attn
+
+    def ln1(self, layer):
+        return self.base.h[layer].ln_1
+
+    def ln2(self, layer):
+        return self.base.h[layer].ln_2
+
+    def final_norm(self):
+        return self.base.ln_f
+
+    def embed_modules(self):
+        return {"hook_embed": self.base.wte, "hook_pos_embed": self.base.wpe}
+
+    def mlp_act(self, layer):
+        return self.mlp(layer).act
+
+    def mlp_out_proj(self, layer):
+        return self.mlp(layer).c_proj
+
+    def attn_out_proj(self, layer):
+        return self.attn(layer).c_proj
+
+    def embed(self, ids, position_ids):
+        return self.base.wte(ids) + self.base.wpe(position_ids)
+
+    def block_kwargs(self, hidden, position_ids):
+        return {}
+
+    # Conv1D stores weights as [in, out]
+    def W_O(self, layer):
+        w = self._p(self.attn_out_proj(layer))  # [h*dh, d]
+        return w.reshape(self.config.num_attention_heads, -1, w.shape[-1])
+
+    def W_out(self, layer):
+        return self._p(self.mlp_out_proj(layer))  # [d_mlp, d]
+
+
+class NeoXAdapter(Adapter):
+    family = "gpt_neox"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.parallel_residual = bool(model.config.use_parallel_residual)
+
+    def attn(self, layer):
+        return self.block(layer).attention
+
+    def final_norm(self):
+        return self.base.final_layer_norm
+
+    def embed_modules(self):
+        return {"hook_embed": self.base.embed_in}
+
+    def mlp_act(self, layer):
+        return self.mlp(layer).act
+
+    def mlp_out_proj(self, layer):
+        return self.mlp(layer).dense_4h_to_h
+
+    def attn_out_proj(self, layer):
+        return self.attn(layer).dense
+
+    def embed(self, ids, position_ids):
+        return self.base.embed_in(ids)
+
+
+class GPTJAdapter(Adapter):
+    """GPT-J: parallel attention and MLP on one LayerNorm, rotary on the first rotary_dim."""
+
+    family = "gptj"
+    parallel_residual = True
+
+    def blocks(self):
+        return list(self.base.h)
+
+    def attn(self, layer):
+        return self.block(layer).attn
+
+    def ln1(self, layer):
+        return self.block(layer).ln_1
+
+    ln2 = ln1
+
+    def final_norm(self):
+        return self.base.ln_f
+
+    def embed_modules(self):
+        return {"hook_embed": self.base.wte}
+
+    def embed(self, ids, position_ids):
+        return self.base.wte(ids)
+
+    def mlp_act(self, layer):
+        return self.mlp(layer).act
+
+    def mlp_out_proj(self, layer):
+        return self.mlp(layer).fc_out
+
+    def attn_out_proj(self, layer):
+        return self.attn(layer).out_proj
+
+
+class FalconAdapter(Adapter):
+    """Falcon with rotary positions: sequential, parallel on one LayerNorm, or the new
+    decoder architecture (two LayerNorms, grouped-query attention)."""
+
+    family = "falcon"
+
+    def __init__(self, model):
+        super().__init__(model)
+        c = model.config
+        self.parallel_residual = bool(c.parallel_attn or c.new_decoder_architecture)
+        self.two_norms = bool(c.new_decoder_architecture and (c.num_ln_in_parallel_attn or 2) == 2)
+
+    @classmethod
+    def refusal(cls, config):
+        if getattr(config, "alibi", False):
+            return ("this Falcon configuration uses ALiBi position biases, which the engine's attention "
+                    "(built on the causal mask alone) does not apply")
+        return None
+
+    def blocks(self):
+        return list(self.base.h)
+
+    def block_kwargs(self, hidden, position_ids):
+        return super().block_kwargs(hidden, position_ids) | {"attention_mask": None}
+
+    def attn(self, layer):
+        return self.block(layer).self_attention
+
+    def ln1(self, layer):
+        return self.block(layer).ln_attn if self.two_norms else self.block(layer).input_layernorm
+
+    def ln2(self, layer):
+        if self.two_norms:
+            return self.block(layer).ln_mlp
+        return self.ln1(layer) if self.parallel_residual else self.block(layer).post_attention_layernorm
+
+    def final_norm(self):
+        return self.base.ln_f
+
+    def embed_modules(self):
+        return {"hook_embed": self.base.word_embeddings}
+
+    def embed(self, ids, position_ids):
+        return self.base.word_embeddings(ids)
+
+    def module_sites(self, n_layers):
+        sites = super().module_sites(n_layers)
+        if self.parallel_residual:  # the block adds attention into the MLP's output in place
+            for layer in range(n_layers):
+                sites[f"blocks.{layer}.hook_mlp_out"] = (self.mlp(layer), "output_copy")
+        return sites
+
+    def n_kv_heads(self):
+        c = self.config
+        return c.num_kv_heads if (c.new_decoder_architecture or not c.multi_query) else 1
+
+    def mlp_act(self, layer):
+        return self.mlp(layer).act
+
+    def mlp_out_proj(self, layer):
+        return self.mlp(layer).dense_4h_to_h
+
+    def attn_out_proj(self, layer):
+        return self.attn(layer).dense
