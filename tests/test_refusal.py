@@ -1,0 +1,89 @@
+"""A model no adapter can decompose exactly is refused from config.json alone, before the
+tokenizer or any weight is read: a TdbError naming the family, the supported ones and the
+reason; one line at the CLI (exit 2); on stderr with a non-zero exit for an MCP client."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mcp import StdioServerParameters
+from mcp.client.session import ClientSession
+from mcp.client.stdio import stdio_client
+from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+from tdb_agent.engine import Engine
+from tdb_agent.engine.adapters import ADAPTERS, check_supported
+from tdb_agent.errors import TdbError, UnsupportedModel
+
+
+def _fake_checkpoint(folder, config: dict):
+    """A config and a 'weights' file that is not a checkpoint: reading it would fail loudly."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"not weights" * 1000)
+    return folder
+
+
+def test_unknown_family_refused_before_any_weight(tmp_path):
+    d = _fake_checkpoint(tmp_path / "m", {"model_type": "mamba9", "architectures": ["Mamba9ForCausalLM"]})
+    t0 = time.perf_counter()
+    with pytest.raises(UnsupportedModel) as e:
+        Engine.load(d)
+    assert time.perf_counter() - t0 < 5  # generous; the point is: nothing but the json was read
+    msg = str(e.value)
+    assert "'mamba9'" in msg and "gemma2" in msg and "qwen3" in msg and "\n" not in msg
+    assert isinstance(e.value, TdbError)
+
+
+def test_known_but_undecomposable_family_says_why(tmp_path):
+    cfg = GPTNeoConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, attention_types=[[["global"], 2]])
+    d = tmp_path / "neo"
+    GPTNeoForCausalLM(cfg).save_pretrained(d)
+    (d / "model.safetensors").write_bytes(b"corrupt")  # proves the weights are never opened
+    with pytest.raises(UnsupportedModel, match="'gpt_neo'.*attention interface.*Supported families"):
+        Engine.load(d)
+
+
+def test_configuration_refusal_names_the_reason():
+    from transformers import FalconConfig
+    with pytest.raises(UnsupportedModel, match="ALiBi"):
+        check_supported(FalconConfig(alibi=True))
+    assert "gemma3_text" in ADAPTERS and "gpt_neo" not in ADAPTERS
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_cli_refusal_is_one_line(tmp_path):
+    d = _fake_checkpoint(tmp_path / "m", {"model_type": "mamba9"})
+    p = subprocess.run([sys.executable, "-m", "tdb_agent.cli", "serve", "--model", str(d)], capture_output=True,
+                       text=True, env=_env(), timeout=120)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'mamba9' is not supported" in lines[0] and lines[0].startswith("tdb-agent serve:")
+    assert p.stdout == ""  # stdout carries only protocol on stdio
+
+
+def test_mcp_client_gets_the_reason_on_stderr(tmp_path):
+    d = _fake_checkpoint(tmp_path / "m", {"model_type": "mamba9"})
+    errlog = tmp_path / "stderr.txt"
+    params = StdioServerParameters(command=sys.executable, args=["-m", "tdb_agent.cli", "serve", "--model", str(d)],
+                                   env=_env())
+
+    async def go():
+        with open(errlog, "w") as err:
+            async with stdio_client(params, errlog=err) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await asyncio.wait_for(session.initialize(), timeout=120)
+
+    with pytest.raises(BaseException):  # the server exits before answering initialize
+        asyncio.run(go())
+    text = errlog.read_text()
+    assert "model family 'mamba9' is not supported" in text and "Traceback" not in text
