@@ -10,11 +10,10 @@ import sys
 import time
 
 import pytest
-import torch
 from mcp import StdioServerParameters
 from mcp.client.session import ClientSession
 from mcp.client.stdio import stdio_client
-from transformers import GPTNeoConfig, GPTNeoForCausalLM
+from transformers import FalconConfig, OPTConfig
 
 from tdb_agent.engine import Engine
 from tdb_agent.engine.adapters import ADAPTERS, check_supported
@@ -40,20 +39,23 @@ def test_unknown_family_refused_before_any_weight(tmp_path):
     assert isinstance(e.value, TdbError)
 
 
-def test_known_but_undecomposable_family_says_why(tmp_path):
-    cfg = GPTNeoConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, attention_types=[[["global"], 2]])
-    d = tmp_path / "neo"
-    GPTNeoForCausalLM(cfg).save_pretrained(d)
+@pytest.mark.parametrize("config, reason", [
+    (FalconConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, alibi=True), "ALiBi"),
+    (OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+               word_embed_proj_dim=16, do_layer_norm_before=False), "post-LayerNorm"),
+])
+def test_known_family_that_cannot_be_decomposed_says_why(config, reason, tmp_path):
+    d = tmp_path / "m"
+    config.save_pretrained(d)
     (d / "model.safetensors").write_bytes(b"corrupt")  # proves the weights are never opened
-    with pytest.raises(UnsupportedModel, match="'gpt_neo'.*attention interface.*Supported families"):
+    with pytest.raises(UnsupportedModel, match=f"this {config.model_type} model is not supported: .*{reason}"):
         Engine.load(d)
 
 
-def test_configuration_refusal_names_the_reason():
-    from transformers import FalconConfig
-    with pytest.raises(UnsupportedModel, match="ALiBi"):
-        check_supported(FalconConfig(alibi=True))
-    assert "gemma3_text" in ADAPTERS and "gpt_neo" not in ADAPTERS
+def test_every_adapter_is_registered_once():
+    assert {"gemma3_text", "gpt_neo", "opt", "falcon"} <= set(ADAPTERS)
+    with pytest.raises(UnsupportedModel, match="multimodal"):
+        check_supported(type("C", (), {"model_type": "gemma3"})())
 
 
 def _env():

@@ -59,6 +59,15 @@ def _config(family: str, vocab: int):
         return tf.GPTJForCausalLM, tf.GPTJConfig(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                                                  rotary_dim=4, n_inner=48, resid_pdrop=0, embd_pdrop=0,
                                                  attn_pdrop=0)
+    if family == "gpt_neo":  # layer 1 is local, with a window of 4
+        return tf.GPTNeoForCausalLM, tf.GPTNeoConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=32,
+                                                     num_layers=2, num_heads=4, intermediate_size=48, window_size=4,
+                                                     attention_types=[[["global", "local"], 1]], resid_dropout=0,
+                                                     embed_dropout=0, attention_dropout=0)
+    if family == "opt":
+        return tf.OPTForCausalLM, tf.OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+                                               num_attention_heads=4, max_position_embeddings=64,
+                                               word_embed_proj_dim=32, dropout=0, attention_dropout=0)
     if family == "falcon":
         return tf.FalconForCausalLM, tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                                                      num_attention_heads=4, multi_query=True, parallel_attn=True,
@@ -71,8 +80,8 @@ def _config(family: str, vocab: int):
 
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral"]
-EXTRA_FAMILIES = ["gemma", "gemma2", "qwen3", "olmo2", "phi3", "gemma3_text", "stablelm", "gptj", "falcon",
-                  "cohere"]
+EXTRA_FAMILIES = ["gemma", "gemma2", "qwen3", "olmo2", "phi3", "gemma3_text", "stablelm", "gpt_neo", "gptj",
+                  "opt", "falcon", "cohere"]
 ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
 
 

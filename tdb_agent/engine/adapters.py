@@ -14,7 +14,8 @@ from torch import nn
 
 from tdb_agent.engine.families.base import Adapter, Where
 from tdb_agent.engine.families.gemma import Gemma2Adapter, Gemma3Adapter, GemmaAdapter
-from tdb_agent.engine.families.gpt import FalconAdapter, GPT2Adapter, GPTJAdapter, NeoXAdapter
+from tdb_agent.engine.families.gpt import (FalconAdapter, GPT2Adapter, GPTJAdapter, GPTNeoAdapter, NeoXAdapter,
+                                           OPTAdapter)
 from tdb_agent.engine.families.llama import CohereAdapter, LlamaAdapter, Olmo2Adapter, Phi3Adapter, StableLmAdapter
 from tdb_agent.errors import UnsupportedModel
 
@@ -23,7 +24,9 @@ __all__ = ["ADAPTERS", "Adapter", "Where", "adapter_for", "check_checkpoint", "c
 ADAPTERS: dict[str, type[Adapter]] = {
     "gpt2": GPT2Adapter,
     "gpt_neox": NeoXAdapter,
+    "gpt_neo": GPTNeoAdapter,
     "gptj": GPTJAdapter,
+    "opt": OPTAdapter,
     "falcon": FalconAdapter,
     "llama": LlamaAdapter,
     "qwen2": LlamaAdapter,
@@ -40,8 +43,6 @@ ADAPTERS: dict[str, type[Adapter]] = {
 
 # families transformers has that are refused, with the reason (docs/DESIGN.md §1)
 REFUSED: dict[str, str] = {
-    "gpt_neo": "GPT-Neo computes attention in its own code, not through transformers' attention interface, "
-               "so the engine cannot expose or intervene on q, k, v and the pattern",
     "gemma3": "this is the multimodal Gemma-3 checkpoint; load its text model (model_type gemma3_text)",
 }
 

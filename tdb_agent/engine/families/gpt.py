@@ -6,6 +6,7 @@ input: residual + attn(ln(x)) + mlp(ln(x)); their `ln2` is that same norm.
 
 from __future__ import annotations
 
+from tdb_agent.engine.attention import tdb_attention
 from tdb_agent.engine.families.base import Adapter
 
 
@@ -52,6 +53,101 @@ class GPT2Adapter(Adapter):
 
     def W_out(self, layer):
         return self._p(self.mlp_out_proj(layer))  # [d_mlp, d]
+
+
+class GPTNeoAdapter(GPT2Adapter):
+    """GPT-Neo: GPT-2's layout with nn.Linear weights, unscaled attention scores, and local
+    layers that see the last `window_size` keys. Its attention does not go through
+    transformers' attention interface, so the adapter routes each layer's `_attn` (the
+    score-softmax-mix step, after q/k/v are split into heads) to the engine's attention."""
+
+    family = "gpt_neo"
+    W_O, W_out = Adapter.W_O, Adapter.W_out
+
+    def __init__(self, model):
+        super().__init__(model)
+        for layer, kind in enumerate(model.config.attention_layers):
+            mod = self.attn(layer)
+            mod._attn = _neo_attention(mod, model.config.window_size if kind == "local" else None)
+
+    def attn(self, layer):
+        return self.base.h[layer].attn.attention
+
+    def attn_out_proj(self, layer):
+        return self.attn(layer).out_proj
+
+
+def _neo_attention(module, window):
+    def attn(query, key, value, attention_mask=None):
+        z, pattern = tdb_attention(module, query, key, value, None, scaling=1.0, sliding_window=window)
+        return z.transpose(1, 2), pattern  # GPT-Neo merges heads from [b, heads, pos, d_head]
+    return attn
+
+
+class OPTAdapter(Adapter):
+    """OPT with pre-LayerNorm blocks (every size but 350m). Its block flattens positions
+    before the MLP ([b*s, d]); the adapter gives each block the same computation without
+    the flattening, so MLP sites keep the [b, s, ...] layout (tested against transformers)."""
+
+    family = "opt"
+
+    def __init__(self, model):
+        super().__init__(model)
+        for block in self.blocks():
+            block.forward = _opt_block_forward(block)
+
+    @classmethod
+    def refusal(cls, config):
+        if not config.do_layer_norm_before or getattr(config, "_remove_final_layer_norm", False):
+            return ("this OPT configuration normalises after each block (post-LayerNorm, as opt-350m), so "
+                    "component writes are not additive in the residual stream")
+        if config.word_embed_proj_dim != config.hidden_size:
+            return "this OPT configuration projects embeddings in and out of the residual stream"
+        return None
+
+    @property
+    def base(self):
+        return self.model.base_model.decoder
+
+    def ln1(self, layer):
+        return self.block(layer).self_attn_layer_norm
+
+    def ln2(self, layer):
+        return self.block(layer).final_layer_norm
+
+    def mlp(self, layer):
+        return self.block(layer).fc2
+
+    def final_norm(self):
+        return self.base.final_layer_norm
+
+    def embed_modules(self):
+        return {"hook_embed": self.base.embed_tokens, "hook_pos_embed": self.base.embed_positions}
+
+    def embed(self, ids, position_ids):
+        return self.base.embed_tokens(ids) + self.base.embed_positions(None, 0, position_ids=position_ids)
+
+    def block_kwargs(self, hidden, position_ids):
+        return {"position_ids": position_ids}
+
+    def mlp_act(self, layer):
+        return self.block(layer).activation_fn
+
+    def mlp_out_proj(self, layer):
+        return self.block(layer).fc2
+
+    def attn_out_proj(self, layer):
+        return self.attn(layer).out_proj
+
+
+def _opt_block_forward(block):
+    def forward(hidden_states, attention_mask=None, position_ids=None, **kwargs):
+        attn, _ = block.self_attn(hidden_states=block.self_attn_layer_norm(hidden_states), position_ids=position_ids,
+                                  attention_mask=attention_mask, **kwargs)
+        hidden_states = hidden_states + attn
+        mlp = block.fc2(block.activation_fn(block.fc1(block.final_layer_norm(hidden_states))))
+        return hidden_states + mlp
+    return forward
 
 
 class NeoXAdapter(Adapter):
