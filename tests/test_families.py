@@ -262,3 +262,40 @@ def test_half_precision_accumulates_in_float32(tmp_path):
     rb = attribute(e16, prompt, "Mary", "John", kinds=["head"], top_k=None)
     assert max(abs(ra[r.id] - r.effect) for r in rb.rows) < 0.01 * max(abs(v) for v in ra.values())
     assert rb.sum_check == pytest.approx(rb.metric, abs=1e-2)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_trace_via_values_reconstructs_the_heads_direct_effect(family, tiny_engines):
+    """via v: the head's direct effect at the last position (through any frozen post-norm)
+    = edges + unattributed, and equals what `attribute` reports for that head."""
+    eng = tiny_engines[family]
+    r = trace_upstream(eng, PROMPT, "L1.H1", via="v", target="Mary", distractor="John", top_k=None)
+    assert r.sum_of_edges["v"] + sum(r.unattributed.values()) == pytest.approx(r.value, abs=1e-4)
+    de = {row.id: row.effect for row in attribute(eng, PROMPT, "Mary", "John", kinds=["head"], top_k=None).rows}
+    assert r.value == pytest.approx(de["L1.H1"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma2"])
+def test_served_over_the_real_mcp_client(family, tiny_dirs, tmp_path):
+    """`tdb-agent serve --model DIR` on a family with post-norms and soft-caps answers
+    predict / attribute / ablate over the SDK's stdio client."""
+    import asyncio
+
+    from mcp import Client
+
+    from tests.test_server_stdio import _params
+
+    async def go():
+        async with Client(_params(tiny_dirs[family], tmp_path), read_timeout_seconds=120) as c:
+            info = (await c.call_tool("model_info", {})).structured_content
+            assert info["spec"]["family"] == family and info["precision"] == "float32 throughout"
+            args = {"prompt": PROMPT, "target": "Mary", "distractor": "John"}
+            pred = await c.call_tool("predict", args | {"top_k": 3})
+            assert not pred.is_error
+            attr = (await c.call_tool("attribute", args)).structured_content
+            assert attr["sum_check"] == pytest.approx(attr["metric"], abs=1e-4)
+            abl = await c.call_tool("ablate", args | {"components": ["L1.H2"]})
+            assert not abl.is_error and abl.structured_content["before"] == pytest.approx(attr["metric"], abs=1e-5)
+
+    asyncio.run(go())

@@ -5,7 +5,6 @@ reason; one line at the CLI (exit 2); on stderr with a non-zero exit for an MCP 
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -62,15 +61,18 @@ def _env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_cli_refusal_is_one_line(tmp_path):
+def test_cli_refusal_is_one_line(tmp_path, capsys):
+    """The CLI's own error path, in process (the MCP test below runs it as a subprocess)."""
+    from tdb_agent.cli import main
+
     d = _fake_checkpoint(tmp_path / "m", {"model_type": "mamba9"})
-    p = subprocess.run([sys.executable, "-m", "tdb_agent.cli", "serve", "--model", str(d)], capture_output=True,
-                       text=True, env=_env(), timeout=120)
-    assert p.returncode == 2
-    assert "Traceback" not in p.stderr
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "'mamba9' is not supported" in lines[0] and lines[0].startswith("tdb-agent serve:")
-    assert p.stdout == ""  # stdout carries only protocol on stdio
+    for cmd in (["serve", "--model", str(d)], ["build-dataset", "--model", str(d), "--out", str(tmp_path / "ds")]):
+        assert main(cmd) == 2
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "'mamba9' is not supported" in lines[0], err
+        assert lines[0].startswith(f"tdb-agent {cmd[0]}:") and "Traceback" not in err
+        assert out == ""  # stdout carries only protocol on stdio
 
 
 def test_mcp_client_gets_the_reason_on_stderr(tmp_path):
@@ -87,5 +89,5 @@ def test_mcp_client_gets_the_reason_on_stderr(tmp_path):
 
     with pytest.raises(BaseException):  # the server exits before answering initialize
         asyncio.run(go())
-    text = errlog.read_text()
-    assert "model family 'mamba9' is not supported" in text and "Traceback" not in text
+    lines = [line for line in errlog.read_text().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tdb-agent serve: model family 'mamba9' is not supported")
