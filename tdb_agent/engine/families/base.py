@@ -13,6 +13,8 @@ first input, a forward hook its output. `hook_attn_out` / `hook_mlp_out` are wha
 block writes into the residual stream: after the post-norm in families that have one
 (Gemma-2/3, OLMo-2). Attention internals are served by `engine.attention`.
 
+A family names its modules in class attributes (BLOCKS, ATTN, O_PROJ, MLP_ACT, ...: the
+Llama layout is the default) and overrides methods only where its computation differs.
 What a family may add beyond the plain pre-norm block:
 * `norm_offset` 1.0: the norm multiplies by (1 + weight) (Gemma).
 * `post_attn_norm` / `post_mlp_norm`: an RMSNorm on the block's output before the residual
@@ -23,6 +25,7 @@ What a family may add beyond the plain pre-norm block:
 
 from __future__ import annotations
 
+from functools import reduce
 from typing import Literal
 
 import torch
@@ -43,6 +46,22 @@ class Adapter:
     parallel_residual = False
     gated_mlp = False
 
+    # module names, dotted: BLOCKS, FINAL_NORM and the embeddings under `base`, the rest
+    # under a block. None: the family has no such module.
+    BLOCKS = "layers"
+    ATTN = "self_attn"
+    O_PROJ = "self_attn.o_proj"
+    MLP = "mlp"
+    MLP_ACT = "mlp.act_fn"  # its input is mlp.hook_pre
+    MLP_OUT = "mlp.down_proj"  # its input is mlp.hook_post (gated MLPs)
+    LN1: str | None = "input_layernorm"
+    LN2: str | None = "post_attention_layernorm"
+    POST_ATTN_NORM: str | None = None  # RMSNorm on the attention output (Gemma-2/3, OLMo-2)
+    POST_MLP_NORM: str | None = None
+    FINAL_NORM = "norm"
+    EMBED = "embed_tokens"
+    POS_EMBED: str | None = None  # learned positions, called with the position ids
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
@@ -58,51 +77,55 @@ class Adapter:
         return self.model.base_model
 
     def blocks(self) -> list[nn.Module]:
-        return list(self.base.layers)
+        return list(_get(self.base, self.BLOCKS))
 
     def block(self, layer: int) -> nn.Module:
-        return self.blocks()[layer]
+        return _get(self.base, self.BLOCKS)[layer]
+
+    def _in_block(self, layer: int, path: str | None) -> nn.Module | None:
+        return None if path is None else _get(self.block(layer), path)
 
     def attn(self, layer: int) -> nn.Module:
-        return self.block(layer).self_attn
+        return self._in_block(layer, self.ATTN)
 
     def mlp(self, layer: int) -> nn.Module:
-        return self.block(layer).mlp
+        return self._in_block(layer, self.MLP)
 
-    def ln1(self, layer: int) -> nn.Module:
-        return self.block(layer).input_layernorm
+    def ln1(self, layer: int) -> nn.Module | None:
+        return self._in_block(layer, self.LN1)
 
-    def ln2(self, layer: int) -> nn.Module:
-        return self.block(layer).post_attention_layernorm
+    def ln2(self, layer: int) -> nn.Module | None:
+        return self._in_block(layer, self.LN2)
 
     def resid_mid_site(self, layer: int) -> tuple[nn.Module, Where]:
         """Where the residual stream between attention and MLP can be hooked."""
-        return self.ln2(layer), "input"
+        return (self.ln2(layer), "input") if self.LN2 else (self.mlp(layer), "input")
 
     def post_attn_norm(self, layer: int) -> nn.Module | None:
-        return None
+        return self._in_block(layer, self.POST_ATTN_NORM)
 
     def post_mlp_norm(self, layer: int) -> nn.Module | None:
-        return None
+        return self._in_block(layer, self.POST_MLP_NORM)
 
     def final_norm(self) -> nn.Module:
-        return self.base.norm
+        return _get(self.base, self.FINAL_NORM)
 
     def unembed(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
     def embed_modules(self) -> dict[str, nn.Module]:
         """Site name -> embedding module whose output is that site."""
-        return {"hook_embed": self.base.embed_tokens}
+        mods = {"hook_embed": _get(self.base, self.EMBED)}
+        return mods | ({"hook_pos_embed": _get(self.base, self.POS_EMBED)} if self.POS_EMBED else {})
 
     def mlp_act(self, layer: int) -> nn.Module:
-        return self.mlp(layer).act_fn
+        return self._in_block(layer, self.MLP_ACT)
 
     def mlp_out_proj(self, layer: int) -> nn.Module:
-        return self.mlp(layer).down_proj
+        return self._in_block(layer, self.MLP_OUT)
 
     def attn_out_proj(self, layer: int) -> nn.Module:
-        return self.attn(layer).o_proj
+        return self._in_block(layer, self.O_PROJ)
 
     def module_sites(self, n_layers: int) -> dict[str, tuple[nn.Module, Where]]:
         sites: dict[str, tuple[nn.Module, Where]] = {}
@@ -126,7 +149,8 @@ class Adapter:
 
     # ---- forward pieces --------------------------------------------------------------
     def embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.base.embed_tokens(ids)
+        x = _get(self.base, self.EMBED)(ids)
+        return x + _get(self.base, self.POS_EMBED)(position_ids) if self.POS_EMBED else x
 
     def block_kwargs(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
         """Keyword arguments of every block (rotary embeddings, positions)."""
@@ -198,3 +222,7 @@ class Adapter:
         """A weight, materialised where accelerate offloaded it, on the engine's home device."""
         t = param(module, name)
         return t if t is None or self.home is None or t.device == self.home else t.to(self.home)
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return reduce(getattr, path.split("."), root)

@@ -19,15 +19,8 @@ class GemmaAdapter(Adapter):
 
 class Gemma2Adapter(GemmaAdapter):
     family = "gemma2"
-
-    def ln2(self, layer):
-        return self.block(layer).pre_feedforward_layernorm
-
-    def post_attn_norm(self, layer):
-        return self.block(layer).post_attention_layernorm
-
-    def post_mlp_norm(self, layer):
-        return self.block(layer).post_feedforward_layernorm
+    LN2 = "pre_feedforward_layernorm"
+    POST_ATTN_NORM, POST_MLP_NORM = "post_attention_layernorm", "post_feedforward_layernorm"
 
     @property
     def final_softcap(self):

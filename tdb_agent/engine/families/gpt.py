@@ -12,36 +12,8 @@ from tdb_agent.engine.families.base import Adapter
 
 class GPT2Adapter(Adapter):
     family = "gpt2"
-
-    def blocks(self):
-        return list(self.base.h)
-
-    def attn(self, layer):
-        return self.base.h[layer].attn
-
-    def ln1(self, layer):
-        return self.base.h[layer].ln_1
-
-    def ln2(self, layer):
-        return self.base.h[layer].ln_2
-
-    def final_norm(self):
-        return self.base.ln_f
-
-    def embed_modules(self):
-        return {"hook_embed": self.base.wte, "hook_pos_embed": self.base.wpe}
-
-    def mlp_act(self, layer):
-        return self.mlp(layer).act
-
-    def mlp_out_proj(self, layer):
-        return self.mlp(layer).c_proj
-
-    def attn_out_proj(self, layer):
-        return self.attn(layer).c_proj
-
-    def embed(self, ids, position_ids):
-        return self.base.wte(ids) + self.base.wpe(position_ids)
+    BLOCKS, ATTN, O_PROJ, MLP_ACT, MLP_OUT = "h", "attn", "attn.c_proj", "mlp.act", "mlp.c_proj"
+    LN1, LN2, FINAL_NORM, EMBED, POS_EMBED = "ln_1", "ln_2", "ln_f", "wte", "wpe"
 
     def block_kwargs(self, hidden, position_ids):
         return {}
@@ -62,6 +34,7 @@ class GPTNeoAdapter(GPT2Adapter):
     score-softmax-mix step, after q/k/v are split into heads) to the engine's attention."""
 
     family = "gpt_neo"
+    ATTN, O_PROJ = "attn.attention", "attn.attention.out_proj"
     W_O, W_out = Adapter.W_O, Adapter.W_out
 
     def __init__(self, model):
@@ -69,12 +42,6 @@ class GPTNeoAdapter(GPT2Adapter):
         for layer, kind in enumerate(model.config.attention_layers):
             mod = self.attn(layer)
             mod._attn = _neo_attention(mod, model.config.window_size if kind == "local" else None)
-
-    def attn(self, layer):
-        return self.base.h[layer].attn.attention
-
-    def attn_out_proj(self, layer):
-        return self.attn(layer).out_proj
 
 
 def _neo_attention(module, window):
@@ -90,6 +57,8 @@ class OPTAdapter(Adapter):
     the flattening, so MLP sites keep the [b, s, ...] layout (tested against transformers)."""
 
     family = "opt"
+    O_PROJ, MLP, MLP_ACT, MLP_OUT = "self_attn.out_proj", "fc2", "activation_fn", "fc2"
+    LN1, LN2, FINAL_NORM, POS_EMBED = "self_attn_layer_norm", "final_layer_norm", "final_layer_norm", "embed_positions"
 
     def __init__(self, model):
         super().__init__(model)
@@ -109,35 +78,11 @@ class OPTAdapter(Adapter):
     def base(self):
         return self.model.base_model.decoder
 
-    def ln1(self, layer):
-        return self.block(layer).self_attn_layer_norm
-
-    def ln2(self, layer):
-        return self.block(layer).final_layer_norm
-
-    def mlp(self, layer):
-        return self.block(layer).fc2
-
-    def final_norm(self):
-        return self.base.final_layer_norm
-
-    def embed_modules(self):
-        return {"hook_embed": self.base.embed_tokens, "hook_pos_embed": self.base.embed_positions}
-
     def embed(self, ids, position_ids):
         return self.base.embed_tokens(ids) + self.base.embed_positions(None, 0, position_ids=position_ids)
 
     def block_kwargs(self, hidden, position_ids):
         return {"position_ids": position_ids}
-
-    def mlp_act(self, layer):
-        return self.block(layer).activation_fn
-
-    def mlp_out_proj(self, layer):
-        return self.block(layer).fc2
-
-    def attn_out_proj(self, layer):
-        return self.attn(layer).out_proj
 
 
 def _opt_block_forward(block):
@@ -152,31 +97,12 @@ def _opt_block_forward(block):
 
 class NeoXAdapter(Adapter):
     family = "gpt_neox"
+    ATTN, O_PROJ, MLP_ACT, MLP_OUT = "attention", "attention.dense", "mlp.act", "mlp.dense_4h_to_h"
+    FINAL_NORM, EMBED = "final_layer_norm", "embed_in"
 
     def __init__(self, model):
         super().__init__(model)
         self.parallel_residual = bool(model.config.use_parallel_residual)
-
-    def attn(self, layer):
-        return self.block(layer).attention
-
-    def final_norm(self):
-        return self.base.final_layer_norm
-
-    def embed_modules(self):
-        return {"hook_embed": self.base.embed_in}
-
-    def mlp_act(self, layer):
-        return self.mlp(layer).act
-
-    def mlp_out_proj(self, layer):
-        return self.mlp(layer).dense_4h_to_h
-
-    def attn_out_proj(self, layer):
-        return self.attn(layer).dense
-
-    def embed(self, ids, position_ids):
-        return self.base.embed_in(ids)
 
 
 class GPTJAdapter(Adapter):
@@ -184,35 +110,8 @@ class GPTJAdapter(Adapter):
 
     family = "gptj"
     parallel_residual = True
-
-    def blocks(self):
-        return list(self.base.h)
-
-    def attn(self, layer):
-        return self.block(layer).attn
-
-    def ln1(self, layer):
-        return self.block(layer).ln_1
-
-    ln2 = ln1
-
-    def final_norm(self):
-        return self.base.ln_f
-
-    def embed_modules(self):
-        return {"hook_embed": self.base.wte}
-
-    def embed(self, ids, position_ids):
-        return self.base.wte(ids)
-
-    def mlp_act(self, layer):
-        return self.mlp(layer).act
-
-    def mlp_out_proj(self, layer):
-        return self.mlp(layer).fc_out
-
-    def attn_out_proj(self, layer):
-        return self.attn(layer).out_proj
+    BLOCKS, ATTN, O_PROJ, MLP_ACT, MLP_OUT = "h", "attn", "attn.out_proj", "mlp.act", "mlp.fc_out"
+    LN1, LN2, FINAL_NORM, EMBED = "ln_1", "ln_1", "ln_f", "wte"
 
 
 class FalconAdapter(Adapter):
@@ -220,12 +119,17 @@ class FalconAdapter(Adapter):
     decoder architecture (two LayerNorms, grouped-query attention)."""
 
     family = "falcon"
+    BLOCKS, ATTN, O_PROJ = "h", "self_attention", "self_attention.dense"
+    MLP_ACT, MLP_OUT, FINAL_NORM, EMBED = "mlp.act", "mlp.dense_4h_to_h", "ln_f", "word_embeddings"
 
     def __init__(self, model):
         super().__init__(model)
         c = model.config
         self.parallel_residual = bool(c.parallel_attn or c.new_decoder_architecture)
-        self.two_norms = bool(c.new_decoder_architecture and (c.num_ln_in_parallel_attn or 2) == 2)
+        if c.new_decoder_architecture and (c.num_ln_in_parallel_attn or 2) == 2:
+            self.LN1, self.LN2 = "ln_attn", "ln_mlp"
+        elif self.parallel_residual:
+            self.LN2 = "input_layernorm"
 
     @classmethod
     def refusal(cls, config):
@@ -234,31 +138,8 @@ class FalconAdapter(Adapter):
                     "(built on the causal mask alone) does not apply")
         return None
 
-    def blocks(self):
-        return list(self.base.h)
-
     def block_kwargs(self, hidden, position_ids):
         return super().block_kwargs(hidden, position_ids) | {"attention_mask": None}
-
-    def attn(self, layer):
-        return self.block(layer).self_attention
-
-    def ln1(self, layer):
-        return self.block(layer).ln_attn if self.two_norms else self.block(layer).input_layernorm
-
-    def ln2(self, layer):
-        if self.two_norms:
-            return self.block(layer).ln_mlp
-        return self.ln1(layer) if self.parallel_residual else self.block(layer).post_attention_layernorm
-
-    def final_norm(self):
-        return self.base.ln_f
-
-    def embed_modules(self):
-        return {"hook_embed": self.base.word_embeddings}
-
-    def embed(self, ids, position_ids):
-        return self.base.word_embeddings(ids)
 
     def module_sites(self, n_layers):
         sites = super().module_sites(n_layers)
@@ -270,12 +151,3 @@ class FalconAdapter(Adapter):
     def n_kv_heads(self):
         c = self.config
         return c.num_kv_heads if (c.new_decoder_architecture or not c.multi_query) else 1
-
-    def mlp_act(self, layer):
-        return self.mlp(layer).act
-
-    def mlp_out_proj(self, layer):
-        return self.mlp(layer).dense_4h_to_h
-
-    def attn_out_proj(self, layer):
-        return self.attn(layer).dense

@@ -25,8 +25,7 @@ class LlamaAdapter(Adapter):
 class Phi3Adapter(LlamaAdapter):
     """Phi-3: q, k, v from one fused projection; gate and up from one (hook_pre is the gate)."""
 
-    def mlp_act(self, layer):
-        return self.mlp(layer).activation_fn
+    MLP_ACT = "mlp.activation_fn"
 
 
 class StableLmAdapter(Adapter):
@@ -38,9 +37,8 @@ class StableLmAdapter(Adapter):
     def __init__(self, model):
         super().__init__(model)
         self.parallel_residual = bool(model.config.use_parallel_residual)
-
-    def ln2(self, layer):
-        return self.ln1(layer) if self.parallel_residual else self.block(layer).post_attention_layernorm
+        if self.parallel_residual:
+            self.LN2 = "input_layernorm"
 
 
 class CohereAdapter(Adapter):
@@ -51,7 +49,7 @@ class CohereAdapter(Adapter):
     parallel_residual = True
     gated_mlp = True
 
-    ln2 = Adapter.ln1
+    LN2 = "input_layernorm"
 
     @property
     def logit_scale(self) -> float:
@@ -66,17 +64,5 @@ class Olmo2Adapter(Adapter):
     norm = "rmsnorm"
     gated_mlp = True
 
-    def ln1(self, layer):
-        return None
-
-    def ln2(self, layer):
-        return None
-
-    def resid_mid_site(self, layer):
-        return self.mlp(layer), "input"
-
-    def post_attn_norm(self, layer):
-        return self.block(layer).post_attention_layernorm
-
-    def post_mlp_norm(self, layer):
-        return self.block(layer).post_feedforward_layernorm
+    LN1 = LN2 = None  # hook_resid_mid: the MLP's input
+    POST_ATTN_NORM, POST_MLP_NORM = "post_attention_layernorm", "post_feedforward_layernorm"
