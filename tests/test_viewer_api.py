@@ -115,6 +115,8 @@ def test_run_and_model_endpoints_read_the_folder(client, run_dir):
     assert model["info"]["name"] == "tdb-tiny" and model["info"]["datasets"]
     [run] = model["runs"]
     assert run["name"] == "ioi-test" and run["faithfulness"] == view["graph"]["graph"]["faithfulness"]
+    assert run["tool_calls"] == 4 and run["n_nodes"] == len(view["graph"]["nodes"]) - 1  # without LOGITS
+    assert run["task"] == "ioi" and run["circuit"] == "ioi"
     assert {t["name"] for t in model["tasks"]["tasks"]} >= {"ioi", "induction"}
 
 

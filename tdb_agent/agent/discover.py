@@ -15,26 +15,13 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
-
 from tdb_agent.agent import planner
 from tdb_agent.agent.llm import Budgets, LLMSettings, run_llm_loop
 from tdb_agent.agent.runstore import RunConfig, RunStore
+from tdb_agent.agent.summary import RunSummary
 from tdb_agent.agent.toolbox import Toolbox, read_only
 
 Transport = Literal["inprocess", "stdio"]
-
-
-class RunSummary(BaseModel):
-    run_dir: str
-    circuit: str
-    nodes: list[str]
-    faithfulness: float | None
-    faithfulness_heldout: float | None = None  # scripted planner, task behaviours: on pairs pruning never saw
-    faithfulness_other: dict[str, float] = {}  # scripted planner: under the other ablation mode
-    tool_calls: int
-    seconds: float
-    stopped_because: str
 
 
 #: `--ablation`: the modes the scripted planner's circuit must reach the threshold under (first: primary)
@@ -126,6 +113,7 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
             heldout, other = None, {}
         summary = await _finish(client, store, name, notes, calls, time.time() - t0, stopped)
         summary.faithfulness_heldout, summary.faithfulness_other = heldout, other
+        summary.task, summary.planner = cfg.task, cfg.planner
     echo(f"run folder: {out}\ncircuit {summary.circuit}: {len(summary.nodes)} nodes {summary.nodes}, "
          f"faithfulness {summary.faithfulness}"
          + (f" (held-out pairs: {summary.faithfulness_heldout:.3f})" if summary.faithfulness_heldout is not None else "")

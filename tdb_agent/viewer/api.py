@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tdb_agent.circuits.model import stream_order
+from tdb_agent.agent.summary import RunSummary
+from tdb_agent.circuits.model import SINK, stream_order
 from tdb_agent.components import parse_component
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.attention import AttentionPatternResult
@@ -32,16 +33,6 @@ class NotFound(TdbError):
 
 
 # ------------------------------------------------------------------ results of the viewer's own pages
-class RunSummary(BaseModel):
-    name: str
-    path: str
-    task: str | None = None
-    planner: str | None = None
-    faithfulness: float | None = None
-    n_nodes: int | None = None
-    n_steps: int = 0
-
-
 class CircuitSummary(BaseModel):
     name: str
     nodes: int
@@ -183,12 +174,13 @@ class RunIndex:
 
     def summaries(self) -> list[RunSummary]:
         out = []
-        for name, path in self.folders().items():
+        for path in self.folders().values():
             cfg, graph, events = _read_run(path)
             g = (graph or {}).get("graph", {})
-            out.append(RunSummary(name=name, path=str(path), task=cfg.get("task"), planner=cfg.get("planner"),
-                                  faithfulness=g.get("faithfulness"), n_nodes=len((graph or {}).get("nodes", [])),
-                                  n_steps=len(events)))
+            out.append(RunSummary(run_dir=str(path), task=cfg.get("task"), planner=cfg.get("planner"),
+                                  circuit=g.get("name"), faithfulness=g.get("faithfulness"),
+                                  nodes=[n["id"] for n in (graph or {}).get("nodes", []) if n["id"] != SINK],
+                                  tool_calls=sum(e.get("kind") == "tool_call" for e in events)))
         return out
 
     def view(self, name: str) -> RunView:
