@@ -115,3 +115,16 @@ def test_tool_descriptions_open_with_the_ops_summary(gpt2_tiny):
         first = inspect.getdoc(op).split("\n\n")[0]
         assert described[name].startswith(first), name
         assert summary(op) == first
+
+
+def test_resume_replays_exactly_the_circuit_edits(gpt2_tiny):
+    """The tools a resumed run replays come from the annotations the server publishes, not a
+    hand-written list: the three edits, not the idempotent writers or any read-only tool."""
+    from tdb_agent.agent.toolbox import replays_on_resume
+
+    async def go():
+        async with Client(build_server(Workbench(gpt2_tiny))) as c:
+            return (await c.list_tools()).tools
+    tools = asyncio.run(go())
+    assert {t.name for t in tools if replays_on_resume(t)} == {"circuit_create", "circuit_add", "circuit_remove"}
+    assert not replays_on_resume(None)
