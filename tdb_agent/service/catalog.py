@@ -14,8 +14,9 @@ assert set(_ORDER) == set(_model), "list every model tool in _ORDER"
 
 MODEL_TOOLS: list[Tool] = [_model[n] for n in _ORDER]
 CIRCUIT_TOOLS: list[Tool] = circuit_tools.TOOLS
-DATASET_TOOLS: list[Tool] = dataset_tools.TOOLS  # tagged "dataset": only where a dataset is loaded
-TOOLS: list[Tool] = MODEL_TOOLS + CIRCUIT_TOOLS + DATASET_TOOLS
+TOOLS: list[Tool] = MODEL_TOOLS + CIRCUIT_TOOLS + dataset_tools.TOOLS
+#: the tools tagged "dataset": registered only where an activation dataset is loaded
+DATASET_TOOLS: list[Tool] = [t for t in TOOLS if "dataset" in t.tags]
 BY_NAME: dict[str, Tool] = {t.name: t for t in TOOLS}
 
 

@@ -20,6 +20,7 @@ from tdb_agent.circuits.store import CircuitStore, check_name
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.metrics import make_metric
 from tdb_agent.service.annotations import DESTRUCTIVE, EDITS, READ_ONLY, WRITES_RESULT
+from tdb_agent.service.limits import LimitChecks
 from tdb_agent.service.tool import InputModel, Job, NoArgs, Tool, ToolArgs
 from tdb_agent.workbench import Workbench
 
@@ -99,13 +100,11 @@ def saved(bench: Workbench, name: str) -> SavedCircuit:
 
 def check_pairs(bench: Workbench, b: C.Behaviour, metric: str | None) -> None:
     """Every pair within the prompt limit, and its target/distractor single tokens."""
-    engine = bench.engine
+    checks = LimitChecks(bench)
     for i, p in enumerate(b.resolve()):
-        for text in (p.prompt, p.corrupted_prompt):
-            if text and engine.to_tokens(text).shape[1] > bench.limits.max_prompt_tokens:
-                raise TdbError(f"pair {i}: a prompt exceeds max_prompt_tokens={bench.limits.max_prompt_tokens}")
+        checks.text(p.prompt, p.corrupted_prompt, field=f"pair {i}'s prompt")
         try:
-            make_metric(engine, p.target, p.distractor, metric)
+            make_metric(bench.engine, p.target, p.distractor, metric)
         except TdbError as e:
             raise TdbError(f"pair {i}: {e}") from e
 
