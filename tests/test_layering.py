@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent / "tdb_agent"
 FORBIDDEN = {
     "engine": {"ops", "circuits", "server", "agent", "viewer", "cli", "session", "workbench"},
     "ops": {"circuits", "server", "agent", "viewer", "cli", "session"},
-    "server": {"viewer", "agent", "cli"},
+    "server": {"viewer", "agent", "cli", "ops"},  # the tools are service/'s; server only wires them
     "viewer": {"server", "cli"},
     "agent": {"engine", "ops", "server", "viewer", "cli"},
 }
