@@ -54,6 +54,20 @@ def down_proj(block):
             return getattr(block.mlp, name)
 
 
+def mlp_act(block):
+    for owner in (getattr(block, "mlp", None), block):  # OPT keeps its activation in the block
+        for name in ("act", "act_fn", "activation_fn"):
+            if owner is not None and hasattr(owner, name):
+                return getattr(owner, name)
+
+
+def token_embedding(model):
+    base = _base(model)
+    for name in ("wte", "embed_in", "embed_tokens", "word_embeddings"):
+        if hasattr(base, name):
+            return getattr(base, name)
+
+
 def final_norm(model):
     base = _base(model)
     for name in ("ln_f", "final_layer_norm", "norm"):
@@ -99,6 +113,8 @@ def capture(model, family, ids):
         handles.append(out_proj(block).register_forward_pre_hook(keep(f"blocks.{l}.z", pre=True)))
         handles.append(down_proj(block).register_forward_pre_hook(keep(f"blocks.{l}.mlp.hook_post", pre=True)))
         handles.append(out_proj(block).register_forward_hook(keep(f"blocks.{l}.attn_raw")))
+        handles.append(mlp_act(block).register_forward_pre_hook(keep(f"blocks.{l}.mlp.hook_pre", pre=True)))
+    handles.append(token_embedding(model).register_forward_hook(keep("hook_embed")))
     handles.append(final_norm(model).register_forward_pre_hook(keep("hook_resid_final", pre=True)))
     try:
         with torch.no_grad():
@@ -122,12 +138,15 @@ def test_forward_and_every_site_match_plain_transformers(family, tiny_engines, p
         out, cache = eng.run_with_cache(ids, eng.site_names(), logit_positions=None)
     torch.testing.assert_close(got, ref["logits"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.logits, ref["logits"], atol=1e-5, rtol=0)
-    sites = ["hook_resid_final"]
+    sites = ["hook_embed", "hook_resid_final"]
     for l in range(eng.spec.n_layers):
         sites += [f"blocks.{l}.{s}" for s in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                                              "mlp.hook_post", "attn.hook_pattern")]
+                                              "mlp.hook_pre", "mlp.hook_post", "attn.hook_pattern")]
         torch.testing.assert_close(cache[f"blocks.{l}.attn.hook_z"].flatten(2), ref[f"blocks.{l}.z"], atol=1e-5,
                                    rtol=0)
+        if not eng.spec.parallel_residual:  # between attention and MLP: input + what attention wrote
+            mid = ref[f"blocks.{l}.hook_resid_pre"] + ref[f"blocks.{l}.hook_attn_out"]
+            torch.testing.assert_close(cache[f"blocks.{l}.hook_resid_mid"], mid, atol=1e-5, rtol=0)
     for s in sites:
         # (OPT's plain block flattens positions inside the MLP: same numbers, [b*s, ...])
         torch.testing.assert_close(cache[s].reshape(ref[s].shape), ref[s], atol=1e-5, rtol=0,
