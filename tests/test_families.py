@@ -318,3 +318,15 @@ def test_served_over_the_real_mcp_client(family, tiny_dirs, tmp_path):
             assert not abl.is_error and abl.structured_content["before"] == pytest.approx(attr["metric"], abs=1e-5)
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_trace_reconstructs_a_neurons_preactivation(family, tiny_engines):
+    eng = tiny_engines[family]
+    ids = eng.to_tokens(PROMPT)
+    with torch.no_grad():
+        _, cache = eng.run_with_cache(ids, ["blocks.1.mlp.hook_pre"])
+    t = ids.shape[1] - 3
+    r = trace_upstream(eng, PROMPT, f"L1.N5@{t}", top_k=None)
+    assert r.value == pytest.approx(cache["blocks.1.mlp.hook_pre"][0, t, 5].item(), abs=1e-5)
+    assert r.sum_of_edges["direct"] + sum(r.unattributed.values()) == pytest.approx(r.value, abs=1e-4)
