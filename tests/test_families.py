@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from tdb_agent.ops.ablate import ablate
 from tdb_agent.ops.attribute import attribute
 from tdb_agent.ops.trace import trace_upstream
-from tests.tiny_models import ALL_FAMILIES
+from tests.tiny_models import ALL_FAMILIES, model_type
 
 PROMPT = "When Mary and John went to the store , John gave a drink to Mary and then John went"
 GEMMA = ("gemma", "gemma2", "gemma3_text")
@@ -77,6 +77,7 @@ def final_norm(model):
 
 def writers(family, block):
     """The modules whose outputs are what attention and MLP add to the residual stream."""
+    family = model_type(family)
     if family in POST_NORMS:
         return [getattr(block, n) for n in POST_NORMS[family]]
     return [attn_module(block), getattr(block, "mlp", None) or block.fc2]
@@ -157,6 +158,7 @@ def test_forward_and_every_site_match_plain_transformers(family, tiny_engines, p
 def _hand_gradient(family, model, x, t, d):
     """∂(logit[t] − logit[d])/∂x at the final residual x, the final norm's scale frozen,
     through the logit scale and soft-cap of the family: written out by hand."""
+    family = model_type(family)
     norm, head = final_norm(model), model.get_output_embeddings()
     eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
     x = x.detach().clone().requires_grad_(True)
@@ -179,6 +181,7 @@ def _hand_gradient(family, model, x, t, d):
 
 def _post_factor(family, block, raw):
     """What the frozen post-norm after attention multiplies the raw output by (1 without one)."""
+    family = model_type(family)
     if family not in POST_NORMS:
         return torch.ones(())
     norm = getattr(block, POST_NORMS[family][0])

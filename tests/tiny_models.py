@@ -68,11 +68,22 @@ def _config(family: str, vocab: int):
         return tf.OPTForCausalLM, tf.OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=48,
                                                num_attention_heads=4, max_position_embeddings=64,
                                                word_embed_proj_dim=32, dropout=0, attention_dropout=0)
-    if family == "falcon":
+    if family == "falcon":  # Falcon-7B: parallel on one LayerNorm, multi-query
         return tf.FalconForCausalLM, tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                                                      num_attention_heads=4, multi_query=True, parallel_attn=True,
                                                      new_decoder_architecture=False, alibi=False, bias=True,
                                                      max_position_embeddings=64)
+    if family == "falcon:new":  # Falcon-40B/180B: two LayerNorms, grouped-query
+        return tf.FalconForCausalLM, tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, num_kv_heads=2, alibi=False, bias=False,
+                                                     new_decoder_architecture=True, max_position_embeddings=64)
+    if family == "falcon:sequential":
+        return tf.FalconForCausalLM, tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, multi_query=False, parallel_attn=False,
+                                                     new_decoder_architecture=False, alibi=False, bias=True,
+                                                     max_position_embeddings=64)
+    if family == "stablelm:parallel":
+        return tf.StableLmForCausalLM, tf.StableLmConfig(**rotary, num_key_value_heads=4, use_parallel_residual=True)
     if family == "cohere":
         return tf.CohereForCausalLM, tf.CohereConfig(**rotary, num_key_value_heads=2, logit_scale=0.5,
                                                      use_qk_norm=False)
@@ -82,7 +93,13 @@ def _config(family: str, vocab: int):
 FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral"]
 EXTRA_FAMILIES = ["gemma", "gemma2", "qwen3", "olmo2", "phi3", "gemma3_text", "stablelm", "gpt_neo", "gptj",
                   "opt", "falcon", "cohere"]
-ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
+# other configurations of a family (name:variant), with their own code paths in the adapter
+VARIANTS = ["falcon:new", "falcon:sequential", "stablelm:parallel"]
+ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES + VARIANTS
+
+
+def model_type(family: str) -> str:
+    return family.split(":")[0]
 
 
 def build_tiny(family: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
