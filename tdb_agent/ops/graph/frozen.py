@@ -25,44 +25,46 @@ from dataclasses import dataclass, field
 import torch
 
 from tdb_agent.engine import Engine
+from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
 from tdb_agent.errors import TdbError
 
 
 def norm_modules(engine: Engine) -> dict[str, torch.nn.Module]:
+    """The blocks' norms on the paths the graph follows (ln1, ln2, post-attention norms);
+    the final norm is frozen through the engine's sites (it may not run as a module)."""
     a = engine.adapter
     mods = {}
     for l in range(engine.spec.n_layers):
-        mods[f"L{l}.ln1"], mods[f"L{l}.ln2"] = a.ln1(l), a.ln2(l)
-    mods["final"] = a.final_norm()
+        for name, mod in (("ln1", a.ln1(l)), ("ln2", a.ln2(l)), ("post_attn", a.post_attn_norm(l))):
+            if mod is not None:
+                mods[f"L{l}.{name}"] = mod
     return mods
 
 
-def _eps(mod) -> float:
-    for name in ("eps", "variance_epsilon"):
-        v = getattr(mod, name, None)
-        if v is not None:
-            return float(v)
-    return 1e-5
+def freeze_hooks(engine: Engine, clean: "CleanState", engine_hooks: dict) -> list:
+    """Add to `engine_hooks` the clean attention patterns and the frozen final norm (last
+    position); return the (module, hook) pairs that freeze the blocks' norms."""
+    final = engine.adapter.final_norm()
+    resid: dict[int, torch.Tensor] = {}
+    engine_hooks.setdefault("hook_resid_final", []).append(lambda x, s: resid.__setitem__(0, x))
+    engine_hooks.setdefault("ln_final.hook_normalized", []).append(
+        lambda x, s: frozen_norm(engine, final, resid[0][:, -1:], clean.scales["final"]).to(x.dtype))
+    for l, pat in clean.patterns.items():
+        engine_hooks.setdefault(f"blocks.{l}.attn.hook_pattern", []).append(
+            lambda x, s, pat=pat: pat.expand(x.shape[0], -1, -1, -1))
+
+    def freeze(key):
+        return lambda mod, args, out: frozen_norm(engine, mod, args[0], clean.scales[key])
+    return [(m, freeze(k)) for k, m in norm_modules(engine).items()]
 
 
-def norm_scale(engine: Engine, mod, x: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    var = xf.var(-1, keepdim=True, unbiased=False) if engine.spec.norm == "layernorm" else xf.pow(2).mean(-1, keepdim=True)
-    return torch.rsqrt(var + _eps(mod))
+def scale_of(engine: Engine, mod, x: torch.Tensor) -> torch.Tensor:
+    return norm_scale(x, engine.spec.norm, norm_eps(mod))
 
 
 def frozen_norm(engine: Engine, mod, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The norm with its scale frozen: affine in x."""
-    xf = x.float()
-    if engine.spec.norm == "layernorm":
-        xf = xf - xf.mean(-1, keepdim=True)
-    y = xf * scale
-    w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
-    if w is not None:
-        y = y * w.float()
-    if b is not None:
-        y = y + b.float()
-    return y.to(x.dtype)
+    """The norm with its scale frozen at `scale`: affine in x."""
+    return apply_norm(engine.adapter, mod, x, engine.spec.norm, frozen=True, scale=scale).to(x.dtype)
 
 
 @contextmanager
@@ -154,7 +156,9 @@ class Replacement:
         e = self.engine
         scales, patterns, scores, reads, mlp_out, resid_post = {}, {}, {}, {}, {}, {}
         emb = {}
-        hooks: dict[str, list] = {"blocks.0.hook_resid_pre": [lambda x, s: emb.__setitem__(0, x[0])]}
+        hooks: dict[str, list] = {"blocks.0.hook_resid_pre": [lambda x, s: emb.__setitem__(0, x[0])],
+                                  "hook_resid_final": [lambda x, s: scales.__setitem__(
+                                      "final", scale_of(e, e.adapter.final_norm(), x[:, -1:]))]}
         for l in range(e.spec.n_layers):
             hooks.setdefault(f"blocks.{l}.attn.hook_pattern", []).append(
                 lambda x, s, l=l: patterns.__setitem__(l, x))
@@ -169,7 +173,7 @@ class Replacement:
 
         def grab(key):
             def fn(mod, args, out):
-                scales[key] = norm_scale(e, mod, args[0])
+                scales[key] = scale_of(e, mod, args[0])
             return fn
         with module_hooks([(m, grab(k)) for k, m in norm_modules(e).items()]):
             out = e.forward(ids, hooks=hooks, logit_positions=[-1])
@@ -184,9 +188,7 @@ class Replacement:
         e, c = self.engine, self.clean
         reads: dict[int, torch.Tensor] = {}
         hooks: dict[str, list] = {"blocks.0.hook_resid_pre": [lambda x, s: leaves["emb"]]}
-        for l in range(e.spec.n_layers):
-            hooks[f"blocks.{l}.attn.hook_pattern"] = [
-                lambda x, s, l=l: c.patterns[l].expand(x.shape[0], -1, -1, -1)]
+        norms = freeze_hooks(e, c, hooks)
         for l, d in self.dicts.items():
             hooks.setdefault(d.read, []).append(lambda x, s, l=l: reads.__setitem__(l, x))
         for o in self.mlp_layers:
@@ -202,13 +204,8 @@ class Replacement:
                 lambda x, s, l=l: leaves[("res", l)] + self.out_bias(l))
         for site, fns in (extra_hooks or {}).items():
             hooks.setdefault(site, []).extend(fns if isinstance(fns, list) else [fns])
-
-        def freeze(key):
-            def fn(mod, args, out):
-                return frozen_norm(e, mod, args[0], c.scales[key])
-            return fn
         ids = c.ids.expand(batch, -1)
-        with module_hooks([(m, freeze(k)) for k, m in norm_modules(e).items()]):
+        with module_hooks(norms):
             out = e.forward(ids, hooks=hooks, logit_positions=[-1], logit_ids=logit_ids)
         return out.logits[:, -1], reads
 

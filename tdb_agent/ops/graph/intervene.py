@@ -22,7 +22,7 @@ from tdb_agent.components import Component
 from tdb_agent.errors import TdbError
 from tdb_agent.ops import sae_ops, transcoder_ops
 from tdb_agent.ops.graph.build import AttributionGraph
-from tdb_agent.ops.graph.frozen import frozen_norm, module_hooks, norm_modules
+from tdb_agent.ops.graph.frozen import freeze_hooks, module_hooks
 from tdb_agent.ops.graph.query import col_tid
 
 
@@ -77,12 +77,7 @@ def measure(graph: AttributionGraph, cols: list[int], row: int, freeze: bool) ->
     ln = graph.logits[row - len(graph.rows)]
 
     def value(hooks):
-        norms = []
-        if freeze:
-            for l, pat in rep.clean.patterns.items():
-                hooks.setdefault(f"blocks.{l}.attn.hook_pattern", []).append(lambda x, s, pat=pat: pat)
-            norms = [(m, lambda mod, a, out, k=k: frozen_norm(e, mod, a[0], rep.clean.scales[k]))
-                     for k, m in norm_modules(e).items()]
+        norms = freeze_hooks(e, rep.clean, hooks) if freeze else []
         with module_hooks(norms):
             logits = e.forward(rep.clean.ids, hooks=hooks, logit_positions=[-1], logit_ids=ids).logits[0, -1]
         return float(sum(cf * logits[ids.index(t)] for t, cf in zip(ln.token_ids, ln.coef)))
