@@ -17,8 +17,8 @@ from tdb_agent.server.prompts import PROMPTS_DIR, register_prompts
 from tdb_agent.server.resources import register_resources
 from tdb_agent.server.sae_tools import register_sae_tools
 from tdb_agent.server.tools import add_tools
-from tdb_agent.service.catalog import MODEL_TOOLS
-from tdb_agent.service.graph_tools import TOOLS as GRAPH_TOOLS, has_graph_features
+from tdb_agent.service.catalog import GRAPH_TOOLS, MODEL_TOOLS
+from tdb_agent.service.graph_tools import has_graph_features
 from tdb_agent.service.examples import attach_dataset
 from tdb_agent.workbench import Workbench
 
