@@ -198,3 +198,23 @@ def test_intervention_on_a_last_layer_feature_is_exact(tiny_engines, family):
         assert abs(r.predicted_direct) > 1e-2
         assert r.measured_frozen == pytest.approx(r.predicted_direct, abs=1e-4)
         assert r.predicted_total == pytest.approx(r.predicted_direct, abs=1e-6)
+
+
+def test_feature_cap_keeps_rows_exact(tiny_engines):
+    """With max_feature_nodes below the active count, the expanded rows are the same rows as
+    in the full graph (edges do not depend on which rows are computed), chosen by influence,
+    and the memory estimate refuses what would not fit."""
+    e = tiny_engines["gpt2"]
+    with attached(e, random_transcoders(e)):
+        full = build_graph(e, PROMPT, GraphTarget(kind="logit", token="dog"), batch_size=16)
+        cap = build_graph(e, PROMPT, GraphTarget(kind="logit", token="dog"), batch_size=5, max_feature_nodes=20)
+        assert cap.stats["expanded_features"] == 20 < full.src.n_feat
+        for r, col in enumerate(cap.rows.tolist()):
+            torch.testing.assert_close(cap.adjacency[r], full.adjacency[full.row_of_feature(col)], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cap.adjacency[-1], full.adjacency[-1], atol=1e-5, rtol=1e-5)
+        # the first rows expanded are the features with the strongest direct edges into the target
+        direct = full.adjacency[-1, : full.src.n_feat].abs()
+        first = set(cap.rows[:5].tolist())
+        assert first == set(direct.topk(5).indices.tolist())
+        with pytest.raises(Exception, match="GiB"):
+            build_graph(e, PROMPT, GraphTarget(kind="logit", token="dog"), max_bytes=1000)
