@@ -16,7 +16,7 @@ from tdb_agent.workbench import Workbench
 from tests.test_graph import attached, random_transcoders
 from tests.test_server_tools import P
 
-GRAPH_TOOLS = {"attribution_graph", "graph_edge_heads", "graph_qk", "graph_export", "graph_intervene"}
+GRAPH_TOOLS = {"attribution_graph", "graph_node", "graph_edge_heads", "graph_qk", "graph_export", "graph_intervene"}
 
 
 def test_graph_tools_over_mcp(tiny_engines, tmp_path):
@@ -41,6 +41,14 @@ def test_graph_tools_over_mcp(tiny_engines, tmp_path):
             assert 0 <= g["completeness_score"] <= 1 and g["completeness_residual"] < 1e-3
             assert g["paths"] and all(p[-1] == "LOGIT[Mary - John]" for p in g["paths"])
             src = g["top_edges_into_target"][0]["source"]
+            nd = await c.call_tool("graph_node", {"name": "ioi", "node": "LOGIT", "top_k": 200})
+            assert not nd.is_error, nd.content
+            n = nd.structured_content
+            jsonschema.validate(n, tools["graph_node"].output_schema)
+            # value = bias + every input (top_k covers them all on this tiny graph)
+            assert n["bias"] + sum(x["weight"] for x in n["inputs"]) == pytest.approx(n["value"], abs=1e-4)
+            out = (await c.call_tool("graph_node", {"name": "ioi", "node": src})).structured_content
+            assert any(x["target"] == "LOGIT[Mary - John]" for x in out["outputs"])
             h = await c.call_tool("graph_edge_heads", {"name": "ioi", "source": src, "target": "LOGIT"})
             assert not h.is_error, h.content
             hs = h.structured_content

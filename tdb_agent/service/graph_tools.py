@@ -243,6 +243,50 @@ def graph_export(bench: Workbench, args: ExportArgs, job: Job) -> ExportResult:
     return ExportResult(path=str(out), nodes=len(data["nodes"]), links=len(data["links"]), problems=validate(data))
 
 
+class NodeArgs(ToolArgs):
+    name: GraphName
+    node: NodeId
+    top_k: TopK(10, "edges to list each way")
+
+
+class NodeResult(BaseModel):
+    node: str
+    activation: float | None = Field(description="a feature's activation (None for other nodes)")
+    value: float | None = Field(description="its pre-activation (features) or value (targets), when its inputs "
+                                "were computed")
+    bias: float | None = Field(description="its value with every source at zero: value = bias + sum of inputs")
+    inputs: list[GraphEdge] = Field(description="strongest incoming edges (empty if not expanded)")
+    outputs: list[GraphEdge] = Field(description="strongest outgoing edges into expanded nodes and targets")
+
+
+def graph_node(bench: Workbench, args: NodeArgs, job: Job) -> NodeResult:
+    """What feeds this graph node and what does it feed? Its strongest incoming and outgoing
+    edges, its activation, and its value = bias + the sum of all its inputs. Example:
+    graph_node(name="ioi", node="LOGIT")"""
+    g = _graph(bench, args.name)
+    src = g.src
+    row = find_row(g, args.node) if args.node.startswith("LOGIT") else None
+    col = None if row is not None else find_col(g, args.node)
+    if col is not None:
+        row = g.row_of_feature(col) if col < src.n_feat else None
+    k = args.top_k
+    inputs, outputs = [], []
+    if row is not None:
+        a = g.adjacency[row]
+        for c in a.abs().topk(min(k, a.numel())).indices.tolist():
+            if float(a[c]) != 0:
+                inputs.append(GraphEdge(source=col_tid(g, c), target=row_tid(g, row), weight=float(a[c])))
+    if col is not None:
+        a = g.adjacency[:, col]
+        for r in a.abs().topk(min(k, a.numel())).indices.tolist():
+            if float(a[r]) != 0:
+                outputs.append(GraphEdge(source=col_tid(g, col), target=row_tid(g, r), weight=float(a[r])))
+    act = float(src.feat_act[col]) if col is not None and col < src.n_feat else None
+    return NodeResult(node=row_tid(g, row) if row is not None else col_tid(g, col), activation=act,
+                      value=None if row is None else float(g.value[row]),
+                      bias=None if row is None else float(g.bias[row]), inputs=inputs, outputs=outputs)
+
+
 class InterveneArgs(ToolArgs):
     name: GraphName
     nodes: Annotated[list[NodeId], Field(min_length=1, max_length=256, description="feature nodes to zero")]
@@ -261,6 +305,7 @@ def graph_intervene(bench: Workbench, args: InterveneArgs, job: Job) -> Interven
 
 TOOLS: list[Tool] = [
     Tool("attribution_graph", GraphArgs, attribution_graph, WRITES_RESULT, long=True),
+    Tool("graph_node", NodeArgs, graph_node, READ_ONLY),
     Tool("graph_edge_heads", EdgeHeadsArgs, graph_edge_heads, READ_ONLY, long=True),
     Tool("graph_qk", QKArgs, graph_qk, READ_ONLY),
     Tool("graph_export", ExportArgs, graph_export, WRITES_RESULT),
