@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from tdb_agent.engine import Engine
 from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.graph.frozen import Replacement
+from tdb_agent.ops.graph.influence import row_influence
 from tdb_agent.ops.graph.nodes import Sources, edge_block, find_sources
 
 
@@ -107,45 +108,45 @@ def estimate_bytes(engine: Engine, n_pos: int, n_cols: int, n_rows: int, batch: 
     return 4 * (n_rows * n_cols + batch * per_copy)
 
 
+def _feature_pre(rep: Replacement, src: Sources, reads: dict, copies: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Pre-activation of feature `cols[k]` read in frozen-run copy `copies[k]`, vectorised per layer."""
+    f = src.feat[cols]
+    out = torch.zeros(len(cols), device=src.feat.device)
+    for l in f[:, 0].unique().tolist():
+        d = rep.dicts[l]
+        m = f[:, 0] == l
+        x = reads[l][copies[m], f[m, 1]]
+        if d.in_offset is not None:
+            x = x - d.in_offset
+        out = out.index_put((m.nonzero(as_tuple=True)[0],), ((x * d.W_enc[:, f[m, 2]].T).sum(-1) + d.b_enc[f[m, 2]]).float())
+    return out
+
+
+def _logit_value(logits: torch.Tensor, copy: int, ln: LogitNode, logit_ids: list[int]) -> torch.Tensor:
+    return sum(cf * logits[copy, logit_ids.index(t)] for t, cf in zip(ln.token_ids, ln.coef))
+
+
 def _objective(rep: Replacement, src: Sources, reads: dict, logits: torch.Tensor, tgt: list, lnodes: list[LogitNode],
                logit_ids: list[int]) -> torch.Tensor:
     """Sum over copies b of copy b's target: a feature's pre-activation or a logit target."""
     total = logits.new_zeros(())
     for b, t in enumerate(tgt):
         if t[0] == "logit":
-            ln = lnodes[t[1]]
-            for tok, cf in zip(ln.token_ids, ln.coef):
-                total = total + cf * logits[b, logit_ids.index(tok)]
+            total = total + _logit_value(logits, b, lnodes[t[1]], logit_ids)
     feats = [(b, t[1]) for b, t in enumerate(tgt) if t[0] == "feat"]
     if feats:
-        rows = torch.tensor([b for b, _ in feats], device=src.feat.device)
-        cols = torch.tensor([c for _, c in feats], device=src.feat.device)
-        f = src.feat[cols]
-        for l in f[:, 0].unique().tolist():
-            d = rep.dicts[l]
-            m = f[:, 0] == l
-            x = reads[l][rows[m], f[m, 1]]
-            if d.in_offset is not None:
-                x = x - d.in_offset
-            total = total + ((x * d.W_enc[:, f[m, 2]].T).sum(-1) + d.b_enc[f[m, 2]]).sum()
+        dev = src.feat.device
+        copies = torch.tensor([b for b, _ in feats], device=dev)
+        total = total + _feature_pre(rep, src, reads, copies, torch.tensor([c for _, c in feats], device=dev)).sum()
     return total
 
 
 def target_values(rep: Replacement, src: Sources, reads: dict, logits: torch.Tensor, feat_cols: torch.Tensor,
                   lnodes: list[LogitNode], logit_ids: list[int]) -> torch.Tensor:
     """Per target, its value in copy 0 of a frozen run (features' pre-activations, then logits)."""
-    vals = []
-    f = src.feat[feat_cols]
-    for k in range(len(f)):
-        l, p, i = f[k].tolist()
-        d = rep.dicts[l]
-        x = reads[l][0, p]
-        if d.in_offset is not None:
-            x = x - d.in_offset
-        vals.append(x @ d.W_enc[:, i] + d.b_enc[i])
-    for ln in lnodes:
-        vals.append(sum(cf * logits[0, logit_ids.index(t)] for t, cf in zip(ln.token_ids, ln.coef)))
-    return torch.stack([v.float() for v in vals]) if vals else torch.zeros(0)
+    feats = _feature_pre(rep, src, reads, torch.zeros_like(feat_cols), feat_cols)
+    tail = [_logit_value(logits, 0, ln, logit_ids).float().reshape(1) for ln in lnodes]
+    return torch.cat([feats] + tail)
 
 
 def build_graph(engine: Engine, prompt: str, target: GraphTarget | None = None, *, max_feature_nodes: int = 4096,
@@ -225,8 +226,6 @@ def _next_features(src: Sources, rows_out: list, tgts: list, lnodes: list[LogitN
                    k: int) -> list:
     """The k not-yet-expanded features of highest influence on the targets, estimated on the
     rows computed so far (influence flows back through expanded features only)."""
-    from tdb_agent.ops.graph.influence import row_influence
-
     adj = torch.cat(rows_out)
     weights = torch.zeros(len(tgts), device=adj.device)
     row_cols = torch.full((len(tgts),), -1, dtype=torch.long, device=adj.device)
