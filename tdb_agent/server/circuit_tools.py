@@ -101,7 +101,7 @@ def register_circuit_tools(mcp: MCPServer, bench: Workbench) -> None:
         return await run_long_tool(bench, ctx, what, lambda progress, stop: _readable(lambda: fn(progress, stop)))
 
     engine = bench.engine
-    store = CircuitStore(bench.circuits, bench.workspace)
+    store = CircuitStore(bench.circuits, bench.workspace, bench.limits)
     store.load_saved()
 
     def saved(name: str) -> SavedCircuit:
@@ -265,7 +265,8 @@ def register_circuit_tools(mcp: MCPServer, bench: Workbench) -> None:
             g = store.get(name)
             with store.lock:
                 r = C.prune(engine, g, threshold=threshold, mode=mode, modes=modes, protect=protect,
-                            cache=bench.cache, batch_size=bench.limits.batch_size, should_stop=should_stop)
+                            cache=bench.cache, batch_size=bench.limits.batch_size, should_stop=should_stop,
+                            max_rows=bench.limits.max_prune_rows, progress=progress)
                 h = C.pruned_circuit(g, r, name=target)
                 C.validate(engine, h, mode=r.mode, cache=bench.cache, batch_size=bench.limits.batch_size,
                            should_stop=should_stop)
