@@ -39,7 +39,7 @@ class Limits(BaseModel):
     max_evidence: int = Field(16, ge=1, description="evidence items kept per circuit node or edge (repeats "
                               "dropped, the newest kept)")
     max_prune_rows: int = Field(100_000, ge=1, description="most prompt forward rows one circuit_prune may run, "
-                                "estimated before it starts as modes x pairs x (1 + n(n+1)/2) for n prunable nodes")
+                                "estimated before it starts as modes x pairs x (3 + n(n+1)/2) for n prunable nodes")
 
 
 PageSection = Callable[[Component], Any]

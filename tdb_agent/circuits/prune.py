@@ -67,8 +67,9 @@ def prunable(g: nx.DiGraph, protect: Iterable[str] = ()) -> list[str]:
 
 
 def prune_rows(n_prunable: int, n_pairs: int, n_modes: int = 1) -> int:
-    """Worst-case prompt rows of a pruning: the start, then step k tries the n - k + 1 left."""
-    return n_modes * n_pairs * (1 + n_prunable * (n_prunable + 1) // 2)
+    """Worst-case prompt rows of a pruning: the full model, the empty circuit and the start,
+    then step k tries the n - k + 1 nodes left."""
+    return n_modes * n_pairs * (3 + n_prunable * (n_prunable + 1) // 2)
 
 
 def prune(engine: Engine, g: nx.DiGraph, threshold: float = 0.8, pairs: list[PromptPair] | Behaviour | None = None,
@@ -94,7 +95,7 @@ def prune(engine: Engine, g: nx.DiGraph, threshold: float = 0.8, pairs: list[Pro
     if max_rows is not None and worst > max_rows:
         raise LimitExceeded(
             f"pruning {len(prunable(g, protected))} prunable nodes over {n_pairs} pairs and {len(modes)} mode(s) may "
-            f"run up to {worst:,} prompt rows (modes x pairs x (1 + n(n+1)/2)), over the limit "
+            f"run up to {worst:,} prompt rows (modes x pairs x (3 + n(n+1)/2)), over the limit "
             f"max_prune_rows={max_rows:,} (set by `tdb-agent serve {flag('max_prune_rows')}`): protect nodes you "
             "keep anyway, remove ones validation shows unneeded, or use fewer pairs")
     evs = {}
