@@ -24,14 +24,34 @@ def _sse_messages(lines):
             yield json.loads(line[5:])
 
 
+def _session(raw, url):
+    """Initialize a raw MCP session; the headers its later requests carry."""
+    init = raw.post(url, json=INIT, headers=MCP_HEADERS)
+    headers = {**MCP_HEADERS, "mcp-session-id": init.headers["mcp-session-id"],
+               "mcp-protocol-version": "2025-06-18"}
+    raw.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+    return headers
+
+
+def _call_raw(raw, url, headers, body: str):
+    """POST a request body exactly as given (JSON a Python client would never write); the reply."""
+    resp = raw.post(url, content=body.encode(), headers=headers)
+    if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        return [m for m in _sse_messages(resp.text.splitlines()) if "id" in m][-1]
+    return resp.json()
+
+
+def _strict(text):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_dropped_http_connection_stops_the_call_and_frees_the_engine(tiny_dirs, tmp_path):
     with http_server(tiny_dirs["gpt2"], tmp_path, "--batch-size", "1") as (port, _):
         url = f"http://127.0.0.1:{port}/mcp"
         with httpx.Client(timeout=60) as raw:
-            init = raw.post(url, json=INIT, headers=MCP_HEADERS)
-            sid = init.headers["mcp-session-id"]
-            headers = {**MCP_HEADERS, "mcp-session-id": sid, "mcp-protocol-version": "2025-06-18"}
-            raw.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+            headers = _session(raw, url)
             call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                     "params": {"name": "ablation_sweep", "arguments": SWEEP, "_meta": {"progressToken": 7}}}
             with raw.stream("POST", url, json=call, headers=headers) as resp:
@@ -50,6 +70,45 @@ def test_dropped_http_connection_stops_the_call_and_frees_the_engine(tiny_dirs, 
         stderr = (tmp_path / "stderr.txt").read_text()
         # the stop flag was set while the sweep was running (the watcher lives only as long as the work)
         assert GONE in stderr
+
+
+def test_non_finite_numbers_over_raw_http_never_reach_the_workspace(tiny_dirs, tmp_path):
+    """`1e999` is a valid JSON number that parses as infinity; `NaN` / `Infinity` are what some
+    clients emit. Every call is refused (or stored without them), and after every call each file
+    in the workspace is standard JSON and the circuit still shows."""
+    ws = tmp_path / "ws"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TDB_WORKSPACE": str(ws)}
+    env.pop("TDB_AGENT_TOKEN", None)
+    add = ('{"jsonrpc": "2.0", "id": %d, "method": "tools/call", "params": {"name": "circuit_add", '
+           '"arguments": {"name": "c", "nodes": %s, "edges": %s}}}')
+    bodies = [add % (10, '[{"id": "L0.H1", "effect": 1e999}]', "[]"),
+              add % (11, '[{"id": "L0.H1", "effect": -1e999}]', "[]"),
+              add % (12, '[{"id": "L0.H1", "effect": NaN}]', "[]"),
+              add % (13, '[{"id": "L0.H1", "effect": Infinity}]', "[]"),
+              add % (14, '[{"id": "L0.H1", "evidence": [{"tool": "t", "value": {"x": 1e999}}]}]', "[]"),
+              add % (15, "[]", '[{"source": "EMB", "target": "LOGITS", "weight": 1e999}]'),
+              add % (16, "[]", '[{"source": "EMB", "target": "LOGITS", "evidence": [{"tool": "t", "args": '
+                     '{"k": -1e999}}]}]')]
+    with http_server(tiny_dirs["gpt2"], tmp_path, env=env) as (port, _):
+        url = f"http://127.0.0.1:{port}/mcp"
+        with httpx.Client(timeout=60) as raw:
+            headers = _session(raw, url)
+            made = _call_raw(raw, url, headers, json.dumps(
+                {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                 "params": {"name": "circuit_create", "arguments": {"name": "c", "task": "ioi", "n_pairs": 2}}}))
+            assert not made["result"].get("isError"), made
+            path = ws / "circuits" / "c.json"
+            before = path.read_bytes()
+            for body in bodies:
+                reply = _call_raw(raw, url, headers, body)
+                assert "error" in reply or reply["result"].get("isError"), (body, reply)
+                assert path.read_bytes() == before, body
+                for f in ws.rglob("*.json"):
+                    _strict(f.read_text())
+                show = _call_raw(raw, url, headers, json.dumps(
+                    {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                     "params": {"name": "circuit_show", "arguments": {"name": "c"}}}))
+                assert not show["result"].get("isError"), show
 
 
 def _stdio(model_dir, workspace) -> StdioServerParameters:
