@@ -8,6 +8,7 @@ import os
 import sys
 
 import httpx
+import pytest
 from mcp import Client, StdioServerParameters
 
 from tests.test_server_http import INIT, MCP_HEADERS, http_server
@@ -165,3 +166,45 @@ def test_malformed_circuit_files_do_not_stop_the_http_server(tiny_dirs, tmp_path
         stderr = (tmp_path / "stderr.txt").read_text()
         for name in bad:  # each skipped file is named in a warning
             assert name in stderr, name
+
+
+@pytest.mark.slow  # two servers start (about 30 s on a loaded 2-core machine); test_circuits_reliability has a
+# fast two-process test of the store itself
+def test_two_servers_on_one_workspace_keep_every_acknowledged_write(tiny_dirs, tmp_path):
+    """Two real stdio servers edit one circuit and race to create the same names: every
+    acknowledged circuit_add is in the final file, and each name is created by exactly one."""
+    n = 12
+
+    async def server(who, ready, go):
+        async with Client(_stdio(tiny_dirs["gpt2"], tmp_path), read_timeout_seconds=120) as c:
+            ready.set()
+            await go.wait()
+            acked, created = [], []
+            for i in range(n):
+                r = await c.call_tool("circuit_add", {"name": "shared", "nodes": [{"id": f"L{who}.N{i}"}]})
+                if not r.is_error:
+                    acked.append(f"L{who}.N{i}")
+                r = await c.call_tool("circuit_create", {"name": f"race{i}", "task": "ioi", "n_pairs": 1,
+                                                         "description": str(who)})
+                if not r.is_error:
+                    created.append(i)
+                else:
+                    assert "exists" in r.content[0].text, r.content[0].text
+            return acked, created
+
+    async def main():
+        from tdb_agent import circuits as C
+        from tdb_agent.circuits.store import CircuitStore
+        CircuitStore({}, tmp_path).put("shared", C.new_circuit("shared"))
+        go, readies = asyncio.Event(), [asyncio.Event(), asyncio.Event()]
+        tasks = [asyncio.create_task(server(w, readies[w], go)) for w in (0, 1)]
+        for r in readies:
+            await r.wait()
+        go.set()
+        return await asyncio.gather(*tasks)
+
+    (acked0, created0), (acked1, created1) = asyncio.run(main())
+    assert len(acked0) == len(acked1) == n
+    final = _strict((tmp_path / "circuits" / "shared.json").read_text())
+    assert {x["id"] for x in final["nodes"]} == {"LOGITS", *acked0, *acked1}
+    assert sorted(created0 + created1) == list(range(n))
