@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tdb_agent.agent.runstore import RunStore
 
 
@@ -97,3 +99,32 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     resumed = RunStore(tmp_path)
     resumed.append("tool_call", tool="predict", args={"i": 7}, result={})
     assert [e["args"]["i"] for e in RunStore(tmp_path).events()] == list(range(8))
+
+
+@pytest.mark.slow  # a whole discover run and a resumed one (about 40 s)
+def test_a_discover_run_with_a_torn_last_line_resumes(tiny_dirs, tmp_path):
+    """The run folder a kill inside a transcript write leaves: the events before the tear are
+    all kept, in order, and the resumed run's events follow them on whole lines. (That the
+    replayed calls are not logged twice is the planner's part of item 6.)"""
+    import asyncio
+
+    from tdb_agent.agent import discover
+    from tdb_agent.agent.runstore import RunConfig
+    from tests.test_discover import _discover_cmd, _interrupt
+
+    out = tmp_path / "run"
+    cfg = RunConfig(task="ioi", planner="scripted", model=str(tiny_dirs["gpt2"]))
+    asyncio.run(discover.run(cfg, out, echo=lambda m: None))
+    n_kept = _interrupt(out)
+    kept = RunStore(out).events()
+    with open(out / "transcript.jsonl", "ab") as f:
+        f.write(b'{"step": %d, "time": 1.0, "kind": "tool_call", "tool": "circuit_a' % n_kept)  # torn
+    assert RunStore(out).events() == kept
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(_discover_cmd("--resume", str(out)), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    store = RunStore(out)
+    after = store.events()
+    assert store.bad_lines == []
+    assert after[:n_kept] == kept and len(after) > n_kept
+    assert [e["step"] for e in after] == list(range(len(after)))
