@@ -94,9 +94,7 @@ def attribution_graph(bench: Workbench, args: GraphArgs, job: Job) -> GraphResul
     rep, comp = scores(sq)
     bench.graphs[args.name] = g
     data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=(rep, comp))
-    out = bench.workspace / "exports" / "graphs" / f"{args.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data))
+    out = _save(bench, f"{args.name}.json", data)
     n_src = len(sq.cols)
     keep = p.node_mask[:n_src].nonzero(as_tuple=True)[0]
     order = keep[p.node_influence[keep].argsort(descending=True)][: args.top_k].tolist()
@@ -113,6 +111,14 @@ def attribution_graph(bench: Workbench, args: GraphArgs, job: Job) -> GraphResul
                        nodes=int(p.node_mask.sum()), edges=int(p.edge_mask.sum()), replacement_score=rep,
                        completeness_score=comp, completeness_residual=g.completeness_residual(), top_nodes=top_nodes,
                        top_edges_into_target=edges, paths=strongest_paths(g, row), export_path=str(out))
+
+
+def _save(bench: Workbench, filename: str, data: dict):
+    """Graph JSON under <workspace>/exports/graphs/ (docs/DESIGN.md §6)."""
+    out = bench.workspace / "exports" / "graphs" / filename
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data))
+    return out
 
 
 def _graph(bench: Workbench, name: str):
@@ -237,9 +243,7 @@ def graph_export(bench: Workbench, args: ExportArgs, job: Job) -> ExportResult:
     sq = square(g)
     p = prune(sq, args.node_threshold, args.edge_threshold) if args.pruned else None
     data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=scores(sq))
-    out = bench.workspace / "exports" / "graphs" / f"{args.name}{'' if args.pruned else '-full'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data))
+    out = _save(bench, f"{args.name}{'' if args.pruned else '-full'}.json", data)
     return ExportResult(path=str(out), nodes=len(data["nodes"]), links=len(data["links"]), problems=validate(data))
 
 
