@@ -179,3 +179,44 @@ def test_feature_component_page(tiny_engines):
         assert dec.matrix == "W_dec[L1.tc.F3] [32]" and dec.norm == pytest.approx(
             float(e.transcoders.layers[1].W_dec[3, 0].norm()), rel=1e-5)
         assert "attribution_graph" in page.related_tools
+
+
+def test_attribute_transcoder_features(tiny_engines):
+    """direct_effect of a last-layer feature = its graph edge into the logit difference (the
+    graph is checked against a hand-written forward in test_graph.py); act_times_grad with
+    reference zero = f_i · ∂metric/∂f_i, checked by a central finite difference."""
+    from tdb_agent.ops import attribute
+    from tdb_agent.ops.graph import GraphTarget, build_graph
+    from tdb_agent.ops.graph.query import col_tid
+
+    e = tiny_engines["gpt2"]
+    with attached(e, random_transcoders(e, n=16, seed=4)):
+        r = attribute(e, PROMPT, "dog", "cat", kinds=["transcoder"], top_k=None)
+        g = build_graph(e, PROMPT, GraphTarget(kind="logit_diff", token="dog", distractor="cat"))
+        last, L = g.n_pos - 1, e.spec.n_layers - 1
+        rows = {x.id: x.effect for x in r.rows}
+        checked = 0
+        for c in range(g.src.n_feat):
+            l, p, i = g.src.feat[c].tolist()
+            if l == L and p == last:
+                assert rows[f"L{l}.tc.F{i}"] == pytest.approx(float(g.adjacency[-1, c]), abs=1e-4), col_tid(g, c)
+                checked += 1
+        assert checked >= 2
+        a = attribute(e, PROMPT, "dog", "cat", method="act_times_grad", reference="zero", kinds=["transcoder"],
+                      per_position=True, top_k=3)
+        top = a.rows[0]
+        ids = e.to_tokens(PROMPT)
+        t, d = e.token_id("dog"), e.token_id("cat")
+
+        def metric(eps):
+            def bump(f):
+                f = f.clone()
+                f[0, top.position, top.index] += eps
+                return f
+            out = e.forward(ids, hooks=e.transcoders.splice_hooks({top.layer: [bump]})).logits[0, -1]
+            return float(out[t] - out[d])
+        cap = {}
+        e.forward(ids, hooks=e.transcoders.splice_hooks(capture=cap))
+        f = float(cap[top.layer][0, top.position, top.index])
+        grad = (metric(1e-2) - metric(-1e-2)) / 2e-2
+        assert top.effect == pytest.approx(f * grad, rel=1e-2, abs=1e-4) and abs(top.effect) > 1e-3

@@ -83,3 +83,47 @@ def steering_vector(engine: Engine, c: Component) -> tuple[str, torch.Tensor]:
     """A feature's decoder row into its own layer's MLP output."""
     tc = _tcs(engine).get(c.layer)
     return f"blocks.{c.layer}.hook_mlp_out", tc.W_dec[c.index, 0].to(engine.dtype)
+
+
+def direct_effects(engine: Engine, run: CleanRun, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """kind key 'transcoder@L{l}' -> [1, 1, d_tc]: f_i(last) · (sum over the MLP outputs it
+    writes of W_dec[i, o] · g), g = ∂metric/∂(final residual), final norm frozen."""
+    acts = feature_acts(engine, run.ids)
+    out = {}
+    for l, tc in _tcs(engine).layers.items():
+        dec = tc.W_dec.sum(1)  # every output it writes reaches the final residual directly
+        out[f"transcoder@L{l}"] = (acts[l][-1] * (dec @ g.to(dec.dtype)))[None, None]
+    return out
+
+
+def act_times_grad(engine: Engine, ids: torch.Tensor, metric, reference: str, corrupted: CleanRun | None,
+                   per_position: bool) -> dict[str, torch.Tensor]:
+    """kind key -> [s or 1, 1, d_tc]: (f - f_ref) · ∂metric/∂f, one forward and backward
+    with the transcoders spliced. ∂metric/∂f is the real model's: a zero-valued leaf is added
+    to each layer's features, so a change flows through its decoder rows and then through the
+    real MLPs downstream (later features are not held fixed; the forward value is unchanged)."""
+    tcs = _tcs(engine)
+    leaves: dict[int, torch.Tensor] = {}
+    feats: dict[int, torch.Tensor] = {}
+
+    def leaf(l):
+        def fn(f):
+            feats[l] = f.detach()
+            leaves[l] = torch.zeros_like(f).requires_grad_(True)
+            return f + leaves[l]
+        return fn
+    with torch.enable_grad():
+        out = engine.forward(ids, hooks=tcs.splice_hooks({l: [leaf(l)] for l in tcs.layers}),
+                             logit_positions=[-1], logit_ids=metric.logit_ids())
+        value = metric.from_logits(out.logits[:, -1])[0]
+        keys = list(leaves)
+        grads = torch.autograd.grad(value, [leaves[k] for k in keys], allow_unused=True)
+    refs = feature_means(engine) if reference == "mean" else (
+        feature_acts(engine, corrupted.ids) if reference == "corrupted" else {})
+    effects = {}
+    for l, gr in zip(keys, grads):
+        f = feats[l][0]
+        gr = torch.zeros_like(f) if gr is None else gr[0]
+        e = (f - refs[l] if l in refs else f) * gr
+        effects[f"transcoder@L{l}"] = e[:, None] if per_position else e.sum(0)[None, None]
+    return effects
