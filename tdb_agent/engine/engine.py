@@ -32,7 +32,7 @@ from difflib import get_close_matches
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from tdb_agent.engine import attention
@@ -42,6 +42,7 @@ from tdb_agent.engine.placement import Placement, execution_device, param, parse
     placement, to_device
 from tdb_agent.engine.sae import SAESet
 from tdb_agent.engine.spec import ModelSpec
+from tdb_agent.engine.weights import load_weights
 from tdb_agent.errors import ModelNotFound, PromptTooLong, TokenizationError, UnknownSite
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,9 @@ class Engine:
         {module: device} where device is a GPU index, "cpu" or "disk"); then `device` is
         ignored. max_memory ({0: "70GiB", "cpu": "100GiB"} or "0=70GiB,cpu=100GiB") caps
         each device; offload_folder holds weights mapped to "disk". A model that would not
-        fit raises `DoesNotFit` with the estimate before any weight is read."""
+        fit raises `DoesNotFit` with the estimate before any weight is read. Weights come from
+        model.safetensors where it exists; a .bin only through the weights-only unpickler
+        (engine/weights.py: anything else is refused with `UnsafeCheckpoint`)."""
         path = Path(model) if model is not None else DEFAULT_MODEL
         local = path.exists()
         if not local and not allow_download:
@@ -168,12 +171,11 @@ class Engine:
         device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
         dm = plan(src, DTYPES[dtype], device_map, max_memory, str(offload_folder) if offload_folder else None,
                   single_device=dev, local_files_only=not allow_download)
+        weights = dict(dtype=DTYPES[dtype], local_files_only=not allow_download)
         if dm is None:
-            mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype],
-                                                       local_files_only=not allow_download).to(dev)
+            mdl = load_weights(src, path if local else None, **weights).to(dev)
         else:
-            mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], local_files_only=not allow_download,
-                                                       device_map=dm, offload_folder=offload_folder)
+            mdl = load_weights(src, path if local else None, **weights, device_map=dm, offload_folder=offload_folder)
         log.info("loaded %s on %s (%s)", src, dev if dm is None else dm, dtype)
         return cls(mdl, tok, name=path.name if local else str(model))
 
