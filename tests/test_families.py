@@ -4,6 +4,8 @@ direct effects by hand, the sum check, a head's zero-ablation and trace_upstream
 reconstruction of an attention score. Tiny random models; prompts longer than every
 sliding window. Nothing here reads the engine to compute an expected value."""
 
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -153,6 +155,61 @@ def test_forward_and_every_site_match_plain_transformers(family, tiny_engines, p
         torch.testing.assert_close(cache[s].reshape(ref[s].shape), ref[s], atol=1e-5, rtol=0,
                                    msg=lambda m, s=s: f"{s}: {m}")
     assert eng.active_hook_count() == 0
+
+
+def attention_inputs(model, family, ids, monkeypatch):
+    """q, k, v of every layer as the plain model hands them to its own eager attention
+    ([b, heads, pos, d_head]: projections, q/k norms and rotary applied by transformers'
+    code), with the scaling and soft-cap it passes; and its attention patterns."""
+    seen = []
+    if model_type(family) == "gpt_neo":  # its _attn takes unscaled q, k, v
+        cls = type(attn_module(blocks(model)[0]).attention)
+        orig = cls._attn
+
+        def record_neo(self, q, k, v, mask=None):
+            seen.append(dict(q=q, k=k, v=v, scaling=1.0, softcap=None))
+            return orig(self, q, k, v, mask)
+        monkeypatch.setattr(cls, "_attn", record_neo)
+    else:
+        ns = sys.modules[type(model).__module__]
+        eager = ns.eager_attention_forward
+
+        def record(module, q, k, v, mask, **kw):
+            seen.append(dict(q=q, k=k, v=v, scaling=kw["scaling"], softcap=kw.get("softcap")))
+            return eager(module, q, k, v, mask, **kw)
+        monkeypatch.setattr(ns, "eager_attention_forward", record)
+    try:
+        with torch.no_grad():
+            patterns = model(ids, output_attentions=True).attentions
+    finally:
+        monkeypatch.undo()
+    return seen, patterns
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_q_k_v_and_scores_match_the_plain_models_attention(family, tiny_engines, plain, monkeypatch):
+    """hook_q/k/v are the plain model's own q, k, v (GQA keys not repeated); the scores are
+    q·k by hand, times the model's scaling, soft-capped, -inf exactly where it masks."""
+    eng, model = tiny_engines[family], plain(family)
+    ids = eng.to_tokens(PROMPT)
+    ref, patterns = attention_inputs(model, family, ids, monkeypatch)
+    assert len(ref) == eng.spec.n_layers
+    sites = [f"blocks.{l}.attn.{s}" for l in range(eng.spec.n_layers)
+             for s in ("hook_q", "hook_k", "hook_v", "hook_attn_scores")]
+    with torch.no_grad():
+        _, cache = eng.run_with_cache(ids, sites)
+    for l, r in enumerate(ref):
+        p = f"blocks.{l}.attn."
+        for name in ("q", "k", "v"):
+            torch.testing.assert_close(cache[p + "hook_" + name], r[name].transpose(1, 2), atol=1e-5, rtol=0,
+                                       msg=lambda m, n=name: f"L{l} {n}: {m}")
+        k = r["k"].repeat_interleave(r["q"].shape[1] // r["k"].shape[1], dim=1)
+        scores = (r["q"] @ k.transpose(-1, -2)) * r["scaling"]
+        if r["softcap"]:
+            scores = torch.tanh(scores / r["softcap"]) * r["softcap"]
+        got, shown = cache[p + "hook_attn_scores"], patterns[l] > 0
+        assert torch.equal(got.isneginf(), ~shown), l  # masked exactly where the model masks (windows too)
+        torch.testing.assert_close(got[shown], scores[shown], atol=1e-5, rtol=0)
 
 
 def _hand_gradient(family, model, x, t, d):
