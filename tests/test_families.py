@@ -355,29 +355,63 @@ def test_trace_via_values_reconstructs_the_heads_direct_effect(family, tiny_engi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gemma2"])
-def test_served_over_the_real_mcp_client(family, tiny_dirs, tmp_path):
-    """`tdb-agent serve --model DIR` on a family with post-norms and soft-caps answers
-    predict / attribute / ablate over the SDK's stdio client."""
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_end_to_end_serve_discover_build_dataset(family, tiny_dirs, plain, tmp_path):
+    """A new user's path on every family: `tdb-agent serve --model DIR` answers predict /
+    attribute / ablate over the SDK's stdio client (a subprocess), `tdb-agent discover`
+    finds an IOI circuit and `tdb-agent build-dataset` writes a dataset (in process)."""
     import asyncio
+    import json
 
     from mcp import Client
 
+    from tdb_agent.cli import main
     from tests.test_server_stdio import _params
 
-    async def go():
-        async with Client(_params(tiny_dirs[family], tmp_path), read_timeout_seconds=120) as c:
+    model = plain(family)
+
+    async def served():
+        async with Client(_params(tiny_dirs[family], tmp_path / "ws"), read_timeout_seconds=120) as c:
             info = (await c.call_tool("model_info", {})).structured_content
-            assert info["spec"]["family"] == family and info["precision"] == "float32 throughout"
+            assert info["spec"]["architecture"] == type(model).__name__
+            assert info["precision"] == "float32 throughout"
             args = {"prompt": PROMPT, "target": "Mary", "distractor": "John"}
             pred = await c.call_tool("predict", args | {"top_k": 3})
-            assert not pred.is_error
+            assert not pred.is_error, pred
             attr = (await c.call_tool("attribute", args)).structured_content
             assert attr["sum_check"] == pytest.approx(attr["metric"], abs=1e-4)
             abl = await c.call_tool("ablate", args | {"components": ["L1.H2"]})
-            assert not abl.is_error and abl.structured_content["before"] == pytest.approx(attr["metric"], abs=1e-5)
+            assert not abl.is_error, abl
+            return attr["metric"], abl.structured_content
 
-    asyncio.run(go())
+    metric, abl = asyncio.run(served())
+    tok = _tokenizer(tiny_dirs[family])
+    one = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = torch.tensor([[tok.bos_token_id] + one(PROMPT)])
+    with torch.no_grad():  # the served numbers are the plain model's
+        logits = model(ids).logits[0, -1]
+    (t,), (d,) = one("Mary"), one("John")
+    assert metric == pytest.approx((logits[t] - logits[d]).item(), abs=1e-5)
+    assert abl["before"] == pytest.approx(metric, abs=1e-5)
+
+    run = tmp_path / "run"
+    assert main(["discover", "--task", "ioi", "--model", str(tiny_dirs[family]), "--out", str(run)]) == 0
+    graph = json.loads((run / "graph.json").read_text())
+    assert len(graph["nodes"]) > 1 and graph["graph"]["validation"]["faithfulness"] is not None
+    assert (run / "report.md").exists()
+
+    ds = tmp_path / "ds"
+    assert main(["build-dataset", "--model", str(tiny_dirs[family]), "--out", str(ds), "--corpus-docs", "24",
+                 "--no-bundled-saes", "--top-k", "4", "--n-random", "2"]) == 0
+    manifest = json.loads((ds / "manifest.json").read_text())
+    n_layers = model.config.num_hidden_layers
+    assert manifest["n_components"] >= n_layers * model.config.num_attention_heads and manifest["n_tokens"] > 0
+
+
+def _tokenizer(folder):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
