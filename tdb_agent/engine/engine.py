@@ -41,6 +41,7 @@ from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
 from tdb_agent.engine.placement import Placement, execution_device, param, parse_device_map, parse_max_memory, plan, \
     placement, to_device
 from tdb_agent.engine.sae import SAESet
+from tdb_agent.engine.precision import cast_block_inputs, describe
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.engine.weights import load_weights
 from tdb_agent.errors import ModelNotFound, PromptTooLong, TokenizationError, UnknownSite
@@ -125,6 +126,8 @@ class Engine:
             mod._tdb_layer = layer
             mod._tdb_state = self._state
         self._module_sites = self.adapter.module_sites(self.spec.n_layers)
+        # half precision: a float32 residual stream, blocks cast their inputs (engine/precision.py)
+        self._cast_handles = cast_block_inputs(self.adapter.blocks(), self.dtype)
         # a dispatched model (accelerate device map) spans devices: the loop moves the
         # residual stream between blocks and hands results out on the home device
         self.dispatched = bool(getattr(model, "hf_device_map", None))
@@ -301,7 +304,7 @@ class Engine:
 
     def active_hook_count(self) -> int:
         """Hooks installed right now (0 outside a `hooks` block): for tests and health checks."""
-        n = sum(len(v) for v in self._state.hooks.values())
+        n = sum(len(v) for v in self._state.hooks.values()) - len(self._cast_handles)  # those stay
         for mod in self.model.modules():
             n += len(mod._forward_hooks) + len(mod._forward_pre_hooks)
         return n
@@ -334,7 +337,8 @@ class Engine:
                 x = resid
             end = n_layers if stop_layer is None else stop_layer
             blocks = self.adapter.blocks()
-            kwargs = self.adapter.block_kwargs(x, pos)
+            kwargs = self.adapter.block_kwargs(x.to(self.dtype), pos)  # rotary tables in the blocks' dtype
+            x = x.float() if self._cast_handles else x
             moved = {}  # block kwargs per device (dispatched models)
             try:
                 for layer in range(start_layer, end):
@@ -405,11 +409,7 @@ class Engine:
 
     def precision(self) -> str:
         """What runs in which precision (model_info)."""
-        dt = str(self.dtype).removeprefix("torch.")
-        if self.dtype == torch.float32:
-            return "float32 throughout"
-        return (f"weights and blocks in {dt}; final norm, unembedding, logits, metrics, direct effects and "
-                "decompositions accumulated in float32")
+        return describe(self.dtype)
 
     # ------------------------------------------------------------------ capture
     def run_with_cache(self, ids: torch.Tensor, sites: Sequence[str], *,
