@@ -166,7 +166,7 @@ def stream_order(c: Component, parallel_residual: bool = False) -> tuple[float, 
         return (-1, 0)
     if c.kind == "logits":
         return (float("inf"), 0)
-    sub = {"head": 0, "attn": 0, "mlp": 1, "neuron": 1}.get(c.kind)
+    sub = {"head": 0, "attn": 0, "mlp": 1, "neuron": 1, "transcoder": 1}.get(c.kind)
     if c.kind == "sae":
         sub = {"attn": 0, "mlp": 1, "resid": 2}[c.sae_site]
     if parallel_residual and sub == 1:

@@ -27,6 +27,33 @@ NodeId = Annotated[str, Field(min_length=1, max_length=80, description="a graph 
                               "EMB@2, or LOGIT / LOGIT[label] for a target")]
 
 
+class PruneSettings(BaseModel):
+    """Pruning arguments; left out, the graph's last pruning (attribution_graph / graph_prune) holds."""
+
+    node_threshold: Annotated[float | None, Field(ge=0, le=1, description="keep the nodes covering this share "
+                                                  "of the influence on the target")] = None
+    edge_threshold: Annotated[float | None, Field(ge=0, le=1, description="keep the edges covering this "
+                                                  "share")] = None
+    max_feature_nodes: Annotated[int | None, Field(ge=1, le=20000, description="at most this many feature "
+                                                   "nodes kept (by influence)")] = None
+
+
+class Pruning(BaseModel):
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+    max_feature_nodes: int | None = None
+
+
+def pruning(g, args: PruneSettings | None = None, store: bool = False) -> Pruning:
+    """The graph's pruning settings with the given ones replacing them (saved on the graph if `store`)."""
+    old = Pruning.model_validate(g.stats.get("pruning", {}))
+    new = old.model_copy(update={k: v for k, v in (args.model_dump() if args else {}).items()
+                                 if k in Pruning.model_fields and v is not None})
+    if store:
+        g.stats["pruning"] = new.model_dump()
+    return new
+
+
 class GraphArgs(ToolArgs):
     prompt: Prompt
     target: Annotated[str | None, Field(max_length=200, description="a single token to explain (its logit); "
@@ -92,6 +119,7 @@ def attribution_graph(bench: Workbench, args: GraphArgs, job: Job) -> GraphResul
     sq = square(g)
     p = prune(sq, args.node_threshold, args.edge_threshold)
     rep, comp = scores(sq)
+    g.stats["pruning"] = Pruning(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold).model_dump()
     bench.graphs[args.name] = g
     data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=(rep, comp))
     out = _save(bench, f"{args.name}.json", data)
@@ -121,7 +149,8 @@ def _save(bench: Workbench, filename: str, data: dict):
     return out
 
 
-def _graph(bench: Workbench, name: str):
+def graph_of(bench: Workbench, name: str):
+    """The stored graph of that name, or a TdbError listing the stored ones."""
     if name not in bench.graphs:
         have = ", ".join(bench.graphs) or "none"
         raise TdbError(f"no attribution graph named {name!r}; graphs: {have} (build one with attribution_graph)")
@@ -158,7 +187,7 @@ def graph_edge_heads(bench: Workbench, args: EdgeHeadsArgs, job: Job) -> EdgeHea
     exactly across the heads of every attention layer it can pass (in each layer, the heads'
     parts plus the bypass equal the edge). Example: graph_edge_heads(name="ioi",
     source="EMB@2", target="LOGIT")"""
-    g = _graph(bench, args.name)
+    g = graph_of(bench, args.name)
     col, row = find_col(g, args.source), find_row(g, args.target)
     sp, src = bench.engine.spec, g.src
     if col < src.n_feat:  # features and errors write after their layer's attention; embeddings before all
@@ -209,7 +238,7 @@ def graph_qk(bench: Workbench, args: QKArgs, job: Job) -> QKResult:
     contributions of (query-side node, key-side node) pairs of the graph, with norms frozen:
     score = sum over pairs of scaling · q_a · k_b ('BIAS' = bias terms). Example:
     graph_qk(name="ioi", head="L1.H2", query=14, key=2)"""
-    g = _graph(bench, args.name)
+    g = graph_of(bench, args.name)
     layer, h = (int(x) for x in args.head[1:].split(".H"))
     if layer >= bench.engine.spec.n_layers:
         raise TdbError(f"layer {layer} is out of range; layers are 0..{bench.engine.spec.n_layers - 1}")
@@ -239,7 +268,7 @@ def graph_export(bench: Workbench, args: ExportArgs, job: Job) -> ExportResult:
     """Save a graph as circuit-tracer / Neuronpedia graph JSON (nodes, links, metadata),
     loadable in their attribution-graph viewers; node `tdb_id`s are this server's ids.
     Example: graph_export(name="ioi", pruned=True)"""
-    g = _graph(bench, args.name)
+    g = graph_of(bench, args.name)
     sq = square(g)
     p = prune(sq, args.node_threshold, args.edge_threshold) if args.pruned else None
     data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=scores(sq))
@@ -267,7 +296,7 @@ def graph_node(bench: Workbench, args: NodeArgs, job: Job) -> NodeResult:
     """What feeds this graph node and what does it feed? Its strongest incoming and outgoing
     edges, its activation, and its value = bias + the sum of all its inputs. Example:
     graph_node(name="ioi", node="LOGIT")"""
-    g = _graph(bench, args.name)
+    g = graph_of(bench, args.name)
     src = g.src
     row = find_row(g, args.node) if args.node.startswith("LOGIT") else None
     col = None if row is not None else find_col(g, args.node)
@@ -303,7 +332,7 @@ def graph_intervene(bench: Workbench, args: InterveneArgs, job: Job) -> Interven
     and norm scales frozen (as in the graph) and free, and compares the measured change of the target with the graph's
     predictions (direct edges only, and propagated through the graph). Example:
     graph_intervene(name="ioi", nodes=["L1.tc.F7@14", "L2.tc.F30@14"])"""
-    g = _graph(bench, args.name)
+    g = graph_of(bench, args.name)
     return check(g, [find_col(g, n) for n in args.nodes], find_row(g, args.target))
 
 

@@ -33,6 +33,12 @@ def row_tid(graph: AttributionGraph, row: int) -> str:
     return col_tid(graph, int(graph.rows[row])) if row < nf else f"LOGIT[{graph.logits[row - nf].label}]"
 
 
+def sq_tid(graph: AttributionGraph, sq, i: int) -> str:
+    """The node id of index i of the square graph (`influence.square`)."""
+    n_src = len(sq.cols)
+    return col_tid(graph, int(sq.cols[i])) if i < n_src else row_tid(graph, len(graph.rows) + i - n_src)
+
+
 def find_col(graph: AttributionGraph, tid: str) -> int:
     """The source column of a node id."""
     src = graph.src
