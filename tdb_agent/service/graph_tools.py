@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
+import torch
 from pydantic import BaseModel, Field
 
 from tdb_agent.errors import TdbError
@@ -15,6 +16,7 @@ from tdb_agent.ops.graph.export import to_json, validate
 from tdb_agent.ops.graph.heads import head_split, qk_decompose, qk_pairs
 from tdb_agent.ops.graph.influence import prune, scores, square
 from tdb_agent.ops.graph.intervene import InterventionCheck, check
+from tdb_agent.ops.graph.paths import layer_position
 from tdb_agent.ops.graph.query import col_tid, find_col, find_row, row_tid, strongest_paths
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
 from tdb_agent.service.fields import Distractor, Prompt, TopK
@@ -280,6 +282,9 @@ class NodeArgs(ToolArgs):
     name: GraphName
     node: NodeId
     top_k: TopK(10, "edges to list each way")
+    layer: Annotated[int | None, Field(ge=-1, description="only neighbours at this layer (-1: embeddings; "
+                                       "the number of layers: targets)")] = None
+    position: Annotated[int | None, Field(ge=0, description="only neighbours at this position")] = None
 
 
 class NodeResult(BaseModel):
@@ -294,8 +299,8 @@ class NodeResult(BaseModel):
 
 def graph_node(bench: Workbench, args: NodeArgs, job: Job) -> NodeResult:
     """What feeds this graph node and what does it feed? Its strongest incoming and outgoing
-    edges, its activation, and its value = bias + the sum of all its inputs. Example:
-    graph_node(name="ioi", node="LOGIT")"""
+    edges (optionally only neighbours at one layer and/or position), its activation, and its
+    value = bias + the sum of all its inputs. Example: graph_node(name="ioi", node="LOGIT", layer=1)"""
     g = graph_of(bench, args.name)
     src = g.src
     row = find_row(g, args.node) if args.node.startswith("LOGIT") else None
@@ -304,13 +309,14 @@ def graph_node(bench: Workbench, args: NodeArgs, job: Job) -> NodeResult:
         row = g.row_of_feature(col) if col < src.n_feat else None
     k = args.top_k
     inputs, outputs = [], []
+    col_keep, row_keep = _neighbour_filter(bench, g, args.layer, args.position)
     if row is not None:
-        a = g.adjacency[row]
+        a = g.adjacency[row] * col_keep
         for c in a.abs().topk(min(k, a.numel())).indices.tolist():
             if float(a[c]) != 0:
                 inputs.append(GraphEdge(source=col_tid(g, c), target=row_tid(g, row), weight=float(a[c])))
     if col is not None:
-        a = g.adjacency[:, col]
+        a = g.adjacency[:, col] * row_keep
         for r in a.abs().topk(min(k, a.numel())).indices.tolist():
             if float(a[r]) != 0:
                 outputs.append(GraphEdge(source=col_tid(g, col), target=row_tid(g, r), weight=float(a[r])))
@@ -318,6 +324,23 @@ def graph_node(bench: Workbench, args: NodeArgs, job: Job) -> NodeResult:
     return NodeResult(node=row_tid(g, row) if row is not None else col_tid(g, col), activation=act,
                       value=None if row is None else float(g.value[row]),
                       bias=None if row is None else float(g.bias[row]), inputs=inputs, outputs=outputs)
+
+
+def _neighbour_filter(bench: Workbench, g, layer: int | None, position: int | None):
+    """0/1 masks over source columns and adjacency rows: the nodes at that layer and position."""
+    lay, pos = layer_position(g)
+    nl = len(g.logits)
+    row_lay = torch.cat([lay[g.rows], lay.new_full((nl,), bench.engine.spec.n_layers)])
+    row_pos = torch.cat([pos[g.rows], pos.new_full((nl,), g.n_pos - 1)])
+    masks = []
+    for la, po in ((lay, pos), (row_lay, row_pos)):
+        m = torch.ones_like(la, dtype=torch.bool)
+        if layer is not None:
+            m &= la == layer
+        if position is not None:
+            m &= po == position
+        masks.append(m.to(g.adjacency.dtype))
+    return masks
 
 
 class InterveneArgs(ToolArgs):

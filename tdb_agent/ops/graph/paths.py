@@ -1,0 +1,53 @@
+"""The k strongest paths from the embeddings to a target of an attribution graph, and where
+each node sits (layer, position) for neighbourhood filters.
+
+A path's strength is the product of its normalised edge weights Â = |A| / row sum (each
+edge's share of its target's inputs), so paths through many weak hops rank low. Exact:
+every node keeps its k best paths from an embedding, best-first in a DAG, so the k best at
+the target are the k best overall (any prefix of a top-k path is top-k at its node)."""
+
+from __future__ import annotations
+
+import heapq
+from functools import lru_cache
+
+import torch
+
+from tdb_agent.ops.graph.influence import SquareGraph, normalise
+
+
+def strongest_paths_k(sq: SquareGraph, target: int, k: int = 5, edge_mask: torch.Tensor | None = None
+                      ) -> list[tuple[float, list[int]]]:
+    """(strength, square indices start..target) of the k strongest embedding-to-target paths."""
+    A = sq.A if edge_mask is None else sq.A * edge_mask
+    An = normalise(A)
+    t_idx, s_idx = An.nonzero(as_tuple=True)
+    w = An[t_idx, s_idx].tolist()
+    incoming: dict[int, list[tuple[int, float]]] = {}
+    for t, s, x in zip(t_idx.tolist(), s_idx.tolist(), w):
+        incoming.setdefault(t, []).append((s, x))
+    emb0 = sq.n_feat + sq.n_err
+    embeddings = range(emb0, emb0 + sq.n_emb)
+
+    @lru_cache(maxsize=None)
+    def best(v: int) -> tuple[tuple[float, tuple[int, ...]], ...]:
+        if v in embeddings:
+            return ((1.0, (v,)),)
+        cands = ((sc * x, path + (v,)) for s, x in incoming.get(v, []) for sc, path in best(s))
+        return tuple(heapq.nlargest(k, cands, key=lambda c: c[0]))
+
+    return [(sc, list(path)) for sc, path in best(target)]
+
+
+def layer_position(graph) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer and position of every source column: features at their layer, errors at the
+    layer whose output they are part of, embeddings at layer -1."""
+    src = graph.src
+    n_err_blocks = len(src.err_keys)
+    dev = src.feat.device
+    pos = torch.arange(src.n_pos, device=dev)
+    err_layers = torch.tensor([l for _, l in src.err_keys], device=dev, dtype=torch.long)
+    layer = torch.cat([src.feat[:, 0], err_layers.repeat_interleave(src.n_pos),
+                       torch.full((src.n_pos,), -1, device=dev, dtype=torch.long)])
+    position = torch.cat([src.feat[:, 1], pos.repeat(n_err_blocks), pos])
+    return layer, position

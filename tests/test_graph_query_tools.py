@@ -1,0 +1,84 @@
+"""graph_paths, graph_prune and graph_node's layer/position filters through the SDK's real
+MCP client, on a tiny model with random transcoders."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import jsonschema
+import pytest
+from mcp import Client
+
+from tdb_agent.ops.graph.influence import normalise, prune, square
+from tdb_agent.ops.graph.query import col_tid, sq_tid
+from tdb_agent.server import build_server
+from tdb_agent.workbench import Workbench
+from tests.test_graph import attached, random_transcoders
+from tests.test_server_tools import P
+
+
+def node_layer_pos(tid: str, n_layers: int, n_pos: int) -> tuple[int, int]:
+    """Layer and position read from the id's text (independent of the server's helper)."""
+    if tid.startswith("LOGIT"):
+        return n_layers, n_pos - 1
+    pos = int(tid.rpartition("@")[2])
+    m = re.match(r"(?:ERR\.)?L(\d+)\.", tid)
+    return (int(m.group(1)) if m else -1), pos
+
+
+def test_graph_query_tools_over_mcp(tiny_engines, tmp_path):
+    e = tiny_engines["gpt2"]
+    bench = Workbench(e, workspace=tmp_path)
+    n_layers = e.spec.n_layers
+
+    async def go():
+        async with Client(build_server(bench)) as c:
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            for name in ("graph_paths", "graph_prune", "graph_to_circuit"):
+                assert "Example" in tools[name].description and tools[name].output_schema
+            r = await c.call_tool("attribution_graph", {"prompt": P, "target": "Mary", "distractor": "John",
+                                                        "name": "ioi"})
+            assert not r.is_error, r.content
+            n_pos = len(r.structured_content["tokens"])
+            pr = await c.call_tool("graph_prune", {"name": "ioi", "node_threshold": 0.5, "max_feature_nodes": 3})
+            assert not pr.is_error, pr.content
+            jsonschema.validate(pr.structured_content, tools["graph_prune"].output_schema)
+            pa = await c.call_tool("graph_paths", {"name": "ioi", "k": 4})
+            assert not pa.is_error, pa.content
+            jsonschema.validate(pa.structured_content, tools["graph_paths"].output_schema)
+            full = (await c.call_tool("graph_paths", {"name": "ioi", "k": 4, "pruned": False})).structured_content
+            node = (await c.call_tool("graph_node", {"name": "ioi", "node": "LOGIT", "top_k": 200,
+                                                     "layer": 1})).structured_content
+            node_pos = (await c.call_tool("graph_node", {"name": "ioi", "node": "LOGIT", "top_k": 200,
+                                                         "position": n_pos - 1})).structured_content
+            return n_pos, pr.structured_content, pa.structured_content, full, node, node_pos
+
+    with attached(e, random_transcoders(e, n=16)):
+        n_pos, pr, pa, full, node, node_pos = asyncio.run(go())
+    g = bench.graphs["ioi"]
+    sq = square(g)
+    p = prune(sq, 0.5, 0.98, 3)
+    assert pr["features"] == int(p.node_mask[:sq.n_feat].sum()) <= 3 and pr["max_feature_nodes"] == 3
+    assert g.stats["pruning"]["node_threshold"] == 0.5
+    # pruned paths use only kept edges; unpruned: strengths are products of Â along the path
+    ids = {sq_tid(g, sq, i): i for i in range(sq.A.shape[0])}
+    An = normalise(sq.A)
+    for path in full["paths"]:
+        idx = [ids[n] for n in path["nodes"]]
+        assert path["nodes"][0].startswith("EMB@") and path["nodes"][-1] == "LOGIT[Mary - John]"
+        prod = 1.0
+        for a, b in zip(idx, idx[1:]):
+            prod *= float(An[b, a])
+        assert path["strength"] == pytest.approx(prod, rel=1e-5)
+    assert [x["strength"] for x in full["paths"]] == sorted((x["strength"] for x in full["paths"]), reverse=True)
+    for path in pa["paths"]:
+        idx = [ids[n] for n in path["nodes"]]
+        assert all(bool(p.edge_mask[b, a]) for a, b in zip(idx, idx[1:]))
+    # layer filter: exactly the target's inputs at layer 1
+    row = g.adjacency[-1]
+    expect = {col_tid(g, c): float(row[c]) for c in range(row.numel())
+              if float(row[c]) != 0 and node_layer_pos(col_tid(g, c), n_layers, n_pos)[0] == 1}
+    assert expect and {x["source"]: x["weight"] for x in node["inputs"]} == pytest.approx(expect)
+    assert all(node_layer_pos(x["source"], n_layers, n_pos)[1] == n_pos - 1 for x in node_pos["inputs"])
+    assert node_pos["inputs"]
