@@ -4,7 +4,9 @@ MCP client, on a tiny model with random transcoders."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -13,6 +15,9 @@ from mcp import Client
 from tdb_agent.ops.graph.influence import normalise, prune, square
 from tdb_agent.ops.graph.query import col_tid, sq_tid
 from tdb_agent.server import build_server
+from tdb_agent.service.graph_query_tools import SupernodeArgs, graph_supernodes
+from tdb_agent.service.graph_tools import GraphArgs, attribution_graph
+from tdb_agent.service.tool import Job
 from tdb_agent.workbench import Workbench
 from tests.test_graph import attached, random_transcoders
 from tests.test_server_tools import P
@@ -52,6 +57,15 @@ def test_graph_query_tools_over_mcp(tiny_engines, tmp_path):
                                                      "layer": 1})).structured_content
             node_pos = (await c.call_tool("graph_node", {"name": "ioi", "node": "LOGIT", "top_k": 200,
                                                          "position": n_pos - 1})).structured_content
+            sn = await c.call_tool("graph_supernodes", {"name": "ioi", "threshold": 0.5})
+            assert not sn.is_error, sn.content
+            jsonschema.validate(sn.structured_content, tools["graph_supernodes"].output_schema)
+            single = (await c.call_tool("graph_supernodes", {"name": "ioi", "threshold": 1})).structured_content
+            one = (await c.call_tool("graph_supernodes", {"name": "ioi", "threshold": -1})).structured_content
+            for res in (sn.structured_content, single, one):  # every kept feature in exactly one supernode
+                members = [m for x in res["supernodes"] for m in x["members"]]
+                assert len(members) == len(set(members)) == res["features"] == pr.structured_content["features"]
+            assert len(one["supernodes"]) == 1
             return n_pos, pr.structured_content, pa.structured_content, full, node, node_pos
 
     with attached(e, random_transcoders(e, n=16)):
@@ -82,3 +96,19 @@ def test_graph_query_tools_over_mcp(tiny_engines, tmp_path):
     assert expect and {x["source"]: x["weight"] for x in node["inputs"]} == pytest.approx(expect)
     assert all(node_layer_pos(x["source"], n_layers, n_pos)[1] == n_pos - 1 for x in node_pos["inputs"])
     assert node_pos["inputs"]
+
+
+def test_supernodes_labelled_with_shipped_explanations(tiny_engines, tmp_path):
+    e = tiny_engines["gpt2"]
+    bench = Workbench(e, workspace=tmp_path)
+    with attached(e, random_transcoders(e, n=16)):
+        attribution_graph(bench, GraphArgs(prompt=P, target="Mary", distractor="John", name="g"), Job())
+        before = graph_supernodes(bench, SupernodeArgs(name="g", threshold=1.0), Job())
+        first = before.supernodes[0].members[0]
+        folder = tmp_path / "ds"
+        folder.mkdir()
+        (folder / "explanations.json").write_text(json.dumps({first.split("@")[0]: {"explanation": "says hi"}}))
+        bench.dataset = SimpleNamespace(folder=folder)  # only its folder is read
+        after = graph_supernodes(bench, SupernodeArgs(name="g", threshold=1.0), Job())
+    assert before.supernodes[0].label == first
+    assert after.supernodes[0].label == "says hi" and after.supernodes[0].explanations == {first: "says hi"}

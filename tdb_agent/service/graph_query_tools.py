@@ -4,13 +4,17 @@ target, pruning it again, grouping its features into supernodes. Numbers come fr
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, Field
 
 from tdb_agent.ops.graph.influence import prune, scores, square
 from tdb_agent.ops.graph.paths import strongest_paths_k
+from tdb_agent.explain.explainer import SHIPPED
 from tdb_agent.ops.graph.query import find_row, sq_tid
+from tdb_agent.ops.graph.supernodes import agglomerate, profiles
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
 from tdb_agent.service.graph_tools import GraphName, NodeId, PruneSettings, graph_of, pruning
 from tdb_agent.service.tool import Job, Tool, ToolArgs
@@ -101,7 +105,66 @@ def graph_prune(bench: Workbench, args: PruneArgs, job: Job) -> PruneResult:
                                   for i in order])
 
 
+def shipped_explanations(bench: Workbench) -> dict[str, str]:
+    """Component id -> explanation text shipped next to the loaded dataset (empty without one)."""
+    ds = getattr(bench, "dataset", None)
+    path = Path(ds.folder) / SHIPPED if ds is not None and getattr(ds, "folder", None) else None
+    if path is None or not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {k: v["explanation"] for k, v in data.items() if isinstance(v, dict) and v.get("explanation")}
+
+
+class SupernodeArgs(ToolArgs):
+    name: GraphName
+    threshold: Annotated[float, Field(ge=-1, le=1, description="merge groups while their average cosine "
+                                      "similarity of attribution profiles is at least this")] = 0.8
+    max_features: Annotated[int, Field(ge=2, le=2000, description="group at most this many kept features "
+                                       "(by influence)")] = 300
+
+
+class Supernode(BaseModel):
+    id: str
+    label: str = Field(description="the explanation of its most influential member with one, else its ids")
+    influence: float = Field(description="sum of its members' influence on the target")
+    members: list[str]
+    explanations: dict[str, str] = Field(description="member -> explanation, where one exists")
+
+
+class SupernodeResult(BaseModel):
+    name: str
+    features: int = Field(description="feature nodes grouped (the pruned graph's, capped)")
+    supernodes: list[Supernode] = Field(description="largest attribution first; singletons included")
+
+
+def graph_supernodes(bench: Workbench, args: SupernodeArgs, job: Job) -> SupernodeResult:
+    """Which features of the graph play the same part? Groups the pruned graph's feature
+    nodes by their attribution profiles (where their influence on the target flows:
+    cosine similarity, average-linkage clustering above `threshold`), labelled with the
+    members' explanations where the dataset ships them. Example:
+    graph_supernodes(name="ioi", threshold=0.8)"""
+    g = graph_of(bench, args.name)
+    sq = square(g)
+    s = pruning(g)
+    p = prune(sq, s.node_threshold, s.edge_threshold, s.max_feature_nodes)
+    feats = p.node_mask[:sq.n_feat].nonzero(as_tuple=True)[0]
+    feats = feats[p.node_influence[feats].argsort(descending=True)][: args.max_features]
+    groups = agglomerate(profiles(sq, feats), args.threshold)
+    expl = shipped_explanations(bench)
+    infl = p.node_influence[feats].tolist()
+    out = []
+    for j, grp in enumerate(groups):
+        grp = sorted(grp, key=lambda i: -infl[i])
+        ids = [sq_tid(g, sq, int(feats[i])) for i in grp]
+        ex = {n: expl[n.split("@")[0]] for n in ids if n.split("@")[0] in expl}
+        label = next((ex[n] for n in ids if n in ex), ", ".join(ids[:4]) + (" ..." if len(ids) > 4 else ""))
+        out.append(Supernode(id=f"S{j}", label=label, influence=sum(infl[i] for i in grp), members=ids,
+                             explanations=ex))
+    return SupernodeResult(name=args.name, features=len(feats), supernodes=out)
+
+
 TOOLS: list[Tool] = [
     Tool("graph_paths", PathsArgs, graph_paths, READ_ONLY),
     Tool("graph_prune", PruneArgs, graph_prune, WRITES_RESULT),
+    Tool("graph_supernodes", SupernodeArgs, graph_supernodes, READ_ONLY),
 ]
