@@ -13,6 +13,16 @@ from tdb_agent.tasks import task_examples, task_info, task_names
 from tdb_agent.tasks.generators import TaskExample
 
 
+class TranscoderInfo(BaseModel):
+    """One loaded transcoder: its features are components L{layer}.tc.F{i}."""
+
+    layer: int = Field(description="the layer whose MLP input it reads")
+    features: int = Field(description="its width (feature count)")
+    kind: str = Field(description="activation: topk (with k), jumprelu or relu; '+ skip' with a skip term; "
+                                  "'cross-layer' when it writes to later MLP outputs too")
+    writes_to: list[int] = Field(description="the layers whose MLP output its features write to")
+
+
 class ModelInfo(BaseModel):
     name: str
     spec: ModelSpec
@@ -25,6 +35,7 @@ class ModelInfo(BaseModel):
     n_components: dict[str, int] = Field(description="how many components of each kind")
     hook_sites: int
     saes: list[str] = []
+    transcoders: list[TranscoderInfo] = Field([], description="loaded transcoders (features L{l}.tc.F{i})")
     datasets: list[str] = []
     placement: Placement | None = Field(None, description="device map, execution device of each block, parameter "
                                                           "bytes (and CUDA memory) per device")
@@ -85,7 +96,7 @@ def model_info(engine: Engine, datasets: list[str] | None = None) -> ModelInfo:
     Returns:
         ModelInfo: name, spec (layers, heads, widths, ...), device, dtype, parameter count, the
         component-id grammar, the number of components of each kind (head, neuron, attn, mlp,
-        emb), the number of hook sites, attached SAEs and datasets, and the device placement.
+        emb), the number of hook sites, attached SAEs, transcoders and datasets, and the device placement.
     """
     s = engine.spec
     return ModelInfo(
@@ -94,8 +105,19 @@ def model_info(engine: Engine, datasets: list[str] | None = None) -> ModelInfo:
         n_params=sum(p.numel() for p in engine.model.parameters()), component_ids=GRAMMAR,
         n_components={"head": s.n_layers * s.n_heads, "neuron": s.n_layers * s.d_mlp,
                       "attn": s.n_layers, "mlp": s.n_layers, "emb": 1},
-        hook_sites=len(engine.site_names()), saes=engine.saes.names(), datasets=datasets or [],
-        placement=engine.placement())
+        hook_sites=len(engine.site_names()), saes=engine.saes.names(), transcoders=transcoder_infos(engine),
+        datasets=datasets or [], placement=engine.placement())
+
+
+def transcoder_infos(engine: Engine) -> list[TranscoderInfo]:
+    tcs = getattr(engine, "transcoders", None)
+    out = []
+    for l, tc in (tcs.layers.items() if tcs is not None else ()):
+        kind = f"topk (k={tc.k})" if tc.k is not None else ("jumprelu" if tc.threshold is not None else "relu")
+        kind += " + skip" if tc.W_skip is not None else ""
+        kind += ", cross-layer" if tc.n_out > 1 else ""
+        out.append(TranscoderInfo(layer=l, features=tc.d_tc, kind=kind, writes_to=list(range(l, l + tc.n_out))))
+    return out
 
 
 def tokenize(engine: Engine, text: str) -> TokenizeResult:

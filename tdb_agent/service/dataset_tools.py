@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from tdb_agent.datasets.store import ActivationDataset
-from tdb_agent.errors import TdbError
+from tdb_agent.components import parse_component
+from tdb_agent.errors import TdbError, UnknownComponent
 from tdb_agent.explain import Explainer, ExplainerLLM, Explanation
 from tdb_agent.service.annotations import READ_ONLY
 from tdb_agent.service.examples import TopExamplesResult, top_examples_of
@@ -20,6 +21,21 @@ from tdb_agent.service.tool import Job, Tool, ToolArgs
 
 CACHE_DIR = Path(os.environ.get("TDB_CACHE_DIR", Path.home() / ".cache" / "tdb-agent"))
 DATASET = frozenset({"dataset"})
+
+
+def covered(ds: ActivationDataset, component: str) -> str:
+    """The component, or a TdbError saying why the dataset cannot answer for it: transcoder
+    features are not recorded by activation datasets (they hold neurons, heads and SAE
+    latents; recording features needs the dataset builder to run the transcoders)."""
+    try:
+        ds.column(component)
+    except UnknownComponent as e:
+        if parse_component(component).kind == "transcoder":
+            raise TdbError(f"{component}: activation datasets do not record transcoder features (only MLP neurons, "
+                           f"heads and SAE latents), so there are no top examples or explanations for it; see its "
+                           "role in a graph with graph_node, or attribute/ablate it directly") from e
+        raise
+    return component
 
 
 def dataset(bench) -> ActivationDataset:
@@ -65,7 +81,7 @@ def top_examples(bench, args: TopExamplesArgs, job: Job) -> TopExamplesResult:
     activations, sorted by their maximum, plus the component's stats (mean, max,
     fraction active). Heads: activation = norm of the head's write; each example names
     the token it attended to most. Example: top_examples(component="L1.N7", k=5)"""
-    return top_examples_of(dataset(bench), args.component, args.k,
+    return top_examples_of(dataset(bench), covered(dataset(bench), args.component), args.k,
                            args.group or ("random" if args.random else "top"))
 
 
@@ -82,6 +98,7 @@ def explain_component(bench, args: ExplainArgs, job: Job) -> Explanation:
     with a simulation score (correlation of activations predicted from the explanation
     with the true ones on held-out top and random examples; 1 = perfect) and the scored
     examples. Example: explain_component(component="L2.resid.F17")"""
+    covered(dataset(bench), args.component)
     return explainer(bench).explain(args.component, args.method, refresh=args.refresh)
 
 

@@ -1,0 +1,54 @@
+"""model_info lists the loaded transcoders; the dataset tools refuse transcoder features
+with a clear message (activation datasets do not record them)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from mcp import Client
+
+from tdb_agent.engine import Engine
+from tdb_agent.engine.sae import attach_saes
+from tdb_agent.engine.transcoder import BUNDLED_TRANSCODERS, attach_transcoders
+from tdb_agent.ops.basic import model_info
+from tdb_agent.server import build_server
+from tdb_agent.workbench import Workbench
+from tests.test_graph import attached, random_transcoders
+
+
+def test_model_info_lists_transcoders(tiny_engines):
+    e = tiny_engines["gpt2"]
+    assert model_info(e).transcoders == []
+    L = e.spec.n_layers
+    with attached(e, random_transcoders(e, n=16, cross_layer=True)):
+        info = model_info(e).transcoders
+    assert [t.layer for t in info] == list(range(L)) and all(t.features == 16 for t in info)
+    assert info[0].kind == "relu + skip, cross-layer" and info[0].writes_to == list(range(L))
+    assert info[-1].writes_to == [L - 1]
+    with attached(e, random_transcoders(e, n=8, skip=False)):
+        assert {t.kind for t in model_info(e).transcoders} == {"relu"}
+
+
+def test_bundled_model_info_and_dataset_refusal(bundled, tmp_path):
+    if not BUNDLED_TRANSCODERS.is_dir():
+        pytest.skip("the bundled transcoders are not built (python tools/train_transcoders.py)")
+    engine = Engine.load()
+    attach_saes(engine, [], bundled=True)
+    attach_transcoders(engine)
+
+    async def go():
+        async with Client(build_server(Workbench(engine, workspace=tmp_path))) as c:
+            info = (await c.call_tool("model_info", {})).structured_content
+            r = await c.call_tool("top_examples", {"component": "L1.tc.F3"})
+            x = await c.call_tool("explain_component", {"component": "L1.tc.F3", "method": "heuristic"})
+            ok = await c.call_tool("top_examples", {"component": "L0.resid.F15", "k": 2})
+            return info, r, x, ok
+
+    info, r, x, ok = asyncio.run(go())
+    tcs = engine.transcoders
+    assert [(t["layer"], t["features"]) for t in info["transcoders"]] == [(l, tc.d_tc) for l, tc in tcs.layers.items()]
+    assert all(t["kind"].startswith("topk (k=16)") for t in info["transcoders"])
+    for res in (r, x):
+        assert res.is_error and "do not record transcoder features" in res.content[0].text
+    assert not ok.is_error
