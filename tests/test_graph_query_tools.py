@@ -112,3 +112,15 @@ def test_supernodes_labelled_with_shipped_explanations(tiny_engines, tmp_path):
         after = graph_supernodes(bench, SupernodeArgs(name="g", threshold=1.0), Job())
     assert before.supernodes[0].label == first
     assert after.supernodes[0].label == "says hi" and after.supernodes[0].explanations == {first: "says hi"}
+
+
+def test_agent_prompt_names_real_graph_tools():
+    """The agent prompt's graph step names tools that exist (a renamed tool breaks it)."""
+    from pathlib import Path
+
+    from tdb_agent.service.catalog import GRAPH_TOOLS
+
+    text = (Path(__file__).resolve().parent.parent / "prompts" / "agent_system.md").read_text()
+    named = set(re.findall(r"\b(graph_[a-z_]+|attribution_graph)\b", text))
+    have = {t.name for t in GRAPH_TOOLS}
+    assert {"attribution_graph", "graph_intervene", "graph_to_circuit", "graph_paths"} <= named <= have
