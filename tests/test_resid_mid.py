@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
-from tdb_agent.errors import UnknownSite
+from tdb_agent.errors import TdbError, UnknownSite
 from tests.test_families import PROMPT, blocks, writers
 from tests.tiny_models import ALL_FAMILIES, build_tiny
 
@@ -149,6 +149,9 @@ def test_hooks_keep_what_they_saw_and_gradients_take_both_paths(tiny_engines):
         _, clean = eng.run_with_cache(ids, [mid])
         eng.forward(ids, hooks={mid: [keep, intervention("zero", mid)]})
     assert torch.equal(kept["x"], clean[mid])  # a capture before an intervention is not rewritten
+    with pytest.raises(TdbError, match="must keep the residual stream's shape"):
+        eng.forward(ids, hooks={mid: lambda x, s: x.expand(3, -1, -1)})
+    assert eng.active_hook_count() == 0
 
     def grad_at(site):
         box = {}

@@ -36,6 +36,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tdb_agent.errors import TdbError
+
 Apply = Callable[[str, torch.Tensor], torch.Tensor]
 
 
@@ -67,5 +69,9 @@ def _stream_hook(site: str, apply: Apply):
     tensor and flows into both. Hooks get a copy: what they keep stays as they saw it."""
     def pre_hook(mod, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
-        x.copy_(apply(site, x.clone()))  # autograd: copy_ routes the gradient to the hooks' result
+        y = apply(site, x.clone())
+        if y.shape != x.shape:
+            raise TdbError(f"a hook at {site} returned shape {list(y.shape)}; it must keep the residual stream's "
+                           f"shape {list(x.shape)} (the block adds the MLP's output to it in place)")
+        x.copy_(y)  # autograd: copy_ routes the gradient to the hooks' result
     return pre_hook
