@@ -7,29 +7,16 @@ resid_mid that the plain block itself carries into both paths). Found during iss
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
 from tdb_agent.errors import TdbError, UnknownSite
-from tests.test_families import PROMPT, blocks, writers
+from tests.test_families import PROMPT, blocks, plain, writers  # noqa: F401 (plain: a fixture)
 from tests.tiny_models import ALL_FAMILIES, build_tiny
 
 CORRUPT = "When Anna and Peter went to the store , Peter gave a drink to Anna and then Peter went"
 PARALLEL = {"gpt_neox", "gptj", "falcon", "falcon:new", "cohere", "stablelm:parallel"}  # one input for both
 SEQUENTIAL = [f for f in ALL_FAMILIES if f not in PARALLEL]
-
-
-@pytest.fixture(scope="module")
-def plain(tiny_dirs):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32,
-                                                                 attn_implementation="eager").eval()
-        return cache[family]
-    return get
 
 
 def plain_run(model, family, ids, layer, edit=None):
