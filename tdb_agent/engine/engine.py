@@ -124,6 +124,7 @@ class Engine:
         self.lock = threading.RLock()
         self._state = HookState()
         self.saes = SAESet()  # sparse autoencoders attached to this model (engine/sae.py)
+        self.transcoders = None  # a TranscoderSet replacing the MLPs (engine/transcoder.py)
         self.model.set_attn_implementation(attention.NAME)
         for layer in range(self.spec.n_layers):
             mod = self.adapter.attn(layer)
