@@ -178,3 +178,19 @@ def test_parallel_blocks_have_no_resid_mid_and_say_why(family, tiny_engines):
         eng.forward(eng.to_tokens(PROMPT), hooks={"blocks.0.hook_resid_mid": lambda x, s: x})
     with pytest.raises(UnknownSite, match="did you mean"):
         eng.check_site("blocks.0.hook_resid_mod")
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_the_mlp_input_site_feeds_the_mlp_alone(family, tiny_engines):
+    """ln2.hook_normalized (OLMo-2: on the same module as resid_mid, no norm) is the MLP's
+    input only: a change there leaves the residual stream at resid_mid."""
+    eng = tiny_engines[family]
+    ids = eng.to_tokens(PROMPT)
+    p = "blocks.0."
+    with torch.no_grad():
+        _, clean = eng.run_with_cache(ids, sites(0))
+        _, c = eng.run_with_cache(ids, sites(0), hooks={p + "ln2.hook_normalized": lambda x, s: x + 3})
+    assert torch.equal(c[p + "hook_resid_mid"], clean[p + "hook_resid_mid"])
+    assert (c[p + "hook_mlp_out"] - clean[p + "hook_mlp_out"]).abs().max() > 1e-3
+    torch.testing.assert_close(c[p + "hook_resid_post"], clean[p + "hook_resid_mid"] + c[p + "hook_mlp_out"],
+                               atol=1e-6, rtol=0)

@@ -17,6 +17,8 @@ tests/test_families.py):
   NeoX and StableLM with parallel residual) have no such stream, since attention and MLP
   read the same input, and the site is refused by name (use hook_resid_pre, hook_attn_out,
   hook_mlp_out).
+* ln2.hook_normalized: the MLP's input (after its norm; OLMo-2: the unnormalised stream),
+  read by the MLP alone; the residual stream keeps resid_mid.
 * mlp.hook_pre, mlp.hook_post: the MLP computation from there on.
 * hook_mlp_out: what the MLP writes (after the post-norm), added to the residual stream;
   in Falcon's parallel blocks attention is then added to it in place, on a copy.
