@@ -3,7 +3,7 @@ and edge weights, stored with the workbench's other circuits so circuit_show / v
 export work on it. Node ids become component ids: features `L1.tc.F7@4` (or residual
 latents `L1.resid.F7@4`) stay as they are, `EMB@p` stays, an MLP error node `ERR.L1.mlp@4`
 becomes `L1.MLP@4` (role 'transcoder error': the part of that MLP's output the transcoder
-misses) and the explained target becomes the sink `LOGITS`. Residual-SAE error nodes have no
+misses; in a graph over residual SAE latents, the MLP's whole output) and the explained target becomes the sink `LOGITS`. Residual-SAE error nodes have no
 component id; their share of the influence is recorded in the circuit's description."""
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def graph_to_networkx_circuit(engine, g: AttributionGraph, sq: SquareGraph, p: P
             continue
         col = int(sq.cols[i])
         act = float(g.src.feat_act[col]) if col < g.src.n_feat else None
-        role = "transcoder error" if gid.startswith("ERR.") else ("embedding" if gid.startswith("EMB") else None)
+        role = ("embedding" if gid.startswith("EMB") else None) if not gid.startswith("ERR.") else (
+            "transcoder error" if g.mode == "transcoders" else "MLP output (no transcoder)")
         C.add_node(out, cid, role=role, effect=infl[i], engine=engine,
                    evidence=[C.Evidence(tool="attribution_graph", args={**ev_args, "node": gid},
                                         value={"activation": act, "influence": infl[i]})])
