@@ -46,6 +46,10 @@ def keep_set(nodes: Iterable[str], spec: ModelSpec) -> KeepSet:
         if c.kind == "sae":
             raise TdbError(f"{c.id}: SAE latents cannot be validated by ablation yet; describe the circuit "
                            "with heads, MLPs or neurons (the latent's layer MLP or attention block)")
+        if c.kind == "transcoder":
+            raise TdbError(f"{c.id}: transcoder features cannot be validated by component ablation; check a "
+                           "feature circuit with graph_intervene on its attribution graph (features zeroed in "
+                           "the spliced model, measured against the graph's prediction)")
         c = parse_component(node, spec)
         if c.kind == "head":
             _merge(keep, ("head", c.layer, c.index), c.position)

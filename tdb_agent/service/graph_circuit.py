@@ -110,7 +110,8 @@ def graph_to_circuit(bench: Workbench, args: ToCircuitArgs, job: Job) -> ToCircu
     """Turn a pruned attribution graph into a circuit hypothesis: its kept nodes that reach
     the target and their edges, with the graph's weights and each node's activation and
     influence as evidence, stored like any circuit (circuit_list, circuit_show,
-    circuit_validate, circuit_export). Pruning: the graph's last graph_prune settings unless
+    circuit_export; circuit_validate ablates components, not features: check feature
+    nodes with graph_intervene). Pruning: the graph's last graph_prune settings unless
     given here. Example: graph_to_circuit(name="ioi", circuit="ioi-features")"""
     g = graph_of(bench, args.name)
     row = find_row(g, args.target)
