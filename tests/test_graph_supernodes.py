@@ -51,3 +51,7 @@ def test_profiles_group_features_feeding_the_same_nodes():
     assert float(P[1, 4]) == pytest.approx(2 / 3 * 0.4)
     assert float(P[2, 7]) == pytest.approx(1 / 2.5)
     assert sorted(agglomerate(P, 0.9)) == [[0, 1], [2, 3]]
+    A[7, 3] = -0.5  # f3 now pulls the target down: it leaves f2's group
+    P = profiles(sq, torch.arange(4))
+    assert float(P[3, 7]) == pytest.approx(-0.5 / 2.5)
+    assert sorted(agglomerate(P, 0.9)) == [[0, 1], [2], [3]]

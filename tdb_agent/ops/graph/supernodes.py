@@ -1,8 +1,10 @@
 """Supernodes: feature nodes grouped by their attribution profiles.
 
-A feature's profile is its outgoing influence: column i of the normalised adjacency Â
-(its share in each node's inputs) times the influence + target weight of each of those
-nodes, i.e. how much of the target's attribution flows out of i, and to whom. Features
+A feature's profile is its signed outgoing influence: column i of the normalised adjacency
+Â (its share in each node's inputs), with the sign of the edge, times the influence +
+target weight of each of those nodes, i.e. how much of the target's attribution flows out
+of i, to whom, and whether it pushes or pulls (a feature for the answer and one against
+it do not share a supernode). Features
 whose profiles point the same way (cosine similarity) play the same part in the graph;
 average-linkage agglomerative clustering merges them while the average similarity between
 two groups is at least the threshold."""
@@ -18,7 +20,7 @@ def profiles(sq: SquareGraph, nodes: torch.Tensor) -> torch.Tensor:
     """[len(nodes), N] outgoing-influence vectors of the given square-graph nodes."""
     An = normalise(sq.A)
     out = influence(An, sq.weights) + sq.weights
-    return (An[:, nodes] * out[:, None]).T
+    return (An[:, nodes] * sq.A[:, nodes].sign() * out[:, None]).T
 
 
 def agglomerate(X: torch.Tensor, threshold: float) -> list[list[int]]:
