@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tdb_agent.errors import TdbError
+from tdb_agent.ops.graph import paths
 from tdb_agent.ops.graph.influence import SquareGraph, normalise
 from tdb_agent.ops.graph.paths import strongest_paths_k
 
@@ -66,3 +68,10 @@ def test_edge_mask_restricts_paths():
         mask[b, a] = True
     only = strongest_paths_k(sq, target, k=3, edge_mask=mask)
     assert [p for _, p in only] == [first] and only[0][0] == pytest.approx(1.0)
+
+
+def test_too_many_edges_refused(monkeypatch):
+    sq = random_dag(1)
+    monkeypatch.setattr(paths, "MAX_EDGES", 3)
+    with pytest.raises(TdbError, match="prune the graph first"):
+        strongest_paths_k(sq, sq.A.shape[0] - 1)

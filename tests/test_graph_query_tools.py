@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import jsonschema
@@ -15,6 +16,7 @@ from mcp import Client
 from tdb_agent.ops.graph.influence import normalise, prune, square
 from tdb_agent.ops.graph.query import col_tid, sq_tid
 from tdb_agent.server import build_server
+from tdb_agent.service.catalog import GRAPH_TOOLS
 from tdb_agent.service.graph_query_tools import SupernodeArgs, graph_supernodes
 from tdb_agent.service.graph_tools import GraphArgs, attribution_graph
 from tdb_agent.service.tool import Job
@@ -116,11 +118,16 @@ def test_supernodes_labelled_with_shipped_explanations(tiny_engines, tmp_path):
 
 def test_agent_prompt_names_real_graph_tools():
     """The agent prompt's graph step names tools that exist (a renamed tool breaks it)."""
-    from pathlib import Path
-
-    from tdb_agent.service.catalog import GRAPH_TOOLS
-
     text = (Path(__file__).resolve().parent.parent / "prompts" / "agent_system.md").read_text()
     named = set(re.findall(r"\b(graph_[a-z_]+|attribution_graph)\b", text))
     have = {t.name for t in GRAPH_TOOLS}
     assert {"attribution_graph", "graph_intervene", "graph_to_circuit", "graph_paths"} <= named <= have
+
+
+def test_query_tools_absent_without_dictionaries(tiny_engines, tmp_path):
+    async def go():
+        async with Client(build_server(Workbench(tiny_engines["gpt2"], workspace=tmp_path))) as c:
+            return {t.name for t in (await c.list_tools()).tools}
+    names = asyncio.run(go())
+    assert not {"graph_paths", "graph_prune", "graph_supernodes", "graph_to_circuit"} & names
+    assert "circuit_list" in names

@@ -13,7 +13,10 @@ from functools import lru_cache
 
 import torch
 
+from tdb_agent.errors import TdbError
 from tdb_agent.ops.graph.influence import SquareGraph, normalise
+
+MAX_EDGES = 2_000_000  # the search walks edges in Python (a few seconds at this size)
 
 
 def strongest_paths_k(sq: SquareGraph, target: int, k: int = 5, edge_mask: torch.Tensor | None = None
@@ -21,6 +24,10 @@ def strongest_paths_k(sq: SquareGraph, target: int, k: int = 5, edge_mask: torch
     """(strength, square indices start..target) of the k strongest embedding-to-target paths."""
     A = sq.A if edge_mask is None else sq.A * edge_mask
     An = normalise(A)
+    n_edges = int((An != 0).sum())
+    if n_edges > MAX_EDGES:
+        raise TdbError(f"{n_edges:,} edges are too many to search for paths (at most {MAX_EDGES:,}); prune the "
+                       "graph first (graph_prune) and search the pruned graph")
     t_idx, s_idx = An.nonzero(as_tuple=True)
     w = An[t_idx, s_idx].tolist()
     incoming: dict[int, list[tuple[int, float]]] = {}
