@@ -1,10 +1,12 @@
 """A pruned attribution graph as a circuit hypothesis (`tdb_agent.circuits`): the same nodes
-and edge weights, stored with the workbench's other circuits so circuit_show / validate /
-export work on it. Node ids become component ids: features `L1.tc.F7@4` (or residual
-latents `L1.resid.F7@4`) stay as they are, `EMB@p` stays, an MLP error node `ERR.L1.mlp@4`
-becomes `L1.MLP@4` (role 'transcoder error': the part of that MLP's output the transcoder
-misses; in a graph over residual SAE latents, the MLP's whole output) and the explained target becomes the sink `LOGITS`. Residual-SAE error nodes have no
-component id; their share of the influence is recorded in the circuit's description."""
+and edge weights, stored with the workbench's other circuits so circuit_list / show /
+export work on it (circuit_validate ablates components and refuses feature nodes: their
+check is graph_intervene). Node ids become component ids: features `L1.tc.F7@4` (or
+residual latents `L1.resid.F7@4`) and `EMB@p` stay as they are, an MLP error node
+`ERR.L1.mlp@4` becomes `L1.MLP@4` (role 'transcoder error': the part of that MLP's output
+the transcoder misses; in a graph over residual SAE latents, the MLP's whole output), and
+the explained target becomes the sink `LOGITS`. Residual-SAE error nodes have no component
+id; their share of the influence is recorded in the circuit's description."""
 
 from __future__ import annotations
 
