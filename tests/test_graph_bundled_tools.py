@@ -4,10 +4,12 @@ with a clear message (activation datasets do not record them)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from mcp import Client
 
+from tdb_agent.datasets.store import BUNDLED_DATASET
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import attach_saes
 from tdb_agent.engine.transcoder import BUNDLED_TRANSCODERS, attach_transcoders
@@ -52,3 +54,27 @@ def test_bundled_model_info_and_dataset_refusal(bundled, tmp_path):
     for res in (r, x):
         assert res.is_error and "do not record transcoder features" in res.content[0].text
     assert not ok.is_error
+
+
+def test_bundled_sae_graph_supernodes_carry_shipped_explanations(bundled, tmp_path):
+    """On the bundled model with its residual SAEs and dataset (no transcoders), the graph is
+    over SAE latents and its supernodes are labelled with the shipped explanations."""
+    engine = Engine.load()
+    attach_saes(engine, [], bundled=True)
+    shipped = json.loads((BUNDLED_DATASET / "explanations.json").read_text())
+
+    async def go():
+        async with Client(build_server(Workbench(engine, workspace=tmp_path))) as c:
+            r = await c.call_tool("attribution_graph", {"prompt": "When Eric and Ryan went to the harbor , Eric "
+                                                        "gave a pen to", "target": "Ryan", "distractor": "Eric",
+                                                        "name": "ioi"})
+            assert not r.is_error, r.content
+            return (await c.call_tool("graph_supernodes", {"name": "ioi", "threshold": 0.9})).structured_content
+
+    sn = asyncio.run(go())
+    assert sn["features"] > 0
+    for node in sn["supernodes"]:
+        for member, text in node["explanations"].items():
+            assert text == shipped[member.split("@")[0]]["explanation"]
+        assert set(node["explanations"]) == set(node["members"])  # every shipped latent has one
+        assert node["label"] == node["explanations"][node["members"][0]]
