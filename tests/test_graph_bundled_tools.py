@@ -1,5 +1,6 @@
-"""model_info lists the loaded transcoders; the dataset tools refuse transcoder features
-with a clear message (activation datasets do not record them)."""
+"""On the bundled model: model_info lists the loaded transcoders; the dataset tools refuse
+transcoder features with a clear message (activation datasets do not record them); an
+SAE-latent graph's supernodes carry the shipped explanations."""
 
 from __future__ import annotations
 
