@@ -1,9 +1,13 @@
-"""Explanations of components with simulation scores (Bills et al. 2023), cached on disk.
+"""Explanations of components with their scores, cached on disk.
 
-The explanation is written from the even-ranked top examples (0, 2, 4, ...); the score is
-the correlation between simulated and true per-token activations on held-out examples: the
-odd-ranked top examples plus the random sample. Offline, a heuristic explanation is scored by
-the offline simulator; with an LLM configured, an LLM explanation by the LLM simulator.
+The explanation is written from the even-ranked top examples (0, 2, 4, ...). `score` is the
+simulation score (Bills et al. 2023): the correlation between simulated and true per-token
+activations on held-out examples, the odd-ranked top examples plus the random sample.
+`scores` adds detection and fuzzing (Delphi; balanced accuracy, 0.5 = chance) on contexts
+from across the activation range, random windows and hard negatives (explain/contexts.py),
+each with its number of examples and a bootstrap interval. Offline, a heuristic explanation
+is read by the offline reader; with an LLM (an OpenAI-compatible endpoint, or the MCP
+client's model passed in as `model`), an LLM explanation by the LLM reader.
 """
 
 from __future__ import annotations
@@ -21,8 +25,12 @@ from tdb_agent.components import parse_component
 from tdb_agent.datasets.store import ActivationDataset
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
-from tdb_agent.explain.heuristic import correlation, heuristic_explanation, simulate_offline
-from tdb_agent.explain.llm import ExplainerLLM, LLMClient
+from tdb_agent.explain import scorers
+from tdb_agent.explain.contexts import draw_contexts
+from tdb_agent.explain.heuristic import heuristic_explanation
+from tdb_agent.explain.llm import ExplainerLLM, LLMClient, TextModel, explain_with
+from tdb_agent.explain.readers import LLMReader, OfflineReader
+from tdb_agent.explain.scoring import Score
 
 Method = Literal["auto", "llm", "heuristic"]
 SHIPPED = "explanations.json"  # precomputed heuristic explanations next to a dataset (tools/precompute_...)
@@ -41,7 +49,13 @@ class Explanation(BaseModel):
     explanation: str
     score: float = Field(description="correlation of simulated with true activations on held-out top and random "
                                      "examples (1 = perfect, 0 = none)")
-    simulator: str
+    simulator: str = Field(description="who scored it: 'offline' (the heuristic reader) or 'llm:<model>'")
+    writer: str = Field("heuristic", description="who wrote it: 'heuristic' or 'llm:<model>'")
+    scores: list[Score] = Field([], description="detection, fuzzing and simulation, each with the examples it rests "
+                                                "on and a 95% bootstrap interval")
+    note: str | None = Field(None, description="what to know before relying on it: a fallback taken, or scores "
+                                               "at chance")
+    cost: dict[str, int] = Field({}, description="forward passes and reader calls spent scoring it")
     explained_from: int = Field(description="top examples the explanation was written from")
     scored_on: dict[str, int] = Field(description="held-out examples scored, per group")
     evidence: dict = {}
@@ -91,26 +105,30 @@ class Explainer:
             self._llm = LLMClient(self.llm_settings)
         return self._llm
 
-    def resolve(self, method: Method) -> Literal["llm", "heuristic"]:
+    def resolve(self, method: Method, model: TextModel | None = None) -> Literal["llm", "heuristic"]:
         if method == "auto":
-            return "llm" if self.llm_settings.configured else "heuristic"
+            return "llm" if model is not None or self.llm_settings.configured else "heuristic"
         if method not in ("llm", "heuristic"):
             raise TdbError(f"unknown method {method!r}; methods: auto, llm, heuristic")
         return method
 
-    def _key(self, component: str, method: str) -> str:
-        return f"{method}:{self.llm_settings.model if method == 'llm' else ''}:{component}"
+    def _key(self, component: str, method: str, model: TextModel | None) -> str:
+        name = "" if method != "llm" else model.name if model is not None else self.llm_settings.model
+        return f"{method}:{name}:{component}"
 
-    def explain(self, component: str, method: Method = "auto", refresh: bool = False) -> Explanation:
+    def explain(self, component: str, method: Method = "auto", refresh: bool = False,
+                model: TextModel | None = None) -> Explanation:
+        """`model`: the LLM to write and read it (e.g. the MCP client's, through sampling);
+        without one, the configured OpenAI-compatible endpoint."""
         cid = parse_component(component).model_copy(update={"position": None}).id
         self.dataset.column(cid)  # a clear error for a component the dataset lacks
-        how = self.resolve(method)
-        key = self._key(cid, how)
+        how = self.resolve(method, model)
+        key = self._key(cid, how, model)
         if not refresh:
             hit = self._cache.get(key)
             if hit is not None:
                 return Explanation(**hit, cached=True)
-        result = self._compute(cid, how)
+        result = self._compute(cid, how, model)
         with self._lock:
             self._cache[key] = result.model_dump(exclude={"cached"})
             if self.cache_file is not None:
@@ -120,7 +138,7 @@ class Explainer:
                 tmp.replace(self.cache_file)
         return result
 
-    def _compute(self, cid: str, how: str) -> Explanation:
+    def _compute(self, cid: str, how: str, model: TextModel | None = None, seed: int = 0) -> Explanation:
         top = self.dataset.examples(cid, "top")
         rand = self.dataset.examples(cid, "random")
         train, held = top[0::2], top[1::2]
@@ -128,18 +146,31 @@ class Explainer:
         if how == "heuristic":
             text, evidence = heuristic_explanation(train, output_boosts(self.engine, cid),
                                                    spread=self.dataset.examples(cid, "quantile"))
-            sim, simulator = (lambda toks: simulate_offline(text, toks)), "offline"
+            reader, writer = OfflineReader(), "heuristic"
         else:
-            peak = max((e.activation for e in train), default=0.0)
-            text = self.llm.explain(cid, train, peak)
-            sim, simulator = (lambda toks: self.llm.simulate(text, toks)), f"llm:{self.llm_settings.model}"
-        scored = [ScoredExample(group=g, tokens=e.tokens, activations=e.activations, simulated=sim(e.tokens))
-                  for g, group in (("top", held), ("random", rand)) for e in group]
-        true = [a for s in scored for a in s.activations]
-        pred = [a for s in scored for a in s.simulated]
-        return Explanation(component=cid, method=how, explanation=text, score=correlation(pred, true),
-                           simulator=simulator, explained_from=len(train),
-                           scored_on={"top": len(held), "random": len(rand)}, evidence=evidence, examples=scored)
+            model = model or self.llm
+            text = explain_with(model, cid, train, max((e.activation for e in train), default=0.0))
+            reader, writer = LLMReader(model), f"llm:{model.name}"
+        sim, sims = scorers.simulation(reader, text, held + rand)
+        scoring = draw_contexts(self.engine, self.dataset, cid, text, held, seed=seed)
+        scores = [scorers.detection(reader, text, scoring), scorers.fuzzing(reader, text, scoring, seed), sim]
+        scored = [ScoredExample(group=g, tokens=e.tokens, activations=e.activations, simulated=s)
+                  for (g, e), s in zip([("top", e) for e in held] + [("random", e) for e in rand], sims)]
+        return Explanation(component=cid, method=how, explanation=text, score=sim.value or 0.0,
+                           simulator=reader.name, writer=writer, scores=scores, note=at_chance_note(scores),
+                           cost={"forward_passes": scoring.forward_passes, "reader_calls": reader.calls},
+                           explained_from=len(train), scored_on={"top": len(held), "random": len(rand)},
+                           evidence=evidence, examples=scored)
+
+
+def at_chance_note(scores: list[Score]) -> str | None:
+    """A warning when no score's interval lies above chance."""
+    usable = [s for s in scores if s.value is not None]
+    if any(s.above_chance for s in usable):
+        return None
+    shown = ", ".join(f"{s.name} {s.value:.2f} [{s.low:.2f}, {s.high:.2f}] (chance {s.chance:g}, n={s.n})"
+                      for s in usable if s.low is not None)
+    return f"at chance: no score is above chance ({shown or 'no usable score'}); do not rely on this explanation"
 
 
 def precompute_heuristic(explainer: Explainer, components: list[str]) -> dict[str, dict]:
@@ -147,5 +178,6 @@ def precompute_heuristic(explainer: Explainer, components: list[str]) -> dict[st
     out = {}
     for cid in components:
         e = explainer._compute(cid, "heuristic")
-        out[cid] = {"explanation": e.explanation, "score": round(e.score, 4)}
+        out[cid] = {"explanation": e.explanation, "score": round(e.score, 4),
+                    **{s.name: round(s.value, 3) for s in e.scores if s.name != "simulation" and s.value is not None}}
     return out
