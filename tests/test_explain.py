@@ -101,6 +101,10 @@ class FakeLLM(BaseHTTPRequestHandler):
         if "Predict its activation" in prompt:
             toks = re.findall(r"^\d+\t(.*)$", prompt, flags=re.M)
             text = json.dumps([10 if t in V.NAMES else 0 for t in toks])
+        elif "Context 1:" in prompt:  # detection / fuzzing: 1 for a context holding a name
+            blocks = re.split(r"^Context \d+:\n", prompt, flags=re.M)[1:]
+            text = json.dumps([int(any(t.strip("<>") in V.NAMES for t in b.split("\n\n")[0].splitlines()))
+                               for b in blocks])
         else:
             text = "fires on names of people"
         reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -143,7 +147,14 @@ def test_llm_explanation_and_simulation_over_http(setup, fake_llm, tmp_path):
     assert f"{first.tokens[first.position].strip()}\t{round(10 * first.activation / peak)}" in explain_prompt
     assert "Example 4:" in explain_prompt and "Example 5:" not in explain_prompt
     held = top[1::2] + rand
-    assert len(FakeLLM.prompts) == 1 + len(held)  # one simulation per held-out example
+    sims = [p for p in FakeLLM.prompts if "Predict its activation" in p]
+    assert len(sims) == len(held)  # one simulation per held-out example
+    assert len(FakeLLM.prompts) == 1 + r.cost["reader_calls"]  # the explanation + every reader call, counted
+    det, fuz, sim = r.scores
+    assert (det.name, fuz.name, sim.name) == ("detection", "fuzzing", "simulation")
+    assert det.reader == fuz.reader == "llm:fake-model" and r.writer == "llm:fake-model"
+    assert det.value is not None and det.calls >= 1 and fuz.calls >= 1 and sim.calls == len(held)
+    assert sim.value == pytest.approx(r.score) and det.n == det.n_positive + det.n_negative
     true = [a for h in held for a in h.activations]
     pred = [10.0 if t.strip() in V.NAMES else 0.0 for h in held for t in h.tokens]
     assert r.score == pytest.approx(correlation(pred, true))
