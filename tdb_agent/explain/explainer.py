@@ -117,12 +117,26 @@ class Explainer:
         return f"{method}:{name}:{component}"
 
     def explain(self, component: str, method: Method = "auto", refresh: bool = False,
-                model: TextModel | None = None) -> Explanation:
+                model: TextModel | None = None, no_model: str | None = None) -> Explanation:
         """`model`: the LLM to write and read it (e.g. the MCP client's, through sampling);
-        without one, the configured OpenAI-compatible endpoint."""
+        without one, the configured OpenAI-compatible endpoint. With `auto`, an LLM that
+        fails (refusal, timeout, malformed answer) gives way to the heuristic, and the
+        result's note says why; `no_model`: why no LLM was offered (said in the note)."""
         cid = parse_component(component).model_copy(update={"position": None}).id
         self.dataset.column(cid)  # a clear error for a component the dataset lacks
         how = self.resolve(method, model)
+        why = f"heuristic explanation: {no_model}" if how == "heuristic" and method == "auto" and no_model else None
+        try:
+            result = self._cached_or_computed(cid, how, model, refresh)
+        except TdbError as e:
+            if method != "auto" or how != "llm":
+                raise
+            result, why = self._cached_or_computed(cid, "heuristic", None, refresh), f"heuristic fallback: {e}"
+        if why:
+            result = result.model_copy(update={"note": "; ".join(n for n in (why, result.note) if n)})
+        return result
+
+    def _cached_or_computed(self, cid: str, how: str, model: TextModel | None, refresh: bool) -> Explanation:
         key = self._key(cid, how, model)
         if not refresh:
             hit = self._cache.get(key)

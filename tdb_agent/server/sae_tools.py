@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
+import anyio
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
@@ -22,6 +24,7 @@ from tdb_agent.service.examples import (
     attach_dataset,
     top_examples_of,
 )
+from tdb_agent.server.sampling import SamplingModel, sampling_unavailable
 from tdb_agent.service.running import run_tool
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,8 @@ CACHE_DIR = Path(os.environ.get("TDB_CACHE_DIR", Path.home() / ".cache" / "tdb-a
 
 
 def register_sae_tools(mcp: MCPServer, bench, *, dataset: str | Path | None = None,
-                       llm: ExplainerLLM | None = None, cache_dir: str | Path | None = None) -> None:
+                       llm: ExplainerLLM | None = None, cache_dir: str | Path | None = None,
+                       sampling_timeout_s: float = 120.0) -> None:
     if getattr(bench, "dataset", None) is None:
         try:
             attach_dataset(bench, dataset)
@@ -78,19 +82,39 @@ def register_sae_tools(mcp: MCPServer, bench, *, dataset: str | Path | None = No
         return run(lambda: top_examples_of(ds(), component, k, group or ("random" if random else "top")))
 
     @mcp.tool(annotations=READ_ONLY)
-    def explain_component(
+    async def explain_component(
         component: Annotated[str, Field(description="a neuron, head or SAE latent id", min_length=1,
                                         max_length=64)],
         method: Annotated[Literal["auto", "llm", "heuristic"], Field(
-            description="heuristic: offline, from the top examples; llm: an OpenAI-compatible model writes it; "
-                        "auto: llm when one is configured, else heuristic")] = "auto",
+            description="heuristic: offline, from the top examples; llm: a language model writes and reads it "
+                        "(the configured OpenAI-compatible endpoint, else your own model through MCP sampling); "
+                        "auto: llm when one is available, else heuristic")] = "auto",
         refresh: Annotated[bool, Field(description="recompute instead of using the cache")] = False,
+        ctx: Context | None = None,
     ) -> Explanation:
         """What does this component do? A short explanation from its top dataset examples,
-        with a simulation score (correlation of activations predicted from the explanation
-        with the true ones on held-out top and random examples; 1 = perfect) and the scored
-        examples. Example: explain_component(component="L2.resid.F17")"""
-        return run(lambda: explainer().explain(component, method, refresh=refresh))
+        with three scores, each with its number of examples and a 95% interval: detection
+        (can a reader tell contexts where it fires from ones where it does not, hard
+        negatives included; balanced accuracy, 0.5 = chance), fuzzing (are the tokens it
+        fires on the ones the explanation points at; 0.5 = chance) and simulation
+        (`score`: correlation of predicted with true activations; 0 = none). `writer` and
+        `simulator` say which model wrote and which scored it; `note` says when the scores
+        are at chance or a fallback was taken. Example: explain_component(component="L2.resid.F17")"""
+        model, no_model = None, None
+        x_llm = llm or ExplainerLLM.from_env()
+        if method != "heuristic" and not x_llm.configured:  # no endpoint: the client's own model, if offered
+            no_model = sampling_unavailable(ctx)
+            if no_model is None:
+                model = SamplingModel(ctx, timeout_s=sampling_timeout_s)
+            else:
+                no_model += " and no explainer endpoint is configured (TDB_EXPLAINER_BASE_URL)"
+
+        def work() -> Explanation:
+            if method == "llm" and no_model:
+                raise TdbError(f"method 'llm' needs a language model, but {no_model}; use method 'heuristic'")
+            return explainer().explain(component, method, refresh=refresh, model=model, no_model=no_model)
+
+        return await anyio.to_thread.run_sync(lambda: run(work))
 
     if hasattr(bench, "add_page_section"):
         def page_examples(c):
