@@ -31,6 +31,7 @@ from tdb_agent.explain.heuristic import heuristic_explanation
 from tdb_agent.explain.llm import ExplainerLLM, LLMClient, TextModel, explain_with
 from tdb_agent.explain.readers import LLMReader, OfflineReader
 from tdb_agent.explain.scoring import Score
+from tdb_agent.ops.lens import top_tokens
 
 Method = Literal["auto", "llm", "heuristic"]
 SHIPPED = "explanations.json"  # precomputed heuristic explanations next to a dataset (tools/precompute_...)
@@ -64,8 +65,8 @@ class Explanation(BaseModel):
 
 
 def output_boosts(engine: Engine, component: str, k: int = 3) -> list[str] | None:
-    """Tokens whose logits the component's output direction raises most (logit lens through
-    the final norm's weight, scale ignored): neurons and SAE latents."""
+    """Tokens whose logits the component's output direction raises most (the logit lens of
+    ops/lens.py, final norm's scale frozen): neurons and SAE latents."""
     c = parse_component(component)
     if c.kind == "neuron":
         d = engine.adapter.W_out(c.layer)[c.index]
@@ -73,14 +74,8 @@ def output_boosts(engine: Engine, component: str, k: int = 3) -> list[str] | Non
         d = engine.saes.get(c.layer, c.sae_site).W_dec[c.index]
     else:
         return None
-    d = d.float()
-    norm = engine.adapter.final_norm()
-    if engine.spec.norm == "layernorm":
-        d = d - d.mean()
-    d = d * engine.param(norm).float()
     with torch.no_grad():
-        logits = d @ engine.adapter.W_U().float()
-    return [engine.tokenizer.decode([i]).strip() for i in logits.topk(k).indices.tolist()]
+        return [t.strip() for t, _ in top_tokens(engine, d, k)[0]]
 
 
 class Explainer:
