@@ -30,20 +30,40 @@ def ex(tokens, acts, pos, **kw):
 
 
 def test_heuristic_names_category_and_simulator():
-    top = [ex(["When", "Mary", "and", "John"], [0, 0.1, 0, 3.0], 3), ex(["and", "Anna"], [0, 2.0], 1),
-           ex(["Bob", "and", "Peter"], [0.2, 0, 2.5], 2), ex(["gave", "it"], [0.3, 1.0], 1)]
+    # names after 'and' fire; other tokens after 'and' do not, nor names elsewhere (much)
+    top = [ex(["and", "the", "When", "Mary", "and", "John"], [0, 0, 0, 0.1, 0, 3.0], 5),
+           ex(["and", "a", "and", "Anna"], [0, 0, 0, 2.0], 3), ex(["Bob", "and", "Peter"], [0.2, 0, 2.5], 2),
+           ex(["gave", "it"], [0.3, 1.0], 1)]
     text, ev = heuristic_explanation(top, boosts=["gave", "to"])
-    assert text.startswith("fires on names (e.g. 'John', 'Anna', 'Peter') after 'and'")
+    assert text.startswith("fires on names (e.g. 'John', 'Anna', 'Peter') after 'and'"), text
     assert text.endswith("boosts 'gave', 'to'") and ev["top_tokens"]["John"] == 1
+    assert ev["fit"]["reading"].startswith("names") and ev["fit"]["detection"] == 1.0
     sim = simulate_offline(text, ["When", "Mary", "and", "John", "Bob", "store"])
     assert sim == [0, 0.5, 0, 1, 0.5, 0]  # names; 1 after 'and', 0.5 elsewhere
     single = [ex(["the", "store"], [0, 1.0], 1)] * 3
     t2, _ = heuristic_explanation(single)
-    assert t2 == "fires on the token 'store' after 'the'"
-    assert simulate_offline(t2, ["the", "store", "a", "store"]) == [0, 1, 0, 0.5]
+    assert t2 == "fires on the token 'store'"  # the simplest of the readings that fit equally well
+    assert simulate_offline("fires on the token 'store' after 'the'", ["the", "store", "a", "store"]) == [0, 1, 0, 0.5]
+    # contexts by category, and any token after a context (0 without it)
+    assert simulate_offline("fires on any token after names", ["Mary", "went", "home", "John", "ran"]) == [0, 1, 0, 0, 1]
+    assert simulate_offline("fires on any token after 'the'; attends to 'x'", ["the", "cat", "a", "the"]) == [0, 1, 0, 0]
     heads = [ex(["a", "b", "c"], [0, 0, 1.0], 2, attended_token="b", attended_offset=-1)] * 2
     assert "attends to the previous token" in heuristic_explanation(heads)[0]
+    # induction: the query token 'x' attends to the token after its earlier copy
+    ind = [ex(["x", "y", "q", "r", "x"], [0, 0, 0, 0, 1.0], 4, attended_token="y", attended_offset=-3)] * 3
+    assert "attends to the token after an earlier copy of the current token (induction)" in heuristic_explanation(ind)[0]
+    back = [ex(["Mary", "p", "q", "r", "to"], [0, 0, 0, 0, 1.0], 4, attended_token="Mary", attended_offset=-4),
+            ex(["John", "p", "q", "r", "s", "to"], [0, 0, 0, 0, 0, 1.0], 5, attended_token="John", attended_offset=-5)]
+    assert "attends to names (typically 4 tokens back)" in heuristic_explanation(back)[0]
     assert heuristic_explanation([ex(["a"], [-0.1], 0)])[0] == "rarely or never active on the dataset"
+    # no reading fits: the same tokens fire and stay silent at random -> no claim is made
+    rng = np.random.default_rng(0)
+    noisy = [ex(toks, [float(rng.random() < 0.3) * 2 for _ in toks], 0) for toks in [["the", "cat", "sat", "on"]] * 12]
+    noisy = [e.model_copy(update={"position": int(np.argmax(e.activations)), "activation": max(e.activations)})
+             for e in noisy]
+    refused, ev = heuristic_explanation(noisy)
+    assert refused.startswith("no reading fits above chance"), (refused, ev["fit"])
+    assert simulate_offline(refused, ["the", "cat"]) == [0, 0]
     a, b = [0, 1, 0, 1, 2], [0.1, 0.9, 0.2, 1.1, 2.5]
     assert correlation(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
     assert correlation([1, 1, 1], b[:3]) == 0.0

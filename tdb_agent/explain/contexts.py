@@ -102,20 +102,39 @@ def fresh_windows(engine: Engine, ds: ActivationDataset, component: str, positio
     return [([vocab[int(t)] for t in toks[a:b]], acts[j, a - st: b - st].tolist()) for j, (st, a, b) in enumerate(spans)]
 
 
+def corpus_sample(engine: Engine, ds: ActivationDataset, component: str, n: int, seed: int) -> list[Context]:
+    """n windows at random corpus positions, firing or not (typical text), read in their
+    documents."""
+    cfg = ds.manifest.get("config", {})
+    first = np.zeros(len(ds.a["tokens"]), bool)
+    first[ds.doc_starts] = True
+    pos = np.random.default_rng(seed).choice(np.flatnonzero(~first), n, replace=False).tolist()
+    threshold = firing_threshold(ds, component)
+    return [Context(tokens=t, activations=a, source="corpus", fires=_fires(a, threshold))
+            for t, a in fresh_windows(engine, ds, component, pos, int(cfg.get("window", 20)), int(cfg.get("lead", 16)))]
+
+
+def firing_threshold(ds: ActivationDataset, component: str) -> float:
+    st = ds.stats(component)
+    return st.mean + FIRE_FRACTION * (st.max - st.mean) if st.max > st.mean else float("inf")
+
+
 def _fires(acts: list[float], threshold: float) -> bool:
     return bool(acts) and max(acts) >= threshold
 
 
 def draw_contexts(engine: Engine, ds: ActivationDataset, component: str, explanation: str,
-                  held_top: list[Example], *, n_hard: int = 10, n_corpus: int = 10, seed: int = 0) -> ScoringSet:
+                  held_top: list[Example], held_quantile: list[Example] | None = None, *, n_hard: int = 10,
+                  n_corpus: int = 10, seed: int = 0) -> ScoringSet:
     """Activating contexts across the activation range, non-activating ones and hard
-    negatives for one component (see the module docstring). `held_top`: the top examples
-    the explanation was NOT written from."""
-    st = ds.stats(component)
-    threshold = st.mean + FIRE_FRACTION * (st.max - st.mean) if st.max > st.mean else float("inf")
+    negatives for one component (see the module docstring). `held_top`, `held_quantile`:
+    the top and quantile examples the explanation was NOT written from (all quantile
+    examples when None)."""
+    threshold = firing_threshold(ds, component)
     contexts = [Context(tokens=e.tokens, activations=e.activations, source=g,
                         fires=_fires(e.activations, threshold))
-                for g, group in (("top", held_top), ("quantile", ds.examples(component, "quantile")),
+                for g, group in (("top", held_top), ("quantile", ds.examples(component, "quantile") if held_quantile is None
+                                              else held_quantile),
                                  ("random", ds.examples(component, "random"))) for e in group]
     cfg = ds.manifest.get("config", {})
     width, lead = int(cfg.get("window", 20)), int(cfg.get("lead", 16))

@@ -26,7 +26,8 @@ from tdb_agent.datasets.store import ActivationDataset
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
 from tdb_agent.explain import scorers
-from tdb_agent.explain.contexts import draw_contexts
+from tdb_agent.explain.contexts import corpus_sample, draw_contexts, firing_threshold
+from tdb_agent.explain.heads import head_write_tokens
 from tdb_agent.explain.heuristic import heuristic_explanation
 from tdb_agent.explain.llm import ExplainerLLM, LLMClient, TextModel, explain_with
 from tdb_agent.explain.readers import LLMReader, OfflineReader
@@ -34,6 +35,7 @@ from tdb_agent.explain.scoring import Score
 from tdb_agent.ops.lens import top_tokens
 
 Method = Literal["auto", "llm", "heuristic"]
+BACKGROUND = 10  # random corpus windows the heuristic also fits its reading on (not the scoring ones)
 SHIPPED = "explanations.json"  # precomputed heuristic explanations next to a dataset (tools/precompute_...)
 
 
@@ -150,24 +152,29 @@ class Explainer:
     def _compute(self, cid: str, how: str, model: TextModel | None = None, seed: int = 0) -> Explanation:
         top = self.dataset.examples(cid, "top")
         rand = self.dataset.examples(cid, "random")
-        train, held = top[0::2], top[1::2]
+        quantile = self.dataset.examples(cid, "quantile")
+        train, held = top[0::2], top[1::2]  # written from the even ranks, scored on the odd ones
         evidence: dict = {}
         if how == "heuristic":
-            text, evidence = heuristic_explanation(train, output_boosts(self.engine, cid),
-                                                   spread=self.dataset.examples(cid, "quantile"))
+            boosts = output_boosts(self.engine, cid) or head_write_tokens(
+                self.engine, self.dataset, cid, list(range(0, len(top), 2)))
+            background = corpus_sample(self.engine, self.dataset, cid, BACKGROUND, seed=seed + 1)
+            text, evidence = heuristic_explanation(train, boosts, spread=quantile[0::2], background=background,
+                                                   threshold=firing_threshold(self.dataset, cid))
             reader, writer = OfflineReader(), "heuristic"
         else:
             model = model or self.llm
             text = explain_with(model, cid, train, max((e.activation for e in train), default=0.0))
             reader, writer = LLMReader(model), f"llm:{model.name}"
         sim, sims = scorers.simulation(reader, text, held + rand)
-        scoring = draw_contexts(self.engine, self.dataset, cid, text, held, seed=seed)
+        scoring = draw_contexts(self.engine, self.dataset, cid, text, held, quantile[1::2], seed=seed)
         scores = [scorers.detection(reader, text, scoring), scorers.fuzzing(reader, text, scoring, seed), sim]
         scored = [ScoredExample(group=g, tokens=e.tokens, activations=e.activations, simulated=s)
                   for (g, e), s in zip([("top", e) for e in held] + [("random", e) for e in rand], sims)]
         return Explanation(component=cid, method=how, explanation=text, score=sim.value or 0.0,
                            simulator=reader.name, writer=writer, scores=scores, note=at_chance_note(scores),
-                           cost={"forward_passes": scoring.forward_passes, "reader_calls": reader.calls},
+                           cost={"forward_passes": scoring.forward_passes + (BACKGROUND if how == "heuristic" else 0),
+                                 "reader_calls": reader.calls},
                            explained_from=len(train), scored_on={"top": len(held), "random": len(rand)},
                            evidence=evidence, examples=scored)
 

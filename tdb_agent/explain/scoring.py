@@ -10,10 +10,16 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from tdb_agent.explain.heuristic import correlation
-
 BOOTSTRAP_ROUNDS = 1000
 BOOTSTRAP_SEED = 0
+
+
+def correlation(a: list[float], b: list[float]) -> float:
+    """Pearson correlation; 0 when either side is constant."""
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 class Score(BaseModel):
