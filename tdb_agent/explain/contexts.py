@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from tdb_agent.components import parse_component
 from tdb_agent.datasets.store import ActivationDataset, Example
 from tdb_agent.engine import Engine
+from tdb_agent.engine.sae import engine_site
 from tdb_agent.explain.heuristic import CATEGORIES, simulate_offline
 from tdb_agent.tasks import vocab as V
 
@@ -61,9 +62,6 @@ def _window(start: int, end: int, pos: int, width: int, lead: int) -> tuple[int,
     return a, b
 
 
-SAE_SITES = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
-
-
 @torch.no_grad()
 def activation_of(engine: Engine, component: str, ids: torch.Tensor) -> torch.Tensor:
     """One component's per-token activation [b, s] as the dataset defines it (docs/DESIGN.md
@@ -71,7 +69,7 @@ def activation_of(engine: Engine, component: str, ids: torch.Tensor) -> torch.Te
     head's write norm |z_h W_O[h]|, an SAE latent. The model runs only up to its layer."""
     c = parse_component(component)
     site = {"neuron": f"blocks.{c.layer}.mlp.hook_post", "head": f"blocks.{c.layer}.attn.hook_z",
-            "sae": f"blocks.{c.layer}.{SAE_SITES.get(c.sae_site or '', '')}"}[c.kind]
+            "sae": engine_site(c.layer, c.sae_site) if c.kind == "sae" else ""}[c.kind]
     _, cache = engine.run_with_cache(ids, [site], stop_layer=c.layer + 1)
     x = cache[site]
     if c.kind == "neuron":
