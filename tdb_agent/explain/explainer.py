@@ -149,7 +149,9 @@ class Explainer:
                 tmp.replace(self.cache_file)
         return result
 
-    def _compute(self, cid: str, how: str, model: TextModel | None = None, seed: int = 0) -> Explanation:
+    def _compute(self, cid: str, how: str, model: TextModel | None = None, seed: int = 0,
+                 detect: bool = True) -> Explanation:
+        """`detect=False`: the simulation score only (no detection/fuzzing contexts drawn)."""
         top = self.dataset.examples(cid, "top")
         rand = self.dataset.examples(cid, "random")
         quantile = self.dataset.examples(cid, "quantile")
@@ -167,13 +169,16 @@ class Explainer:
             text = explain_with(model, cid, train, max((e.activation for e in train), default=0.0))
             reader, writer = LLMReader(model), f"llm:{model.name}"
         sim, sims = scorers.simulation(reader, text, held + rand)
-        scoring = draw_contexts(self.engine, self.dataset, cid, text, held, quantile[1::2], seed=seed)
-        scores = [scorers.detection(reader, text, scoring), scorers.fuzzing(reader, text, scoring, seed), sim]
+        scores, passes = [sim], 0
+        if detect:
+            scoring = draw_contexts(self.engine, self.dataset, cid, text, held, quantile[1::2], seed=seed)
+            scores = [scorers.detection(reader, text, scoring), scorers.fuzzing(reader, text, scoring, seed), sim]
+            passes = scoring.forward_passes
         scored = [ScoredExample(group=g, tokens=e.tokens, activations=e.activations, simulated=s)
                   for (g, e), s in zip([("top", e) for e in held] + [("random", e) for e in rand], sims)]
         return Explanation(component=cid, method=how, explanation=text, score=sim.value or 0.0,
                            simulator=reader.name, writer=writer, scores=scores, note=at_chance_note(scores),
-                           cost={"forward_passes": scoring.forward_passes + (BACKGROUND if how == "heuristic" else 0),
+                           cost={"forward_passes": passes + (BACKGROUND if how == "heuristic" else 0),
                                  "reader_calls": reader.calls},
                            explained_from=len(train), scored_on={"top": len(held), "random": len(rand)},
                            evidence=evidence, examples=scored)
@@ -190,10 +195,10 @@ def at_chance_note(scores: list[Score]) -> str | None:
 
 
 def precompute_heuristic(explainer: Explainer, components: list[str]) -> dict[str, dict]:
-    """Heuristic explanation and score of every component (what ships with a dataset)."""
+    """Heuristic explanation and simulation score of every component (what ships with a
+    dataset; detection and fuzzing are computed live by explain_component)."""
     out = {}
     for cid in components:
-        e = explainer._compute(cid, "heuristic")
-        out[cid] = {"explanation": e.explanation, "score": round(e.score, 4),
-                    **{s.name: round(s.value, 3) for s in e.scores if s.name != "simulation" and s.value is not None}}
+        e = explainer._compute(cid, "heuristic", detect=False)
+        out[cid] = {"explanation": e.explanation, "score": round(e.score, 4)}
     return out

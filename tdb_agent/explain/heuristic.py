@@ -42,9 +42,40 @@ def _q(tokens) -> str:
 
 
 def _readings(top: list[Example], wide: list[Example]) -> list[str]:
-    """Candidate 'fires on' clauses: a single token, the top tokens, the token's category
-    (over the top examples, or over top and spread), each alone or after the most common
-    previous token or previous-token category, and any token after such a context."""
+    """Candidate 'fires on' clauses: the top token, its category over the top examples, a
+    category over top and spread with at least three distinct tokens, else the top tokens;
+    each after the most common previous token when most top examples share it."""
+    n = len(top)
+    tok = Counter(e.tokens[e.position].strip() for e in top)
+    cats = Counter(category_of(e.tokens[e.position]) for e in top)
+    wide_cats = Counter(category_of(e.tokens[e.position]) for e in wide)
+    prev = Counter(e.tokens[e.position - 1].strip() for e in top if e.position > 0)
+    (t1, c1), = tok.most_common(1)
+    cat, cc = cats.most_common(1)[0]
+    wcat, wc = wide_cats.most_common(1)[0]
+    wide_tokens = {e.tokens[e.position].strip() for e in wide if category_of(e.tokens[e.position]) == wcat}
+    what = []
+    if c1 >= 0.6 * n:
+        what.append(f"the token '{t1}'")
+    if cat is not None and cc >= 0.6 * n:
+        what.append(f"{cat} (e.g. {_q([t for t, _ in tok.most_common() if category_of(t) == cat][:3])})")
+    if wcat is not None and not (wcat == cat and cc >= 0.6 * n) and wc >= 0.6 * len(wide) and len(wide_tokens) >= 3:
+        what.append(f"{wcat} (e.g. {_q(sorted(wide_tokens)[:3])})")
+    if not what:
+        what.append(f"tokens such as {_q(t for t, _ in tok.most_common(4))}")
+    suffix = ""
+    if prev:
+        (p1, pc), = prev.most_common(1)
+        if pc >= 0.5 * n:
+            suffix = f" after '{p1}'"
+    return [w + suffix for w in what]
+
+
+def _contextual_readings(top: list[Example], wide: list[Example]) -> list[str]:
+    """Heads (whose write norm depends on context more than on the token): a single token,
+    the top tokens, the token's category (over the top examples, or over top and spread),
+    each alone or after the most common previous token or previous-token category, and any
+    token after such a context."""
     n = len(top)
     tok = Counter(e.tokens[e.position].strip() for e in top)
     cats = Counter(category_of(e.tokens[e.position]) for e in top)
@@ -103,11 +134,13 @@ def heuristic_explanation(top: list[Example], boosts: list[str] | None = None,
     """A one-line description from top examples (and the tokens the component's output
     direction boosts, if given). `spread`: examples from across the activation range
     (quantile samples); `background`: windows of typical text (objects with tokens and
-    activations), so that a reading that fires everywhere fits worse; `threshold`: the
-    activation at which a window fires (default 0.4 x the top activation). Of the candidate
-    readings (`_readings`), the one that simulates best on the examples it is written from
-    (top, spread and background; never the held-out ones that score it) is kept (`_merit`); when neither its simulation nor its detection interval lies above
-    chance, no claim is made.
+    activations); `threshold`: the activation at which a window fires (default 0.4 x the
+    top activation). Of the candidate readings, the one that fits the examples it is
+    written from best is kept (never the held-out ones that score it): for neurons and
+    latents the best simulation of top and spread (`_readings`); for heads the best of
+    simulation and window detection on top, spread and background (`_contextual_readings`,
+    `_merit`). When neither the kept reading's simulation nor its detection interval on
+    top, spread and background lies above chance, no claim is made.
     Returns (explanation, evidence)."""
     if not top or max(e.activation for e in top) <= 0:
         return "rarely or never active on the dataset", {"n_examples": len(top)}
@@ -116,8 +149,14 @@ def heuristic_explanation(top: list[Example], boosts: list[str] | None = None,
     prev = Counter(e.tokens[e.position - 1].strip() for e in top if e.position > 0)
     wide = top + [e for e in spread or [] if e.activation > 0]
     thr = threshold if threshold is not None else 0.4 * max(e.activation for e in top)
-    fits = {r: _fit(r, wide + list(background or []), thr) for r in _readings(top, wide)}
-    best = max(fits, key=lambda r: _merit(fits[r]))
+    typical = wide + list(background or [])
+    if any(e.attended_token is not None for e in top):  # a head: contextual readings, judged on typical text too
+        fits = {r: _fit(r, typical, thr) for r in _contextual_readings(top, wide)}
+        best = max(fits, key=lambda r: _merit(fits[r]))
+    else:  # the reading that simulates the examples best; the verdict on it also reads typical text
+        fits = {r: _fit(r, wide, thr) for r in _readings(top, wide)}
+        best = max(fits, key=lambda r: fits[r][0].value or 0.0)
+        fits[best] = _fit(best, typical, thr)
     fit, det = fits[best]
     evidence: dict = {"top_tokens": dict(tok.most_common(8)), "previous_tokens": dict(prev.most_common(5)),
                       "categories": {k or "other": v for k, v in cats.most_common(5)},
