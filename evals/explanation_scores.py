@@ -4,7 +4,8 @@ researcher can trust), on the bundled model's dataset:
 * a seeded random sample of components, each explained and scored three ways (median, and
   the fraction whose 95% interval lies above chance);
 * random-label controls: the explanation of one sampled component scored on another's
-  contexts, which must sit at chance (detection 0.5 inside its interval);
+  contexts, which must sit at chance (detection 0.5 inside its interval) without hard
+  negatives, and below it with them;
 * costs: forward passes and reader calls per explanation and scorer.
 
 The planted features' three scores are reported by `explanations.planted_bundled`.
@@ -79,15 +80,21 @@ def run_scores(engine: Engine, ds: ActivationDataset, n: int, seed: int = 0) -> 
     results = [x.explain(c, "heuristic", refresh=True) for c in comps]
     rows = [ScoreRow(group=f"heuristic, random sample of {len(comps)} components",
                      summaries=[_summary(k, [r.scores[i] for r in results]) for i, k in enumerate(NAMES)])]
-    # random-label controls: component i's explanation read on component i+1's contexts
-    reader, control = OfflineReader(), []
-    for r, other in zip(results, comps[1:] + comps[:1]):
-        held = ds.examples(other, "top")[1::2]
-        sset = draw_contexts(engine, ds, other, r.explanation, held, ds.examples(other, "quantile")[1::2], seed=seed)
-        control.append((scorers.detection(reader, r.explanation, sset), scorers.fuzzing(reader, r.explanation, sset)))
-    rows.append(ScoreRow(group="random-label control (an explanation scored on another component)",
-                         summaries=[_summary("detection", [d for d, _ in control]),
-                                    _summary("fuzzing", [f for _, f in control])]))
+    # random-label controls: component i's explanation read on component i+1's contexts, with
+    # and without hard negatives (drawn from the explanation's own surface tokens, they are
+    # built to catch a wrong explanation, so with them an unrelated one falls below chance)
+    reader = OfflineReader()
+    for n_hard, label in ((0, "random-label control, no hard negatives"),
+                          (10, "random-label control, with hard negatives")):
+        control = []
+        for r, other in zip(results, comps[1:] + comps[:1]):
+            sset = draw_contexts(engine, ds, other, r.explanation, ds.examples(other, "top")[1::2],
+                                 ds.examples(other, "quantile")[1::2], n_hard=n_hard, seed=seed)
+            control.append((scorers.detection(reader, r.explanation, sset),
+                            scorers.fuzzing(reader, r.explanation, sset)))
+        rows.append(ScoreRow(group=f"{label} (an explanation scored on another component)",
+                             summaries=[_summary("detection", [d for d, _ in control]),
+                                        _summary("fuzzing", [f for _, f in control])]))
     n_r = max(len(results), 1)
     passes = sum(r.cost.get("forward_passes", 0) for r in results) / n_r
     costs = [CostRow(scorer=k, forward_passes_per_explanation=passes if k != "simulation" else 0.0,

@@ -183,7 +183,8 @@ def planted_constructed(model_dir: str, n_docs: int) -> PlantedResult:
                                    f"construction "
                                    f"(dataset built here over {n_docs} corpus documents; the simulator predicts "
                                    f"every name, hence a middling score)",
-                         explanation=e.explanation, score=e.score, names_feature=_names_feature(e.explanation, "names"))
+                         explanation=e.explanation, score=e.score, scores=e.scores,
+                         names_feature=_names_feature(e.explanation, "names"))
 
 
 def run(constructed_class_neuron: str | None, quick: bool) -> ExplanationEval:
