@@ -32,13 +32,13 @@ def to_vocab(engine: Engine, x: torch.Tensor, *, scale: torch.Tensor | float | N
     if engine.spec.norm == "layernorm":
         v = v - v.mean(-1, keepdim=True)
     v = v * (scale.float() if isinstance(scale, torch.Tensor) else float(scale))
-    gain = engine.param(norm, "weight")
+    gain = engine.adapter.norm_gain(norm)  # weight, or 1 + weight (Gemma)
     if gain is not None:
         v = v * gain.detach().float().to(v.device)
-    W = engine.param(engine.adapter.unembed()).detach().float().to(v.device)  # [vocab, d]
+    W_U = engine.adapter.W_U().detach().float().to(v.device)  # [d, vocab]
     if logit_ids is not None:
-        W = W[torch.as_tensor(logit_ids, device=W.device)]
-    return v @ W.T
+        W_U = W_U[:, torch.as_tensor(logit_ids, device=W_U.device)]
+    return v @ W_U
 
 
 def top_tokens(engine: Engine, direction: torch.Tensor, k: int = 8) -> tuple[list[tuple[str, float]],

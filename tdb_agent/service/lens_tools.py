@@ -54,6 +54,7 @@ def direct_logit_attribution_tool(bench: Workbench, args: DirectLogitArgs, job: 
 
 
 TOOLS: list[Tool] = [
-    Tool("logit_lens", LogitLensArgs, logit_lens_tool, READ_ONLY),
-    Tool("direct_logit_attribution", DirectLogitArgs, direct_logit_attribution_tool, READ_ONLY),
+    Tool("logit_lens", LogitLensArgs, logit_lens_tool, READ_ONLY, op=logit_lens),
+    Tool("direct_logit_attribution", DirectLogitArgs, direct_logit_attribution_tool, READ_ONLY,
+         op=direct_logit_attribution),
 ]
