@@ -85,7 +85,19 @@ class LogitLensResult(BaseModel):
 def logit_lens(engine: Engine, prompt: str, *, top_k: int = 5, target: str | None = None,
                positions: list[int] | None = None, cache: RunCache | None = None) -> LogitLensResult:
     """The residual stream at every layer and position read as next-token predictions
-    through the final norm and unembedding (`to_vocab`, no tuned lens)."""
+    through the final norm and unembedding (`to_vocab`, no tuned lens).
+
+    Args:
+        prompt: the text the model reads.
+        top_k: top next tokens listed per layer and position.
+        target: a single token whose probability and rank to report at every cell.
+        positions: token positions to read (negative counts from the end; default all).
+
+    Returns:
+        LogitLensResult: per layer (0 = the embeddings, n_layers = the final residual stream,
+        which reads as the model's own output) and position, the top tokens with
+        probabilities and logits, and the target's probability and rank.
+    """
     run = get_run(engine, prompt, cache)
     s = run.n_tokens
     pos = list(range(s)) if positions is None else positions
@@ -156,7 +168,18 @@ def direct_logit_attribution(engine: Engine, prompt: str, component: str, target
                              distractor: str | None = None, cache: RunCache | None = None) -> DirectLogitAttribution:
     """Per position, the component's direct effect on the next-token logits there: its write
     through the final norm with that position's clean scale frozen (docs/DESIGN.md §4), on
-    logit[target] - logit[distractor] (or logit[target])."""
+    logit[target] - logit[distractor] (or logit[target]).
+
+    Args:
+        prompt: the text the model reads.
+        component: a head, neuron, L{l}.ATTN / L{l}.MLP, EMB or SAE latent (`@t`: one position).
+        target: the single token whose logit is explained.
+        distractor: an optional single token to compare with.
+
+    Returns:
+        DirectLogitAttribution: the effect at every position (at the last one, the
+        component's `direct_effect` in `attribute`) and their sum.
+    """
     run = get_run(engine, prompt, cache)
     c = parse_component(component, engine.spec, n_positions=run.n_tokens, sae_sizes=sae_ops.sae_sizes(engine))
     ids = [engine.token_id(target)] + ([engine.token_id(distractor)] if distractor else [])
