@@ -9,8 +9,6 @@ import re
 import numpy as np
 import pytest
 
-from tdb_agent.datasets import ActivationDataset, BuildConfig, build, documents_from_corpus
-from tdb_agent.engine.sae import SAESet
 from tdb_agent.explain import scorers
 from tdb_agent.explain.contexts import Context, ScoringSet, activation_of, draw_contexts, surface_tokens
 from tdb_agent.explain.heuristic import correlation
@@ -25,7 +23,7 @@ from tdb_agent.explain.scoring import (
 )
 from tdb_agent.tasks import vocab as V
 from tests.fake_openai import FakeOpenAI, text_response
-from tests.test_sae import random_sae
+from tests.test_explain import setup  # noqa: F401  (the tiny model's dataset fixture)
 
 
 def test_balanced_accuracy_by_hand():
@@ -122,23 +120,9 @@ def test_surface_tokens():
     assert "Paris" in surface_tokens("fires on Paris and other cities")
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_engines, tmp_path_factory):
-    e = tiny_engines["gpt2"]
-    saved = e.saes
-    e.saes = SAESet()
-    e.saes.add(random_sae(e.spec.d_model, 16, "blocks.1.hook_resid_post", seed=9), 2, e.spec.d_model)
-    out = tmp_path_factory.mktemp("ds_scores")
-    docs = documents_from_corpus(120, 5, e.tokenizer, e.spec.n_ctx)
-    build(e, docs, out, BuildConfig(top_k=8, n_random=4, window=10, lead=6, batch_size=16, warmup_docs=32),
-          progress=False)
-    yield e, ActivationDataset.open(out, e)
-    e.saes = saved
-
-
 @pytest.mark.parametrize("cid", ["L0.N5", "L1.H2", "sae"])
-def test_contexts_are_labelled_by_the_components_own_activations(tiny, cid):
-    e, ds = tiny
+def test_contexts_are_labelled_by_the_components_own_activations(setup, cid):  # noqa: F811
+    e, ds, _, _ = setup
     if cid == "sae":  # the random SAE's most active latent
         cid = max((f"L1.resid.F{i}" for i in range(16)), key=lambda c: ds.stats(c).frac_active)
     top = ds.examples(cid, "top")
