@@ -144,6 +144,8 @@ def test_contexts_are_labelled_by_the_components_own_activations(setup, cid):  #
     assert fresh and not any(c.fires for c in fresh) and sset.forward_passes >= len(fresh)
     for c in (c for c in fresh if c.source == "hard_negative"):
         assert ex.tokens[ex.position].strip() in [t.strip() for t in c.tokens]
+    plain = draw_contexts(e, ds, cid, text, top[1::2], n_hard=0, n_corpus=2)  # no hard negatives asked
+    assert not any(c.source == "hard_negative" for c in plain.contexts)
 
 
 def _labels_for(body):

@@ -148,7 +148,7 @@ def draw_contexts(engine: Engine, ds: ActivationDataset, component: str, explana
     for source, cands, want in (("hard_negative", hard_cands, n_hard), ("corpus", np.flatnonzero(~first), n_corpus)):
         order = rng.permutation(cands)[: ROUNDS * want].tolist() if len(cands) and want else []
         kept = 0
-        for i in range(0, len(order), want):  # a batch of candidates at a time, until enough do not fire
+        for i in range(0, len(order), max(want, 1)):  # a batch of candidates at a time, until enough do not fire
             batch = order[i: i + want]
             passes += len(batch)
             for tokens, acts in fresh_windows(engine, ds, component, batch, width, lead):
