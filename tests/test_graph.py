@@ -127,15 +127,21 @@ def test_logit_diff_target(tiny_engines):
         assert len(g.logits) == 1 and g.logits[0].coef == [1.0, -1.0]
 
 
-def test_sae_latent_graph_edges_exact(tiny_engines):
-    e = tiny_engines["gpt2"]
+def random_resid_saes(e, seed: int = 5) -> SAESet:
+    """A 24-latent SAE on every layer's residual stream (resid_post)."""
     D = e.spec.d_model
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(seed)
     saes = SAESet()
     for l in range(e.spec.n_layers):
         w = {"W_enc": torch.randn(D, 24, generator=gen) * 0.3, "b_enc": torch.randn(24, generator=gen) * 0.2 - 0.3,
              "W_dec": torch.randn(24, D, generator=gen) * 0.2, "b_dec": torch.randn(D, generator=gen) * 0.1}
         saes.add(SAE(SAEConfig(d_in=D, d_sae=24, hook_name=f"blocks.{l}.hook_resid_post"), w), e.spec.n_layers, D)
+    return saes
+
+
+def test_sae_latent_graph_edges_exact(tiny_engines):
+    e = tiny_engines["gpt2"]
+    saes = random_resid_saes(e)
     with attached(e, None, saes):
         g, *_ = check_graph(e, GraphTarget(kind="logit", token="dog"))
         assert g.mode == "saes" and any(site == "resid" for site, _ in g.src.err_keys)

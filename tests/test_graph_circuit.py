@@ -7,10 +7,8 @@ import asyncio
 
 import networkx as nx
 import pytest
-import torch
 from mcp import Client
 
-from tdb_agent.engine.sae import SAE, SAEConfig, SAESet
 from tdb_agent.ops.graph import GraphTarget, build_graph
 
 from tdb_agent.ops.graph.influence import prune, square
@@ -18,7 +16,7 @@ from tdb_agent.ops.graph.query import sq_tid
 from tdb_agent.server import build_server
 from tdb_agent.service.graph_circuit import circuit_node_id, graph_to_networkx_circuit
 from tdb_agent.workbench import Workbench
-from tests.test_graph import PROMPT, attached, random_transcoders
+from tests.test_graph import PROMPT, attached, random_resid_saes, random_transcoders
 from tests.test_server_tools import P
 
 
@@ -75,24 +73,13 @@ def test_graph_to_circuit_over_mcp(tiny_engines, tmp_path):
     assert all(nx.has_path(dg, n["id"], "LOGITS") for n in shown["nodes"] if n["id"] != "LOGITS")
 
 
-def sae_set(e):
-    D = e.spec.d_model
-    gen = torch.Generator().manual_seed(5)
-    saes = SAESet()
-    for l in range(e.spec.n_layers):
-        w = {"W_enc": torch.randn(D, 24, generator=gen) * 0.3, "b_enc": torch.randn(24, generator=gen) * 0.2 - 0.3,
-             "W_dec": torch.randn(24, D, generator=gen) * 0.2, "b_dec": torch.randn(D, generator=gen) * 0.1}
-        saes.add(SAE(SAEConfig(d_in=D, d_sae=24, hook_name=f"blocks.{l}.hook_resid_post"), w), e.spec.n_layers, D)
-    return saes
-
-
 @pytest.mark.parametrize("family,kind", [("gpt_neox", "plt"), ("llama", "clt"), ("gpt2", "sae")])
 def test_graph_circuit_on_families(tiny_engines, family, kind):
     """Parallel-residual (NeoX), cross-layer transcoders (llama) and residual SAE latents: every
     kept edge between nodes with a component id is in the circuit, with the graph's weight."""
     e = tiny_engines[family]
     tcs = None if kind == "sae" else random_transcoders(e, cross_layer=kind == "clt")
-    with attached(e, tcs, sae_set(e) if kind == "sae" else None):
+    with attached(e, tcs, random_resid_saes(e) if kind == "sae" else None):
         g = build_graph(e, PROMPT, GraphTarget(kind="top", mass=0.5, max_logits=2))
         sq = square(g)
         p = prune(sq, 0.9, 0.99)
