@@ -339,7 +339,7 @@ def _neighbour_filter(bench: Workbench, g, layer: int | None, position: int | No
             m &= la == layer
         if position is not None:
             m &= po == position
-        masks.append(m.to(g.adjacency.dtype))
+        masks.append(m.to(device=g.adjacency.device, dtype=g.adjacency.dtype))
     return masks
 
 
