@@ -14,8 +14,16 @@ from tdb_agent.ops.graph import GraphTarget, build_graph
 from tdb_agent.ops.graph.influence import prune, square
 from tdb_agent.ops.graph.query import sq_tid
 from tdb_agent.server import build_server
-from tdb_agent.service.graph_circuit import circuit_node_id, graph_to_networkx_circuit
-from tdb_agent.workbench import Workbench
+from tdb_agent.service.graph_circuit import (
+    ToCircuitArgs,
+    circuit_node_id,
+    graph_to_circuit,
+    graph_to_networkx_circuit,
+)
+from tdb_agent.service.graph_tools import GraphArgs, attribution_graph
+from tdb_agent.service.limits import LimitExceeded
+from tdb_agent.service.tool import Job
+from tdb_agent.workbench import Limits, Workbench
 from tests.test_graph import PROMPT, attached, random_resid_saes, random_transcoders
 from tests.test_server_tools import P
 
@@ -100,3 +108,15 @@ def test_graph_circuit_on_families(tiny_engines, family, kind):
         assert roles <= {"MLP output (no transcoder)"} and any(".resid.F" in n for n in circ)
     else:
         assert {d["role"] for n, d in circ.nodes(data=True) if ".MLP@" in n} <= {"transcoder error"}
+
+
+def test_graph_circuit_over_the_limits_says_how_to_shrink(tiny_engines, tmp_path):
+    e = tiny_engines["gpt2"]
+    bench = Workbench(e, Limits(max_circuit_edges=3), workspace=tmp_path)
+    with attached(e, random_transcoders(e, n=16)):
+        attribution_graph(bench, GraphArgs(prompt=P, target="Mary", name="g"), Job())
+        with pytest.raises(LimitExceeded, match="max_feature_nodes"):
+            graph_to_circuit(bench, ToCircuitArgs(name="g"), Job())
+        assert "g" not in bench.circuits
+        small = graph_to_circuit(bench, ToCircuitArgs(name="g", node_threshold=0.05, edge_threshold=0.05), Job())
+    assert small.edges <= 3 and "g" in bench.circuits

@@ -23,6 +23,7 @@ from tdb_agent.ops.graph.query import find_row, row_tid, sq_tid
 from tdb_agent.service.annotations import WRITES_RESULT
 from tdb_agent.service.circuit_tools import circuit_store
 from tdb_agent.service.graph_tools import GraphName, NodeId, PruneSettings, graph_of, pruning
+from tdb_agent.service.limits import LimitExceeded
 from tdb_agent.service.tool import Job, Tool, ToolArgs
 from tdb_agent.workbench import Workbench
 
@@ -125,7 +126,11 @@ def graph_to_circuit(bench: Workbench, args: ToCircuitArgs, job: Job) -> ToCircu
     name = args.circuit or args.name
     circ = graph_to_networkx_circuit(bench.engine, g, sq, p, row, name, args.name)
     store = circuit_store(bench)
-    path = store.put(name, circ, overwrite=args.overwrite)
+    try:
+        path = store.put(name, circ, overwrite=args.overwrite)
+    except LimitExceeded as e:
+        raise LimitExceeded(f"{e}; or keep fewer graph nodes: a lower node_threshold / edge_threshold or a "
+                            "max_feature_nodes cap") from e
     return ToCircuitResult(circuit=name, nodes=len(C.components(circ)), edges=circ.number_of_edges(),
                            saved_to=str(path))
 
