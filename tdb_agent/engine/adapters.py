@@ -86,6 +86,7 @@ class Adapter:
             sites[p + "hook_attn_out"] = (self.attn(layer), "output")
             if not self.parallel_residual:
                 sites[p + "hook_resid_mid"] = (self.ln2(layer), "input")
+            sites[p + "hook_mlp_in"] = (self.mlp(layer), "input")  # the MLP's input: ln2's output
             sites[p + "mlp.hook_pre"] = (self.mlp_act(layer), "input")
             if self.gated_mlp:  # post = act(gate) * up, the input of the down projection
                 sites[p + "mlp.hook_post"] = (self.mlp_out_proj(layer), "input")
@@ -123,6 +124,11 @@ class Adapter:
         )
 
     def W_O(self, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def W_QKV(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_Q [heads, d_model, d_head], W_K and W_V [kv_heads, d_model, d_head] (no biases,
+        before rotary): what each head reads from the normalised residual stream."""
         raise NotImplementedError
 
     def b_O(self, layer: int) -> torch.Tensor | None:
@@ -189,6 +195,11 @@ class GPT2Adapter(Adapter):
     def b_O(self, layer):
         return self._p(self.attn(layer).c_proj, "bias")
 
+    def W_QKV(self, layer):
+        w = self._p(self.attn(layer).c_attn)  # [d, 3 * h * dh]
+        d, h = w.shape[0], self.config.num_attention_heads
+        return tuple(part.reshape(d, h, -1).transpose(0, 1) for part in w.split(w.shape[1] // 3, dim=1))
+
     def W_out(self, layer):
         return self._p(self.mlp(layer).c_proj)  # [d_mlp, d]
 
@@ -244,6 +255,12 @@ class NeoXAdapter(Adapter):
     def b_O(self, layer):
         return self._p(self.attn(layer).dense, "bias")
 
+    def W_QKV(self, layer):
+        w = self._p(self.attn(layer).query_key_value)  # [h * 3 * dh, d], rows (head, q|k|v, dh)
+        h = self.config.num_attention_heads
+        w = w.reshape(h, 3, -1, w.shape[-1]).transpose(-1, -2)  # [h, 3, d, dh]
+        return w[:, 0], w[:, 1], w[:, 2]
+
     def W_out(self, layer):
         return self._p(self.mlp(layer).dense_4h_to_h).T
 
@@ -298,6 +315,14 @@ class LlamaAdapter(Adapter):
 
     def b_O(self, layer):
         return self._p(self.attn(layer).o_proj, "bias")
+
+    def W_QKV(self, layer):
+        a = self.attn(layer)
+
+        def heads(lin):
+            w = self._p(lin)  # [n * dh, d]
+            return w.T.reshape(w.shape[1], -1, a.head_dim).transpose(0, 1)
+        return heads(a.q_proj), heads(a.k_proj), heads(a.v_proj)
 
     def W_out(self, layer):
         return self._p(self.mlp(layer).down_proj).T

@@ -12,6 +12,7 @@ Hook sites (TransformerLens names, shapes [batch, pos, ...]):
     blocks.{l}.attn.hook_q / hook_k / hook_v / hook_z       [b, s, heads, d_head]
     blocks.{l}.attn.hook_attn_scores / hook_pattern          [b, heads, q_pos, k_pos]
     blocks.{l}.hook_attn_out / hook_mlp_out                  [b, s, d_model]
+    blocks.{l}.hook_mlp_in (the MLP block's input, after its norm)   [b, s, d_model]
     blocks.{l}.mlp.hook_pre / hook_post                      [b, s, d_mlp]
     hook_resid_final, ln_final.hook_scale [b, s, 1], ln_final.hook_normalized, hook_logits
 
