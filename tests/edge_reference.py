@@ -14,14 +14,21 @@ import math
 import torch
 
 
+FROZEN = {"on": False}  # hold every norm's scale constant (detached) in the backward
+
+
+def _scale(t):
+    return t.detach() if FROZEN["on"] else t
+
+
 def _ln(x, w, b, eps):
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps) * w + b
+    return (x - mu) / _scale(torch.sqrt(var + eps)) * w + b
 
 
 def _rms(x, w, eps):
-    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+    return x / _scale(torch.sqrt((x * x).mean(-1, keepdim=True) + eps)) * w
 
 
 def _gelu_new(x):
@@ -58,22 +65,21 @@ class RefModel:
         return self.n_up_head(l) + (self.H if kind == "mlp" else 0)
 
     # ---- the run ---------------------------------------------------------------------
-    def run(self, ids, target, distractor, probes=None, ref=None, removed=None):
+    def run(self, ids, target, distractor, probes=None, ref=None, removed=None, embed=None):
         """metric per row [b], sender outputs [b, s, U, d].
 
         probes: {receiver index: [b, s, d]} added to that receiver's input.
         ref: sender reference values [b, s, U, d]; removed: set of (sender, receiver index)
-        edges whose receiver reads ref instead of this run's sender value."""
+        edges whose receiver reads ref instead of this run's sender value; embed [b, s, d]
+        replaces the token embeddings."""
         probes, removed = probes or {}, removed or set()
         recv = self.receivers()
         ridx = {r: i for i, r in enumerate(recv)}
         b, s = ids.shape
         m = self.hf.base_model
         senders = []
-        if self.family == "gpt2":
-            senders.append(m.wte.weight[ids] + m.wpe.weight[torch.arange(s)][None])
-        else:
-            senders.append(m.embed_tokens.weight[ids])
+        tok = (m.wte if self.family == "gpt2" else m.embed_tokens).weight[ids] if embed is None else embed
+        senders.append(tok + m.wpe.weight[torch.arange(s)][None] if self.family == "gpt2" else tok)
         bias = torch.zeros(self.d)
 
         def read(kind, l, i):
@@ -144,14 +150,28 @@ class RefModel:
         return hdn @ mlp.down_proj.weight.T
 
     # ---- EAP by autograd -------------------------------------------------------------
-    def eap(self, ids, cids, target, distractor):
-        """[U, R] scores: (corrupted − clean sender) · ∂m/∂(receiver input), averaged over rows."""
+    def grads(self, ids, target, distractor, embed=None):
         R = len(self.receivers())
         b, s = ids.shape
         probes = {r: torch.zeros(b, s, self.d, requires_grad=True) for r in range(R)}
         with torch.enable_grad():
-            m, clean = self.run(ids, target, distractor, probes=probes)
+            m, clean = self.run(ids, target, distractor, probes=probes, embed=embed)
             grads = torch.autograd.grad(m.sum(), [probes[r] for r in range(R)])
+        return grads, clean.detach()
+
+    def eap(self, ids, cids, target, distractor, ig_steps=0):
+        """[U, R] scores: (corrupted − clean sender) · ∂m/∂(receiver input), averaged over rows;
+        with ig_steps the gradient is averaged over inputs interpolated between the corrupted and
+        clean token embeddings (k / ig_steps, k = 1..ig_steps)."""
+        R = len(self.receivers())
+        b = ids.shape[0]
+        grads, clean = self.grads(ids, target, distractor)
+        if ig_steps:
+            emb = (self.hf.base_model.wte if self.family == "gpt2" else self.hf.base_model.embed_tokens).weight
+            e1, e0 = emb[ids], emb[cids]
+            steps = [self.grads(ids, target, distractor, embed=e0 + k / ig_steps * (e1 - e0))[0]
+                     for k in range(1, ig_steps + 1)]
+            grads = [sum(g[r] for g in steps) / ig_steps for r in range(R)]
         with torch.no_grad():
             _, corr = self.run(cids, target, distractor)
         out = torch.zeros(clean.shape[2], R)
