@@ -36,6 +36,7 @@ from tdb_agent.server.prompts import PROMPTS_DIR, register_prompts
 from tdb_agent.server.resources import register_resources
 from tdb_agent.server.sae_tools import register_sae_tools
 from tdb_agent.server.tools import add_tools
+from tdb_agent.service.edge_tools import TOOLS as EDGE_TOOLS
 from tdb_agent.service.model_tools import TOOLS as MODEL_TOOLS
 from tdb_agent.service.examples import attach_dataset
 from tdb_agent.service.limits import LimitChecks
@@ -255,6 +256,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
         return run_tool(bench, "steer", go)
 
     add_tools(mcp, bench, MODEL_TOOLS)
+    add_tools(mcp, bench, EDGE_TOOLS)
     register_circuit_tools(mcp, bench)
     if attach_dataset(bench) if getattr(bench, "dataset", None) is None else bench.dataset:
         # top_examples / explain_component: only where there is a dataset to answer from
