@@ -5,7 +5,6 @@ edge_faithfulness, checked against direct calls of tdb_agent.ops.edges."""
 import asyncio
 import json
 
-import jsonschema
 import pytest
 from mcp import Client
 
@@ -15,17 +14,9 @@ from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, evaluate_keeps
 from tdb_agent.server import build_server
 from tdb_agent.workbench import Workbench
+from tests.test_circuits_mcp import call
 
 TOOLS = {"edge_attribution", "edge_circuit", "edge_faithfulness"}
-
-
-async def call(c, tools, name, args, ok=True):
-    r = await c.call_tool(name, args)
-    assert r.is_error is (not ok), (name, r.content)
-    if ok:
-        jsonschema.validate(r.structured_content, tools[name].output_schema)
-        return r.structured_content
-    return r.content[0].text
 
 
 def test_edge_tools_session(gpt2_tiny, tmp_path):

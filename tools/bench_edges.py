@@ -13,7 +13,7 @@ word-level vocabulary) at 128 tokens:
                  sample of edges and multiplied by the number of edges (what EAP approximates)
   curve          one faithfulness curve at the MIB budgets (batched edge sets)
   curve_naive    the same budgets, one patched pass per budget
-Times are the best of --repeats; ratios are to `forward` measured in the same run.
+Times are medians of --repeats after a warm-up (bench_ops.timed); ratios are to `forward` measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from bench_ops import gpt2_small_random, timed  # tools/ is on the path when run as a script
 
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.capture import group_pairs, run_senders
@@ -35,19 +36,6 @@ from tdb_agent.ops.edges.patch import patched_metrics
 from tdb_agent.tasks import task_examples
 
 
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def ioi_pairs(engine: Engine, n: int):
     by_len: dict[int, list] = {}
     for p in task_examples("ioi", 8 * n, seed=0):
@@ -56,16 +44,8 @@ def ioi_pairs(engine: Engine, n: int):
 
 
 def small_model(folder: Path, device: str) -> Engine:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tdb_agent.tasks.tokenizer import build_tokenizer
-    tok = build_tokenizer()
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=768, n_layer=12, n_head=12)
-    cfg.bos_token_id = cfg.eos_token_id = tok.bos_token_id
-    torch.manual_seed(0)
-    GPT2LMHeadModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return Engine.load(folder, device=device)
+    """bench_ops' GPT-2-small-shaped random model (vocabulary 50,257, the project's tokenizer)."""
+    return Engine.load(gpt2_small_random(folder), device=device)
 
 
 def random_pairs(engine: Engine, n: int, length: int):
@@ -88,9 +68,9 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int) ->
     graph = EdgeGraph(engine.spec)
     (group,), _ = group_pairs(engine, pairs, True)
     with torch.no_grad():
-        t_fwd = best(lambda: engine.forward(group.ids, logit_positions=[-1]), repeats)
-    t_eap = best(lambda: edge_scores(engine, pairs, method="eap", batch_size=len(pairs)), repeats)
-    t_ig = best(lambda: edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs)), repeats)
+        t_fwd = timed(lambda: engine.forward(group.ids, logit_positions=[-1]), repeats)
+    t_eap = timed(lambda: edge_scores(engine, pairs, method="eap", batch_size=len(pairs)), repeats)
+    t_ig = timed(lambda: edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs)), repeats)
     scores = edge_scores(engine, pairs, method="eap", batch_size=len(pairs)).scores
     ref = run_senders(engine, group.corrupted)
     flat = graph.valid.flatten().nonzero()[:, 0]
@@ -101,15 +81,15 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int) ->
             keep = torch.ones(1, graph.n_senders, graph.n_receivers, dtype=torch.bool)
             keep.view(1, -1)[0, i] = False
             patched_metrics(engine, graph, group, ref, keep, batch_size=len(pairs))
-    t_naive = best(naive, 1) / len(sample) * graph.n_edges
-    t_curve = best(lambda: faithfulness_curve(engine, pairs, scores, batch_size=64), repeats)
+    t_naive = timed(naive, 1) / len(sample) * graph.n_edges
+    t_curve = timed(lambda: faithfulness_curve(engine, pairs, scores, batch_size=64), repeats)
     counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
 
     def curve_naive():
         ref_c = run_senders(engine, group.corrupted)
         for keep in keep_masks(graph, scores, [graph.n_edges, 0] + counts):
             patched_metrics(engine, graph, group, ref_c, keep[None], batch_size=len(pairs))
-    t_curve_naive = best(curve_naive, repeats)
+    t_curve_naive = timed(curve_naive, repeats)
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
             "device": str(engine.device), "steps": steps, "seconds": {
                 "forward": t_fwd, "eap": t_eap, "eap_ig": t_ig, "naive_extrapolated": t_naive, "curve": t_curve,
