@@ -40,6 +40,11 @@ def test_edge_tools_session(gpt2_tiny, tmp_path):
             row = a["edges"][0]
             assert row["edge"].startswith(row["source"] + "->")
 
+            pos = await call(c, tools, "edge_attribution", {"task": "ioi", "n_pairs": 3, "method": "eap",
+                                                            "per_position": True, "top_k": 3})
+            want = edge_scores(gpt2_tiny, pairs, method="eap", per_position=True).ranked(3)
+            assert [r["edge"] for r in pos["edges"]] == [e for e, _ in want] and "@" in want[0][0]
+
             made = await call(c, tools, "edge_circuit", {"name": "ioi_e", "task": "ioi", "n_pairs": 3,
                                                          "method": "eap", "n_edges": 12})
             assert made["n_edges"] == 12 and len(made["edges"]) == 12

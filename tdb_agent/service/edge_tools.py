@@ -49,10 +49,10 @@ class EdgeMethodArgs(ToolArgs):
         except ValueError as e:
             raise TdbError(str(e)) from e
 
-    def scores(self, bench: Workbench) -> EdgeScores:
+    def scores(self, bench: Workbench, per_position: bool = False) -> EdgeScores:
         return edge_scores(bench.engine, self.behaviour().resolve(), method=self.method, steps=self.steps,
                            reference=self.reference, metric=self.metric, batch_size=min(16, bench.limits.batch_size),
-                           cache=bench.cache)
+                           per_position=per_position, cache=bench.cache)
 
     def method_record(self) -> dict:
         return {"method": self.method, "steps": self.steps if self.method == "eap-ig" else None,
@@ -60,7 +60,8 @@ class EdgeMethodArgs(ToolArgs):
 
 
 class EdgeRow(BaseModel):
-    edge: str = Field(description="SENDER->RECEIVER; receivers are a head's q/k/v input (L1.H3.q), an MLP, LOGITS")
+    edge: str = Field(description="SENDER->RECEIVER[@t]; receivers are a head's q/k/v input (L1.H3.q), an MLP, "
+                                  "LOGITS; @t: the token position (per_position)")
     source: str
     target: str = Field(description="the receiving component (for a shared key/value input: its first query head)")
     via: Literal["q", "k", "v", "direct"]
@@ -83,7 +84,7 @@ def _rows(res: EdgeScores, top_k: int) -> list[EdgeRow]:
     g = res.graph
     out = []
     for name, score in res.ranked(top_k):
-        s, r = g.parse_edge(name)
+        s, r = g.parse_edge(name.split("@")[0])
         recv = g.receivers[r]
         out.append(EdgeRow(edge=name, source=g.senders[s], target=recv.heads[0], via=recv.via, score=score))
     return out
@@ -91,6 +92,8 @@ def _rows(res: EdgeScores, top_k: int) -> list[EdgeRow]:
 
 class EdgeAttributionArgs(EdgeMethodArgs):
     top_k: TopK(30, "how many edges to list")
+    per_position: Annotated[bool, Field(description="score each edge at each token position (prompts of one "
+                                        "length)")] = False
 
 
 def edge_attribution(bench: Workbench, args: EdgeAttributionArgs, job: Job) -> EdgeAttribution:
@@ -98,7 +101,7 @@ def edge_attribution(bench: Workbench, args: EdgeAttributionArgs, job: Job) -> E
     edge graph (senders EMB, heads, MLPs -> receivers: each head's q, k and v input, MLPs,
     LOGITS) with EAP or EAP-IG in a handful of passes, averaged over prompt pairs, and lists
     the top ones. Example: edge_attribution(task="ioi", n_pairs=8, method="eap-ig")"""
-    res = args.scores(bench)
+    res = args.scores(bench, per_position=args.per_position)
     return EdgeAttribution(method=res.method, reference=res.reference, metric_name=res.metric_name,
                            metric_clean=res.metric_clean, n_pairs=res.n_pairs, n_edges_total=res.graph.n_edges,
                            forward_passes=res.forward_passes, backward_passes=res.backward_passes,
