@@ -10,12 +10,13 @@ from pydantic import BaseModel, Field
 
 from tdb_agent import circuits as C
 from tdb_agent.circuits.edges import circuit_edges, edge_circuit, keep_mask
-from tdb_agent.circuits.store import CircuitStore, check_name
+from tdb_agent.circuits.store import check_name
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.edges.eap import EdgeScores, edge_scores
 from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, FaithfulnessCurve, evaluate_keeps, faithfulness_curve, \
     keep_masks, smallest_circuit
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
+from tdb_agent.service.circuit_tools import circuit_store
 from tdb_agent.service.fields import TopK
 from tdb_agent.service.tool import Job, Tool, ToolArgs
 from tdb_agent.workbench import Workbench
@@ -138,7 +139,7 @@ def edge_circuit_tool(bench: Workbench, args: EdgeCircuitArgs, job: Job) -> Edge
     engine = bench.engine
     if sum(x is not None for x in (args.budget, args.n_edges, args.threshold)) != 1:
         raise TdbError("give exactly one of budget, n_edges or threshold")
-    store = CircuitStore(bench.circuits, bench.workspace)
+    store = circuit_store(bench)
     check_name(args.name)
     if not args.overwrite and args.name in bench.circuits:
         raise TdbError(f"a circuit named {args.name!r} exists; pick another name or pass overwrite=true")
@@ -194,7 +195,7 @@ def edge_faithfulness(bench: Workbench, args: EdgeFaithfulnessArgs, job: Job) ->
     engine = bench.engine
     g = None
     if args.circuit is not None:
-        store = CircuitStore(bench.circuits, bench.workspace)
+        store = circuit_store(bench)
         g = store.get(args.circuit)
         edges = circuit_edges(g)
         if args.task is None and not args.pairs:
@@ -226,7 +227,8 @@ def edge_faithfulness(bench: Workbench, args: EdgeFaithfulnessArgs, job: Job) ->
 
 
 TOOLS: list[Tool] = [
-    Tool("edge_attribution", EdgeAttributionArgs, edge_attribution, READ_ONLY, long=True),
+    Tool("edge_attribution", EdgeAttributionArgs, edge_attribution, READ_ONLY, long=True, op=edge_scores),
     Tool("edge_circuit", EdgeCircuitArgs, edge_circuit_tool, WRITES_RESULT, long=True),
-    Tool("edge_faithfulness", EdgeFaithfulnessArgs, edge_faithfulness, WRITES_RESULT, long=True),
+    Tool("edge_faithfulness", EdgeFaithfulnessArgs, edge_faithfulness, WRITES_RESULT, long=True,
+         op=faithfulness_curve),
 ]

@@ -17,7 +17,7 @@ import torch
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from tdb_agent.errors import TdbError
 from tdb_agent.workbench import Workbench
@@ -60,6 +60,11 @@ def non_finite(value: Any, path: str = "") -> list[str]:
     return []
 
 
+def readable(e: ValidationError) -> str:
+    """A pydantic validation error in one line: `where: what` for each problem."""
+    return "; ".join(f"{'.'.join(map(str, x['loc'])) or 'value'}: {x['msg']}" for x in e.errors())
+
+
 def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
     """Run one tool body under the engine lock (tools are atomic: no other call's hooks or
     cache writes interleave with it) and map failures to tool errors."""
@@ -77,6 +82,8 @@ def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
         raise
     except TdbError as e:
         raise ToolError(str(e)) from e
+    except ValidationError as e:  # e.g. a circuit's behaviour pairs, checked in the body
+        raise ToolError(readable(e)) from e
     except BaseException as e:
         if not is_out_of_memory(e):
             if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit, cancellation

@@ -87,7 +87,15 @@ def _contract(graph: EdgeGraph, D: torch.Tensor, G: torch.Tensor, out: torch.Ten
 def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", steps: int = 5,
                 reference: Reference = "corrupted", norm: NormMode = "unfrozen", per_position: bool = False,
                 metric: MetricName | None = None, batch_size: int = 16, cache: RunCache | None = None) -> EdgeScores:
-    """EAP or EAP-IG scores of every edge of the model's edge graph (see module docstring)."""
+    """Score every edge of the model's edge graph (senders EMB, heads, MLPs -> each head's q, k
+    and v input, each MLP, LOGITS) by EAP or EAP-IG: the estimated change of the metric when
+    that edge alone carries its reference value, averaged over the prompt pairs.
+
+    method "eap": one clean forward and backward plus one corrupted forward per batch;
+    "eap-ig": the gradient averaged over `steps` inputs between the reference and clean token
+    embeddings. reference: the corrupted prompts' sender outputs, or their corpus means.
+    norm: "unfrozen" (the true gradient) or "frozen" (every norm's scale held).
+    per_position: keep a position axis (prompts of one length). Batched over pairs by length."""
     if method not in ("eap", "eap-ig"):
         raise TdbError(f"method must be 'eap' or 'eap-ig', not {method!r}")
     if reference not in ("corrupted", "mean"):
