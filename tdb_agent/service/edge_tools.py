@@ -227,8 +227,7 @@ def edge_faithfulness(bench: Workbench, args: EdgeFaithfulnessArgs, job: Job) ->
 
 
 TOOLS: list[Tool] = [
-    Tool("edge_attribution", EdgeAttributionArgs, edge_attribution, READ_ONLY, long=True, op=edge_scores),
+    Tool("edge_attribution", EdgeAttributionArgs, edge_attribution, READ_ONLY, long=True),
     Tool("edge_circuit", EdgeCircuitArgs, edge_circuit_tool, WRITES_RESULT, long=True),
-    Tool("edge_faithfulness", EdgeFaithfulnessArgs, edge_faithfulness, WRITES_RESULT, long=True,
-         op=faithfulness_curve),
+    Tool("edge_faithfulness", EdgeFaithfulnessArgs, edge_faithfulness, WRITES_RESULT, long=True),
 ]
