@@ -63,17 +63,31 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
                 state["tables"] = rotary_tables(engine, x)
         return fn
 
+    def head_inputs(l):
+        """The change of ln1's output seen by each q, k and v receiver of block l
+        [b, s, H + 2KV, d] (None when none of them has a removed edge), computed once per block."""
+        key = f"dx{l}"
+        if key not in state:
+            sl = graph.layer_receivers(l)
+            heads = slice(sl.start, sl.stop - 1)
+            n_up = graph.n_upstream[sl.start]
+            m = mask(heads, n_up)
+            dx = None
+            if m.any():
+                x, norm = state["x"], a.ln1(l)
+                dx = norm(x.unsqueeze(2) + _delta(D(n_up), m)) - norm(x).unsqueeze(2)
+            state[key] = dx
+        return state[key]
+
     def qkv(l, kind, i):
         def fn(t, site):
-            n_up = graph.n_upstream[graph.layer_receivers(l).start]
-            m = mask(rs(l, kind), n_up)
-            if not m.any():
+            dx = head_inputs(l)
+            if dx is None:
                 return None
-            x = state["x"]
-            norm = a.ln1(l)
-            dx = norm(x.unsqueeze(2) + _delta(D(n_up), m)) - norm(x).unsqueeze(2)  # [b, s, heads, d]
+            st = graph.layer_receivers(l).start
+            part = rs(l, kind)
             W = a.W_QKV(l)[i].to(t.dtype)
-            dt = torch.einsum("bshd,hdk->bshk", dx, W)
+            dt = torch.einsum("bshd,hdk->bshk", dx[:, :, part.start - st:part.stop - st], W)
             return t + (rotate(dt, state["tables"]) if kind != "v" else dt)
         return fn
 
