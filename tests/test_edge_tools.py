@@ -9,7 +9,7 @@ import pytest
 from mcp import Client
 
 from tdb_agent import circuits as C
-from tdb_agent.circuits.edges import keep_mask
+from tdb_agent.circuits.edges import circuit_edges, keep_mask
 from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, evaluate_keeps
 from tdb_agent.server import build_server
@@ -58,6 +58,7 @@ def test_edge_tools_session(gpt2_tiny, tmp_path):
             assert {e["args"]["edge"] for e in ev} == {r["edge"] for r in made["edges"]}
             saved = json.loads((tmp_path / "circuits" / "ioi_e.json").read_text())
             assert saved["graph"]["granularity"] == "edge" and len(saved["graph"]["edges"]) == 12
+            assert circuit_edges(C.load(tmp_path / "circuits" / "ioi_e.json")) == [r["edge"] for r in made["edges"]]
             for fmt in ["graphml", "dot", "circuit_tracer", "svg"]:
                 await call(c, tools, "circuit_export", {"name": "ioi_e", "format": fmt})
 
