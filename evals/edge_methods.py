@@ -22,7 +22,7 @@ from evals.cost import count_passes
 from evals.scoring import roc_auc, set_scores
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.eap import edge_scores
-from tdb_agent.ops.edges.faithfulness import faithfulness_curve, smallest_circuit
+from tdb_agent.ops.edges.faithfulness import EdgeEvaluator, faithfulness_curve, smallest_circuit
 
 EDGE_METHODS = ("eap", "eap_ig")
 THRESHOLD = 0.8
@@ -52,7 +52,9 @@ def score_edges(engine: Engine, case, curves, method: str):
     with count_passes() as cost:
         scores = edge_scores(engine, case.pairs, method=kind, steps=5, reference=ref)
     res.cost = cost
-    n, f, _ = smallest_circuit(engine, case.pairs, scores.scores, THRESHOLD, reference=ref)
+    evaluators = {mode: EdgeEvaluator(engine, case.pairs, REFERENCE[mode]) for mode in case.modes}
+    select = evaluators.get("resample") or EdgeEvaluator(engine, case.pairs, ref)
+    n, f, _ = smallest_circuit(engine, case.pairs, scores.scores, THRESHOLD, evaluator=select)
     top = scores.ranked(n)
     g = scores.graph
     pairs_found = set()
@@ -80,9 +82,9 @@ def score_edges(engine: Engine, case, curves, method: str):
     from evals.methods import universe
     res.auc = roc_auc(node_score, case.truth_nodes, universe(engine))
     res.faithfulness = {m: c[0] for m, c in curves.of([nodes]).items()}
-    res.detail["edge_faithfulness"] = {case.select_mode: f}
-    for mode in case.modes:
-        curve = faithfulness_curve(engine, case.pairs, scores.scores, reference=REFERENCE[mode])
+    res.detail["edge_faithfulness"] = {"resample": f}
+    for mode, ev in evaluators.items():
+        curve = faithfulness_curve(engine, case.pairs, scores.scores, evaluator=ev)
         res.cpr[mode], res.cmd[mode] = curve.cpr, curve.cmd
     res.detail["n_edges_total"] = g.n_edges
     res.detail["top5"] = [(e, round(s, 4)) for e, s in top[:5]]

@@ -13,7 +13,7 @@ from tdb_agent.circuits.edges import circuit_edges, edge_circuit, keep_mask
 from tdb_agent.circuits.store import check_name
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.edges.eap import EdgeScores, edge_scores
-from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, FaithfulnessCurve, evaluate_keeps, faithfulness_curve, \
+from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, EdgeEvaluator, FaithfulnessCurve, faithfulness_curve, \
     keep_masks, smallest_circuit
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
 from tdb_agent.service.circuit_tools import circuit_store
@@ -148,17 +148,14 @@ def edge_circuit_tool(bench: Workbench, args: EdgeCircuitArgs, job: Job) -> Edge
     job.progress(1, 3)
     n_total = res.graph.n_edges
     passes = res.forward_passes
+    ev = EdgeEvaluator(engine, pairs, args.reference, args.metric, bench.limits.batch_size, bench.cache)
     if args.threshold is not None:
-        n, f, p = smallest_circuit(engine, pairs, res.scores, args.threshold, reference=args.reference,
-                                   metric=args.metric, batch_size=bench.limits.batch_size, cache=bench.cache)
-        passes += p
+        n, f, _ = smallest_circuit(engine, pairs, res.scores, args.threshold, evaluator=ev)
     else:
         n = args.n_edges if args.n_edges is not None else max(1, round(args.budget * n_total))
         n = min(n, n_total)
-        (m,), full, empty, _, p = evaluate_keeps(engine, pairs, keep_masks(res.graph, res.scores, [n]),
-                                                 args.reference, args.metric, bench.limits.batch_size, bench.cache)
-        f = float(m - empty) / float(full - empty) if abs(float(full - empty)) > 1e-6 else float("nan")
-        passes += p
+        (f,) = ev.faithfulness(keep_masks(res.graph, res.scores, [n]))
+    passes += ev.forward_passes
     job.progress(2, 3)
     ranked = res.ranked(n)
     g = edge_circuit(engine, args.name, ranked, behaviour=args.behaviour(), metric=res.metric_name,
@@ -204,24 +201,20 @@ def edge_faithfulness(bench: Workbench, args: EdgeFaithfulnessArgs, job: Job) ->
                 raise TdbError("the circuit has no behaviour; give a task or pairs")
             args = args.model_copy(update={"task": b.task, "n_pairs": b.n, "seed": b.seed, "pairs": b.pairs or None})
     res = args.scores(bench)
-    pairs = args.behaviour().resolve()
     job.progress(1, 3)
-    curve = faithfulness_curve(engine, pairs, res.scores, budgets=args.budgets or MIB_BUDGETS,
-                               reference=args.reference, metric=args.metric, batch_size=bench.limits.batch_size,
-                               cache=bench.cache)
+    ev = EdgeEvaluator(engine, args.behaviour().resolve(), args.reference, args.metric, bench.limits.batch_size,
+                       bench.cache)
+    curve = faithfulness_curve(engine, [], res.scores, budgets=args.budgets or MIB_BUDGETS, evaluator=ev)
     out = EdgeFaithfulnessOut(**curve.model_dump(), method=args.method)
-    out.forward_passes += res.forward_passes
     if g is not None:
-        (m,), full, empty, _, p = evaluate_keeps(engine, pairs, keep_mask(engine, edges), args.reference,
-                                                 args.metric, bench.limits.batch_size, bench.cache)
-        f = float(m - empty) / float(full - empty)
+        (f,) = ev.faithfulness(keep_mask(engine, edges))
         out.circuit, out.circuit_faithfulness, out.circuit_n_edges = args.circuit, f, len(edges)
-        out.forward_passes += p
         with store.edit(args.circuit) as h:
             h.graph["faithfulness"] = f
             h.graph["validation"] = {"granularity": "edge", "faithfulness": f, "n_edges": len(edges),
                                      "n_edges_total": curve.n_edges_total, "reference": args.reference,
                                      "metric_name": curve.metric_name, "cpr": curve.cpr, "cmd": curve.cmd}
+    out.forward_passes = ev.forward_passes + res.forward_passes
     job.progress(3, 3)
     return out
 

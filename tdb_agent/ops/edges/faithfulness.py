@@ -71,93 +71,113 @@ def keep_masks(graph: EdgeGraph, scores: torch.Tensor, counts: Sequence[int]) ->
     return masks
 
 
+class EdgeEvaluator:
+    """A behaviour's prompt pairs prepared once (tokens, groups by length, the reference:
+    corrupted sender outputs or corpus means) and the full and empty graphs' metrics; then
+    any number of edge sets, each a row of batched patched passes."""
+
+    def __init__(self, engine: Engine, pairs: Sequence[Pair], reference: Reference = "corrupted",
+                 metric: MetricName | None = None, batch_size: int = 64, cache: RunCache | None = None):
+        self.engine, self.reference, self.batch_size = engine, reference, batch_size
+        self.graph = EdgeGraph(engine.spec)
+        self.n_pairs = len(pairs)
+        self.forward_passes = 0
+        with engine.lock:
+            self.groups, self.metric_name = group_pairs(engine, pairs, reference == "corrupted", metric)
+            mean_ref = mean_senders(engine, cache) if reference == "mean" else None
+            self.refs = []
+            for g in self.groups:
+                self.refs.append(mean_ref if mean_ref is not None else run_senders(engine, g.corrupted))
+                self.forward_passes += mean_ref is None
+            shape = (1, self.graph.n_senders, self.graph.n_receivers)
+            ends = self.means(torch.cat([torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)]))
+        self.m_full, self.m_empty = float(ends[0]), float(ends[1])
+
+    def means(self, keeps: torch.Tensor) -> torch.Tensor:
+        """Mean metric over the pairs of each edge set in `keeps` [n, (s,) U, R]."""
+        g = self.graph
+        if tuple(keeps.shape[-2:]) != (g.n_senders, g.n_receivers):
+            raise TdbError(f"edge masks must be [.., {g.n_senders}, {g.n_receivers}]")
+        if keeps.dim() == 4 and len(self.groups) > 1:
+            raise TdbError("position-aware edge sets need prompts of one token length")
+        sums = torch.zeros(keeps.shape[0], device=self.engine.device)
+        with self.engine.lock:
+            for grp, ref in zip(self.groups, self.refs):
+                m, p = patched_metrics(self.engine, g, grp, ref, keeps.to(torch.bool), self.batch_size)
+                sums += m.sum(1)
+                self.forward_passes += p
+        return sums / self.n_pairs
+
+    def faithfulness(self, keeps: torch.Tensor) -> list[float]:
+        gap = self.m_full - self.m_empty
+        if abs(gap) < 1e-6:
+            raise TdbError(f"the full and the fully patched model give the same mean {self.metric_name} "
+                           f"({self.m_full:.4g}); faithfulness is undefined on these pairs")
+        return [(float(m) - self.m_empty) / gap for m in self.means(keeps)]
+
+
 def evaluate_keeps(engine: Engine, pairs: Sequence[Pair], keeps: torch.Tensor, reference: Reference = "corrupted",
                    metric: MetricName | None = None, batch_size: int = 64, cache: RunCache | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MetricName, int]:
     """Mean metric of each edge set in `keeps` [n, (s,) U, R], and of the full and empty graphs.
 
     Returns (metric per set [n], m_full, m_empty, metric name, forward passes)."""
-    graph = EdgeGraph(engine.spec)
-    if tuple(keeps.shape[-2:]) != (graph.n_senders, graph.n_receivers):
-        raise TdbError(f"edge masks must be [.., {graph.n_senders}, {graph.n_receivers}]")
-    with engine.lock:
-        groups, name = group_pairs(engine, pairs, reference == "corrupted", metric)
-        if keeps.dim() == 4 and len(groups) > 1:
-            raise TdbError("position-aware edge sets need prompts of one token length")
-        full = torch.ones((1,) + tuple(keeps.shape[1:]), dtype=torch.bool, device=keeps.device)
-        allk = torch.cat([full, torch.zeros_like(full), keeps.to(torch.bool)])
-        sums = torch.zeros(allk.shape[0], device=engine.device)
-        passes = 0
-        mean_ref = mean_senders(engine, cache) if reference == "mean" else None
-        for g in groups:
-            ref = mean_ref if mean_ref is not None else run_senders(engine, g.corrupted)
-            passes += mean_ref is None
-            m, p = patched_metrics(engine, graph, g, ref, allk, batch_size)
-            sums += m.sum(1)
-            passes += p
-        means = sums / len(pairs)
-    return means[2:], means[0], means[1], name, passes
+    ev = EdgeEvaluator(engine, pairs, reference, metric, batch_size, cache)
+    ms = ev.means(keeps)
+    return ms, torch.tensor(ev.m_full), torch.tensor(ev.m_empty), ev.metric_name, ev.forward_passes
 
 
 def faithfulness_curve(engine: Engine, pairs: Sequence[Pair], scores: torch.Tensor,
                        budgets: Sequence[float] = MIB_BUDGETS, reference: Reference = "corrupted",
                        metric: MetricName | None = None, batch_size: int = 64,
-                       cache: RunCache | None = None) -> FaithfulnessCurve:
+                       cache: RunCache | None = None, evaluator: EdgeEvaluator | None = None) -> FaithfulnessCurve:
     """Faithfulness of the top-|score| edges at each edge budget (MIB: 0.1 % … 100 % of the
     edges), each by exact edge patching in one batched set of passes, with CPR (area under
     the curve) and CMD (area between the curve and 1)."""
-    graph = EdgeGraph(engine.spec)
+    ev = evaluator or EdgeEvaluator(engine, pairs, reference, metric, batch_size, cache)
+    graph = ev.graph
     if any(not 0 < b <= 1 for b in budgets):
         raise TdbError("budgets are fractions of the edges in (0, 1]")
     budgets = sorted(budgets)
     n_total = graph.n_edges * (scores.shape[0] if scores.dim() == 3 else 1)
     counts = [min(n_total, max(0, round(b * n_total))) for b in budgets]
+    before = ev.forward_passes
     keeps = keep_masks(graph, scores, counts)
-    ms, m_full, m_empty, name, passes = evaluate_keeps(engine, pairs, keeps, reference, metric, batch_size, cache)
-    gap = float(m_full - m_empty)
-    if abs(gap) < 1e-6:
-        raise TdbError(f"the full and the fully patched model give the same mean {name} ({float(m_full):.4g}); "
-                       "faithfulness is undefined on these pairs")
-    faith = [float(m - m_empty) / gap for m in ms]
-    points = [CurvePoint(budget=b, n_edges=c, metric=float(m), faithfulness=f)
+    faith = ev.faithfulness(keeps)
+    ms = [ev.m_empty + f * (ev.m_full - ev.m_empty) for f in faith]
+    points = [CurvePoint(budget=b, n_edges=c, metric=m, faithfulness=f)
               for b, c, m, f in zip(budgets, counts, ms, faith)]
-    xs, ys = [0.0] + list(budgets), [0.0] + faith
-    cpr, cmd = cpr_cmd(xs, ys)
-    return FaithfulnessCurve(points=points, cpr=cpr, cmd=cmd, metric_full=float(m_full), metric_empty=float(m_empty),
-                             n_edges_total=n_total, reference=reference, metric_name=name, n_pairs=len(pairs),
-                             forward_passes=passes)
+    cpr, cmd = cpr_cmd([0.0] + list(budgets), [0.0] + faith)
+    passes = ev.forward_passes if evaluator is None else ev.forward_passes - before
+    return FaithfulnessCurve(points=points, cpr=cpr, cmd=cmd, metric_full=ev.m_full, metric_empty=ev.m_empty,
+                             n_edges_total=n_total, reference=ev.reference, metric_name=ev.metric_name,
+                             n_pairs=ev.n_pairs, forward_passes=passes)
 
 
 def smallest_circuit(engine: Engine, pairs: Sequence[Pair], scores: torch.Tensor, threshold: float,
                      reference: Reference = "corrupted", metric: MetricName | None = None, batch_size: int = 64,
-                     cache: RunCache | None = None, candidates: int = 24) -> tuple[int, float, int]:
+                     cache: RunCache | None = None, candidates: int = 24,
+                     evaluator: EdgeEvaluator | None = None) -> tuple[int, float, int]:
     """The fewest top edges whose faithfulness reaches `threshold`: (n_edges, faithfulness, passes).
 
     Candidate sizes are spaced geometrically (evaluated in one batched set of passes), then
-    the gap below the first size that reaches the threshold is searched by bisection."""
-    graph = EdgeGraph(engine.spec)
+    the gap below the first size that reaches the threshold is searched by bisection (the
+    curve need not be monotone: this is the first crossing the search finds)."""
+    ev = evaluator or EdgeEvaluator(engine, pairs, reference, metric, batch_size, cache)
+    before = 0 if evaluator is None else ev.forward_passes
+    graph = ev.graph
     n_total = graph.n_edges * (scores.shape[0] if scores.dim() == 3 else 1)
     sizes = sorted({max(1, round(n_total ** (i / (candidates - 1)))) for i in range(candidates)} | {n_total})
-
-    def faith(counts):
-        ms, mf, me, _, p = evaluate_keeps(engine, pairs, keep_masks(graph, scores, counts), reference, metric,
-                                          batch_size, cache)
-        gap = float(mf - me)
-        if abs(gap) < 1e-6:
-            raise TdbError("the full and the fully patched model give the same metric; faithfulness is undefined")
-        return [float(m - me) / gap for m in ms], p
-
-    fs, passes = faith(sizes)
+    fs = ev.faithfulness(keep_masks(graph, scores, sizes))
     hit = next((i for i, f in enumerate(fs) if f >= threshold), None)
     if hit is None:
-        return n_total, fs[-1], passes
+        return n_total, fs[-1], ev.forward_passes - before
     lo, hi, f_hi = (sizes[hit - 1] if hit else 0), sizes[hit], fs[hit]
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        (f,), p = faith([mid])
-        passes += p
+        (f,) = ev.faithfulness(keep_masks(graph, scores, [mid]))
         if f >= threshold:
             hi, f_hi = mid, f
         else:
             lo = mid
-    return hi, f_hi, passes
+    return hi, f_hi, ev.forward_passes - before
