@@ -64,7 +64,7 @@ def random_pairs(engine: Engine, n: int, length: int):
     return out
 
 
-def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int) -> dict:
+def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, curve: bool = True) -> dict:
     graph = EdgeGraph(engine.spec)
     (group,), _ = group_pairs(engine, pairs, True)
     with torch.no_grad():
@@ -82,20 +82,21 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int) ->
             keep.view(1, -1)[0, i] = False
             patched_metrics(engine, graph, group, ref, keep, batch_size=len(pairs))
     t_naive = timed(naive, 1) / len(sample) * graph.n_edges
-    t_curve = timed(lambda: faithfulness_curve(engine, pairs, scores, batch_size=64), repeats)
     counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
 
     def curve_naive():
         ref_c = run_senders(engine, group.corrupted)
         for keep in keep_masks(graph, scores, [graph.n_edges, 0] + counts):
             patched_metrics(engine, graph, group, ref_c, keep[None], batch_size=len(pairs))
-    t_curve_naive = timed(curve_naive, repeats)
+    t_curve = timed(lambda: faithfulness_curve(engine, pairs, scores, batch_size=64), repeats) if curve else None
+    t_curve_naive = timed(curve_naive, repeats) if curve else None
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
             "device": str(engine.device), "steps": steps, "seconds": {
                 "forward": t_fwd, "eap": t_eap, "eap_ig": t_ig, "naive_extrapolated": t_naive, "curve": t_curve,
                 "curve_naive": t_curve_naive},
             "ratios": {"eap_over_forward": t_eap / t_fwd, "eap_ig_over_forward": t_ig / t_fwd,
-                       "naive_over_eap": t_naive / t_eap, "curve_naive_over_curve": t_curve_naive / t_curve},
+                       "naive_over_eap": t_naive / t_eap,
+                       "curve_naive_over_curve": t_curve_naive / t_curve if curve else None},
             "naive_sample": int(len(sample))}
 
 
@@ -108,18 +109,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--naive-sample", type=int, default=200)
     ap.add_argument("--small", action="store_true", help="also the GPT-2-small-shaped model at 128 tokens")
+    ap.add_argument("--small-only", action="store_true", help="only the GPT-2-small-shaped model")
+    ap.add_argument("--no-small-curve", action="store_true", help="skip the curve timings on the small model")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    engine = Engine.load(device=args.device)
-    rows.append(bench(engine, ioi_pairs(engine, args.pairs), args.steps, args.repeats, args.naive_sample))
-    print(json.dumps(rows[-1], indent=1), flush=True)
-    if args.small:
+    if not args.small_only:
+        engine = Engine.load(device=args.device)
+        rows.append(bench(engine, ioi_pairs(engine, args.pairs), args.steps, args.repeats, args.naive_sample))
+        print(json.dumps(rows[-1], indent=1), flush=True)
+    if args.small or args.small_only:
         with tempfile.TemporaryDirectory() as tmp:
             small = small_model(Path(tmp), args.device)
             rows.append(bench(small, random_pairs(small, args.pairs, 128), args.steps, args.repeats,
-                              min(args.naive_sample, 40)))
+                              min(args.naive_sample, 12), curve=not args.no_small_curve))
             print(json.dumps(rows[-1], indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -156,7 +156,7 @@ def faithfulness_curve(engine: Engine, pairs: Sequence[Pair], scores: torch.Tens
 
 def smallest_circuit(engine: Engine, pairs: Sequence[Pair], scores: torch.Tensor, threshold: float,
                      reference: Reference = "corrupted", metric: MetricName | None = None, batch_size: int = 64,
-                     cache: RunCache | None = None, candidates: int = 24,
+                     cache: RunCache | None = None, candidates: int = 16,
                      evaluator: EdgeEvaluator | None = None) -> tuple[int, float, int]:
     """The fewest top edges whose faithfulness reaches `threshold`: (n_edges, faithfulness, passes).
 
