@@ -39,7 +39,7 @@ def circuit_store(bench: Workbench) -> CircuitStore:
     """The store over `bench.circuits` (one per workbench, so every front end shares its lock)."""
     store = _stores.get(bench)
     if store is None or store.circuits is not bench.circuits:
-        store = _stores[bench] = CircuitStore(bench.circuits, bench.workspace)
+        store = _stores[bench] = CircuitStore(bench.circuits, bench.workspace, bench.limits)
     return store
 
 
@@ -264,7 +264,8 @@ def circuit_prune(bench: Workbench, args: PruneArgs, job: Job) -> PruneOut:
     engine, batch = bench.engine, bench.limits.batch_size
     with store.lock:
         r = C.prune(engine, g, threshold=args.threshold, mode=args.mode, modes=args.modes, protect=args.protect,
-                    cache=bench.cache, batch_size=batch, should_stop=job.should_stop)
+                    cache=bench.cache, batch_size=batch, should_stop=job.should_stop,
+                    max_rows=bench.limits.max_prune_rows, progress=job.progress)
         h = C.pruned_circuit(g, r, name=target)
         C.validate(engine, h, mode=r.mode, cache=bench.cache, batch_size=batch, should_stop=job.should_stop)
         path = store.put(target, h)

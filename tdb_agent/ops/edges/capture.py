@@ -18,7 +18,7 @@ import torch
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import frozen_norms
-from tdb_agent.ops.edges.graph import EdgeGraph
+from tdb_agent.ops.edges.graph import EdgeGraph, check_supported
 from tdb_agent.ops.edges.reads import NormMode, norm_vjp, rotary_tables, rotate
 from tdb_agent.ops.metrics import MetricName, make_metric
 from tdb_agent.ops.runs import RunCache, get_means
@@ -47,6 +47,7 @@ class PairGroup:
 def group_pairs(engine: Engine, pairs: Sequence[Pair], need_corrupted: bool,
                 metric: MetricName | None = None) -> tuple[list[PairGroup], MetricName]:
     """Tokenise the pairs, check them, and group them by length (one batch per length)."""
+    check_supported(engine)
     if not pairs:
         raise TdbError("edge methods need at least one prompt pair")
     name: MetricName = metric or ("logit_diff" if all(p.distractor for p in pairs) else "logprob")

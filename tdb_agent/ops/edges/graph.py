@@ -44,6 +44,22 @@ class Receiver:
         return self.kind if self.kind in ("q", "k", "v") else "direct"
 
 
+#: model types whose receivers read the residual stream as reads.py assumes (pre-norm blocks,
+#: norm gain = weight, no q/k norms or post-norms, per-head writes z_h·W_O[h]); each is
+#: tested against an independent computation (tests/test_edges.py)
+EDGE_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "qwen2", "mistral")
+
+
+def check_supported(engine) -> None:
+    """Refuse a family whose blocks the edge methods do not decompose exactly."""
+    from tdb_agent.errors import TdbError
+    model_type = getattr(engine.model.config, "model_type", None)
+    if model_type not in EDGE_MODEL_TYPES:
+        raise TdbError(f"edge methods (EAP, edge patching) support the model types {', '.join(EDGE_MODEL_TYPES)}; "
+                       f"this model is {model_type!r}. Use the node-level tools (attribute, ablate, "
+                       "circuit_validate) instead")
+
+
 def count_edges(n_layers: int, n_heads: int, n_kv_heads: int | None = None, parallel: bool = False) -> int:
     """Edges of the graph in closed form (used to check `EdgeGraph`)."""
     kv = n_kv_heads or n_heads
