@@ -257,3 +257,9 @@ def test_eap_is_the_derivative_of_exact_edge_patching_on_every_family(tiny_engin
             s, r = graph.parse_edge(name)
             fd = (4 * slope(s, r, 0.05) - slope(s, r, 0.1)) / 3  # Richardson: the ε² term cancels
             assert fd == pytest.approx(score, rel=5e-3, abs=1e-2 * abs(res.ranked(1)[0][1])), (fam, name)
+
+
+def test_families_without_an_exact_read_back_are_refused(tiny_dirs):
+    eng = Engine.load(tiny_dirs["gemma2"])  # post-norms, 1 + w gains: not decomposed by reads.py
+    with pytest.raises(TdbError, match="edge methods .* support the model types"):
+        edge_scores(eng, _pairs(1))
