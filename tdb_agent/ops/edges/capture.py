@@ -19,7 +19,7 @@ from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import frozen_norms
 from tdb_agent.ops.edges.graph import EdgeGraph, check_supported
-from tdb_agent.ops.edges.reads import NormMode, norm_vjp, rotary_tables, rotate
+from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp, rotary_tables, rotate
 from tdb_agent.ops.metrics import MetricName, make_metric
 from tdb_agent.ops.runs import RunCache, get_means
 
@@ -127,13 +127,49 @@ def _norms(engine: Engine) -> list[torch.nn.Module]:
     return [m for l in range(engine.spec.n_layers) for m in (a.ln1(l), a.ln2(l))] + [a.final_norm()]
 
 
+def head_grads(engine: Engine, layer: int, x: torch.Tensor, g: list[torch.Tensor], out: torch.Tensor,
+               norm: NormMode) -> None:
+    """Write into out [H + 2KV, b, s, d] the gradient at each q, k and v receiver's own copy of
+    the residual stream x [b, s, d], from the gradients g at its (un-rotated) q, k, v
+    [b, s, heads, d_head]: the closed form of reads.py with the norm folded into the weights,
+
+        G_h = inv · ( g_h · W̄_h − x̂ · mean_d(g_h · W̄_h ⊙ x̂) ),  W̄_h = centre_d(γ ⊙ W_hᵀ)
+
+    (centring only for LayerNorm; the x̂ term only with the norm unfrozen): one matrix product
+    and one rank-one update per head instead of elementwise passes over [b, s, heads, d]."""
+    module = engine.adapter.ln1(layer)
+    gamma, eps = norm_params(engine, module)
+    xf = x.float()
+    if engine.spec.norm == "layernorm":
+        xf = xf - xf.mean(-1, keepdim=True)
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [b, s, 1]
+    xh = (xf * inv).to(out.dtype)
+    b, s, d = x.shape
+    start = 0
+    for gi, W in zip(g, engine.adapter.W_QKV(layer)):
+        n = W.shape[0]
+        Wb = W.transpose(-1, -2).to(out.dtype)  # [n, dh, d]
+        if gamma is not None:
+            Wb = Wb * gamma.to(out.dtype)
+        if engine.spec.norm == "layernorm":
+            Wb = Wb - Wb.mean(-1, keepdim=True)
+        gs = (gi.to(out.dtype) * inv.to(out.dtype).unsqueeze(-1)).permute(2, 0, 1, 3).reshape(n, b * s, -1)
+        dst = out[start:start + n].view(n, b * s, d)
+        torch.bmm(gs, Wb, out=dst)
+        if norm == "unfrozen":
+            c = torch.einsum("nbsd,bsd->nbs", out[start:start + n], xh) / d
+            out[start:start + n] -= c.unsqueeze(-1) * xh
+        start += n
+
+
 def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: torch.Tensor | None = None,
                    norm: NormMode = "unfrozen", want_senders: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One forward and one backward: ∂(sum of the rows' metrics)/∂(each receiver's input).
 
     embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs). Returns
-    (G [b, s, n_receivers, d], metric per row [b], the run's sender outputs if asked).
+    (G [n_receivers, b, s, d] (receiver first, so that scores are plain matrix products),
+    metric per row [b], the run's sender outputs if asked).
     With norm="frozen" every norm's scale is held at this run's value (detached)."""
     spec, a = engine.spec, engine.adapter
     L = spec.n_layers
@@ -161,20 +197,15 @@ def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: to
         grads = torch.autograd.grad(m.sum(), reads)
     acts = {k: v.detach() for k, v in acts.items()}
     b, s = group.ids.shape
-    G = grads[-1].new_empty(b, s, graph.n_receivers, spec.d_model)
+    G = grads[-1].new_empty(graph.n_receivers, b, s, spec.d_model)
     tables = rotary_tables(engine, acts["blocks.0.hook_resid_pre"])
     for l in range(L):
         x = acts[f"blocks.{l}.hook_resid_pre"]
-        Wq, Wk, Wv = a.W_QKV(l)
-        per_head = []
-        for gi, W, k in ((grads[3 * l], Wq, "q"), (grads[3 * l + 1], Wk, "k"), (grads[3 * l + 2], Wv, "v")):
-            g = rotate(gi, tables, inverse=True) if k != "v" else gi
-            per_head.append(torch.einsum("bshk,hdk->bshd", g, W.to(g.dtype)))
-        u = torch.cat(per_head, dim=2)  # [b, s, H + 2KV, d]: gradient at the norm's output, per receiver
         sl = graph.layer_receivers(l)
-        G[:, :, sl.start:sl.stop - 1] = norm_vjp(engine, a.ln1(l), x.unsqueeze(2), u, norm)
+        head_grads(engine, l, x, [rotate(grads[3 * l], tables, inverse=True), rotate(grads[3 * l + 1], tables,
+                                  inverse=True), grads[3 * l + 2]], G[sl.start:sl.stop - 1], norm)
         x2 = x if spec.parallel_residual else acts[f"blocks.{l}.hook_resid_mid"]
-        G[:, :, sl.stop - 1] = norm_vjp(engine, a.ln2(l), x2, grads[3 * L + l], norm)
-    G[:, :, -1] = grads[-1]
+        G[sl.stop - 1] = norm_vjp(engine, a.ln2(l), x2, grads[3 * L + l], norm)
+    G[-1] = grads[-1]
     senders = senders_from(engine, acts) if want_senders else None
     return G, m.detach(), senders

@@ -75,13 +75,23 @@ def _embed(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _contract(graph: EdgeGraph, D: torch.Tensor, G: torch.Tensor, out: torch.Tensor, per_position: bool) -> None:
-    """out[(s,) u, r] += Σ_b (Σ_s) D[b, s, u] · G[b, s, r], layer by layer over the senders each reads."""
-    eq = "bsud,bsrd->sur" if per_position else "bsud,bsrd->ur"
+    """out[(s,) u, r] += Σ_b (Σ_s) D[b, s, u] · G[r, b, s], layer by layer over the senders each
+    reads. D [b, s, U, d] or [U, d] (means); G [R, b, s, d]."""
     L = graph.spec.n_layers
+    if D.dim() == 2:
+        D = D.expand(G.shape[1], G.shape[2], -1, -1)
+    if per_position:
+        Dp, Gp = D.permute(1, 2, 0, 3), G.permute(2, 0, 1, 3)  # [s, U, b, d], [s, R, b, d]
+    else:
+        Dp = D.permute(2, 0, 1, 3).reshape(D.shape[2], -1)  # [U, b·s·d], one copy
+        Gp = G.reshape(G.shape[0], -1)  # [R, b·s·d], no copy
     for l in range(L + 1):
         sl = graph.layer_receivers(l) if l < L else slice(graph.n_receivers - 1, graph.n_receivers)
         n_up = graph.n_upstream[sl.stop - 1]
-        out[..., :n_up, sl] += torch.einsum(eq, D[:, :, :n_up], G[:, :, sl]).to(out.dtype)
+        if per_position:
+            out[:, :n_up, sl] += torch.einsum("subd,srbd->sur", Dp[:, :n_up], Gp[:, sl]).to(out.dtype)
+        else:
+            out[:n_up, sl] += (Dp[:n_up] @ Gp[sl].T).to(out.dtype)
 
 
 def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", steps: int = 5,
