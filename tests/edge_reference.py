@@ -159,21 +159,23 @@ class RefModel:
             grads = torch.autograd.grad(m.sum(), [probes[r] for r in range(R)])
         return grads, clean.detach()
 
-    def eap(self, ids, cids, target, distractor, ig_steps=0):
+    def eap(self, ids, cids, target, distractor, ig_steps=0, ref=None, ref_embed=None):
         """[U, R] scores: (corrupted − clean sender) · ∂m/∂(receiver input), averaged over rows;
         with ig_steps the gradient is averaged over inputs interpolated between the corrupted and
-        clean token embeddings (k / ig_steps, k = 1..ig_steps)."""
+        clean token embeddings (k / ig_steps, k = 1..ig_steps). ref [U, d] / ref_embed [d]: a
+        fixed reference (corpus means) instead of the corrupted prompt's values."""
         R = len(self.receivers())
         b = ids.shape[0]
         grads, clean = self.grads(ids, target, distractor)
         if ig_steps:
             emb = (self.hf.base_model.wte if self.family == "gpt2" else self.hf.base_model.embed_tokens).weight
-            e1, e0 = emb[ids], emb[cids]
+            e1 = emb[ids]
+            e0 = emb[cids] if ref_embed is None else ref_embed.expand_as(e1)
             steps = [self.grads(ids, target, distractor, embed=e0 + k / ig_steps * (e1 - e0))[0]
                      for k in range(1, ig_steps + 1)]
             grads = [sum(g[r] for g in steps) / ig_steps for r in range(R)]
         with torch.no_grad():
-            _, corr = self.run(cids, target, distractor)
+            corr = self.run(cids, target, distractor)[1] if ref is None else ref.expand_as(clean)
         out = torch.zeros(clean.shape[2], R)
         for r, (kind, l, _) in enumerate(self.receivers()):
             for u in range(self.n_up(kind, l)):

@@ -129,6 +129,20 @@ def test_per_position_scores_sum_to_summed_scores(sharp):
     assert "@" in top[0][0] and abs(top[0][1]) >= abs(top[-1][1])
 
 
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_mean_reference_scores_equal_reference_model(sharp, method):
+    """reference="mean": senders' corpus means (and, for EAP-IG, the mean token embedding as
+    the path's start) instead of the corrupted prompt, against the hand-written model."""
+    from tdb_agent.ops.edges.capture import mean_embedding, mean_senders
+    eng = sharp["llama"]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    res = edge_scores(eng, pairs, method=method, steps=3, reference="mean")
+    ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor, ig_steps=3 if method == "eap-ig" else 0,
+                                  ref=mean_senders(eng, None), ref_embed=mean_embedding(eng, None))
+    _close(res.scores, ref)
+
+
 def test_mean_reference_scores_use_corpus_means(sharp):
     eng = sharp["gpt2"]
     pairs = [p.model_copy(update={"corrupted_prompt": None}) for p in _pairs(2)]
