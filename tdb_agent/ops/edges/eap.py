@@ -16,7 +16,7 @@ the corrupted forward.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -46,7 +46,6 @@ class EdgeScores:
     backward_passes: int = 0
     metric_clean: float = 0.0
     per_position: bool = False
-    extra: dict = field(default_factory=dict)
 
     def summed(self) -> torch.Tensor:
         """Scores summed over positions: [n_senders, n_receivers]."""
