@@ -11,7 +11,7 @@ from tdb_agent.engine.interventions import intervention
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import post_norm_factor
 from tdb_agent.ops.runs import RunCache, get_mean, reference_documents
-from tdb_agent.ops import sae_ops
+from tdb_agent.ops import sae_ops, transcoder_ops
 
 
 class SteerResult(BaseModel):
@@ -36,6 +36,8 @@ def steering_vector(engine: Engine, component: str, cache: RunCache | None = Non
     c = parse_component(component, engine.spec, sae_sizes=sae_ops.sae_sizes(engine))
     if c.kind == "sae":  # a latent's decoder row at its SAE's site
         return sae_ops.steering_vector(engine, c)
+    if c.kind == "transcoder":  # a feature's decoder row into its layer's MLP output
+        return transcoder_ops.steering_vector(engine, c)
     if c.kind not in ("neuron", "head"):
         raise TdbError(f"steer takes a neuron (L{{l}}.N{{n}}) or a head (L{{l}}.H{{h}}), not {c.id}")
     head = c.kind == "head"

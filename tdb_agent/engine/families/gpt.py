@@ -38,6 +38,8 @@ class GPTNeoAdapter(GPT2Adapter):
     transformers' attention interface, so the adapter routes each layer's `_attn` (the
     score-softmax-mix step, after q/k/v are split into heads) to the engine's attention."""
 
+    W_QKV = Adapter.W_QKV  # separate q/k/v projections under attn.attention, not GPT-2's c_attn
+
     family = "gpt_neo"
     ATTN, O_PROJ = "attn.attention", "attn.attention.out_proj"
     W_O, W_out = Adapter.W_O, Adapter.W_out
@@ -62,7 +64,6 @@ class OPTAdapter(Adapter):
     the flattening, so MLP sites keep the [b, s, ...] layout (tested against transformers)."""
 
     family = "opt"
-    HAS_MLP_IN = False  # MLP names fc2, whose input is past the activation
     O_PROJ, MLP, MLP_ACT, MLP_OUT = "self_attn.out_proj", "fc2", "activation_fn", "fc2"
     LN1, LN2, FINAL_NORM, POS_EMBED = "self_attn_layer_norm", "final_layer_norm", "final_layer_norm", "embed_positions"
 

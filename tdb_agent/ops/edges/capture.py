@@ -176,7 +176,7 @@ def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: to
     sites = []
     for l in range(L):
         p = f"blocks.{l}."
-        sites += [p + "hook_resid_pre", p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v", p + "hook_mlp_in"]
+        sites += [p + "hook_resid_pre", p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v", p + "ln2.hook_normalized"]
         if not spec.parallel_residual:
             sites.append(p + "hook_resid_mid")
     if want_senders:
@@ -193,7 +193,7 @@ def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: to
                                           logit_positions=[-1])
         m = metric_rows(out.logits[:, -1], group.target, group.distractor)
         reads = [acts[f"blocks.{l}.attn.hook_{k}"] for l in range(L) for k in "qkv"]
-        reads += [acts[f"blocks.{l}.hook_mlp_in"] for l in range(L)] + [acts["hook_resid_final"]]
+        reads += [acts[f"blocks.{l}.ln2.hook_normalized"] for l in range(L)] + [acts["hook_resid_final"]]
         grads = torch.autograd.grad(m.sum(), reads)
     acts = {k: v.detach() for k, v in acts.items()}
     b, s = group.ids.shape

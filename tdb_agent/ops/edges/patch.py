@@ -128,7 +128,7 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
         hooks[p + "attn.hook_z"] = [z_out(l)]
         if not spec.parallel_residual:
             hooks[p + "hook_resid_mid"] = [mid]
-        hooks[p + "hook_mlp_in"] = [mlp_in(l)]
+        hooks[p + "ln2.hook_normalized"] = [mlp_in(l)]
         hooks[p + "hook_mlp_out"] = [mlp_out]
     with torch.no_grad():
         logits = engine.forward(ids, hooks=hooks, logit_positions=[-1]).logits[:, -1]
