@@ -8,6 +8,7 @@ from tdb_agent.service import (
     causal_tools,
     circuit_tools,
     dataset_tools,
+    edge_tools,
     graph_circuit,
     graph_query_tools,
     graph_tools,
@@ -23,9 +24,10 @@ assert set(_ORDER) == set(_model), "list every model tool in _ORDER"
 
 MODEL_TOOLS: list[Tool] = [_model[n] for n in _ORDER]
 CIRCUIT_TOOLS: list[Tool] = circuit_tools.TOOLS
+EDGE_TOOLS: list[Tool] = edge_tools.TOOLS
 #: attribution graphs: registered only where transcoders or residual-stream SAEs are loaded
 GRAPH_TOOLS: list[Tool] = graph_tools.TOOLS + graph_query_tools.TOOLS + graph_circuit.TOOLS
-TOOLS: list[Tool] = MODEL_TOOLS + CIRCUIT_TOOLS + dataset_tools.TOOLS + GRAPH_TOOLS
+TOOLS: list[Tool] = MODEL_TOOLS + EDGE_TOOLS + CIRCUIT_TOOLS + dataset_tools.TOOLS + GRAPH_TOOLS
 #: the tools tagged "dataset": registered only where an activation dataset is loaded
 DATASET_TOOLS: list[Tool] = [t for t in TOOLS if "dataset" in t.tags]
 BY_NAME: dict[str, Tool] = {t.name: t for t in TOOLS}
