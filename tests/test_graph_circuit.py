@@ -9,7 +9,9 @@ import networkx as nx
 import pytest
 from mcp import Client
 
+from tdb_agent import circuits as C
 from tdb_agent.ops.graph import GraphTarget, build_graph
+from tdb_agent.ops.graph.export import validate
 
 from tdb_agent.ops.graph.influence import prune, square
 from tdb_agent.ops.graph.query import sq_tid
@@ -102,6 +104,15 @@ def test_graph_circuit_on_families(tiny_engines, family, kind):
         if s in reach and t in reach and t in range(sink + 1) and a and b:
             expect[(a, b)] = float(sq.A[t, s])
     assert got and got == pytest.approx(expect)
+    ct = C.to_circuit_tracer(circ, prompt_tokens=g.tokens, prompt=g.prompt, n_layers=e.spec.n_layers)
+    assert len(ct["links"]) == len(got)
+    # only the component nodes' own types (e.g. 'mlp block' for an MLP error) fall outside the viewer's list
+    assert all("'mlp block'" in x or "'sae latent'" in x for x in validate(ct))
+    types = {n["tdb_id"]: n["feature_type"] for n in ct["nodes"]}
+    assert kind == "sae" or "cross layer transcoder" in types.values()
+    assert len({n["node_id"] for n in ct["nodes"]}) == len(ct["nodes"]) == circ.number_of_nodes()
+    for f in (C.to_svg, C.to_html, C.to_dot, C.to_graphml):
+        assert f(circ)
     if kind == "sae":
         assert "residual error nodes" in circ.graph["description"]
         roles = {d["role"] for n, d in circ.nodes(data=True) if ".MLP@" in n}

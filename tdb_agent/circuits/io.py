@@ -177,8 +177,9 @@ def to_dot(g: nx.DiGraph) -> str:
 
 # ------------------------------------------------------------------ circuit-tracer / Neuronpedia
 _FEATURE_TYPE = {"emb": "embedding", "logits": "logit", "head": "attention head", "attn": "attention block",
-                 "mlp": "mlp block", "neuron": "mlp neuron", "sae": "sae latent"}
-_KIND_OFFSET = {"head": 0, "attn": 1, "mlp": 2, "neuron": 3, "sae": 4}
+                 "mlp": "mlp block", "neuron": "mlp neuron", "sae": "sae latent",
+                 "transcoder": "cross layer transcoder"}  # circuit-tracer's type for transcoder features
+_KIND_OFFSET = {"head": 0, "attn": 1, "mlp": 2, "neuron": 3, "sae": 4, "transcoder": 7}  # sae: 4, 5, 6 by site
 _OFFSET = 10_000_000  # feature index = offset of the kind + unit index: unique within a layer
 
 
