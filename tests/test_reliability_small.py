@@ -208,3 +208,40 @@ def test_stdio_answers_lines_it_cannot_parse(tiny_dirs, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------ item 4: the workspace as others leave it
+def test_circuit_list_names_unreadable_files_and_readers_see_another_servers_changes(gpt2_tiny, tmp_path):
+    """circuit_list says which files it skipped and why; the viewer and the tdb://circuits /
+    tdb://circuit resources show what a second server on the workspace wrote (they read
+    through the store, which re-reads changed files, not this server's memory only)."""
+    ws = tmp_path / "ws"
+    (ws / "circuits").mkdir(parents=True)
+    (ws / "circuits" / "broken.json").write_text('{"nodes": 5}')
+    ours, theirs = Workbench(gpt2_tiny, workspace=ws), Workbench(gpt2_tiny, workspace=ws)
+    server, other = build_server(ours), build_server(theirs)
+    app, _ = http_app(ours, HttpSettings(), runs=RunIndex())
+
+    async def go():
+        async with Client(server) as c, Client(other) as o:
+            await c.call_tool("circuit_create", {"name": "good", "task": "ioi", "n_pairs": 1})
+            listed = (await c.call_tool("circuit_list", {})).structured_content
+            with TestClient(app, base_url="http://127.0.0.1:8765") as viewer:
+                # the other server adds to our circuit and creates one of its own
+                assert not (await o.call_tool("circuit_add", {"name": "good", "nodes": [{"id": "L0.H1"}]})).is_error
+                assert not (await o.call_tool("circuit_create", {"name": "theirs", "task": "ioi"})).is_error
+                model = viewer.get("/api/model").json()
+                page = viewer.get("/api/circuit/good").json()
+                fresh = viewer.get("/api/circuit/theirs")
+            index = json.loads((await c.read_resource("tdb://circuits")).contents[0].text)
+            good = json.loads((await c.read_resource("tdb://circuit/good")).contents[0].text)
+            return listed, model, page, fresh, index, good
+    listed, model, page, fresh, index, good = asyncio.run(go())
+    assert [r["name"] for r in listed["circuits"]] == ["good"]
+    [bad] = listed["unreadable"]
+    assert bad["file"] == "broken.json" and "not a node-link circuit" in bad["why"], bad
+    assert model["circuits"] == [{"name": "good", "nodes": 2, "edges": 0}, {"name": "theirs", "nodes": 1, "edges": 0}]
+    assert {n["id"] for n in page["graph"]["nodes"]} == {"LOGITS", "L0.H1"}
+    assert fresh.status_code == 200
+    assert [(x["name"], x["nodes"]) for x in index["circuits"]] == [("good", 2), ("theirs", 1)]
+    assert {n["id"] for n in good["nodes"]} == {"LOGITS", "L0.H1"}
