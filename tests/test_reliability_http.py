@@ -9,6 +9,8 @@ import sys
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mcp import Client, StdioServerParameters
 
 from tests.test_server_http import INIT, MCP_HEADERS, http_server
@@ -110,6 +112,93 @@ def test_non_finite_numbers_over_raw_http_never_reach_the_workspace(tiny_dirs, t
                     {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
                      "params": {"name": "circuit_show", "arguments": {"name": "c"}}}))
                 assert not show["result"].get("isError"), show
+
+
+NF, FIN = "\u00a7NF", "\u00a7FIN"  # placeholders for a non-finite / an extreme finite number in a raw body
+NON_FINITE = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1E400", "-2e308"])
+EXTREME = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(
+    [1.7976931348623157e308, -1.7976931348623157e308, 5e-324, -0.0, 1e-300]))
+TEMPLATES = [
+    ("circuit_add", {"name": "c", "nodes": [{"id": "L0.H1", "effect": NF}]}),
+    ("circuit_add", {"name": "c", "nodes": [{"id": "L0.H1", "effect": FIN}]}),
+    ("circuit_add", {"name": "c", "edges": [{"source": "L0.H1", "target": "LOGITS", "weight": NF}]}),
+    ("circuit_add", {"name": "c", "edges": [{"source": "L0.H1", "target": "LOGITS", "weight": FIN}]}),
+    ("circuit_add", {"name": "c", "nodes": [{"id": "L1.H0", "evidence": [{"tool": "attribute", "value": NF}]}]}),
+    ("circuit_add", {"name": "c", "nodes": [{"id": "L1.H0", "effect": FIN, "evidence": [
+        {"tool": "attribute", "args": {"k": [1, NF]}, "value": FIN}]}]}),
+    ("circuit_add", {"name": "c", "edges": [{"source": "EMB", "target": "L0.H1", "evidence": [
+        {"tool": "trace", "value": {"w": NF, "v": FIN}}]}]}),
+    ("circuit_create", {"name": "d", "task": "ioi", "n_pairs": NF, "overwrite": True}),
+    ("circuit_create", {"name": "d", "task": "ioi", "n_pairs": 1, "seed": NF, "overwrite": True}),
+    ("circuit_prune", {"name": "c", "threshold": NF}),
+    ("circuit_validate", {"name": "c", "heldout_seed": NF, "necessity": False}),
+    ("circuit_remove", {"name": "c", "nodes": [NF]}),
+    ("circuit_export", {"name": "c", "format": "json"}),
+    ("circuit_export", {"name": "c", "format": "circuit_tracer"}),
+    ("predict", {"prompt": P, "top_k": NF}),
+    ("steer", {"prompt": P, "component": "L0.N1", "scale": NF, "max_new_tokens": 2}),
+    ("attribute", {"prompt": P, "target": "Mary", "top_k": NF}),
+]
+
+
+@st.composite
+def raw_calls(draw):
+    """A tools/call body as text, with NaN / Infinity / 1e999 where numbers go (what a JSON
+    encoder of another language, or a hand-written client, may send)."""
+    name, args = draw(st.sampled_from(TEMPLATES))
+    body = json.dumps({"jsonrpc": "2.0", "id": 100, "method": "tools/call",
+                       "params": {"name": name, "arguments": args}})
+    while f'"{NF}"' in body:
+        body = body.replace(f'"{NF}"', draw(NON_FINITE), 1)
+    while f'"{FIN}"' in body:
+        body = body.replace(f'"{FIN}"', repr(draw(EXTREME)), 1)
+    return name, body
+
+
+def _strict_reply(raw, url, headers, body: str) -> dict:
+    """POST a raw body; its JSON-RPC reply, parsed as standard JSON only."""
+    resp = raw.post(url, content=body.encode(), headers=headers)
+    if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        replies = [_strict(line[5:]) for line in resp.text.splitlines() if line.startswith("data:") and line[5:].strip()]
+        return [m for m in replies if "id" in m][-1]
+    return _strict(resp.text)
+
+
+def test_fuzzing_non_finite_numbers_over_raw_http_keeps_the_workspace_standard_json(tiny_dirs, tmp_path):
+    """Non-finite numbers in every place a number goes, sent as raw text: each reply is
+    standard JSON, and after every call every JSON file in the workspace (circuits, exports)
+    is standard JSON; the circuit still shows at the end."""
+    ws = tmp_path / "ws"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TDB_WORKSPACE": str(ws)}
+    env.pop("TDB_AGENT_TOKEN", None)
+    with http_server(tiny_dirs["gpt2"], tmp_path, env=env) as (port, _):
+        url = f"http://127.0.0.1:{port}/mcp"
+        with httpx.Client(timeout=60) as raw:
+            headers = _session(raw, url)
+            made = _strict_reply(raw, url, headers, json.dumps(
+                {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                 "params": {"name": "circuit_create", "arguments": {"name": "c", "task": "ioi", "n_pairs": 1}}}))
+            assert not made["result"].get("isError"), made
+            seen = {"ok": 0, "refused": 0}
+
+            @settings(max_examples=80, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(call=raw_calls())
+            def one(call):
+                name, body = call
+                reply = _strict_reply(raw, url, headers, body)
+                refused = "error" in reply or reply["result"].get("isError")
+                seen["refused" if refused else "ok"] += 1
+                if NF not in body and any(t in body for t in ("NaN", "Infinity", "e999", "E400", "e308")):
+                    assert refused, (body, reply)
+                for f in ws.rglob("*.json"):
+                    _strict(f.read_text())  # a NaN or Infinity here fails the test, naming the file
+            one()
+            assert seen["ok"] and seen["refused"], seen
+            show = _strict_reply(raw, url, headers, json.dumps(
+                {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                 "params": {"name": "circuit_show", "arguments": {"name": "c"}}}))
+            assert not show["result"].get("isError"), show
 
 
 def _stdio(model_dir, workspace) -> StdioServerParameters:
