@@ -245,3 +245,26 @@ def test_circuit_list_names_unreadable_files_and_readers_see_another_servers_cha
     assert fresh.status_code == 200
     assert [(x["name"], x["nodes"]) for x in index["circuits"]] == [("good", 2), ("theirs", 1)]
     assert {n["id"] for n in good["nodes"]} == {"LOGITS", "L0.H1"}
+
+
+# ------------------------------------------------------------------ a model the engine refuses: one line everywhere
+def test_every_command_reports_a_refused_model_in_one_line(tmp_path, capfd):
+    """A model the loader refuses (an unsupported family here; a `.bin` whose pickle is not
+    plain weights raises the same kind of TdbError) is one line on stderr and exit 2, for
+    every command; `discover --transport stdio` used to end in a traceback of the client's
+    task group after the server's own line."""
+    from tdb_agent.cli import main
+    from tests.test_refusal import _fake_checkpoint
+    d = _fake_checkpoint(tmp_path / "m", {"model_type": "mamba9"})
+    for cmd in (["view", "--model", str(d), "--no-browser", str(tmp_path)], ["demo", "--model", str(d)],
+                ["discover", "--task", "ioi", "--model", str(d), "--out", str(tmp_path / "r1")],
+                ["discover", "--task", "ioi", "--model", str(d), "--out", str(tmp_path / "r2"), "--transport",
+                 "stdio"]):
+        assert main(cmd) == 2
+        out, err = capfd.readouterr()  # the stdio server's stderr too: it is a child of this process
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[transformers]")]
+        assert "Traceback" not in err and out == "", err[-3000:]
+        assert lines[-1].startswith(f"tdb-agent {cmd[0]}: "), lines
+        assert all(line.startswith("tdb-agent ") for line in lines), lines  # the server's line, then discover's
+        # the stdio server writes its reason to the stderr the MCP client hands it (not captured here)
+        assert "'mamba9' is not supported" in lines[0] or "subprocess exited before answering" in lines[0]
