@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -36,12 +37,37 @@ def _session(raw, url):
     return headers
 
 
-def _call_raw(raw, url, headers, body: str):
-    """POST a request body exactly as given (JSON a Python client would never write); the reply."""
+def _call_raw(raw, url, headers, body: str) -> dict:
+    """POST a request body exactly as given (JSON a Python client would never write); the
+    JSON-RPC reply, parsed as standard JSON only."""
     resp = raw.post(url, content=body.encode(), headers=headers)
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
-        return [m for m in _sse_messages(resp.text.splitlines()) if "id" in m][-1]
-    return resp.json()
+        replies = [_strict(line[5:]) for line in resp.text.splitlines() if line.startswith("data:") and line[5:].strip()]
+        return [m for m in replies if "id" in m][-1]
+    return _strict(resp.text)
+
+
+def _tool_call(name: str, args: dict, rid: int = 3) -> str:
+    return json.dumps({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": name, "arguments": args}})
+
+
+@contextmanager
+def _workspace_server(tiny_dirs, tmp_path):
+    """A server on a fresh workspace holding circuit `c`; yields (call, workspace), where
+    call(body) posts a raw request body in an initialized session and returns the reply."""
+    ws = tmp_path / "ws"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TDB_WORKSPACE": str(ws)}
+    env.pop("TDB_AGENT_TOKEN", None)
+    with http_server(tiny_dirs["gpt2"], tmp_path, env=env) as (port, _):
+        url = f"http://127.0.0.1:{port}/mcp"
+        with httpx.Client(timeout=60) as raw:
+            headers = _session(raw, url)
+
+            def call(body: str) -> dict:
+                return _call_raw(raw, url, headers, body)
+            made = call(_tool_call("circuit_create", {"name": "c", "task": "ioi", "n_pairs": 1}))
+            assert not made["result"].get("isError"), made
+            yield call, ws
 
 
 def _strict(text):
@@ -73,45 +99,6 @@ def test_dropped_http_connection_stops_the_call_and_frees_the_engine(tiny_dirs, 
         stderr = (tmp_path / "stderr.txt").read_text()
         # the stop flag was set while the sweep was running (the watcher lives only as long as the work)
         assert GONE in stderr
-
-
-def test_non_finite_numbers_over_raw_http_never_reach_the_workspace(tiny_dirs, tmp_path):
-    """`1e999` is a valid JSON number that parses as infinity; `NaN` / `Infinity` are what some
-    clients emit. Every call is refused (or stored without them), and after every call each file
-    in the workspace is standard JSON and the circuit still shows."""
-    ws = tmp_path / "ws"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TDB_WORKSPACE": str(ws)}
-    env.pop("TDB_AGENT_TOKEN", None)
-    add = ('{"jsonrpc": "2.0", "id": %d, "method": "tools/call", "params": {"name": "circuit_add", '
-           '"arguments": {"name": "c", "nodes": %s, "edges": %s}}}')
-    bodies = [add % (10, '[{"id": "L0.H1", "effect": 1e999}]', "[]"),
-              add % (11, '[{"id": "L0.H1", "effect": -1e999}]', "[]"),
-              add % (12, '[{"id": "L0.H1", "effect": NaN}]', "[]"),
-              add % (13, '[{"id": "L0.H1", "effect": Infinity}]', "[]"),
-              add % (14, '[{"id": "L0.H1", "evidence": [{"tool": "t", "value": {"x": 1e999}}]}]', "[]"),
-              add % (15, "[]", '[{"source": "EMB", "target": "LOGITS", "weight": 1e999}]'),
-              add % (16, "[]", '[{"source": "EMB", "target": "LOGITS", "evidence": [{"tool": "t", "args": '
-                     '{"k": -1e999}}]}]')]
-    with http_server(tiny_dirs["gpt2"], tmp_path, env=env) as (port, _):
-        url = f"http://127.0.0.1:{port}/mcp"
-        with httpx.Client(timeout=60) as raw:
-            headers = _session(raw, url)
-            made = _call_raw(raw, url, headers, json.dumps(
-                {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-                 "params": {"name": "circuit_create", "arguments": {"name": "c", "task": "ioi", "n_pairs": 2}}}))
-            assert not made["result"].get("isError"), made
-            path = ws / "circuits" / "c.json"
-            before = path.read_bytes()
-            for body in bodies:
-                reply = _call_raw(raw, url, headers, body)
-                assert "error" in reply or reply["result"].get("isError"), (body, reply)
-                assert path.read_bytes() == before, body
-                for f in ws.rglob("*.json"):
-                    _strict(f.read_text())
-                show = _call_raw(raw, url, headers, json.dumps(
-                    {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
-                     "params": {"name": "circuit_show", "arguments": {"name": "c"}}}))
-                assert not show["result"].get("isError"), show
 
 
 NF, FIN = "\u00a7NF", "\u00a7FIN"  # placeholders for a non-finite / an extreme finite number in a raw body
@@ -152,53 +139,57 @@ def raw_calls(draw):
         body = body.replace(f'"{NF}"', draw(NON_FINITE), 1)
     while f'"{FIN}"' in body:
         body = body.replace(f'"{FIN}"', repr(draw(EXTREME)), 1)
-    return name, body
+    return body
 
 
-def _strict_reply(raw, url, headers, body: str) -> dict:
-    """POST a raw body; its JSON-RPC reply, parsed as standard JSON only."""
-    resp = raw.post(url, content=body.encode(), headers=headers)
-    if resp.headers.get("content-type", "").startswith("text/event-stream"):
-        replies = [_strict(line[5:]) for line in resp.text.splitlines() if line.startswith("data:") and line[5:].strip()]
-        return [m for m in replies if "id" in m][-1]
-    return _strict(resp.text)
+def test_non_finite_numbers_over_raw_http_never_reach_the_workspace(tiny_dirs, tmp_path):
+    """`1e999` is a valid JSON number that parses as infinity; `NaN` / `Infinity` are what some
+    clients emit. First a fixed set of circuit_add bodies: each is refused and the circuit file
+    is unchanged. Then a fuzzer puts them in every place a number goes, in every tool that
+    writes, beside extreme finite numbers: each reply is standard JSON, and after every call
+    every JSON file in the workspace (circuits, exports) is standard JSON; the circuit still
+    shows at the end."""
+    add = ('{"jsonrpc": "2.0", "id": %d, "method": "tools/call", "params": {"name": "circuit_add", '
+           '"arguments": {"name": "c", "nodes": %s, "edges": %s}}}')
+    bodies = [add % (10, '[{"id": "L0.H1", "effect": 1e999}]', "[]"),
+              add % (11, '[{"id": "L0.H1", "effect": -1e999}]', "[]"),
+              add % (12, '[{"id": "L0.H1", "effect": NaN}]', "[]"),
+              add % (13, '[{"id": "L0.H1", "effect": Infinity}]', "[]"),
+              add % (14, '[{"id": "L0.H1", "evidence": [{"tool": "t", "value": {"x": 1e999}}]}]', "[]"),
+              add % (15, "[]", '[{"source": "EMB", "target": "LOGITS", "weight": 1e999}]'),
+              add % (16, "[]", '[{"source": "EMB", "target": "LOGITS", "evidence": [{"tool": "t", "args": '
+                     '{"k": -1e999}}]}]')]
 
+    def files_are_standard_json(ws):
+        for f in ws.rglob("*.json"):
+            _strict(f.read_text())  # a NaN or Infinity here fails the test, naming the file
 
-def test_fuzzing_non_finite_numbers_over_raw_http_keeps_the_workspace_standard_json(tiny_dirs, tmp_path):
-    """Non-finite numbers in every place a number goes, sent as raw text: each reply is
-    standard JSON, and after every call every JSON file in the workspace (circuits, exports)
-    is standard JSON; the circuit still shows at the end."""
-    ws = tmp_path / "ws"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TDB_WORKSPACE": str(ws)}
-    env.pop("TDB_AGENT_TOKEN", None)
-    with http_server(tiny_dirs["gpt2"], tmp_path, env=env) as (port, _):
-        url = f"http://127.0.0.1:{port}/mcp"
-        with httpx.Client(timeout=60) as raw:
-            headers = _session(raw, url)
-            made = _strict_reply(raw, url, headers, json.dumps(
-                {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-                 "params": {"name": "circuit_create", "arguments": {"name": "c", "task": "ioi", "n_pairs": 1}}}))
-            assert not made["result"].get("isError"), made
-            seen = {"ok": 0, "refused": 0}
+    with _workspace_server(tiny_dirs, tmp_path) as (call, ws):
+        path = ws / "circuits" / "c.json"
+        before = path.read_bytes()
+        for body in bodies:
+            reply = call(body)
+            assert "error" in reply or reply["result"].get("isError"), (body, reply)
+            assert path.read_bytes() == before, body
+            files_are_standard_json(ws)
+            assert not call(_tool_call("circuit_show", {"name": "c"}, 4))["result"].get("isError")
 
-            @settings(max_examples=80, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
-            @given(call=raw_calls())
-            def one(call):
-                name, body = call
-                reply = _strict_reply(raw, url, headers, body)
-                refused = "error" in reply or reply["result"].get("isError")
-                seen["refused" if refused else "ok"] += 1
-                if NF not in body and any(t in body for t in ("NaN", "Infinity", "e999", "E400", "e308")):
-                    assert refused, (body, reply)
-                for f in ws.rglob("*.json"):
-                    _strict(f.read_text())  # a NaN or Infinity here fails the test, naming the file
-            one()
-            assert seen["ok"] and seen["refused"], seen
-            show = _strict_reply(raw, url, headers, json.dumps(
-                {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
-                 "params": {"name": "circuit_show", "arguments": {"name": "c"}}}))
-            assert not show["result"].get("isError"), show
+        seen = {"ok": 0, "refused": 0}
+
+        @settings(max_examples=80, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(body=raw_calls())
+        def one(body):
+            reply = call(body)
+            refused = "error" in reply or reply["result"].get("isError")
+            seen["refused" if refused else "ok"] += 1
+            if any(t in body for t in ("NaN", "Infinity", "e999", "E400", "e308")):
+                assert refused, (body, reply)
+            files_are_standard_json(ws)
+        one()
+        assert seen["ok"] and seen["refused"], seen
+        show = call(_tool_call("circuit_show", {"name": "c"}, 4))
+        assert not show["result"].get("isError"), show
 
 
 def _stdio(model_dir, workspace) -> StdioServerParameters:
