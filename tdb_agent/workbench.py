@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.engine import Engine
+from tdb_agent.engine.transcoder import tc_sizes
 from tdb_agent.ops.runs import RunCache
 from tdb_agent.ops.weights import WeightStats, weight_stats
 
@@ -54,6 +55,7 @@ class Workbench:
         self.cache = RunCache(engine, max_runs=self.limits.cached_runs)
         # named circuit hypotheses (networkx DiGraphs, tdb_agent.circuits), saved under workspace/circuits
         self.circuits: dict[str, Any] = {}
+        self.graphs: dict[str, Any] = {}  # attribution graphs by name (tdb_agent.ops.graph), kept in memory
         self.workspace: Path = Path(workspace if workspace is not None
                                     else os.environ.get("TDB_WORKSPACE", "tdb-workspace")).resolve()
         self.page_sections: dict[str, PageSection] = {}
@@ -85,6 +87,7 @@ RELATED_TOOLS = {
     "mlp": ["ablate", "patch"],
     "emb": ["ablate", "patch"],
     "sae": ["ablate", "patch"],
+    "transcoder": ["ablate", "steer", "attribution_graph"],
     "logits": ["predict", "attribute"],
 }
 
@@ -103,7 +106,7 @@ class ComponentPage(BaseModel):
 
 def sae_sizes(bench: Workbench) -> dict[tuple[int, str], int]:
     saes = getattr(bench.engine, "saes", None)
-    return saes.sizes() if saes is not None else {}
+    return (saes.sizes() if saes is not None else {}) | tc_sizes(bench.engine)
 
 
 def component_page(bench: Workbench, text: str) -> ComponentPage:

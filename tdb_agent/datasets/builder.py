@@ -142,7 +142,7 @@ class Group:
             setattr(self, f, d[f"{prefix}.{f}"].to(self.key.device))
 
 
-def _activations(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def component_activations(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token activations of every component [b, s, C] (float32) and, for every head,
     the most attended key position [b, s, n_layers * n_heads]."""
     spec = engine.spec
@@ -288,7 +288,7 @@ class DatasetBuilder:
         ids = ids.to(dev)
         base = torch.tensor(np.cumsum([0] + [len(d) for d in docs[:-1]]), device=dev) + self.n_tokens  # doc starts
         doc = (torch.arange(b, device=dev) + self.docs_done)[:, None].expand(b, self.C)  # global document index
-        A, K = _activations(self.engine, ids)  # [b, s, C], [b, s, LH]
+        A, K = component_activations(self.engine, ids)  # [b, s, C], [b, s, LH]
         pos = torch.arange(s, device=dev)
         valid = (pos[None] < lens[:, None]) & (pos[None] > 0)  # [b, s]
         # stats

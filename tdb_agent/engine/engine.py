@@ -8,7 +8,7 @@ own modules, so numbers match a plain `transformers` forward (tested).
 Hook sites (TransformerLens names, shapes [batch, pos, ...]):
 
     hook_embed, hook_pos_embed (GPT-2)                      [b, s, d_model]
-    blocks.{l}.hook_resid_pre / hook_resid_mid / hook_resid_post
+    blocks.{l}.hook_resid_pre / hook_resid_mid (sequential blocks) / hook_resid_post
     blocks.{l}.attn.hook_q / hook_k / hook_v / hook_z       [b, s, heads, d_head]
     blocks.{l}.attn.hook_attn_scores / hook_pattern          [b, heads, q_pos, k_pos]
     blocks.{l}.hook_attn_out / hook_mlp_out                  [b, s, d_model]
@@ -16,8 +16,11 @@ Hook sites (TransformerLens names, shapes [batch, pos, ...]):
     blocks.{l}.mlp.hook_pre / hook_post                      [b, s, d_mlp]
     hook_resid_final, ln_final.hook_scale [b, s, 1], ln_final.hook_normalized, hook_logits
 
-A hook is `fn(tensor, site) -> tensor | None` (None keeps the tensor). Hooks live only
-inside `with engine.hooks({...}):`; they are removed on exit, also after an exception.
+A hook is `fn(tensor, site) -> tensor | None` (None keeps the tensor); what it returns
+flows on, at every site but ln_final.hook_scale (read only): engine/sites.py says where
+each change goes (resid_mid: into the MLP and into resid_post = resid_mid + mlp_out).
+Hooks live only inside `with engine.hooks({...}):`; they are removed on exit, also after
+an exception.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from difflib import get_close_matches
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from tdb_agent.engine import attention
@@ -41,7 +44,10 @@ from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
 from tdb_agent.engine.placement import Placement, execution_device, param, parse_device_map, parse_max_memory, plan, \
     placement, to_device
 from tdb_agent.engine.sae import SAESet
+from tdb_agent.engine.sites import install_hook
+from tdb_agent.engine.precision import cast_block_inputs, describe
 from tdb_agent.engine.spec import ModelSpec
+from tdb_agent.engine.weights import load_weights
 from tdb_agent.errors import ModelNotFound, PromptTooLong, TokenizationError, UnknownSite
 
 log = logging.getLogger(__name__)
@@ -118,12 +124,15 @@ class Engine:
         self.lock = threading.RLock()
         self._state = HookState()
         self.saes = SAESet()  # sparse autoencoders attached to this model (engine/sae.py)
+        self.transcoders = None  # a TranscoderSet replacing the MLPs (engine/transcoder.py)
         self.model.set_attn_implementation(attention.NAME)
         for layer in range(self.spec.n_layers):
             mod = self.adapter.attn(layer)
             mod._tdb_layer = layer
             mod._tdb_state = self._state
         self._module_sites = self.adapter.module_sites(self.spec.n_layers)
+        # half precision: a float32 residual stream, blocks cast their inputs (engine/precision.py)
+        self._cast_handles = cast_block_inputs(self.adapter.blocks(), self.dtype)
         # a dispatched model (accelerate device map) spans devices: the loop moves the
         # residual stream between blocks and hands results out on the home device
         self.dispatched = bool(getattr(model, "hf_device_map", None))
@@ -150,7 +159,9 @@ class Engine:
         {module: device} where device is a GPU index, "cpu" or "disk"); then `device` is
         ignored. max_memory ({0: "70GiB", "cpu": "100GiB"} or "0=70GiB,cpu=100GiB") caps
         each device; offload_folder holds weights mapped to "disk". A model that would not
-        fit raises `DoesNotFit` with the estimate before any weight is read."""
+        fit raises `DoesNotFit` with the estimate before any weight is read. Weights come from
+        model.safetensors where it exists; a .bin only through the weights-only unpickler
+        (engine/weights.py: anything else is refused with `UnsafeCheckpoint`)."""
         path = Path(model) if model is not None else DEFAULT_MODEL
         local = path.exists()
         if not local and not allow_download:
@@ -168,12 +179,11 @@ class Engine:
         device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
         dm = plan(src, DTYPES[dtype], device_map, max_memory, str(offload_folder) if offload_folder else None,
                   single_device=dev, local_files_only=not allow_download)
+        weights = dict(dtype=DTYPES[dtype], local_files_only=not allow_download)
         if dm is None:
-            mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype],
-                                                       local_files_only=not allow_download).to(dev)
+            mdl = load_weights(src, path if local else None, **weights).to(dev)
         else:
-            mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], local_files_only=not allow_download,
-                                                       device_map=dm, offload_folder=offload_folder)
+            mdl = load_weights(src, path if local else None, **weights, device_map=dm, offload_folder=offload_folder)
         log.info("loaded %s on %s (%s)", src, dev if dm is None else dm, dtype)
         return cls(mdl, tok, name=path.name if local else str(model))
 
@@ -242,6 +252,11 @@ class Engine:
 
     def check_site(self, site: str) -> None:
         if site not in self._module_sites and site not in self._computed_sites:
+            if self.spec.parallel_residual and site.startswith("blocks.") and site.endswith(".hook_resid_mid"):
+                raise UnknownSite(f"{site!r} does not exist in {self.spec.family}: its blocks run attention and the "
+                                  "MLP in parallel on the same input, so there is no residual stream between "
+                                  "them; hook blocks.{l}.hook_resid_pre (their shared input), hook_attn_out or "
+                                  "hook_mlp_out")
             close = get_close_matches(site, self.site_names(), n=3)
             raise UnknownSite(f"unknown hook site {site!r}" + (f"; did you mean {close}?" if close else ""))
 
@@ -280,26 +295,11 @@ class Engine:
 
     def _install(self, site: str):
         module, where = self._module_sites[site]
-        apply = self._state.apply
-        if where == "input":
-            def pre_hook(mod, args, kwargs):
-                if args:
-                    return (apply(site, args[0]),) + tuple(args[1:]), kwargs
-                kwargs = dict(kwargs)
-                kwargs["hidden_states"] = apply(site, kwargs["hidden_states"])
-                return args, kwargs
-            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-        def post_hook(mod, args, output):
-            if isinstance(output, tuple):
-                return (apply(site, output[0]),) + tuple(output[1:])
-            out = apply(site, output)
-            return out.clone() if where == "output_copy" else out  # what hooks saw stays as they saw it
-        return module.register_forward_hook(post_hook)
+        return install_hook(module, where, site, self._state.apply)
 
     def active_hook_count(self) -> int:
         """Hooks installed right now (0 outside a `hooks` block): for tests and health checks."""
-        n = sum(len(v) for v in self._state.hooks.values())
+        n = sum(len(v) for v in self._state.hooks.values()) - len(self._cast_handles)  # those stay
         for mod in self.model.modules():
             n += len(mod._forward_hooks) + len(mod._forward_pre_hooks)
         return n
@@ -332,7 +332,8 @@ class Engine:
                 x = resid
             end = n_layers if stop_layer is None else stop_layer
             blocks = self.adapter.blocks()
-            kwargs = self.adapter.block_kwargs(x, pos)
+            kwargs = self.adapter.block_kwargs(x.to(self.dtype), pos)  # rotary tables in the blocks' dtype
+            x = x.float() if self._cast_handles else x
             moved = {}  # block kwargs per device (dispatched models)
             try:
                 for layer in range(start_layer, end):
@@ -403,11 +404,7 @@ class Engine:
 
     def precision(self) -> str:
         """What runs in which precision (model_info)."""
-        dt = str(self.dtype).removeprefix("torch.")
-        if self.dtype == torch.float32:
-            return "float32 throughout"
-        return (f"weights and blocks in {dt}; final norm, unembedding, logits, metrics, direct effects and "
-                "decompositions accumulated in float32")
+        return describe(self.dtype)
 
     # ------------------------------------------------------------------ capture
     def run_with_cache(self, ids: torch.Tensor, sites: Sequence[str], *,

@@ -25,7 +25,7 @@ from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.basic import TokenPrediction
 from tdb_agent.ops.metrics import MetricName, make_metric
 from tdb_agent.ops.runs import CleanRun, RunCache, get_means, get_run
-from tdb_agent.ops import sae_ops
+from tdb_agent.ops import sae_ops, transcoder_ops
 
 Mode = Literal["zero", "mean", "resample"]
 SweepKind = Literal["head", "neuron", "attn", "mlp", "sae"]
@@ -127,7 +127,10 @@ def component_hooks(engine: Engine, comps: list[Component], mode: Mode, source: 
     for site, fns in sae_ops.sae_component_hooks(engine, [c for c in comps if c.kind == "sae"], mode,
                                                  source).items():
         hooks.setdefault(site, []).extend(fns)
-    plain = [c for c in comps if c.kind != "sae"]
+    tc = [c for c in comps if c.kind == "transcoder"]
+    for site, fns in (transcoder_ops.component_hooks(engine, tc, mode, source) if tc else {}).items():
+        hooks.setdefault(site, []).extend(fns)
+    plain = [c for c in comps if c.kind not in ("sae", "transcoder")]
     means = get_means(engine, [hook_site(c)[0] for c in plain], cache) if mode == "mean" else {}
     for c in plain:
         site, unit = hook_site(c)

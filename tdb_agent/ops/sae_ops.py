@@ -19,13 +19,15 @@ import torch
 from tdb_agent.components import Component, hook_site
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import SAE, engine_site, splice_hook
+from tdb_agent.engine.transcoder import tc_sizes
 from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.runs import CleanRun, reference_documents
 
 
 def sae_sizes(engine: Engine) -> dict[tuple[int, str], int]:
+    """SAE sizes by (layer, site), plus transcoder feature counts by (layer, "tc")."""
     saes = getattr(engine, "saes", None)
-    return saes.sizes() if saes is not None else {}
+    return (saes.sizes() if saes is not None else {}) | tc_sizes(engine)
 
 
 def sae_for(engine: Engine, c: Component) -> SAE:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from tdb_agent.components import Component
 from tdb_agent.engine import Engine
+from tdb_agent.ops.lens import top_tokens
 
 
 class TokenScore(BaseModel):
@@ -46,19 +47,9 @@ def _unit_stats(name: str, mats: torch.Tensor, index: int, bias: torch.Tensor | 
 def _token_effects(engine: Engine, direction: torch.Tensor, k: int = 8) -> tuple[list[TokenScore], list[TokenScore]]:
     """Logit effect of adding `direction` [d_model] to the final residual stream, through the
     final norm with its per-token scale frozen (so only its centring and gain apply)."""
-    v = direction.detach().float()
-    if engine.spec.norm == "layernorm":
-        v = v - v.mean()
-    gain = engine.adapter.norm_gain(engine.adapter.final_norm())
-    if gain is not None:
-        v = v * gain.detach().float()
-    logits = v @ engine.adapter.W_U().detach().float()
-    k = min(k, logits.numel())
-    top, bottom = logits.topk(k), (-logits).topk(k)
-    tok = lambda i: engine.str_tokens([i])[0]  # noqa: E731
-    return ([TokenScore(token=tok(i), score=round(float(s), 5)) for s, i in zip(top.values, top.indices.tolist())],
-            [TokenScore(token=tok(i), score=round(-float(s), 5)) for s, i in zip(bottom.values,
-                                                                                   bottom.indices.tolist())])
+    up, down = top_tokens(engine, direction, k)
+    return ([TokenScore(token=t, score=round(s, 5)) for t, s in up],
+            [TokenScore(token=t, score=round(s, 5)) for t, s in down])
 
 
 @torch.no_grad()
@@ -97,4 +88,10 @@ def weight_stats(engine: Engine, c: Component) -> list[WeightStats]:
         dec = _unit_stats(f"W_dec[{name}]", sae.W_dec, c.index)
         dec.promotes, dec.suppresses = _token_effects(engine, sae.W_dec[c.index])
         return [dec, _unit_stats(f"W_enc[:, {name}]", sae.W_enc.T, c.index, bias=sae.b_enc[c.index:c.index + 1])]
+    if c.kind == "transcoder" and engine.transcoders is not None:  # its decoder row into its own layer
+        tc = engine.transcoders.get(c.layer)
+        name = f"L{c.layer}.tc.F{c.index}"
+        dec = _unit_stats(f"W_dec[{name}]", tc.W_dec[:, 0], c.index)
+        dec.promotes, dec.suppresses = _token_effects(engine, tc.W_dec[c.index, 0])
+        return [dec, _unit_stats(f"W_enc[:, {name}]", tc.W_enc.T, c.index, bias=tc.b_enc[c.index:c.index + 1])]
     return []
