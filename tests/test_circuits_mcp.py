@@ -98,7 +98,7 @@ def test_a_whole_session(gpt2_tiny, tmp_path):
             for fmt in ["json", "graphml", "dot", "circuit_tracer", "svg", "html"]:
                 e = await call(c, tools, "circuit_export", {"name": "ioi", "format": fmt})
                 assert open(tmp_path / e["path"]).read() == e["content"]
-            exports = tmp_path / "exports" / "ioi"
+            exports = tmp_path / "exports" / "circuits" / "ioi"
             assert C.from_json(json.loads(open(exports / "ioi.json").read())).number_of_nodes() == 5
             ct = json.loads(open(exports / "ioi.circuit_tracer.json").read())
             assert ct["metadata"]["prompt_tokens"][0] == gpt2_tiny.str_tokens([gpt2_tiny.tokenizer.bos_token_id])[0]

@@ -88,7 +88,7 @@ def test_an_export_replaces_the_file_atomically(gpt2_tiny, tmp_path):
     with reader:
         assert reader.read() == first["content"]
     assert (tmp_path / second["path"]).read_text() == second["content"] != first["content"]
-    assert [p.name for p in (tmp_path / "exports" / "c").iterdir()] == ["c.dot"]
+    assert [p.name for p in (tmp_path / "exports" / "circuits" / "c").iterdir()] == ["c.dot"]
 
 
 # ------------------------------------------------------------------ booleans are not numbers

@@ -2,17 +2,14 @@
 
 Circuits are kept on the workbench (`bench.circuits`) and saved as node-link JSON in
 `bench.workspace/circuits/` after every change (`circuit_store`); exports go to
-`bench.workspace/exports/<name>/` (one folder per circuit: names may contain dots, so
-`a.circuit_tracer` + `.json` and `a` + `.circuit_tracer.json` never share a file).
-Results give paths relative to the workspace (a client has no business with the server's
-file system layout). Validation and pruning are long tools: they report progress and stop
-when cancelled.
+`bench.workspace/exports/circuits/<name>/` (`service.exports`). Results give paths relative
+to the workspace. Validation and pruning are long tools: they report progress and stop when
+cancelled.
 """
 
 from __future__ import annotations
 
 import weakref
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -20,11 +17,11 @@ from pydantic import BaseModel, Field
 from tdb_agent import circuits as C
 from tdb_agent import jsonsafe
 from tdb_agent.circuits.evaluate import AblationMode
-from tdb_agent.circuits.io import write_atomic
 from tdb_agent.circuits.store import CircuitStore, check_name
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.metrics import make_metric
 from tdb_agent.service.annotations import DESTRUCTIVE, EDITS, READ_ONLY, WRITES_RESULT
+from tdb_agent.service.exports import in_workspace, write_export
 from tdb_agent.service.limits import LimitChecks
 from tdb_agent.service.tool import InputModel, Job, NoArgs, Tool, ToolArgs
 from tdb_agent.workbench import Workbench
@@ -103,11 +100,6 @@ class ExportOut(BaseModel):
     path: str = Field(description="where the file was written, relative to the server's workspace")
     chars: int
     content: str | None = Field(None, description="the file's text (omitted when include_content is false)")
-
-
-def in_workspace(bench: Workbench, path: Path) -> str:
-    """A path as results show it: relative to the workspace."""
-    return path.relative_to(bench.workspace).as_posix()
 
 
 def saved(bench: Workbench, name: str) -> SavedCircuit:
@@ -317,8 +309,8 @@ def circuit_export(bench: Workbench, args: ExportArgs, job: Job) -> ExportOut:
     or HTML picture. Example: circuit_export(name="ioi", format="html")"""
     g = circuit_store(bench).get(check_name(args.name))
     text = export_text(bench, g, args.format)
-    path = write_atomic(bench.workspace / "exports" / args.name / f"{args.name}.{EXT[args.format]}", text)
-    return ExportOut(name=args.name, format=args.format, path=in_workspace(bench, path), chars=len(text),
+    path = write_export(bench, "circuits", args.name, f"{args.name}.{EXT[args.format]}", text)
+    return ExportOut(name=args.name, format=args.format, path=path, chars=len(text),
                      content=text if args.include_content else None)
 
 
