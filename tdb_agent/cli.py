@@ -33,7 +33,7 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
     from tdb_agent.workbench import Limits
 
     def positive(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
             raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
         return int(text)
 
@@ -69,7 +69,8 @@ def cmd_serve(args) -> int:
         from tdb_agent.viewer.api import RunIndex
         serve_http(bench, settings, runs=RunIndex(*args.runs))
     else:
-        build_server(bench).run()
+        from tdb_agent.server.stdio import run_stdio
+        run_stdio(build_server(bench))  # as .run() does, and lines that are not JSON-RPC get an error reply
     return 0
 
 

@@ -31,13 +31,16 @@ GRAMMAR = ("EMB | L{l}.H{h} | L{l}.ATTN | L{l}.MLP | L{l}.N{n} | L{l}.{resid|mlp
 _PATTERNS: list[tuple[Kind, re.Pattern]] = [
     ("emb", re.compile(r"EMB")),
     ("logits", re.compile(r"LOGITS")),
-    ("head", re.compile(r"L(?P<layer>\d+)\.H(?P<index>\d+)")),
-    ("attn", re.compile(r"L(?P<layer>\d+)\.ATTN")),
-    ("mlp", re.compile(r"L(?P<layer>\d+)\.MLP")),
-    ("neuron", re.compile(r"L(?P<layer>\d+)\.N(?P<index>\d+)")),
-    ("sae", re.compile(r"L(?P<layer>\d+)\.(?P<site>resid|mlp|attn)\.F(?P<index>\d+)")),
-    ("transcoder", re.compile(r"L(?P<layer>\d+)\.tc\.F(?P<index>\d+)")),
+    ("head", re.compile(r"L(?P<layer>[0-9]+)\.H(?P<index>[0-9]+)")),
+    ("attn", re.compile(r"L(?P<layer>[0-9]+)\.ATTN")),
+    ("mlp", re.compile(r"L(?P<layer>[0-9]+)\.MLP")),
+    ("neuron", re.compile(r"L(?P<layer>[0-9]+)\.N(?P<index>[0-9]+)")),
+    ("sae", re.compile(r"L(?P<layer>[0-9]+)\.(?P<site>resid|mlp|attn)\.F(?P<index>[0-9]+)")),
+    ("transcoder", re.compile(r"L(?P<layer>[0-9]+)\.tc\.F(?P<index>[0-9]+)")),
 ]
+
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class Component(BaseModel):
@@ -79,8 +82,8 @@ def parse_component(text: str, spec: ModelSpec | None = None, n_positions: int |
     body, _, pos = raw.partition("@")
     position = None
     if pos:
-        if not pos.isdigit():
-            raise UnknownComponent(f"bad position in {raw!r}: '@' must be followed by a token index")
+        if not _DIGITS.fullmatch(pos):  # ASCII only: str.isdigit() also accepts '²', which int() refuses
+            raise UnknownComponent(f"bad position in {raw!r}: '@' must be followed by a token index (digits 0-9)")
         position = int(pos)
     for kind, pat in _PATTERNS:
         m = pat.fullmatch(body)

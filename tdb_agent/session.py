@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tdb_agent.errors import TdbError
+
 if TYPE_CHECKING:
     from tdb_agent.engine import Engine
     from tdb_agent.workbench import Limits, Workbench
@@ -140,8 +142,17 @@ async def open_session(spec: EngineSpec | None = None, transport: Transport = "i
     spec = spec or EngineSpec()
     if transport == "stdio":
         args = ["-m", "tdb_agent.cli", "serve", "--workspace", str(workspace), *spec.serve_args()]
-        async with Client(StdioServerParameters(command=sys.executable, args=args), read_timeout_seconds=600) as c:
-            yield c
+        started = False
+        try:
+            async with Client(StdioServerParameters(command=sys.executable, args=args), read_timeout_seconds=600) as c:
+                started = True
+                yield c
+        except Exception as e:  # also an ExceptionGroup from the client's task group
+            if started:
+                raise
+            # the server said why on stderr (one line, e.g. a model it refuses); no traceback here
+            raise TdbError("the `tdb-agent serve` subprocess exited before answering (its message above says "
+                           "why)") from e
         return
     from tdb_agent.server import build_server
 

@@ -64,7 +64,8 @@ def test_a_whole_session(gpt2_tiny, tmp_path):
             assert shown["nodes"][1]["evidence"][0]["tool"] == "attribute"
             edge = next(e for e in shown["edges"] if e["source"] == "L0.H1")
             assert edge["via"] == "q" and edge["evidence"][0]["value"] == 0.2
-            on_disk = C.load(shown["saved_to"])
+            assert shown["saved_to"] == "circuits/ioi.json"  # relative to the workspace
+            on_disk = C.load(tmp_path / shown["saved_to"])
             assert list(on_disk.nodes(data=True)) == list(bench.circuits["ioi"].nodes(data=True))
 
             before = copy.deepcopy(bench.circuits["ioi"])
@@ -96,11 +97,12 @@ def test_a_whole_session(gpt2_tiny, tmp_path):
 
             for fmt in ["json", "graphml", "dot", "circuit_tracer", "svg", "html"]:
                 e = await call(c, tools, "circuit_export", {"name": "ioi", "format": fmt})
-                assert (tmp_path / "exports").is_dir() and open(e["path"]).read() == e["content"]
-            assert C.from_json(json.loads(open(tmp_path / "exports" / "ioi.json").read())).number_of_nodes() == 5
-            ct = json.loads(open(tmp_path / "exports" / "ioi.circuit_tracer.json").read())
+                assert open(tmp_path / e["path"]).read() == e["content"]
+            exports = tmp_path / "exports" / "circuits" / "ioi"
+            assert C.from_json(json.loads(open(exports / "ioi.json").read())).number_of_nodes() == 5
+            ct = json.loads(open(exports / "ioi.circuit_tracer.json").read())
             assert ct["metadata"]["prompt_tokens"][0] == gpt2_tiny.str_tokens([gpt2_tiny.tokenizer.bos_token_id])[0]
-            assert nx.read_graphml(str(tmp_path / "exports" / "ioi.graphml")).number_of_edges() == 2
+            assert nx.read_graphml(str(exports / "ioi.graphml")).number_of_edges() == 2
 
             rm = await call(c, tools, "circuit_remove", {"name": "ioi", "nodes": ["L0.H1"]})
             assert "L0.H1" not in [n["id"] for n in rm["nodes"]] and len(rm["edges"]) == 1

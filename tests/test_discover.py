@@ -35,11 +35,16 @@ def _discover_cmd(*args):
     return [sys.executable, "-m", "tdb_agent.cli", "discover", *args]
 
 
+def calls(events) -> list[tuple[str, str]]:
+    """The tool calls of a transcript as (tool, arguments): what was asked, in order."""
+    return [(e["tool"], json.dumps(e["arguments"], sort_keys=True)) for e in events if e["kind"] == "tool_call"]
+
+
 def _interrupt(out, keep_after: str = "circuit_add") -> int:
     """Turn a finished run folder into one killed midway, deterministically: the transcript is cut
-    in the middle of its successful `keep_after` calls (at a line boundary: a line half-written by
-    a kill is not survivable yet, see RunStore.append), and the final outputs are removed. Returns
-    the number of events kept."""
+    at a line boundary in the middle of its successful `keep_after` calls, and the final outputs
+    are removed. Returns the number of events kept. (A kill inside a line's write leaves a torn
+    last line as well: tests/test_runstore.py adds one to this state.)"""
     lines = (out / "transcript.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     events = [json.loads(line) for line in lines]
     adds = [i for i, e in enumerate(events) if e["kind"] == "tool_call" and e["tool"] == keep_after
@@ -58,6 +63,7 @@ def test_a_killed_run_resumes(tiny_dirs, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cfg = RunConfig(task="ioi", planner="scripted", model=str(tiny_dirs["gpt2"]))
     asyncio.run(discover.run(cfg, out, echo=lambda m: None))
+    uninterrupted = RunStore(out).events()
     # the state a kill midway leaves, built explicitly (not by racing a kill against the run)
     n_events = _interrupt(out)
     kept = RunStore(out).events()
@@ -84,14 +90,19 @@ def test_a_killed_run_resumes(tiny_dirs, tmp_path):
         if e["kind"] == "tool_call" and e["tool"] == "circuit_prune":
             pruned |= {step["removed"] for step in e["result"]["removed"]}
     assert before_nodes - pruned <= after_nodes
-    assert len(RunStore(out).events()) > n_events
+    resumed = RunStore(out).events()
+    assert resumed[:n_events] == kept and len(resumed) > n_events
+    # every call is logged once: the replayed ones are not appended again, so the resumed run's
+    # transcript asks exactly what the uninterrupted run asked (the planner is deterministic)
+    assert calls(resumed) == calls(uninterrupted)
     assert summary["circuit"] == "ioi"
 
 
-def test_resuming_an_llm_run_does_not_duplicate_evidence(tiny_dirs, tmp_path):
+def test_resuming_an_llm_run_does_not_replay_edits_onto_reloaded_circuits(tiny_dirs, tmp_path):
     """A resumed LLM-planner run must not re-apply the transcript's circuit edits on top of the
-    circuits the server reloads from the run's workspace (that would append every node's
-    evidence a second time)."""
+    circuits the server reloads from the run's workspace. (Repeated evidence is deduplicated
+    now, so the evidence alone would not show a replay: the circuit file must not have been
+    written at all, and the transcript must hold each call once.)"""
     from tdb_agent.agent.llm import LLMSettings
     from tests.fake_openai import FakeOpenAI, text_response, tool_call_response
 
@@ -116,15 +127,18 @@ def test_resuming_an_llm_run_does_not_duplicate_evidence(tiny_dirs, tmp_path):
                                  echo=lambda m: None))
     before = node_evidence()
     assert len(before) == len(evidence)
-    assert (out / "workspace" / "circuits" / "ioi.json").exists()
+    saved = out / "workspace" / "circuits" / "ioi.json"
+    written, events = (saved.stat().st_ino, saved.stat().st_mtime_ns, saved.read_bytes()), RunStore(out).events()
 
     with FakeOpenAI([text_response("Still L1.H2 -> LOGITS.")]) as fake:
         summary = asyncio.run(discover.run(cfg, out, llm=LLMSettings(base_url=fake.url, model="m", api_key="x"),
                                            echo=lambda m: None))
     assert summary.nodes == ["L1.H2"]
-    after = node_evidence()
-    assert len(after) == len(before), after
-    assert after == before
+    assert node_evidence() == before
+    # no replayed edit reached the reloaded circuit: every edit rewrites the file (a new inode)
+    assert (saved.stat().st_ino, saved.stat().st_mtime_ns, saved.read_bytes()) == written
+    resumed = RunStore(out).events()
+    assert resumed[:len(events)] == events and calls(resumed) == calls(events)
 
 
 @pytest.mark.parametrize("task", ["ioi", "induction"])

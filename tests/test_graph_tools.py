@@ -64,7 +64,8 @@ def test_graph_tools_over_mcp(tiny_engines, tmp_path):
             assert qk["total"] == pytest.approx(qk["score"], abs=1e-4) and qk["pairs"]
             x = await c.call_tool("graph_export", {"name": "ioi", "pruned": False})
             assert not x.is_error and x.structured_content["problems"] == []
-            data = json.loads(open(x.structured_content["path"]).read())
+            assert x.structured_content["path"] == "exports/graphs/ioi/ioi-full.json"  # relative to the workspace
+            data = json.loads(open(tmp_path / x.structured_content["path"]).read())
             assert validate(data) == [] and len(data["nodes"]) == x.structured_content["nodes"]
             feats = [n["id"] for n in g["top_nodes"] if ".tc.F" in n["id"]][:2]
             iv = await c.call_tool("graph_intervene", {"name": "ioi", "nodes": feats})

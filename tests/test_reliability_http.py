@@ -6,9 +6,12 @@ import asyncio
 import json
 import os
 import sys
+from contextlib import contextmanager
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mcp import Client, StdioServerParameters
 
 from tests.test_server_http import INIT, MCP_HEADERS, http_server
@@ -34,12 +37,37 @@ def _session(raw, url):
     return headers
 
 
-def _call_raw(raw, url, headers, body: str):
-    """POST a request body exactly as given (JSON a Python client would never write); the reply."""
+def _call_raw(raw, url, headers, body: str) -> dict:
+    """POST a request body exactly as given (JSON a Python client would never write); the
+    JSON-RPC reply, parsed as standard JSON only."""
     resp = raw.post(url, content=body.encode(), headers=headers)
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
-        return [m for m in _sse_messages(resp.text.splitlines()) if "id" in m][-1]
-    return resp.json()
+        replies = [_strict(line[5:]) for line in resp.text.splitlines() if line.startswith("data:") and line[5:].strip()]
+        return [m for m in replies if "id" in m][-1]
+    return _strict(resp.text)
+
+
+def _tool_call(name: str, args: dict, rid: int = 3) -> str:
+    return json.dumps({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": name, "arguments": args}})
+
+
+@contextmanager
+def _workspace_server(tiny_dirs, tmp_path):
+    """A server on a fresh workspace holding circuit `c`; yields (call, workspace), where
+    call(body) posts a raw request body in an initialized session and returns the reply."""
+    ws = tmp_path / "ws"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TDB_WORKSPACE": str(ws)}
+    env.pop("TDB_AGENT_TOKEN", None)
+    with http_server(tiny_dirs["gpt2"], tmp_path, env=env) as (port, _):
+        url = f"http://127.0.0.1:{port}/mcp"
+        with httpx.Client(timeout=60) as raw:
+            headers = _session(raw, url)
+
+            def call(body: str) -> dict:
+                return _call_raw(raw, url, headers, body)
+            made = call(_tool_call("circuit_create", {"name": "c", "task": "ioi", "n_pairs": 1}))
+            assert not made["result"].get("isError"), made
+            yield call, ws
 
 
 def _strict(text):
@@ -73,13 +101,54 @@ def test_dropped_http_connection_stops_the_call_and_frees_the_engine(tiny_dirs, 
         assert GONE in stderr
 
 
+NF, FIN = "\u00a7NF", "\u00a7FIN"  # placeholders for a non-finite / an extreme finite number in a raw body
+NON_FINITE = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1E400", "-2e308"])
+EXTREME = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(
+    [1.7976931348623157e308, -1.7976931348623157e308, 5e-324, -0.0, 1e-300]))
+TEMPLATES = [
+    ("circuit_add", {"name": "c", "nodes": [{"id": "L0.H1", "effect": NF}]}),
+    ("circuit_add", {"name": "c", "nodes": [{"id": "L0.H1", "effect": FIN}]}),
+    ("circuit_add", {"name": "c", "edges": [{"source": "L0.H1", "target": "LOGITS", "weight": NF}]}),
+    ("circuit_add", {"name": "c", "edges": [{"source": "L0.H1", "target": "LOGITS", "weight": FIN}]}),
+    ("circuit_add", {"name": "c", "nodes": [{"id": "L1.H0", "evidence": [{"tool": "attribute", "value": NF}]}]}),
+    ("circuit_add", {"name": "c", "nodes": [{"id": "L1.H0", "effect": FIN, "evidence": [
+        {"tool": "attribute", "args": {"k": [1, NF]}, "value": FIN}]}]}),
+    ("circuit_add", {"name": "c", "edges": [{"source": "EMB", "target": "L0.H1", "evidence": [
+        {"tool": "trace", "value": {"w": NF, "v": FIN}}]}]}),
+    ("circuit_create", {"name": "d", "task": "ioi", "n_pairs": NF, "overwrite": True}),
+    ("circuit_create", {"name": "d", "task": "ioi", "n_pairs": 1, "seed": NF, "overwrite": True}),
+    ("circuit_prune", {"name": "c", "threshold": NF}),
+    ("circuit_validate", {"name": "c", "heldout_seed": NF, "necessity": False}),
+    ("circuit_remove", {"name": "c", "nodes": [NF]}),
+    ("circuit_export", {"name": "c", "format": "json"}),
+    ("circuit_export", {"name": "c", "format": "circuit_tracer"}),
+    ("predict", {"prompt": P, "top_k": NF}),
+    ("steer", {"prompt": P, "component": "L0.N1", "scale": NF, "max_new_tokens": 2}),
+    ("attribute", {"prompt": P, "target": "Mary", "top_k": NF}),
+]
+
+
+@st.composite
+def raw_calls(draw):
+    """A tools/call body as text, with NaN / Infinity / 1e999 where numbers go (what a JSON
+    encoder of another language, or a hand-written client, may send)."""
+    name, args = draw(st.sampled_from(TEMPLATES))
+    body = json.dumps({"jsonrpc": "2.0", "id": 100, "method": "tools/call",
+                       "params": {"name": name, "arguments": args}})
+    while f'"{NF}"' in body:
+        body = body.replace(f'"{NF}"', draw(NON_FINITE), 1)
+    while f'"{FIN}"' in body:
+        body = body.replace(f'"{FIN}"', repr(draw(EXTREME)), 1)
+    return body
+
+
 def test_non_finite_numbers_over_raw_http_never_reach_the_workspace(tiny_dirs, tmp_path):
     """`1e999` is a valid JSON number that parses as infinity; `NaN` / `Infinity` are what some
-    clients emit. Every call is refused (or stored without them), and after every call each file
-    in the workspace is standard JSON and the circuit still shows."""
-    ws = tmp_path / "ws"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TDB_WORKSPACE": str(ws)}
-    env.pop("TDB_AGENT_TOKEN", None)
+    clients emit. First a fixed set of circuit_add bodies: each is refused and the circuit file
+    is unchanged. Then a fuzzer puts them in every place a number goes, in every tool that
+    writes, beside extreme finite numbers: each reply is standard JSON, and after every call
+    every JSON file in the workspace (circuits, exports) is standard JSON; the circuit still
+    shows at the end."""
     add = ('{"jsonrpc": "2.0", "id": %d, "method": "tools/call", "params": {"name": "circuit_add", '
            '"arguments": {"name": "c", "nodes": %s, "edges": %s}}}')
     bodies = [add % (10, '[{"id": "L0.H1", "effect": 1e999}]', "[]"),
@@ -90,26 +159,37 @@ def test_non_finite_numbers_over_raw_http_never_reach_the_workspace(tiny_dirs, t
               add % (15, "[]", '[{"source": "EMB", "target": "LOGITS", "weight": 1e999}]'),
               add % (16, "[]", '[{"source": "EMB", "target": "LOGITS", "evidence": [{"tool": "t", "args": '
                      '{"k": -1e999}}]}]')]
-    with http_server(tiny_dirs["gpt2"], tmp_path, env=env) as (port, _):
-        url = f"http://127.0.0.1:{port}/mcp"
-        with httpx.Client(timeout=60) as raw:
-            headers = _session(raw, url)
-            made = _call_raw(raw, url, headers, json.dumps(
-                {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-                 "params": {"name": "circuit_create", "arguments": {"name": "c", "task": "ioi", "n_pairs": 2}}}))
-            assert not made["result"].get("isError"), made
-            path = ws / "circuits" / "c.json"
-            before = path.read_bytes()
-            for body in bodies:
-                reply = _call_raw(raw, url, headers, body)
-                assert "error" in reply or reply["result"].get("isError"), (body, reply)
-                assert path.read_bytes() == before, body
-                for f in ws.rglob("*.json"):
-                    _strict(f.read_text())
-                show = _call_raw(raw, url, headers, json.dumps(
-                    {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
-                     "params": {"name": "circuit_show", "arguments": {"name": "c"}}}))
-                assert not show["result"].get("isError"), show
+
+    def files_are_standard_json(ws):
+        for f in ws.rglob("*.json"):
+            _strict(f.read_text())  # a NaN or Infinity here fails the test, naming the file
+
+    with _workspace_server(tiny_dirs, tmp_path) as (call, ws):
+        path = ws / "circuits" / "c.json"
+        before = path.read_bytes()
+        for body in bodies:
+            reply = call(body)
+            assert "error" in reply or reply["result"].get("isError"), (body, reply)
+            assert path.read_bytes() == before, body
+            files_are_standard_json(ws)
+            assert not call(_tool_call("circuit_show", {"name": "c"}, 4))["result"].get("isError")
+
+        seen = {"ok": 0, "refused": 0}
+
+        @settings(max_examples=80, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(body=raw_calls())
+        def one(body):
+            reply = call(body)
+            refused = "error" in reply or reply["result"].get("isError")
+            seen["refused" if refused else "ok"] += 1
+            if any(t in body for t in ("NaN", "Infinity", "e999", "E400", "e308")):
+                assert refused, (body, reply)
+            files_are_standard_json(ws)
+        one()
+        assert seen["ok"] and seen["refused"], seen
+        show = call(_tool_call("circuit_show", {"name": "c"}, 4))
+        assert not show["result"].get("isError"), show
 
 
 def _stdio(model_dir, workspace) -> StdioServerParameters:

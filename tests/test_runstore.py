@@ -104,17 +104,19 @@ def test_kill_9_mid_run_then_resume(tmp_path):
 @pytest.mark.slow  # a whole discover run and a resumed one (about 40 s)
 def test_a_discover_run_with_a_torn_last_line_resumes(tiny_dirs, tmp_path):
     """The run folder a kill inside a transcript write leaves: the events before the tear are
-    all kept, in order, and the resumed run's events follow them on whole lines. (That the
-    replayed calls are not logged twice is the planner's part of item 6.)"""
+    all kept, in order, the resumed run's events follow them on whole lines, and the replayed
+    calls are not logged twice: the resumed transcript asks exactly what the uninterrupted run
+    asked, each call once (the call in flight at the tear is made, and logged, once more)."""
     import asyncio
 
     from tdb_agent.agent import discover
     from tdb_agent.agent.runstore import RunConfig
-    from tests.test_discover import _discover_cmd, _interrupt
+    from tests.test_discover import _discover_cmd, _interrupt, calls
 
     out = tmp_path / "run"
     cfg = RunConfig(task="ioi", planner="scripted", model=str(tiny_dirs["gpt2"]))
     asyncio.run(discover.run(cfg, out, echo=lambda m: None))
+    uninterrupted = RunStore(out).events()
     n_kept = _interrupt(out)
     kept = RunStore(out).events()
     with open(out / "transcript.jsonl", "ab") as f:
@@ -128,3 +130,55 @@ def test_a_discover_run_with_a_torn_last_line_resumes(tiny_dirs, tmp_path):
     assert store.bad_lines == []
     assert after[:n_kept] == kept and len(after) > n_kept
     assert [e["step"] for e in after] == list(range(len(after)))
+    assert calls(after) == calls(uninterrupted)
+
+
+@pytest.mark.slow  # a whole discover run, a killed one and its resumption (about 60 s)
+def test_a_discover_run_killed_with_sigkill_resumes_with_each_call_logged_once(tiny_dirs, tmp_path):
+    """A real `tdb-agent discover` process killed with SIGKILL midway (after its first
+    circuit_add), its last transcript line then torn as a kill inside a write leaves it: the
+    resumed run keeps every event before the tear, appends its own after them, and its
+    transcript asks exactly what an uninterrupted run asks, each call once (the replayed
+    calls are not logged again)."""
+    import asyncio
+    import time
+
+    from tdb_agent.agent import discover
+    from tdb_agent.agent.runstore import RunConfig
+    from tests.test_discover import _discover_cmd, calls
+
+    model = str(tiny_dirs["gpt2"])
+    asyncio.run(discover.run(RunConfig(task="ioi", planner="scripted", model=model), tmp_path / "ref",
+                             echo=lambda m: None))
+    uninterrupted = RunStore(tmp_path / "ref").events()
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_discover_cmd("--task", "ioi", "--model", model, "--out", str(out)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if sum(t == "circuit_add" for t, _ in calls(RunStore(out).events())) >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    kept = RunStore(out).events()
+    assert 0 < len(calls(kept)) < len(calls(uninterrupted))
+    with open(out / "transcript.jsonl", "ab") as f:  # the line being written when the kill came
+        f.write(b'{"step": %d, "time": 1.0, "kind": "tool_call", "tool": "circuit_a' % len(kept))
+    assert RunStore(out).events() == kept
+    done = subprocess.run(_discover_cmd("--resume", str(out)), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    store = RunStore(out)
+    after = store.events()
+    assert store.bad_lines == [] and after[:len(kept)] == kept and len(after) > len(kept)
+    assert [e["step"] for e in after] == list(range(len(after)))
+    assert calls(after) == calls(uninterrupted)
+    for line in (out / "transcript.jsonl").read_text().split("\n")[:-1]:
+        json.loads(line)

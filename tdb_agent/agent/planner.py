@@ -221,7 +221,8 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
         """Edges among `nodes` not added yet: direct effects into LOGITS and traced edges."""
         out = [{"source": cid, "target": "LOGITS", "weight": direct[cid], "via": "direct",
                 "evidence": [{"tool": "attribute", "args": {"method": "direct_effect"}, "value": direct[cid]}]}
-               for cid in nodes if cid in direct]
+               for cid in sorted(nodes) if cid in direct]  # sorted: a set's order differs between
+        # processes, and a resumed run replays only while its calls match the transcript's
         out += [e for e in edges if e["source"] in nodes and e["target"] in nodes]
         out = [e for e in out if (e["source"], e["target"]) not in added]
         added.update((e["source"], e["target"]) for e in out)

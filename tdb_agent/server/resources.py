@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 
-import networkx as nx
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
+from tdb_agent import jsonsafe
 from tdb_agent.circuits.io import to_json
 from tdb_agent.errors import TdbError
 from tdb_agent.service.catalog import tool
+from tdb_agent.service.circuit_tools import circuit_store
 from tdb_agent.service.tool import NoArgs
 from tdb_agent.workbench import Workbench, component_page
 
@@ -24,12 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def circuit_json(bench: Workbench, name: str) -> str:
-    circuits: dict[str, nx.DiGraph] = getattr(bench, "circuits", None) or {}
-    graph = circuits.get(name)
-    if graph is None:
-        have = ", ".join(sorted(circuits)) or "none exist yet"
-        raise ResourceNotFoundError(f"no circuit named {name!r}; circuits: {have}")
-    return json.dumps(to_json(graph), default=str)
+    """The circuit as saved now (by this server or another one on the workspace)."""
+    try:
+        graph = circuit_store(bench).get(name)
+    except TdbError as e:
+        raise ResourceNotFoundError(str(e)) from e
+    return jsonsafe.dumps(to_json(graph), default=str)
 
 
 def register_resources(mcp: MCPServer, bench: Workbench) -> None:
@@ -56,9 +57,10 @@ def register_resources(mcp: MCPServer, bench: Workbench) -> None:
     @mcp.resource("tdb://circuits", name="circuits", mime_type="application/json",
                   description="Names of the circuit hypotheses built in this session, with node and edge counts.")
     def circuits() -> str:
-        graphs: dict[str, nx.DiGraph] = getattr(bench, "circuits", None) or {}
+        store = circuit_store(bench)
+        graphs = [(n, store.get(n)) for n in store.names()]
         return json.dumps({"circuits": [{"name": n, "nodes": g.number_of_nodes(), "edges": g.number_of_edges()}
-                                        for n, g in sorted(graphs.items())]})
+                                        for n, g in graphs]})
 
     @mcp.resource("tdb://circuit/{name}", name="circuit", mime_type="application/json",
                   description="A circuit hypothesis graph as networkx node-link JSON (nodes, links and the evidence "

@@ -18,14 +18,14 @@ from pydantic import ValidationError
 
 from tdb_agent.server.sampling import SamplingModel, sampling_unavailable
 from tdb_agent.service.running import readable, run_long_tool, run_tool
-from tdb_agent.service.tool import Job, Tool, specialise
+from tdb_agent.service.tool import Job, Tool, specialise, strict_annotation
 from tdb_agent.workbench import Limits, Workbench
 
 
 def _signature(model: type, returns: Any, *, with_context: bool) -> inspect.Signature:
     params = []
     for name, info in model.model_fields.items():
-        annotation = Annotated[info.annotation, info]
+        annotation = strict_annotation(name, info)
         default = inspect.Parameter.empty if info.is_required() else info.get_default(call_default_factory=True)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     if with_context:

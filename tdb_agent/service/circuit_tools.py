@@ -2,24 +2,26 @@
 
 Circuits are kept on the workbench (`bench.circuits`) and saved as node-link JSON in
 `bench.workspace/circuits/` after every change (`circuit_store`); exports go to
-`bench.workspace/exports/`. Validation and pruning are long tools: they report progress and
-stop when cancelled.
+`bench.workspace/exports/circuits/<name>/` (`service.exports`). Results give paths relative
+to the workspace. Validation and pruning are long tools: they report progress and stop when
+cancelled.
 """
 
 from __future__ import annotations
 
-import json
 import weakref
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from tdb_agent import circuits as C
+from tdb_agent import jsonsafe
 from tdb_agent.circuits.evaluate import AblationMode
 from tdb_agent.circuits.store import CircuitStore, check_name
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.metrics import make_metric
 from tdb_agent.service.annotations import DESTRUCTIVE, EDITS, READ_ONLY, WRITES_RESULT
+from tdb_agent.service.exports import in_workspace, write_export
 from tdb_agent.service.limits import LimitChecks
 from tdb_agent.service.tool import InputModel, Job, NoArgs, Tool, ToolArgs
 from tdb_agent.workbench import Workbench
@@ -67,11 +69,18 @@ class EdgeRef(InputModel):
 
 
 class SavedCircuit(C.CircuitInfo):
-    saved_to: str = Field(description="the node-link JSON file in the server's workspace")
+    saved_to: str = Field(description="the node-link JSON file, relative to the server's workspace")
+
+
+class Unreadable(BaseModel):
+    file: str = Field(description="the file in the workspace's circuits folder")
+    why: str
 
 
 class CircuitList(BaseModel):
     circuits: list[dict[str, Any]] = Field(description="name, nodes, edges, faithfulness of each circuit")
+    unreadable: list[Unreadable] = Field([], description="circuit files that could not be read, and why (fix "
+                                         "or remove them, or replace one with circuit_create(overwrite=true))")
 
 
 class ValidationOut(C.Validation):
@@ -88,14 +97,14 @@ class PruneOut(C.PruneResult):
 class ExportOut(BaseModel):
     name: str
     format: Format
-    path: str = Field(description="where the file was written in the server's workspace")
+    path: str = Field(description="where the file was written, relative to the server's workspace")
     chars: int
     content: str | None = Field(None, description="the file's text (omitted when include_content is false)")
 
 
 def saved(bench: Workbench, name: str) -> SavedCircuit:
     store = circuit_store(bench)
-    return SavedCircuit(**C.info(store.get(name)).model_dump(), saved_to=str(store.path(name)))
+    return SavedCircuit(**C.info(store.get(name)).model_dump(), saved_to=in_workspace(bench, store.path(name)))
 
 
 def check_pairs(bench: Workbench, b: C.Behaviour, metric: str | None) -> None:
@@ -201,7 +210,8 @@ def circuit_list(bench: Workbench, args: NoArgs, job: Job) -> CircuitList:
         g = store.get(n)
         rows.append({"name": n, "nodes": g.number_of_nodes(), "edges": g.number_of_edges(),
                      "faithfulness": g.graph.get("faithfulness")})
-    return CircuitList(circuits=rows)
+    unreadable = [Unreadable(file=f, why=why) for f, why in sorted(store.unreadable.items())]
+    return CircuitList(circuits=rows, unreadable=unreadable)
 
 
 class ValidateArgs(ToolArgs):
@@ -234,7 +244,7 @@ def circuit_validate(bench: Workbench, args: ValidateArgs, job: Job) -> Validati
         if pairs is None:
             with store.edit(args.name) as h:
                 C.record_validation(h, v)
-    return ValidationOut(**v.model_dump(), name=args.name, saved_to=str(store.path(args.name)))
+    return ValidationOut(**v.model_dump(), name=args.name, saved_to=in_workspace(bench, store.path(args.name)))
 
 
 class PruneArgs(ToolArgs):
@@ -269,7 +279,7 @@ def circuit_prune(bench: Workbench, args: PruneArgs, job: Job) -> PruneOut:
         h = C.pruned_circuit(g, r, name=target)
         C.validate(engine, h, mode=r.mode, cache=bench.cache, batch_size=batch, should_stop=job.should_stop)
         path = store.put(target, h)
-    return PruneOut(**r.model_dump(), name=args.name, saved_as=target, saved_to=str(path))
+    return PruneOut(**r.model_dump(), name=args.name, saved_as=target, saved_to=in_workspace(bench, path))
 
 
 class ExportArgs(ToolArgs):
@@ -281,7 +291,7 @@ class ExportArgs(ToolArgs):
 
 def export_text(bench: Workbench, g, format: Format) -> str:
     """A circuit in one of the export formats."""
-    writers = {"json": lambda: json.dumps(C.to_json(g), indent=1), "graphml": lambda: C.to_graphml(g),
+    writers = {"json": lambda: jsonsafe.dumps(C.to_json(g), indent=1), "graphml": lambda: C.to_graphml(g),
                "dot": lambda: C.to_dot(g), "svg": lambda: C.to_svg(g), "html": lambda: C.to_html(g)}
     if format in writers:
         return writers[format]()
@@ -289,20 +299,18 @@ def export_text(bench: Workbench, g, format: Format) -> str:
     pairs = C.behaviour(g).resolve() if C.behaviour(g) else []
     prompt = pairs[0].prompt if pairs else None
     tokens = engine.str_tokens(engine.to_tokens(prompt)) if prompt else None
-    return json.dumps(C.to_circuit_tracer(g, prompt_tokens=tokens, prompt=prompt, n_layers=engine.spec.n_layers),
-                      indent=1)
+    return jsonsafe.dumps(C.to_circuit_tracer(g, prompt_tokens=tokens, prompt=prompt,
+                                              n_layers=engine.spec.n_layers), indent=1)
 
 
 def circuit_export(bench: Workbench, args: ExportArgs, job: Job) -> ExportOut:
     """Write a circuit to a file in the workspace (and return its text): node-link JSON,
     GraphML, Graphviz DOT, circuit-tracer / Neuronpedia graph JSON, or a self-contained SVG
     or HTML picture. Example: circuit_export(name="ioi", format="html")"""
-    g = circuit_store(bench).get(args.name)
+    g = circuit_store(bench).get(check_name(args.name))
     text = export_text(bench, g, args.format)
-    path = bench.workspace / "exports" / f"{args.name}.{EXT[args.format]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return ExportOut(name=args.name, format=args.format, path=str(path), chars=len(text),
+    path = write_export(bench, "circuits", args.name, f"{args.name}.{EXT[args.format]}", text)
+    return ExportOut(name=args.name, format=args.format, path=path, chars=len(text),
                      content=text if args.include_content else None)
 
 

@@ -17,6 +17,7 @@ from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, EdgeEvaluator, Faithfu
     keep_masks, smallest_circuit
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
 from tdb_agent.service.circuit_tools import circuit_store
+from tdb_agent.service.exports import in_workspace
 from tdb_agent.service.fields import TopK
 from tdb_agent.service.tool import Job, Tool, ToolArgs
 from tdb_agent.workbench import Workbench
@@ -164,7 +165,7 @@ def edge_circuit_tool(bench: Workbench, args: EdgeCircuitArgs, job: Job) -> Edge
     g.graph["validation"] = {"granularity": "edge", "faithfulness": f, "n_edges": n, "n_edges_total": n_total,
                              "reference": args.reference, "metric_name": res.metric_name}
     path = store.put(args.name, g)
-    return EdgeCircuitOut(name=args.name, saved_to=str(path), n_edges=n, n_edges_total=n_total, faithfulness=f,
+    return EdgeCircuitOut(name=args.name, saved_to=in_workspace(bench, path), n_edges=n, n_edges_total=n_total, faithfulness=f,
                           nodes=C.components(g), edges=_rows(res, min(n, 64)), forward_passes=passes)
 
 

@@ -19,6 +19,7 @@ from tdb_agent.ops.graph.intervene import InterventionCheck, check
 from tdb_agent.ops.graph.paths import layer_position
 from tdb_agent.ops.graph.query import col_tid, find_col, find_row, row_tid, strongest_paths
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
+from tdb_agent.service.exports import write_export
 from tdb_agent.service.fields import Distractor, Prompt, TopK
 from tdb_agent.service.tool import Job, Tool, ToolArgs
 from tdb_agent.workbench import Workbench
@@ -124,7 +125,7 @@ def attribution_graph(bench: Workbench, args: GraphArgs, job: Job) -> GraphResul
     g.stats["pruning"] = Pruning(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold).model_dump()
     bench.graphs[args.name] = g
     data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=(rep, comp))
-    out = _save(bench, f"{args.name}.json", data)
+    out = write_export(bench, "graphs", args.name, f"{args.name}.json", json.dumps(data))
     n_src = len(sq.cols)
     keep = p.node_mask[:n_src].nonzero(as_tuple=True)[0]
     order = keep[p.node_influence[keep].argsort(descending=True)][: args.top_k].tolist()
@@ -140,15 +141,7 @@ def attribution_graph(bench: Workbench, args: GraphArgs, job: Job) -> GraphResul
                        targets=[ln.label for ln in g.logits], active_features=g.src.n_feat,
                        nodes=int(p.node_mask.sum()), edges=int(p.edge_mask.sum()), replacement_score=rep,
                        completeness_score=comp, completeness_residual=g.completeness_residual(), top_nodes=top_nodes,
-                       top_edges_into_target=edges, paths=strongest_paths(g, row), export_path=str(out))
-
-
-def _save(bench: Workbench, filename: str, data: dict):
-    """Graph JSON under <workspace>/exports/graphs/ (docs/DESIGN.md §6)."""
-    out = bench.workspace / "exports" / "graphs" / filename
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data))
-    return out
+                       top_edges_into_target=edges, paths=strongest_paths(g, row), export_path=out)
 
 
 def graph_of(bench: Workbench, name: str):
@@ -274,8 +267,9 @@ def graph_export(bench: Workbench, args: ExportArgs, job: Job) -> ExportResult:
     sq = square(g)
     p = prune(sq, args.node_threshold, args.edge_threshold) if args.pruned else None
     data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=scores(sq))
-    out = _save(bench, f"{args.name}{'' if args.pruned else '-full'}.json", data)
-    return ExportResult(path=str(out), nodes=len(data["nodes"]), links=len(data["links"]), problems=validate(data))
+    out = write_export(bench, "graphs", args.name, f"{args.name}{'' if args.pruned else '-full'}.json",
+                       json.dumps(data))
+    return ExportResult(path=out, nodes=len(data["nodes"]), links=len(data["links"]), problems=validate(data))
 
 
 class NodeArgs(ToolArgs):

@@ -12,13 +12,14 @@ descriptions and caps the defaults (a server started with `--max-top-k 7` advert
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar, Union
 
 from mcp.types import ToolAnnotations
-from pydantic import BaseModel, ConfigDict, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, create_model, model_validator
 from pydantic.fields import FieldInfo
 
 from tdb_agent.service.limits import LimitChecks
@@ -29,19 +30,78 @@ A = TypeVar("A", bound="ToolArgs")
 R = TypeVar("R")
 
 
+# ------------------------------------------------------------------ booleans are not numbers
+def _accepts_bool(tp: Any) -> bool:
+    return tp is bool or tp is Any
+
+
+def bools_for_numbers(tp: Any, value: Any, path: str) -> list[str]:
+    """Where `value` holds a boolean that type `tp` would take as a number (pydantic's lax
+    mode turns `true` into 1; in JSON, and in the tool's JSON schema, a boolean is no number)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return bools_for_numbers(args[0], value, path)
+    if tp in (int, float):
+        return [path] if isinstance(value, bool) else []
+    if origin in (Union, types.UnionType):
+        if isinstance(value, bool) and any(_accepts_bool(a) for a in args):
+            return []
+        return sorted({p for a in args for p in bools_for_numbers(a, value, path)})
+    if origin in (list, tuple, set, frozenset) and isinstance(value, (list, tuple)) and args:
+        return [p for i, v in enumerate(value) for p in bools_for_numbers(args[0], v, f"{path}[{i}]")]
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return [p for k, v in value.items() for p in bools_for_numbers(args[1], v, f"{path}.{k}")]
+    return []
+
+
+def _refuse_bools(tp: Any, name: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        bad = bools_for_numbers(tp, value, name)
+        if bad:
+            raise ValueError(f"{', '.join(bad[:5])}: true/false is not a number; give a number")
+        return value
+    return check
+
+
+def strict_annotation(name: str, info: FieldInfo) -> Any:
+    """The field's type for a model built from it elsewhere (the MCP SDK's argument model),
+    with booleans refused where it takes numbers, as `ToolArgs` refuses them."""
+    return Annotated[info.annotation, info, BeforeValidator(_refuse_bools(info.annotation, name))]
+
+
+def _no_bools(model: type[BaseModel], data: Any) -> Any:
+    if isinstance(data, dict):
+        for name, info in model.model_fields.items():
+            if name in data:
+                _refuse_bools(info.annotation, name)(data[name])
+    return data
+
+
 class InputModel(BaseModel):
     """Base of the models nested in tool arguments (a circuit node, an edge): NaN and
-    infinity are refused (JSON has no such numbers; stored, they would poison a circuit)."""
+    infinity are refused (JSON has no such numbers; stored, they would poison a circuit),
+    and so are booleans given for numbers."""
 
     model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools(cls, data: Any) -> Any:
+        return _no_bools(cls, data)
 
 
 class ToolArgs(BaseModel):
     """Base of every tool's argument model: unknown argument names are refused, and so are
     NaN and infinity anywhere in the arguments (float fields by pydantic, free-form values
-    such as evidence `args` by the check below)."""
+    such as evidence `args` by the check below) and booleans given for numbers (`top_k=true`
+    is not 1)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools(cls, data: Any) -> Any:
+        return _no_bools(cls, data)
 
     @model_validator(mode="after")
     def _finite(self):

@@ -3,12 +3,15 @@ circuit, run folders). Its tool routes (`viewer.routes`) take no models of their
 validate bodies with the MCP tool's argument model and call the same `service` tool.
 
 Run folders (`tdb-agent discover --out DIR`) are read as they are on disk: `run.json`,
-`transcript.jsonl`, `graph.json`, `report.md`.
+`transcript.jsonl`, `graph.json`, `report.md`. Nothing outside the folders the server was
+given is read: a run folder or run file that is a symlink to somewhere else is skipped, and
+results name runs by their place under those folders, not by the server's absolute paths.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,14 @@ from tdb_agent.errors import TdbError
 from tdb_agent.ops.attention import AttentionPatternResult
 from tdb_agent.ops.basic import ModelInfo, TaskList
 from tdb_agent.service.catalog import tool
+from tdb_agent.service.circuit_tools import circuit_store
 from tdb_agent.service.examples import TopExamplesResult, top_examples_of
 from tdb_agent.service.model_tools import AttentionArgs
 from tdb_agent.service.running import run_tool
 from tdb_agent.service.tool import NoArgs
 from tdb_agent.workbench import ComponentPage, Limits, Workbench, component_page
+
+log = logging.getLogger(__name__)
 
 
 class NotFound(TdbError):
@@ -78,8 +84,9 @@ class RunView(CircuitView):
 # ------------------------------------------------------------------ pages
 def model_page(bench: Workbench, runs: RunIndex | None = None) -> ModelPage:
     info = tool("model_info").run(bench, NoArgs())
+    store = circuit_store(bench)  # through the store: another server's changes to the workspace show
     circuits = [CircuitSummary(name=n, nodes=g.number_of_nodes(), edges=g.number_of_edges())
-                for n, g in sorted((bench.circuits or {}).items())]
+                for n, g in ((n, store.get(n)) for n in store.names())]
     return ModelPage(info=info, tasks=tool("list_tasks").run(bench, NoArgs()), runs=runs.summaries() if runs else [], circuits=circuits,
                      limits=bench.limits)
 
@@ -138,9 +145,10 @@ def graph_rows(graph: dict[str, Any]) -> list[GraphRow]:
 def circuit_view(bench: Workbench, name: str) -> CircuitView:
     from tdb_agent.circuits.io import to_json
 
-    graph = (bench.circuits or {}).get(name)
-    if graph is None:
-        raise NotFound(f"no circuit named {name!r}; circuits: {', '.join(sorted(bench.circuits)) or 'none yet'}")
+    try:
+        graph = circuit_store(bench).get(name)
+    except TdbError as e:
+        raise NotFound(str(e)) from e
     data = json.loads(json.dumps(to_json(graph), default=str))
     return CircuitView(name=name, graph=data, rows=graph_rows(data))
 
@@ -150,55 +158,90 @@ def is_run(folder: Path) -> bool:
     return folder.is_dir() and any((folder / f).exists() for f in ("run.json", "graph.json", "transcript.jsonl"))
 
 
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, symlinks followed, is within `folder` (also after its links)."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
+def _run_file(run: Path, name: str) -> Path | None:
+    """A file of a run folder, unless it is missing or a link out of the folder."""
+    path = run / name
+    if not path.is_file():
+        return None
+    if not inside(path, run):
+        log.warning("run %s: %s links outside the run folder; not read", run.name, name)
+        return None
+    return path
+
+
 class RunIndex:
     """The run folders a viewer shows: one run (`tdb-agent view RUN_DIR`) or every run in a
-    folder of runs (`runs/`). Re-read on each request, so new runs appear."""
+    folder of runs (`runs/`). Re-read on each request, so new runs appear; a run in a folder
+    of runs that links outside it is not shown."""
 
     def __init__(self, *paths: str | Path):
         self.paths = [Path(p).resolve() for p in paths]
 
     def folders(self) -> dict[str, Path]:
-        out: dict[str, Path] = {}
+        return {name: path for name, (path, _) in self._found().items()}
+
+    def _found(self) -> dict[str, tuple[Path, str]]:
+        """name -> (folder, how results show it: under the name of the folder given)."""
+        out: dict[str, tuple[Path, str]] = {}
         for p in self.paths:
             if is_run(p):
-                out[p.name] = p
+                out[p.name] = (p, p.name)
             elif p.is_dir():
-                out.update({c.name: c for c in sorted(p.iterdir()) if is_run(c)})
+                for c in sorted(p.iterdir()):
+                    if not is_run(c):
+                        continue
+                    if not inside(c, p):
+                        log.warning("%s links outside %s; not shown", c.name, p)
+                        continue
+                    out[c.name] = (c, f"{p.name}/{c.name}")
         return out
 
-    def get(self, name: str) -> Path:
-        folders = self.folders()
-        if name not in folders:
-            raise NotFound(f"no run named {name!r}; runs: {', '.join(folders) or 'none'}")
-        return folders[name]
+    def get(self, name: str) -> tuple[Path, str]:
+        found = self._found()
+        if name not in found:
+            raise NotFound(f"no run named {name!r}; runs: {', '.join(found) or 'none'}")
+        return found[name]
 
     def summaries(self) -> list[RunSummary]:
         out = []
-        for path in self.folders().values():
+        for path, shown in self._found().values():
             cfg, graph, events = _read_run(path)
             g = (graph or {}).get("graph", {})
-            out.append(RunSummary(run_dir=str(path), task=cfg.get("task"), planner=cfg.get("planner"),
+            out.append(RunSummary(run_dir=shown, task=cfg.get("task"), planner=cfg.get("planner"),
                                   circuit=g.get("name"), faithfulness=g.get("faithfulness"),
                                   nodes=[n["id"] for n in (graph or {}).get("nodes", []) if n["id"] != SINK],
                                   tool_calls=sum(e.get("kind") == "tool_call" for e in events)))
         return out
 
     def view(self, name: str) -> RunView:
-        path = self.get(name)
+        path, shown = self.get(name)
         cfg, graph, events = _read_run(path)
         graph = graph or {"directed": True, "graph": {}, "nodes": [], "links": []}
-        report = (path / "report.md").read_text(encoding="utf-8") if (path / "report.md").exists() else None
-        return RunView(name=name, path=str(path), config=cfg, graph=graph, rows=graph_rows(graph), events=events,
+        report = _run_file(path, "report.md")
+        report = report.read_text(encoding="utf-8") if report else None
+        return RunView(name=name, path=shown, config=cfg, graph=graph, rows=graph_rows(graph), events=events,
                        report=report)
 
 
 def _read_run(path: Path) -> tuple[dict, dict | None, list[dict]]:
     from tdb_agent.agent.runstore import RunStore
 
-    store = RunStore(path)  # the folder exists (is_run), so nothing is written
-    cfg = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
+    config, graph_file, transcript = (_run_file(path, f) for f in ("run.json", "graph.json", "transcript.jsonl"))
     try:
-        graph = store.load_graph()
-    except json.JSONDecodeError:
+        cfg = json.loads(config.read_text()) if config else {}
+    except ValueError:
+        cfg = {}
+    try:
+        graph = json.loads(graph_file.read_text()) if graph_file else None
+    except ValueError:
         graph = None
-    return cfg, graph, store.events()
+    events = RunStore(path).events() if transcript else []  # the folder exists (is_run): nothing is written
+    return cfg, graph, events
