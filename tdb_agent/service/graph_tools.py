@@ -10,6 +10,7 @@ from typing import Annotated
 import torch
 from pydantic import BaseModel, Field
 
+from tdb_agent import jsonsafe
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.graph import GraphTarget, build_graph
 from tdb_agent.ops.graph.export import to_json, validate
@@ -125,7 +126,7 @@ def attribution_graph(bench: Workbench, args: GraphArgs, job: Job) -> GraphResul
     g.stats["pruning"] = Pruning(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold).model_dump()
     bench.graphs[args.name] = g
     data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=(rep, comp))
-    out = write_export(bench, "graphs", args.name, f"{args.name}.json", json.dumps(data))
+    out = write_export(bench, "graphs", args.name, f"{args.name}.json", jsonsafe.dumps(data))
     n_src = len(sq.cols)
     keep = p.node_mask[:n_src].nonzero(as_tuple=True)[0]
     order = keep[p.node_influence[keep].argsort(descending=True)][: args.top_k].tolist()
@@ -207,7 +208,7 @@ def graph_edge_heads(bench: Workbench, args: EdgeHeadsArgs, job: Job) -> EdgeHea
 
 class QKArgs(ToolArgs):
     name: GraphName
-    head: Annotated[str, Field(pattern=r"^L\d+\.H\d+$", description="a head, e.g. L1.H2")]
+    head: Annotated[str, Field(pattern=r"^L[0-9]+\.H[0-9]+$", description="a head, e.g. L1.H2")]
     query: Annotated[int, Field(ge=0, description="query position")]
     key: Annotated[int, Field(ge=0, description="key position (at most the query position)")]
     top_k: TopK(10, "feature pairs to list")
@@ -268,7 +269,7 @@ def graph_export(bench: Workbench, args: ExportArgs, job: Job) -> ExportResult:
     p = prune(sq, args.node_threshold, args.edge_threshold) if args.pruned else None
     data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=scores(sq))
     out = write_export(bench, "graphs", args.name, f"{args.name}{'' if args.pruned else '-full'}.json",
-                       json.dumps(data))
+                       jsonsafe.dumps(data))
     return ExportResult(path=out, nodes=len(data["nodes"]), links=len(data["links"]), problems=validate(data))
 
 

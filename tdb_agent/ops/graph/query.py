@@ -12,9 +12,9 @@ import re
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.graph.build import AttributionGraph
 
-_FEAT = re.compile(r"L(\d+)\.(tc|resid)\.F(\d+)@(\d+)")
-_ERR = re.compile(r"ERR\.L(\d+)\.(mlp|resid)@(\d+)")
-_EMB = re.compile(r"EMB@(\d+)")
+_FEAT = re.compile(r"L([0-9]+)\.(tc|resid)\.F([0-9]+)@([0-9]+)")
+_ERR = re.compile(r"ERR\.L([0-9]+)\.(mlp|resid)@([0-9]+)")
+_EMB = re.compile(r"EMB@([0-9]+)")
 
 
 def col_tid(graph: AttributionGraph, col: int) -> str:
