@@ -95,16 +95,11 @@ class ComponentPage(BaseModel):
     sections: dict[str, Any] = Field({}, description="explanation, top examples, ... as registered on the workbench")
 
 
-def sae_sizes(bench: Workbench) -> dict[tuple[int, str], int]:
-    saes = getattr(bench.engine, "saes", None)
-    return saes.sizes() if saes is not None else {}
-
-
 def component_page(bench: Workbench, text: str) -> ComponentPage:
     """A component's page (`tdb://component/{id}`, the viewer's component page): the id's
     parts, the hook site it reads, its weight statistics and the registered sections."""
     engine = bench.engine
-    c = parse_component(text, engine.spec, sae_sizes=sae_sizes(bench))
+    c = parse_component(text, engine.spec, sae_sizes=engine.saes.sizes())
     site = None
     if c.kind != "logits":
         s, unit = hook_site(c)

@@ -25,7 +25,7 @@ class SteerResult(BaseModel):
 
 def steering_vector(engine: Engine, component: str, cache: RunCache | None = None) -> tuple[str, torch.Tensor]:
     """(site, direction [d_model]): a neuron's output weights, or a head's mean write."""
-    c = parse_component(component, engine.spec, sae_sizes=sae_ops.sae_sizes(engine))
+    c = parse_component(component, engine.spec, sae_sizes=engine.saes.sizes())
     if c.kind == "sae":  # a latent's decoder row at its SAE's site
         return sae_ops.steering_vector(engine, c)
     if c.kind == "neuron":
