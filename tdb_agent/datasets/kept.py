@@ -1,5 +1,5 @@
 """The running sets a dataset build keeps, built so that merging them does not depend on how
-the batches were grouped (docs/DESIGN.md §6):
+the batches were grouped into chunks:
 
 * `Group`: per component, the n kept examples of one kind (top, random or a quantile bin),
   ranked by (key descending, document ascending), so ties have one answer;
