@@ -23,7 +23,7 @@ from tdb_agent.errors import UnknownComponent
 
 Kind = Literal["emb", "head", "attn", "mlp", "neuron", "sae", "logits"]
 
-GRAMMAR = (f"EMB | L{{l}}.H{{h}} | L{{l}}.ATTN | L{{l}}.MLP | L{{l}}.N{{n}} | L{{l}}.{{{'|'.join(SAE_SITES)}}}.F{{i}} | LOGITS, "
+GRAMMAR = ("EMB | L{l}.H{h} | L{l}.ATTN | L{l}.MLP | L{l}.N{n} | L{l}.{" + "|".join(SAE_SITES) + "}.F{i} | LOGITS, "
            "optionally with @t for a token position (e.g. L1.H3@7)")
 
 _PATTERNS: list[tuple[Kind, re.Pattern]] = [
