@@ -28,3 +28,7 @@ class ModelNotFound(TdbError):
 
 class Cancelled(TdbError):
     """The caller cancelled a long operation; it stopped at the next layer or batch."""
+
+
+class UnsupportedModel(TdbError):
+    """A model family (or configuration) no adapter can run and decompose exactly."""

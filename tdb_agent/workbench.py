@@ -34,6 +34,12 @@ class Limits(BaseModel):
     max_new_tokens: int = Field(64, ge=1, description="longest generation (steer)")
     batch_size: int = Field(64, ge=1, description="rows per forward pass in batched sweeps")
     cached_runs: int = Field(8, ge=1, description="clean runs kept in the LRU activation cache")
+    max_circuit_nodes: int = Field(512, ge=1, description="most nodes (components) in one circuit")
+    max_circuit_edges: int = Field(2048, ge=1, description="most edges in one circuit")
+    max_evidence: int = Field(16, ge=1, description="evidence items kept per circuit node or edge (repeats "
+                              "dropped, the newest kept)")
+    max_prune_rows: int = Field(100_000, ge=1, description="most prompt forward rows one circuit_prune may run, "
+                                "estimated before it starts as modes x pairs x (3 + n(n+1)/2) for n prunable nodes")
 
 
 PageSection = Callable[[Component], Any]

@@ -15,15 +15,37 @@ def _workspace(tmp_path_factory):
     os.environ["TDB_WORKSPACE"] = str(tmp_path_factory.mktemp("workspace"))
 
 
+class _Lazy(dict):
+    """family -> value, made on first use: the five core families every test may read, the
+    other families (tests/test_families.py) only when a test asks for them."""
+
+    def __init__(self, make, keys):
+        super().__init__()
+        self._make, self._keys = make, list(keys)
+
+    def __missing__(self, family):
+        self[family] = value = self._make(family)
+        return value
+
+    def items(self):
+        return [(k, self[k]) for k in self._keys]
+
+    def keys(self):
+        return list(self._keys)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {fam: build_tiny(fam, root / fam) for fam in FAMILIES}
+    return _Lazy(lambda fam: build_tiny(fam, root / fam), FAMILIES)
 
 
 @pytest.fixture(scope="session")
 def tiny_engines(tiny_dirs):
-    return {fam: Engine.load(d) for fam, d in tiny_dirs.items()}
+    return _Lazy(lambda fam: Engine.load(tiny_dirs[fam]), FAMILIES)
 
 
 @pytest.fixture(scope="session")

@@ -25,10 +25,13 @@ MAPS = {
              "transformer.ln_f": "disk", "lm_head": "cpu"},
     "llama": {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
               "model.layers.1": "disk", "model.norm": "disk", "lm_head": "cpu"},
+    # post-norms frozen in decompositions, soft-caps, sliding windows: their weights offloaded too
+    "gemma2": {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
+               "model.layers.1": "cpu", "model.norm": "disk", "lm_head": "cpu"},
 }
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma2"])
 def pair(request, tiny_dirs, tiny_engines, tmp_path_factory):
     fam = request.param
     spread = Engine.load(tiny_dirs[fam], device_map=MAPS[fam], offload_folder=tmp_path_factory.mktemp("offload"))

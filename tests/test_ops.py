@@ -117,7 +117,7 @@ def _brute_force_sweep(eng, model, kind, positions, mode="zero"):
     return out
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "mistral"])
 @pytest.mark.parametrize("kind", ["head", "neuron", "attn", "mlp"])
 @pytest.mark.parametrize("positions", ["all", "last"])
 def test_sweep_matches_brute_force(family, kind, positions, tiny_engines, plain):

@@ -115,6 +115,8 @@ def test_run_and_model_endpoints_read_the_folder(client, run_dir):
     assert model["info"]["name"] == "tdb-tiny" and model["info"]["datasets"]
     [run] = model["runs"]
     assert run["name"] == "ioi-test" and run["faithfulness"] == view["graph"]["graph"]["faithfulness"]
+    assert run["tool_calls"] == 4 and run["n_nodes"] == len(view["graph"]["nodes"]) - 1  # without LOGITS
+    assert run["task"] == "ioi" and run["circuit"] == "ioi"
     assert {t["name"] for t in model["tasks"]["tasks"]} >= {"ioi", "induction"}
 
 
@@ -170,3 +172,96 @@ def test_a_model_without_dataset_gets_weights_only_pages(gpt2_tiny):
         d = c.get("/api/component/L1.H2").json()
         assert d["page"]["weights"] and d["page"]["sections"] == {} and d["random"] is None and d["attention"] is None
         assert c.get("/api/component/L1.N5").json()["page"]["weights"][0]["promotes"]
+
+
+# ------------------------------------------------------------------ the tool routes are the MCP tools
+def _mcp_tools(bench):
+    import asyncio
+
+    from mcp import Client
+
+    from tdb_agent.server import build_server
+
+    async def go():
+        async with Client(build_server(bench)) as c:
+            return {t.name: t for t in (await c.list_tools()).tools}
+    return asyncio.run(go())
+
+
+def test_tool_routes_accept_exactly_the_mcp_arguments(client, bench):
+    """Every tool route takes the MCP tool's arguments: the same fields (names, types,
+    limits, defaults, descriptions), no others."""
+    from tdb_agent.service.catalog import tool
+    from tdb_agent.viewer.routes import TOOL_ROUTES, tool_body
+
+    mcp_tools = _mcp_tools(bench)
+    for name in TOOL_ROUTES:
+        accepted = tool_body(tool(name), bench).model_json_schema()
+        schema = mcp_tools[name].input_schema
+        assert set(accepted["properties"]) == set(schema["properties"]), name
+        for field, spec in schema["properties"].items():
+            assert accepted["properties"][field] == spec, (name, field)
+        assert set(accepted.get("required", [])) == set(schema.get("required", [])), name
+        r = client.post(f"/api/{name}", json={"nonexistent_field": 1})
+        assert r.status_code == 422 and "nonexistent_field" in r.json()["error"], name
+
+
+def test_tool_routes_no_longer_drift_from_the_tools(client, bench):
+    """The drift issue #13 found: per_position was missing, components had no length limit,
+    and empty strings were handled differently."""
+    import asyncio
+
+    from mcp import Client
+
+    from tdb_agent.server import build_server
+
+    ex = ioi_example()
+    args = {"prompt": ex.prompt, "target": ex.target, "distractor": ex.distractor, "method": "act_times_grad",
+            "kinds": ["head"], "top_k": 4, "per_position": True}
+    got = post(client, "/api/attribute", args)
+    assert any(row.get("position") is not None for row in got["rows"])
+
+    too_many = {"prompt": ex.prompt, "components": ["L0.H0"] * (bench.limits.max_components + 1),
+                "target": ex.target}
+    r = client.post("/api/ablate", json=too_many)
+    assert r.status_code == 400 and f"max_components={bench.limits.max_components}" in r.json()["error"]
+
+    async def mcp(name, a):
+        async with Client(build_server(bench)) as c:
+            return await c.call_tool(name, a)
+    empty_distractor = {"prompt": ex.prompt, "target": ex.target, "distractor": "", "top_k": 3}
+    same(post(client, "/api/predict", empty_distractor),
+         asyncio.run(mcp("predict", empty_distractor)).structured_content)
+    assert client.post("/api/predict", json={"prompt": ""}).status_code == 422
+    assert asyncio.run(mcp("predict", {"prompt": ""})).is_error
+
+
+def test_a_huge_chunked_body_is_refused_without_reading_it(bench):
+    """A 64 MiB chunked body (no Content-Length): 413 once 1 MiB has passed, with only
+    about 1 MiB of it ever read."""
+    import asyncio
+
+    import httpx
+
+    from tdb_agent.viewer.routes import MAX_BODY
+
+    app, _ = http_app(bench, HttpSettings())
+    chunk = b" " * (64 << 10)
+    sent = []
+
+    async def body():
+        for _ in range(1024):
+            sent.append(len(chunk))
+            yield chunk
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
+            huge = await c.post("/api/predict", content=body(), headers={"Content-Type": "application/json"})
+            declared = await c.post("/api/predict", content=b"{}", headers={
+                "Content-Type": "application/json", "Content-Length": str(MAX_BODY + 1)})
+            return huge, declared
+    huge, declared = asyncio.run(go())
+    assert huge.status_code == 413 and "request body over" in huge.json()["error"]
+    assert sum(sent) <= MAX_BODY + 2 * len(chunk), sum(sent)
+    assert declared.status_code == 413

@@ -15,26 +15,13 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
-
 from tdb_agent.agent import planner
 from tdb_agent.agent.llm import Budgets, LLMSettings, run_llm_loop
 from tdb_agent.agent.runstore import RunConfig, RunStore
-from tdb_agent.agent.toolbox import Toolbox, read_only
+from tdb_agent.agent.summary import RunSummary
+from tdb_agent.agent.toolbox import Toolbox, read_only, replays_on_resume
 
 Transport = Literal["inprocess", "stdio"]
-
-
-class RunSummary(BaseModel):
-    run_dir: str
-    circuit: str
-    nodes: list[str]
-    faithfulness: float | None
-    faithfulness_heldout: float | None = None  # scripted planner, task behaviours: on pairs pruning never saw
-    faithfulness_other: dict[str, float] = {}  # scripted planner: under the other ablation mode
-    tool_calls: int
-    seconds: float
-    stopped_because: str
 
 
 #: `--ablation`: the modes the scripted planner's circuit must reach the threshold under (first: primary)
@@ -111,7 +98,7 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
             other = result.faithfulness_other
         else:
             tb = Toolbox(client, store)
-            await _restore_circuits(client, store)
+            await _restore_circuits(client, store, tools)
 
             async def on_result(tool, args, result):
                 await on_step(tool)
@@ -126,6 +113,7 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
             heldout, other = None, {}
         summary = await _finish(client, store, name, notes, calls, time.time() - t0, stopped)
         summary.faithfulness_heldout, summary.faithfulness_other = heldout, other
+        summary.task, summary.planner = cfg.task, cfg.planner
     echo(f"run folder: {out}\ncircuit {summary.circuit}: {len(summary.nodes)} nodes {summary.nodes}, "
          f"faithfulness {summary.faithfulness}"
          + (f" (held-out pairs: {summary.faithfulness_heldout:.3f})" if summary.faithfulness_heldout is not None else "")
@@ -133,14 +121,15 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
     return summary
 
 
-async def _restore_circuits(client, store: RunStore) -> None:
-    """After a restart, replay the circuit edits of the transcript into the fresh server, for the
-    circuits it does not have yet: those it reloaded from the run's workspace are already up to
-    date (every edit is saved there), and replaying onto them would append evidence again."""
+async def _restore_circuits(client, store: RunStore, tools: dict) -> None:
+    """After a restart, replay the circuit edits of the transcript (the calls of tools whose
+    annotations mark them as non-idempotent edits) into the fresh server, for the circuits it
+    does not have yet: those it reloaded from the run's workspace are already up to date
+    (every edit is saved there), and replaying onto them would append evidence again."""
     r = await client.call_tool("circuit_list", {})
     have = set() if r.is_error else {c["name"] for c in r.structured_content["circuits"]}
     for e in store.events():
-        if e["kind"] == "tool_call" and e.get("tool") in ("circuit_create", "circuit_add", "circuit_remove") \
+        if e["kind"] == "tool_call" and replays_on_resume(tools.get(e.get("tool"))) \
                 and not e.get("is_error") and not e.get("error") and e["arguments"].get("name") not in have:
             await client.call_tool(e["tool"], e["arguments"])
 

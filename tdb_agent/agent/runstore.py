@@ -9,11 +9,14 @@
 
 Lines are flushed and fsynced as they are written and the graph is replaced atomically,
 so a killed process loses at most the step in flight; `--resume DIR` reads both back.
+A line torn by a kill or a full disk is skipped by the reader (and counted in `bad_lines`),
+and the first append of a resumed run drops a torn last line so it starts on a fresh one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+log = logging.getLogger(__name__)
 
 class RunConfig(BaseModel):
     task: str | None = None
@@ -42,6 +46,8 @@ class RunStore:
         self.dir = Path(folder)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.transcript = self.dir / "transcript.jsonl"
+        self.bad_lines: list[int] = []  # 1-based numbers of the lines the last events() skipped
+        self._repaired = False
         self._count = len(self.events())
 
     # ---- config -------------------------------------------------------------------
@@ -57,6 +63,9 @@ class RunStore:
     # ---- transcript ---------------------------------------------------------------
     def append(self, kind: str, **data: Any) -> dict:
         """Append one event; returns it. `kind` is e.g. 'message', 'tool_call', 'note'."""
+        if not self._repaired:
+            self._drop_torn_tail()
+            self._repaired = True
         event = {"step": self._count, "time": time.time(), "kind": kind, **data}
         line = json.dumps(event, default=str)
         with open(self.transcript, "a", encoding="utf-8") as f:
@@ -66,15 +75,60 @@ class RunStore:
         self._count += 1
         return event
 
+    def _drop_torn_tail(self) -> None:
+        """Make the transcript end on a complete line before this writer appends: a last line
+        without its newline is the step a kill cut short; it is dropped (or, if it happens to
+        be whole JSON, ended), so the next event never lands on it. Only writers call this: a
+        reader must not cut a line another process is still writing."""
+        if not self.transcript.exists():
+            return
+        with open(self.transcript, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            start = size
+            while start > 0:  # find the start of the last line, a block at a time
+                block = min(65536, start)
+                f.seek(start - block)
+                nl = f.read(block).rfind(b"\n")
+                if nl >= 0:
+                    start = start - block + nl + 1
+                    break
+                start -= block
+            f.seek(start)
+            tail = f.read()
+            try:
+                json.loads(tail.decode("utf-8"))
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            except ValueError:
+                log.warning("%s: dropped a torn last line (%d bytes) before resuming", self.transcript, len(tail))
+                f.truncate(start)
+            f.flush()
+            os.fsync(f.fileno())
+
     def events(self) -> list[dict]:
+        """Every readable event, in order; lines that are not a JSON object (torn by a kill, a
+        full disk, invalid UTF-8) are skipped and their numbers kept in `bad_lines`."""
+        self.bad_lines = []
         if not self.transcript.exists():
             return []
         out = []
-        for line in self.transcript.read_text(encoding="utf-8").splitlines():
+        text = self.transcript.read_bytes().decode("utf-8", errors="replace")
+        for i, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: the step in flight is lost
-                break
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                out.append(event)
+            else:
+                self.bad_lines.append(i)
         return out
 
     def n_events(self) -> int:

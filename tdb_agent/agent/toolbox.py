@@ -90,3 +90,12 @@ async def read_only(client, name: str, tools: dict | None = None) -> bool:
     tools = tools if tools is not None else {t.name: t for t in (await client.list_tools()).tools}
     ann = getattr(tools.get(name), "annotations", None)
     return bool(getattr(ann, "read_only_hint", False))
+
+
+def replays_on_resume(tool) -> bool:
+    """Whether a resumed run must call this tool again to rebuild the server's state: its
+    annotations say it changes state and is not idempotent (circuit_create, circuit_add,
+    circuit_remove: each call is an edit). Idempotent writers (validation, pruning, export)
+    and read-only tools are not replayed."""
+    ann = getattr(tool, "annotations", None)
+    return ann is not None and ann.read_only_hint is False and ann.idempotent_hint is False

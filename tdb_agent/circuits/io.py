@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 
-from tdb_agent.circuits.model import FORMAT, SINK, check_ids
+from tdb_agent import jsonsafe
+from tdb_agent.circuits.model import FORMAT, SINK, EdgeRecord, NodeRecord, check_ids
 from tdb_agent.components import parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
+
+log = logging.getLogger(__name__)
 
 EDGES_KEY = "links"  # the node-link key networkx and d3 have long used
 
@@ -27,15 +33,33 @@ def to_json(g: nx.DiGraph) -> dict[str, Any]:
     return nx.node_link_data(g, edges=EDGES_KEY)
 
 
-def from_json(data: dict[str, Any], engine: Engine | None = None) -> nx.DiGraph:
-    """A circuit from node-link JSON (checked to be one of ours; ids range-checked with `engine`)."""
-    if not isinstance(data, dict) or "nodes" not in data:
-        raise TdbError("not a node-link circuit: expected an object with 'nodes' and 'links'")
-    fmt = data.get("graph", {}).get("format")
+def from_json(data: dict[str, Any], engine: Engine | None = None, source: str = "the circuit") -> nx.DiGraph:
+    """A circuit from node-link JSON (checked to be one of ours; ids range-checked with `engine`).
+    Every node and edge is checked against its record type, so a malformed file fails here
+    with a TdbError, never later in a tool; NaN/inf values (which only old or hand-edited
+    files hold) are dropped to null with a warning naming them."""
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
+        raise TdbError("not a node-link circuit: expected an object with a 'nodes' list and 'links'")
+    graph = data.get("graph")
+    fmt = graph.get("format") if isinstance(graph, dict) else None
     if fmt != FORMAT:
         raise TdbError(f"not a tdb circuit (graph.format is {fmt!r}, expected {FORMAT!r})")
     key = EDGES_KEY if EDGES_KEY in data else "edges"
-    g = nx.node_link_graph(data, directed=True, multigraph=False, edges=key)
+    try:
+        bad = jsonsafe.non_finite(data)
+        if bad:
+            log.warning("%s: NaN/infinite values set to null: %s", source, jsonsafe.shown(bad))
+            data = jsonsafe.drop_non_finite(data)
+        g = nx.node_link_graph(data, directed=True, multigraph=False, edges=key)
+        for n, a in g.nodes(data=True):
+            parse_component(n)
+            NodeRecord(id=n, **a)
+        for u, v, a in g.edges(data=True):
+            EdgeRecord(source=u, target=v, **a)
+    except TdbError:
+        raise
+    except Exception as e:  # any shape networkx or the records refuse
+        raise TdbError(f"not a valid node-link circuit ({type(e).__name__}: {str(e)[:200]})") from e
     if SINK not in g:
         raise TdbError("the circuit has no LOGITS sink node")
     if engine is not None:
@@ -43,23 +67,47 @@ def from_json(data: dict[str, Any], engine: Engine | None = None) -> nx.DiGraph:
     return g
 
 
-def save(g: nx.DiGraph, path: str | Path) -> Path:
-    """Write node-link JSON atomically (a reader never sees half a file)."""
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write a file so that no reader ever sees it half written or empty: a temporary file with
+    a name unique to this writer, fsynced, then renamed over the target (atomic on POSIX)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_json(g), indent=1))
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def dumps(g: nx.DiGraph) -> str:
+    """The node-link JSON text, standard JSON only (a NaN/inf anywhere is a TdbError naming it)."""
+    try:
+        return jsonsafe.dumps(to_json(g), indent=1)
+    except ValueError as e:
+        raise TdbError(f"the circuit holds values JSON cannot: {e}; nothing was saved") from e
+
+
+def save(g: nx.DiGraph, path: str | Path) -> Path:
+    """Write node-link JSON atomically (a reader never sees half a file)."""
+    return write_atomic(path, dumps(g))
 
 
 def load(path: str | Path, engine: Engine | None = None) -> nx.DiGraph:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TdbError(f"cannot read circuit file {path}: {e}") from e
-    return from_json(data, engine)
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise TdbError(f"cannot read circuit file {path.name}: {type(e).__name__}: {str(e)[:200]}") from e
+    try:
+        return from_json(data, engine, source=path.name)
+    except TdbError as e:
+        raise TdbError(f"circuit file {path.name}: {e}") from e
 
 
 # ------------------------------------------------------------------ GraphML and DOT

@@ -8,25 +8,32 @@ Nodes are component ids (docs/DESIGN.md §3, optionally `@t`); `LOGITS` is the s
 
 Evidence is a list of {tool, args, value}: the tool call that measured the claim and what it
 returned. The helpers below are the only writers, so every graph has the same typed shape
-(the pydantic records) and the node-link JSON round-trips exactly.
+(the pydantic records) and the node-link JSON round-trips exactly. They check before they
+write: a non-finite number (NaN/inf have no JSON form) or an oversized evidence item is
+refused with the graph unchanged, and evidence is deduplicated and capped per node/edge
+(`max_evidence`, newest kept) so repeated calls cannot grow a circuit without bound.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import networkx as nx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from tdb_agent.circuits.pairs import Behaviour
 from tdb_agent.components import Component, parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
+from tdb_agent.jsonsafe import non_finite, shown
 from tdb_agent.ops.metrics import MetricName
 
 FORMAT = "tdb-circuit/1"
 SINK = "LOGITS"
 Via = Literal["q", "k", "v", "direct"]
+MAX_EVIDENCE = 16  # evidence items kept per node or edge (the newest); Limits.max_evidence on a server
+MAX_EVIDENCE_CHARS = 8000  # one evidence item, as JSON
 
 
 class Evidence(BaseModel):
@@ -96,21 +103,58 @@ def _parse(node_id: str, engine: Engine | None) -> Component:
     return c
 
 
+def _finite(what: str, **values: Any) -> None:
+    """Refuse NaN/inf before anything is written (JSON cannot hold them; a circuit holding one
+    could not be shown or saved as standard JSON)."""
+    bad = non_finite(values)
+    if bad:
+        raise TdbError(f"{what}: {shown(bad)} is NaN or infinite; give a finite number (or leave it out)")
+
+
+def _evidence(items: list[Evidence | dict] | None, what: str) -> list[Evidence]:
+    out = []
+    for i, e in enumerate(items or []):
+        try:
+            ev = e if isinstance(e, Evidence) else Evidence.model_validate(e)
+        except ValidationError as err:
+            raise TdbError(f"{what}: evidence[{i}] is not {{tool, args, value}}: {err.errors()[0]['msg']}") from err
+        _finite(f"{what}: evidence[{i}]", args=ev.args, value=ev.value)
+        size = len(json.dumps(ev.model_dump(mode="json"), default=str))
+        if size > MAX_EVIDENCE_CHARS:
+            raise TdbError(f"{what}: evidence[{i}] is {size} characters as JSON; at most {MAX_EVIDENCE_CHARS} "
+                           "(keep the key numbers, not whole tensors or transcripts)")
+        out.append(ev)
+    return out
+
+
+def merge_evidence(old: list[Evidence], new: list[Evidence], cap: int = MAX_EVIDENCE) -> list[Evidence]:
+    """Old then new evidence, exact repeats dropped (the first kept), at most `cap` (the newest)."""
+    seen, out = set(), []
+    for e in [*old, *new]:
+        key = json.dumps(e.model_dump(mode="json"), sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out[-cap:] if cap > 0 else []
+
+
 def add_node(g: nx.DiGraph, node_id: str, *, role: str | None = None, explanation: str | None = None,
              effect: float | None = None, evidence: list[Evidence | dict] | None = None,
-             engine: Engine | None = None) -> NodeRecord:
-    """Add a component (or update it: given fields replace, evidence is appended).
-    With `engine`, the id is range-checked against its model (and attached SAEs)."""
+             engine: Engine | None = None, max_evidence: int = MAX_EVIDENCE) -> NodeRecord:
+    """Add a component (or update it: given fields replace, evidence is merged: repeats
+    dropped, the newest `max_evidence` kept). With `engine`, the id is range-checked against
+    its model (and attached SAEs). Nothing is written when an argument is refused."""
     c = _parse(node_id, engine)
-    ev = [Evidence.model_validate(e) for e in evidence or []]
+    _finite(f"node {c.id}", effect=effect)
+    ev = _evidence(evidence, f"node {c.id}")
     if c.id in g:
         rec = get_node(g, c.id)
         update = {k: v for k, v in (("role", role), ("explanation", explanation), ("effect", effect))
                   if v is not None}
-        rec = rec.model_copy(update={**update, "evidence": rec.evidence + ev})
+        rec = rec.model_copy(update={**update, "evidence": merge_evidence(rec.evidence, ev, max_evidence)})
     else:
         rec = NodeRecord(id=c.id, kind=c.kind, layer=c.layer, index=c.index, position=c.position, role=role,
-                         explanation=explanation, effect=effect, evidence=ev)
+                         explanation=explanation, effect=effect, evidence=merge_evidence([], ev, max_evidence))
     g.add_node(c.id, **_node_attrs(rec))
     return rec
 
@@ -130,10 +174,12 @@ def stream_order(c: Component, parallel_residual: bool = False) -> tuple[float, 
 
 
 def add_edge(g: nx.DiGraph, source: str, target: str, *, weight: float | None = None, via: Via = "direct",
-             evidence: list[Evidence | dict] | None = None, engine: Engine | None = None) -> EdgeRecord:
+             evidence: list[Evidence | dict] | None = None, engine: Engine | None = None,
+             max_evidence: int = MAX_EVIDENCE) -> EdgeRecord:
     """Add an edge source -> target (adding missing endpoints), or update it. Edges must go
     from an earlier to a later component, and q/k/v edges must end at an attention head."""
     s, t = _parse(source, engine), _parse(target, engine)
+    _finite(f"edge {s.id} -> {t.id}", weight=weight)
     par = bool(engine and engine.spec.parallel_residual)
     if not stream_order(s, par) < stream_order(t, par):
         raise TdbError(f"edge {s.id} -> {t.id} goes against the residual stream: a component can only "
@@ -146,7 +192,7 @@ def add_edge(g: nx.DiGraph, source: str, target: str, *, weight: float | None = 
     if via != "direct" and t.kind not in ("head", "attn"):
         raise TdbError(f"via={via} means the edge enters an attention head's {via} input, but {t.id} is "
                        f"a {t.kind}; use via='direct'")
-    ev = [Evidence.model_validate(e) for e in evidence or []]
+    ev = _evidence(evidence, f"edge {s.id} -> {t.id}")
     for c in (s, t):
         if c.id not in g:
             add_node(g, c.id, engine=engine)
@@ -156,9 +202,10 @@ def add_edge(g: nx.DiGraph, source: str, target: str, *, weight: float | None = 
             raise TdbError(f"edge {s.id} -> {t.id} already exists with via={old.via}; a circuit keeps one edge "
                            "per pair: remove it first or add the evidence with the same via")
         rec = old.model_copy(update={"weight": weight if weight is not None else old.weight,
-                                     "evidence": old.evidence + ev})
+                                     "evidence": merge_evidence(old.evidence, ev, max_evidence)})
     else:
-        rec = EdgeRecord(source=s.id, target=t.id, weight=weight, via=via, evidence=ev)
+        rec = EdgeRecord(source=s.id, target=t.id, weight=weight, via=via,
+                         evidence=merge_evidence([], ev, max_evidence))
     g.add_edge(s.id, t.id, **rec.model_dump(mode="json", exclude={"source", "target"}))
     return rec
 

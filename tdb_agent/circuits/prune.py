@@ -20,14 +20,15 @@ from collections.abc import Callable, Iterable, Sequence
 import networkx as nx
 from pydantic import BaseModel, Field
 
-from tdb_agent.circuits.evaluate import AblationMode
+from tdb_agent.circuits.evaluate import AblationMode, Progress
 from tdb_agent.circuits.model import SINK, components
 from tdb_agent.circuits.pairs import Behaviour, PromptPair
 from tdb_agent.circuits.universe import POSITIONS, keep_set
-from tdb_agent.circuits.validate import NEVER_ABLATED, make_evaluator
+from tdb_agent.circuits.validate import NEVER_ABLATED, make_evaluator, resolve_pairs
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.runs import RunCache
+from tdb_agent.service.limits import LimitExceeded, flag
 
 METHOD = ("greedy backward elimination: repeatedly drop the node whose removal keeps faithfulness highest, "
           "while it stays >= threshold (locally minimal, not guaranteed smallest); with several ablation modes, "
@@ -59,32 +60,59 @@ class PruneResult(BaseModel):
     forward_passes: int
 
 
+def prunable(g: nx.DiGraph, protect: Iterable[str] = ()) -> list[str]:
+    """The nodes pruning may remove (not protected, not EMB or LOGITS)."""
+    protected = set(protect)
+    return [n for n in components(g) if n not in protected and n.split("@")[0] not in NEVER_ABLATED]
+
+
+def prune_rows(n_prunable: int, n_pairs: int, n_modes: int = 1) -> int:
+    """Worst-case prompt rows of a pruning: the full model, the empty circuit and the start,
+    then step k tries the n - k + 1 nodes left."""
+    return n_modes * n_pairs * (3 + n_prunable * (n_prunable + 1) // 2)
+
+
 def prune(engine: Engine, g: nx.DiGraph, threshold: float = 0.8, pairs: list[PromptPair] | Behaviour | None = None,
           mode: AblationMode = "mean", protect: Iterable[str] = (), cache: RunCache | None = None,
           batch_size: int = 64, should_stop: Callable[[], bool] | None = None,
-          modes: Sequence[AblationMode] | None = None) -> PruneResult:
+          modes: Sequence[AblationMode] | None = None, max_rows: int | None = None,
+          progress: Progress | None = None) -> PruneResult:
     """Greedy backward elimination of the circuit's nodes (`protect`ed ones, EMB and LOGITS stay).
 
     `modes` (default: just `mode`) are the ablations the threshold must hold under; its
-    first is the primary mode reported as `mode`."""
+    first is the primary mode reported as `mode`. `max_rows` bounds the worst-case work
+    (`prune_rows`), refused before it starts; `progress(rows_done, worst_case_rows)`."""
     if not 0 < threshold <= 1.5:
         raise TdbError(f"threshold must be a faithfulness in (0, 1.5], typically 0.8; got {threshold}")
     modes = list(dict.fromkeys(modes or [mode]))
-    evs = {}
-    for m in modes:
-        evs[m], desc = make_evaluator(engine, g, pairs, m, cache, batch_size)
     nodes = components(g)
     protected = set(protect)
     unknown = protected - set(nodes)
     if unknown:
         raise TdbError(f"protected nodes not in the circuit: {sorted(unknown)}")
+    n_pairs = len(resolve_pairs(g, pairs)[0])
+    worst = prune_rows(len(prunable(g, protected)), n_pairs, len(modes))
+    if max_rows is not None and worst > max_rows:
+        raise LimitExceeded(
+            f"pruning {len(prunable(g, protected))} prunable nodes over {n_pairs} pairs and {len(modes)} mode(s) may "
+            f"run up to {worst:,} prompt rows (modes x pairs x (3 + n(n+1)/2)), over the limit "
+            f"max_prune_rows={max_rows:,} (set by `tdb-agent serve {flag('max_prune_rows')}`): protect nodes you "
+            "keep anyway, remove ones validation shows unneeded, or use fewer pairs")
+    evs = {}
+    for m in modes:
+        evs[m], desc = make_evaluator(engine, g, pairs, m, cache, batch_size)
     spec = engine.spec
+    done = 0
 
     def f_of(sets: list[list[str]]) -> list[dict[str, float]]:
         """Each set's faithfulness per mode (one batched evaluation per mode)."""
+        nonlocal done
         keeps = [keep_set(s, spec) for s in sets]
-        per_mode = {m: [ev.faithfulness(r) for r in ev.metric_rows(keeps, should_stop=should_stop)]
-                    for m, ev in evs.items()}
+        per_mode = {}
+        for m, ev in evs.items():
+            step = None if progress is None else (lambda d, t, base=done: progress(min(base + d, worst), worst))
+            per_mode[m] = [ev.faithfulness(r) for r in ev.metric_rows(keeps, progress=step, should_stop=should_stop)]
+            done += len(sets) * n_pairs
         return [{m: per_mode[m][i] for m in modes} for i in range(len(sets))]
 
     start = f_of([nodes])[0]

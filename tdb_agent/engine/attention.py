@@ -3,8 +3,13 @@
 `transformers` computes q, k, v (rotary already applied) and hands them to a pluggable
 attention function; ours exposes the internal hook sites (q, k, v, scores, pattern, z),
 reuses cached keys/values of a prompt prefix when the engine asks for it, and otherwise
-runs PyTorch's fused kernel. The causal mask is built here (the engine never pads), so
-`transformers` passes no mask of its own.
+runs PyTorch's fused kernel. The mask is built here (the engine never pads), so
+`transformers` passes no mask of its own: causal, and limited to the last
+`sliding_window` keys where the module passes one (Mistral, Qwen2's sliding layers,
+Gemma-2/3 local layers), exactly as transformers' `sliding_window_overlay`
+(key j visible from query i when i - window < j <= i). A `softcap` the module passes
+(Gemma-2 attention-logit soft-capping) is applied to the scores before the mask:
+scores = softcap * tanh(scores / softcap).
 
 Shapes: query [batch, heads, q_pos, d_head]; key/value [batch, kv_heads, k_pos, d_head].
 Hook sites see TransformerLens layouts: q/k/v/z [batch, pos, heads, d_head], scores and
@@ -25,7 +30,8 @@ def _site(module, name: str) -> str:
     return f"blocks.{module._tdb_layer}.attn.{name}"
 
 
-def tdb_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def tdb_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                  softcap=None, **kwargs):
     state = getattr(module, "_tdb_state", None)
     if state is None:  # a model we did not wrap: behave like plain eager attention
         raise RuntimeError("tdb attention used on a module the engine did not prepare")
@@ -40,31 +46,28 @@ def tdb_attention(module, query, key, value, attention_mask, scaling=None, dropo
         value = torch.cat([pv.expand(value.shape[0], -1, -1, -1), value], dim=2)
 
     groups = query.shape[1] // key.shape[1]
-    hooked = state.has_attention_hooks(layer)
     q_len, k_len = query.shape[2], key.shape[2]
-
-    if not hooked:
-        k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-        v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-        mask = None if q_len == k_len else _causal_mask(q_len, k_len, query.device)
-        z = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=q_len == k_len,
-                                           scale=scaling)
-        return z.transpose(1, 2), None
-
+    window = sliding_window if sliding_window is not None and sliding_window < k_len else None
     apply = state.apply
-    query = apply(_site(module, "hook_q"), query.transpose(1, 2)).transpose(1, 2)
-    key = apply(_site(module, "hook_k"), key.transpose(1, 2)).transpose(1, 2)
-    value = apply(_site(module, "hook_v"), value.transpose(1, 2)).transpose(1, 2)
+    hooked = state.has_attention_hooks(layer)
+    if hooked:
+        query = apply(_site(module, "hook_q"), query.transpose(1, 2)).transpose(1, 2)
+        key = apply(_site(module, "hook_k"), key.transpose(1, 2)).transpose(1, 2)
+        value = apply(_site(module, "hook_v"), value.transpose(1, 2)).transpose(1, 2)
     k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
 
-    if not state.has_pattern_hooks(layer):  # q/k/v/z only: the fused kernel still serves
-        mask = None if q_len == k_len else _causal_mask(q_len, k_len, query.device)
-        z = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=q_len == k_len, scale=scaling)
-        return apply(_site(module, "hook_z"), z.transpose(1, 2)), None
+    if softcap is None and not state.has_pattern_hooks(layer):  # the fused kernel serves
+        plain_causal = q_len == k_len and window is None
+        mask = None if plain_causal else visible(q_len, k_len, query.device, window)
+        z = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=plain_causal,
+                                           scale=scaling).transpose(1, 2)
+        return (apply(_site(module, "hook_z"), z) if hooked else z), None
 
     scores = torch.matmul(query, k.transpose(-1, -2)) * scaling  # [b, h, q, k]
-    scores = scores.masked_fill(~_causal_mask(q_len, k_len, query.device), float("-inf"))
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible(q_len, k_len, query.device, window), float("-inf"))
     scores = apply(_site(module, "hook_attn_scores"), scores)
     pattern = torch.softmax(scores.float(), dim=-1).to(value.dtype)
     pattern = apply(_site(module, "hook_pattern"), pattern)
@@ -73,10 +76,13 @@ def tdb_attention(module, query, key, value, attention_mask, scaling=None, dropo
     return z, pattern
 
 
-def _causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
-    """True where query i (the last q_len of k_len positions) may attend to key j."""
+def visible(q_len: int, k_len: int, device, window: int | None = None) -> torch.Tensor:
+    """True where query i (the last q_len of k_len positions) may attend to key j:
+    j <= i, and i - window < j with a sliding window."""
     q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    return torch.arange(k_len, device=device)[None, :] <= q_idx
+    k_idx = torch.arange(k_len, device=device)[None, :]
+    mask = k_idx <= q_idx
+    return mask & (k_idx > q_idx - window) if window is not None else mask
 
 
 AttentionInterface.register(NAME, tdb_attention)

@@ -12,6 +12,7 @@ Hook sites (TransformerLens names, shapes [batch, pos, ...]):
     blocks.{l}.attn.hook_q / hook_k / hook_v / hook_z       [b, s, heads, d_head]
     blocks.{l}.attn.hook_attn_scores / hook_pattern          [b, heads, q_pos, k_pos]
     blocks.{l}.hook_attn_out / hook_mlp_out                  [b, s, d_model]
+        (what the block writes into the residual stream: after the post-norm in Gemma-2/3, OLMo-2)
     blocks.{l}.mlp.hook_pre / hook_post                      [b, s, d_mlp]
     hook_resid_final, ln_final.hook_scale [b, s, 1], ln_final.hook_normalized, hook_logits
 
@@ -35,7 +36,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.utils import logging as hf_logging
 
 from tdb_agent.engine import attention
-from tdb_agent.engine.adapters import Adapter, adapter_for
+from tdb_agent.engine.adapters import Adapter, adapter_for, check_checkpoint
+from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
 from tdb_agent.engine.placement import Devices, Placement, param, parse_device_map, parse_max_memory, plan, \
     placement, to_device
 from tdb_agent.engine.sae import SAESet
@@ -49,6 +51,7 @@ HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "tdb-tiny"
+UNEMBED_CHUNK = 32768  # vocabulary rows upcast at a time
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -157,6 +160,7 @@ class Engine:
         dev = resolve_device(device)
         hf_logging.disable_progress_bar()  # stdout/stderr stay clean (stdio MCP transport)
         hf_logging.set_verbosity_error()
+        check_checkpoint(src, local, allow_download)  # an unsupported family: refused before any weight
         tok = _load_tokenizer(src, path if local else None, allow_download)
         device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
         dm = plan(src, DTYPES[dtype], device_map, max_memory, str(offload_folder) if offload_folder else None,
@@ -290,7 +294,8 @@ class Engine:
         def post_hook(mod, args, output):
             if isinstance(output, tuple):
                 return (apply(site, output[0]),) + tuple(output[1:])
-            return apply(site, output)
+            out = apply(site, output)
+            return out.clone() if where == "output_copy" else out  # what hooks saw stays as they saw it
         return module.register_forward_hook(post_hook)
 
     def active_hook_count(self) -> int:
@@ -332,7 +337,8 @@ class Engine:
             try:
                 for layer in range(start_layer, end):
                     x, kwargs = enter(layer, x)  # the residual stream crosses to the block's device
-                    x = blocks[layer](x, **kwargs)
+                    x = blocks[layer](x, **self.adapter.layer_kwargs(layer, kwargs))
+                    x = x[0] if isinstance(x, tuple) else x  # blocks that also return weights (Falcon)
             except StopForward:
                 return ForwardOutput(logits=None, resid_final=None)
             if stop_layer is not None and stop_layer < n_layers:
@@ -346,13 +352,22 @@ class Engine:
                 sel = x[:, logit_positions]
             else:
                 sel = x[:, list(logit_positions)]
-            normed = self._state.apply("ln_final.hook_normalized", self.adapter.final_norm()(sel))
+            normed = self._state.apply("ln_final.hook_normalized", self.final_norm(sel))
             logits = self.unembed(normed, logit_ids)
             logits = self._state.apply("hook_logits", logits)
             return ForwardOutput(logits=self.devices.to_home(logits), resid_final=self.devices.to_home(x))
 
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm; in float32 when the model runs in half precision (logits and the
+        metrics read from them are accumulated in float32, docs/DESIGN.md §4)."""
+        if self.dtype == torch.float32:
+            return self.adapter.final_norm()(x)
+        return apply_norm(self.adapter, self.adapter.final_norm(), x, self.spec.norm)
+
     def unembed(self, normed: torch.Tensor, logit_ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the normalised final residual stream, for `logit_ids` only if given."""
+        """Logits of the normalised final residual stream, for `logit_ids` only if given; in
+        the dtype of `normed` (float32 rows of the unembedding for a half-precision model),
+        times the family's logit scale and through its final soft-cap."""
         W = param(self.adapter.unembed())  # [vocab, d]
         bias = param(self.adapter.unembed(), "bias")
         if W.device != normed.device:
@@ -361,19 +376,28 @@ class Engine:
             idx = torch.as_tensor(logit_ids, device=W.device)
             W = W[idx]
             bias = bias[idx] if bias is not None else None
-        out = normed @ W.T
-        return out + bias if bias is not None else out
+        if W.dtype == normed.dtype:
+            out = normed @ W.T
+        else:  # upcast the unembedding a slice at a time (a 256k vocabulary in float32 is large)
+            out = torch.cat([normed @ W[i:i + UNEMBED_CHUNK].to(normed.dtype).T
+                             for i in range(0, W.shape[0], UNEMBED_CHUNK)], dim=-1)
+        out = out + bias.to(out.dtype) if bias is not None else out
+        if self.adapter.logit_scale != 1.0:
+            out = out * self.adapter.logit_scale
+        cap = self.adapter.final_softcap
+        return torch.tanh(out / cap) * cap if cap else out
 
     def final_norm_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm's scale 1/sqrt(var + eps) (LayerNorm) or 1/rms (RMSNorm), [.., 1]."""
-        norm = self.adapter.final_norm()
-        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-5)
-        xf = x.float()
-        if self.spec.norm == "layernorm":
-            var = xf.var(-1, keepdim=True, unbiased=False)
-        else:
-            var = xf.pow(2).mean(-1, keepdim=True)
-        return torch.rsqrt(var + eps).to(x.dtype)
+        return norm_scale(x, self.spec.norm, norm_eps(self.adapter.final_norm())).to(x.dtype)
+
+    def precision(self) -> str:
+        """What runs in which precision (model_info)."""
+        dt = str(self.dtype).removeprefix("torch.")
+        if self.dtype == torch.float32:
+            return "float32 throughout"
+        return (f"weights and blocks in {dt}; final norm, unembedding, logits, metrics, direct effects and "
+                "decompositions accumulated in float32")
 
     # ------------------------------------------------------------------ capture
     def run_with_cache(self, ids: torch.Tensor, sites: Sequence[str], *,

@@ -63,7 +63,7 @@ def output_boosts(engine: Engine, component: str, k: int = 3) -> list[str] | Non
     norm = engine.adapter.final_norm()
     if engine.spec.norm == "layernorm":
         d = d - d.mean()
-    d = d * engine.param(norm).float()
+    d = d * engine.adapter.norm_gain(norm).float()
     with torch.no_grad():
         logits = d @ engine.adapter.W_U().float()
     return [engine.tokenizer.decode([i]).strip() for i in logits.topk(k).indices.tolist()]

@@ -60,7 +60,7 @@ def final_gradient(engine: Engine, run: CleanRun, metric: Metric) -> tuple[torch
     """g = ∂metric/∂(final residual at the last position), final norm scale frozen, and the
     metric value. Runs the final norm and the needed unembedding rows only."""
     with torch.enable_grad():
-        x = run.acts["hook_resid_final"][0, -1].detach().clone().requires_grad_(True)
+        x = run.acts["hook_resid_final"][0, -1].detach().float().requires_grad_(True)  # float32 (§4)
         normed = frozen_norm(engine, engine.adapter.final_norm(), x)
         logits = engine.unembed(normed[None], metric.logit_ids())
         m = metric.from_logits(logits)[0]
@@ -172,7 +172,7 @@ def _direct_effect(engine, run, m, kinds, top_k, per_position) -> AttributionRes
     g, value = final_gradient(engine, run, m)
     last = run.n_tokens - 1
     d = decompose(engine, run, [last], g[None], spec.n_layers, spec.n_layers)
-    x_dot_g = (run.acts["hook_resid_final"][0, -1] * g).sum().item()
+    x_dot_g = (run.acts["hook_resid_final"][0, -1].float() * g).sum().item()
     effects: dict[str, torch.Tensor] = {}
     if "head" in kinds:
         effects["head"] = d.heads[None]
@@ -188,7 +188,12 @@ def _direct_effect(engine, run, m, kinds, top_k, per_position) -> AttributionRes
         effects |= sae_ops.direct_effects(engine, run, g)
     rows, n = _rank(effects, [last] if per_position else None, top_k)
     total = (d.heads.sum() + d.neurons.sum() + d.emb).item()
-    const_name = "final_norm_and_unembed_bias" if m.name == "logit_diff" else "final_norm_bias_and_nonlinearity"
+    if engine.adapter.final_softcap:  # the cap is nonlinear: g is its derivative at the clean point
+        const_name = "final_norm_bias_and_softcap_nonlinearity"
+    elif m.name == "logit_diff":
+        const_name = "final_norm_and_unembed_bias"
+    else:
+        const_name = "final_norm_bias_and_nonlinearity"
     remainder = {"attn_output_biases": d.attn_bias.sum().item(), "mlp_output_biases": d.mlp_bias.sum().item(),
                  const_name: value - x_dot_g}
     return AttributionResult(prompt=run.prompt, method="direct_effect", metric_name=m.name, metric=value,
@@ -252,7 +257,7 @@ def _act_times_grad(engine, prompt, m, kinds, top_k, per_position, reference, co
             ref = get_mean(engine, site, cache)
         else:
             ref = corrupted.acts[site]
-        e = (a - ref) * grads[site]  # [1, s, ...]
+        e = (a.float() - ref.float()) * grads[site].float()  # [1, s, ...], accumulated in float32
         # per position and unit: heads sum over d_head, whole-vector sites over d_model
         kind = kind_of[site][0]
         if kind == "head":

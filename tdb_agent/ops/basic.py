@@ -18,6 +18,8 @@ class ModelInfo(BaseModel):
     spec: ModelSpec
     device: str
     dtype: str
+    precision: str = Field("", description="what runs in which precision (half-precision models accumulate "
+                                           "logits, metrics and attributions in float32)")
     n_params: int
     component_ids: str = Field(description="grammar of component ids")
     n_components: dict[str, int] = Field(description="how many components of each kind")
@@ -88,6 +90,7 @@ def model_info(engine: Engine, datasets: list[str] | None = None) -> ModelInfo:
     s = engine.spec
     return ModelInfo(
         name=engine.name, spec=s, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+        precision=engine.precision(),
         n_params=sum(p.numel() for p in engine.model.parameters()), component_ids=GRAMMAR,
         n_components={"head": s.n_layers * s.n_heads, "neuron": s.n_layers * s.d_mlp,
                       "attn": s.n_layers, "mlp": s.n_layers, "emb": 1},

@@ -5,7 +5,10 @@ At any position the residual stream entering layer l is
     EMB + sum_{l' < l} [ sum_h z_h W_O[h] + b_O ] + sum_{l' < l} [ sum_n post_n W_out[n] + b_out ]
 
 so its dot product with a direction g splits exactly into per-head, per-neuron, embedding
-and bias terms. Direct effects (g = gradient of the metric at the final residual stream)
+and bias terms. Where a family normalises a block's output before the residual add
+(Gemma-2/3, OLMo-2), each write passes through that post-norm with its scale frozen at the
+clean run (`write_factor`), so the split stays exact (docs/DESIGN.md §4). Everything is
+accumulated in float32. Direct effects (g = gradient of the metric at the final residual stream)
 and upstream traces (g = gradient of a node w.r.t. the residual stream feeding it) both use
 this one function.
 """
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from tdb_agent.engine import Engine
+from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
+from tdb_agent.engine.sites import kind_site
 from tdb_agent.ops.runs import CleanRun
 
 
@@ -45,23 +50,27 @@ def decompose(engine: Engine, run: CleanRun, positions: list[int], g: torch.Tens
     """
     eq_head = "phk,hkd,pd->ph" if per_position else "phk,hkd,pd->h"
     a = engine.adapter
-    g = g.to(engine.dtype)
+    g = g.float()  # accumulated in float32 whatever the model's dtype
     pos = torch.as_tensor(positions, device=g.device)
     heads, attn_bias, neurons, mlp_bias = [], [], [], []
     for layer in range(attn_layers):
-        z = run.acts[f"blocks.{layer}.attn.hook_z"][0, pos]  # [P, h, dh]
-        heads.append(torch.einsum(eq_head, z, a.W_O(layer), g))
+        f = write_factor(engine, run, "attn", layer, positions)
+        gl = g if f is None else g * f  # through the frozen post-norm (Gemma-2/3, OLMo-2)
+        z = run.acts[kind_site("head", layer)][0, pos].float()  # [P, h, dh]
+        heads.append(torch.einsum(eq_head, z, a.W_O(layer).float(), gl))
         b = a.b_O(layer)
-        bias = (g @ b) if b is not None else g.new_zeros(len(positions))
+        bias = (gl @ b.float()) if b is not None else g.new_zeros(len(positions))
         attn_bias.append(bias if per_position else bias.sum())
     for layer in range(mlp_layers):
-        post = run.acts[f"blocks.{layer}.mlp.hook_post"][0, pos]  # [P, d_mlp]
-        contrib = post * (g @ a.W_out(layer).T)  # [P, d_mlp]
+        f = write_factor(engine, run, "mlp", layer, positions)
+        gl = g if f is None else g * f
+        post = run.acts[kind_site("neuron", layer)][0, pos].float()  # [P, d_mlp]
+        contrib = post * (gl @ a.W_out(layer).float().T)  # [P, d_mlp]
         neurons.append(contrib if per_position else contrib.sum(0))
         b = a.b_out(layer)
-        bias = (g @ b) if b is not None else g.new_zeros(len(positions))
+        bias = (gl @ b.float()) if b is not None else g.new_zeros(len(positions))
         mlp_bias.append(bias if per_position else bias.sum())
-    emb = (run.acts["blocks.0.hook_resid_pre"][0, pos] * g).sum(-1)  # [P]
+    emb = (run.acts["blocks.0.hook_resid_pre"][0, pos].float() * g).sum(-1)  # [P]
     spec = engine.spec
     P = len(positions)
     lead = (P,) if per_position else ()
@@ -79,21 +88,31 @@ def decompose(engine: Engine, run: CleanRun, positions: list[int], g: torch.Tens
 
 def frozen_norm(engine: Engine, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A LayerNorm/RMSNorm with its scale detached: same value, but linear in x for autograd
-    (the convention of direct effects and traces, as in Transformer Debugger)."""
-    w = engine.param(module, "weight").to(x.device)  # materialised where offloaded (device maps)
-    b = engine.param(module, "bias")
-    b = b.to(x.device) if b is not None else None
-    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-5)
-    xf = x.float()
-    if engine.spec.norm == "layernorm":
-        centered = xf - xf.mean(-1, keepdim=True)
-        scale = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps).detach()
-        out = centered * scale
+    (the convention of direct effects and traces, as in Transformer Debugger). Computed in
+    float32, returned in x's dtype (pass float32 x to keep float32)."""
+    return apply_norm(engine.adapter, module, x, engine.spec.norm, frozen=True).to(x.dtype)
+
+
+def write_factor(engine: Engine, run: CleanRun, kind: str, layer: int, positions) -> torch.Tensor | None:
+    """What the post-norm after block `layer`'s attention (kind "attn") or MLP ("mlp")
+    multiplies its raw output by, frozen at the clean run: gain / rms(raw) [P, d_model] in
+    float32; None where the family has no post-norm. The raw output is rebuilt from the
+    cached z (or MLP post-activations) and the output weights."""
+    a = engine.adapter
+    norm = a.post_attn_norm(layer) if kind == "attn" else a.post_mlp_norm(layer)
+    if norm is None:
+        return None
+    pos = torch.as_tensor(positions, device=engine.device)
+    if kind == "attn":
+        raw = torch.einsum("phk,hkd->pd", run.acts[kind_site("head", layer)][0, pos].float(),
+                           a.W_O(layer).float())
+        bias = a.b_O(layer)
     else:
-        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
-        out = xf * scale
-    out = out.to(x.dtype) * w
-    return out + b if b is not None else out
+        raw = run.acts[kind_site("neuron", layer)][0, pos].float() @ a.W_out(layer).float()
+        bias = a.b_out(layer)
+    raw = raw + bias.float() if bias is not None else raw
+    gain = a.norm_gain(norm)
+    return norm_scale(raw, "rmsnorm", norm_eps(norm)) * (gain.float() if gain is not None else 1.0)
 
 
 @contextmanager
@@ -103,7 +122,7 @@ def frozen_norms(engine: Engine, modules: list[torch.nn.Module]) -> Iterator[Non
         return frozen_norm(engine, mod, args[0])
 
     with engine.lock:
-        handles = [m.register_forward_hook(hook) for m in modules]
+        handles = [m.register_forward_hook(hook) for m in modules if m is not None]
         try:
             yield
         finally:

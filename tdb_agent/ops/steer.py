@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 from tdb_agent.components import parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
+from tdb_agent.engine.sites import kind_site
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.runs import RunCache, get_mean
 from tdb_agent.ops import sae_ops
@@ -29,10 +30,10 @@ def steering_vector(engine: Engine, component: str, cache: RunCache | None = Non
     if c.kind == "sae":  # a latent's decoder row at its SAE's site
         return sae_ops.steering_vector(engine, c)
     if c.kind == "neuron":
-        return f"blocks.{c.layer}.hook_mlp_out", engine.adapter.W_out(c.layer)[c.index]
+        return kind_site("mlp", c.layer), engine.adapter.W_out(c.layer)[c.index]
     if c.kind == "head":
-        z_mean = get_mean(engine, f"blocks.{c.layer}.attn.hook_z", cache)[c.index]  # [d_head]
-        return f"blocks.{c.layer}.hook_attn_out", z_mean @ engine.adapter.W_O(c.layer)[c.index]
+        z_mean = get_mean(engine, kind_site("head", c.layer), cache)[c.index]  # [d_head]
+        return kind_site("attn", c.layer), z_mean @ engine.adapter.W_O(c.layer)[c.index]
     raise TdbError(f"steer takes a neuron (L{{l}}.N{{n}}) or a head (L{{l}}.H{{h}}), not {c.id}")
 
 

@@ -26,7 +26,7 @@ from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.engine import Engine, StopForward
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.attribute import final_gradient
-from tdb_agent.ops.decompose import Decomposition, decompose, frozen_norms
+from tdb_agent.ops.decompose import Decomposition, decompose, frozen_norms, write_factor
 from tdb_agent.ops.metrics import make_metric
 from tdb_agent.ops.runs import CleanRun, RunCache, get_run
 from tdb_agent.ops import sae_ops
@@ -166,7 +166,7 @@ def _trace_neuron(engine: Engine, run: CleanRun, node: Component, top_k) -> Trac
     target = f"L{layer}.N{n}@{t}"
     edges = _edges(engine, d, [t], target, "direct", attn_layers, layer)
     total = (d.heads.sum() + d.neurons.sum() + d.emb.sum()).item()
-    read = (run.acts[leaf_site][0, t] * g[t]).sum().item()
+    read = (run.acts[leaf_site][0, t].float() * g[t].float()).sum().item()
     unattributed = {"attn_output_biases": d.attn_bias.sum().item(), "mlp_output_biases": d.mlp_bias.sum().item(),
                     "norm_bias_and_input_bias": value - read}
     return _finish(run.prompt, target, "direct", value, edges, {"direct": total}, unattributed, top_k, q=t)
@@ -203,7 +203,7 @@ def _trace_head(engine: Engine, run: CleanRun, node: Component, via: Via, key_po
             d = decompose(engine, run, [pos], g[pos][None], layer, layer, per_position=True)
             edges += _edges(engine, d, [pos], node_id, side, layer, layer)
             sums[side] = (d.heads.sum() + d.neurons.sum() + d.emb.sum()).item()
-            read = (run.acts[leaf_site][0, pos] * g[pos]).sum().item()
+            read = (run.acts[leaf_site][0, pos].float() * g[pos].float()).sum().item()
             unattributed[f"{side}_output_biases"] = (d.attn_bias.sum() + d.mlp_bias.sum()).item()
             unattributed[f"{side}_norm_bias_qk_bias_and_other_side"] = value - read
     if via == "v":
@@ -211,15 +211,17 @@ def _trace_head(engine: Engine, run: CleanRun, node: Component, via: Via, key_po
             raise TdbError("via='v' traces the head's direct effect on the metric: give target (and distractor)")
         metric = make_metric(engine, target, distractor)
         g_final, _ = final_gradient(engine, run, metric)
-        W_O = engine.adapter.W_O(layer)[h]  # [d_head, d_model]
-        direction = W_O @ g_final.to(W_O.dtype)  # [d_head]
+        W_O = engine.adapter.W_O(layer)[h].float()  # [d_head, d_model]
+        f = write_factor(engine, run, "attn", layer, [q])  # the frozen post-norm, if any
+        direction = W_O @ (g_final if f is None else g_final * f[0])  # [d_head]
         g, value = _leaf_grad(engine, run, layer, leaf_site, p + "hook_z",
-                              lambda x: x[0, q, h] @ direction.to(x.device), [p + "hook_q", p + "hook_k"], [ln1])
+                              lambda x: x[0, q, h].float() @ direction.to(x.device), [p + "hook_q", p + "hook_k"],
+                              [ln1])
         positions = list(range(q + 1))
         d = decompose(engine, run, positions, g[: q + 1], layer, layer, per_position=True)
         edges += _edges(engine, d, positions, node_id, "v", layer, layer)
         sums["v"] = (d.heads.sum() + d.neurons.sum() + d.emb.sum()).item()
-        read = (run.acts[leaf_site][0, : q + 1] * g[: q + 1]).sum().item()
+        read = (run.acts[leaf_site][0, : q + 1].float() * g[: q + 1].float()).sum().item()
         unattributed["v_output_biases"] = (d.attn_bias.sum() + d.mlp_bias.sum()).item()
         unattributed["v_norm_bias_and_v_bias"] = value - read
     elif via not in ("q", "k", "qk"):

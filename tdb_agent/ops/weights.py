@@ -49,7 +49,7 @@ def _token_effects(engine: Engine, direction: torch.Tensor, k: int = 8) -> tuple
     v = direction.detach().float()
     if engine.spec.norm == "layernorm":
         v = v - v.mean()
-    gain = engine.param(engine.adapter.final_norm(), "weight")
+    gain = engine.adapter.norm_gain(engine.adapter.final_norm())
     if gain is not None:
         v = v * gain.detach().float()
     logits = v @ engine.adapter.W_U().detach().float()

@@ -14,9 +14,10 @@ import networkx as nx
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
-from tdb_agent import ops
 from tdb_agent.circuits.io import to_json
 from tdb_agent.errors import TdbError
+from tdb_agent.service.catalog import tool
+from tdb_agent.service.tool import NoArgs
 from tdb_agent.workbench import Workbench, component_page
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def register_resources(mcp: MCPServer, bench: Workbench) -> None:
                               "component id grammar, SAEs and datasets.")
     def model() -> str:
         with engine.lock:
-            return ops.model_info(engine, bench.dataset_names()).model_dump_json()
+            return tool("model_info").call(bench, NoArgs()).model_dump_json()
 
     @mcp.resource("tdb://component/{id}", name="component", mime_type="application/json",
                   description="A component's page: kind, layer, hook site, weight statistics (norms, rank in its "

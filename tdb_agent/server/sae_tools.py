@@ -1,36 +1,24 @@
-"""MCP tools over activation datasets and explanations: `top_examples` and
-`explain_component` (docs/DESIGN.md §5), plus component-page sections (examples, stats,
-explanation). Wiring only: the numbers come from tdb_agent.datasets and tdb_agent.explain."""
+"""The dataset tools (`top_examples`, `explain_component`) and the component-page sections
+they feed, on an MCP server: wiring only (the tools are `service.dataset_tools`)."""
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
-from typing import Annotated, Literal
 
 from mcp.server import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import Field
 
-from tdb_agent.datasets.store import ActivationDataset
 from tdb_agent.errors import TdbError
-from tdb_agent.explain import Explainer, ExplainerLLM, Explanation
-from tdb_agent.service.annotations import READ_ONLY
-from tdb_agent.service.examples import (
-    TopExamplesResult,
-    attach_dataset,
-    top_examples_of,
-)
-from tdb_agent.service.running import run_tool
-
-log = logging.getLogger(__name__)
-
-CACHE_DIR = Path(os.environ.get("TDB_CACHE_DIR", Path.home() / ".cache" / "tdb-agent"))
+from tdb_agent.explain import ExplainerLLM
+from tdb_agent.server.tools import add_tools
+from tdb_agent.service.catalog import DATASET_TOOLS
+from tdb_agent.service.dataset_tools import Explainers, add_page_sections
+from tdb_agent.service.examples import attach_dataset
 
 
 def register_sae_tools(mcp: MCPServer, bench, *, dataset: str | Path | None = None,
                        llm: ExplainerLLM | None = None, cache_dir: str | Path | None = None) -> None:
+    """Open `dataset` (default: the bundled one, if it fits the model) on `bench`, then add
+    the dataset tools and page sections; the explainer uses `llm` and `cache_dir`."""
     if getattr(bench, "dataset", None) is None:
         try:
             attach_dataset(bench, dataset)
@@ -38,79 +26,6 @@ def register_sae_tools(mcp: MCPServer, bench, *, dataset: str | Path | None = No
             if dataset is not None:
                 raise
             bench.dataset = None
-    state: dict = {}
-
-    def ds() -> ActivationDataset:
-        d = getattr(bench, "dataset", None)
-        if d is None:
-            raise TdbError("no activation dataset is loaded for this model; build one with `tdb-agent build-dataset "
-                           "--out DIR` and serve with it")
-        return d
-
-    def explainer() -> Explainer:
-        if "x" not in state or state["x"].dataset is not ds():
-            state["x"] = Explainer(bench.engine, ds(), llm=llm or ExplainerLLM.from_env(),
-                                   cache_dir=cache_dir or CACHE_DIR)
-        return state["x"]
-
-    def run(fn):
-        if hasattr(bench, "cache"):  # a full Workbench: the server's lock and error handling
-            return run_tool(bench, "dataset tool", fn)
-        try:
-            return fn()
-        except TdbError as e:
-            raise ToolError(str(e)) from e
-
-    @mcp.tool(annotations=READ_ONLY)
-    def top_examples(
-        component: Annotated[str, Field(description="a neuron (L1.N7), head (L2.H3) or SAE latent (L1.resid.F9)",
-                                        min_length=1, max_length=64)],
-        k: Annotated[int, Field(ge=1, le=50, description="examples to return")] = 10,
-        random: Annotated[bool, Field(description="a random sample of the corpus instead of the top "
-                                      "activating examples (what the component does on typical text)")] = False,
-        group: Annotated[Literal["top", "random", "quantile"] | None, Field(
-            description="overrides `random`: quantile = examples drawn across the activation range")] = None,
-    ) -> TopExamplesResult:
-        """Where does this component fire? Dataset examples (text windows) with per-token
-        activations, sorted by their maximum, plus the component's stats (mean, max,
-        fraction active). Heads: activation = norm of the head's write; each example names
-        the token it attended to most. Example: top_examples(component="L1.N7", k=5)"""
-        return run(lambda: top_examples_of(ds(), component, k, group or ("random" if random else "top")))
-
-    @mcp.tool(annotations=READ_ONLY)
-    def explain_component(
-        component: Annotated[str, Field(description="a neuron, head or SAE latent id", min_length=1,
-                                        max_length=64)],
-        method: Annotated[Literal["auto", "llm", "heuristic"], Field(
-            description="heuristic: offline, from the top examples; llm: an OpenAI-compatible model writes it; "
-                        "auto: llm when one is configured, else heuristic")] = "auto",
-        refresh: Annotated[bool, Field(description="recompute instead of using the cache")] = False,
-    ) -> Explanation:
-        """What does this component do? A short explanation from its top dataset examples,
-        with a simulation score (correlation of activations predicted from the explanation
-        with the true ones on held-out top and random examples; 1 = perfect) and the scored
-        examples. Example: explain_component(component="L2.resid.F17")"""
-        return run(lambda: explainer().explain(component, method, refresh=refresh))
-
-    if hasattr(bench, "add_page_section"):
-        def page_examples(c):
-            d = getattr(bench, "dataset", None)
-            if d is None or c.kind not in ("neuron", "head", "sae"):
-                return None
-            try:
-                return top_examples_of(d, c.id.split("@")[0], 5)
-            except TdbError:
-                return None
-
-        def page_explanation(c):
-            d = getattr(bench, "dataset", None)
-            if d is None or c.kind not in ("neuron", "head", "sae"):
-                return None
-            try:
-                e = explainer().explain(c.id.split("@")[0], "heuristic")
-            except TdbError:
-                return None
-            return {"explanation": e.explanation, "score": e.score, "method": e.method}
-
-        bench.add_page_section("top_examples", page_examples)
-        bench.add_page_section("explanation", page_explanation)
+    bench.explainers = Explainers(llm, cache_dir)
+    add_tools(mcp, bench, DATASET_TOOLS)
+    add_page_sections(bench)

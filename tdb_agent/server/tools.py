@@ -1,7 +1,8 @@
 """A `service.tool.Tool` as an MCP tool: its argument model becomes the tool's parameters
-(same names, types, limits and descriptions on the wire), its function's docstring the
-tool's description, and its body runs through `service.running` (engine lock, readable
-errors; long tools in a worker thread with progress and cancellation)."""
+(same names, types, limits and descriptions on the wire), its description the tool's, and
+its body runs through `service.running` (engine lock, readable errors; long tools in a worker
+thread with progress and cancellation). A tool with a `content` hook returns that content
+(e.g. a PNG beside the JSON) with its result as the structured output."""
 
 # no `from __future__ import annotations`: the SDK evaluates the wrapper's signature
 import inspect
@@ -9,10 +10,13 @@ from typing import Annotated, Any
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult
+from pydantic import ValidationError
 
-from tdb_agent.service.running import run_long_tool, run_tool
+from tdb_agent.service.running import readable, run_long_tool, run_tool
 from tdb_agent.service.tool import Job, Tool, specialise
-from tdb_agent.workbench import Workbench
+from tdb_agent.workbench import Limits, Workbench
 
 
 def _signature(model: type, returns: Any, *, with_context: bool) -> inspect.Signature:
@@ -29,18 +33,28 @@ def _signature(model: type, returns: Any, *, with_context: bool) -> inspect.Sign
 
 def add_tool(mcp: MCPServer, bench: Workbench, tool: Tool) -> None:
     """Register `tool` on `mcp`, over `bench`, with the server's limits in its schema."""
-    model = specialise(tool.args, bench.limits)
-    returns = tool.result_type()
+    model = specialise(tool.args, getattr(bench, "limits", None) or Limits())
+    result = tool.result_type()
+    returns = Annotated[CallToolResult, result] if tool.content is not None else result
+
+    def parse(kwargs):
+        try:
+            return model(**kwargs)
+        except ValidationError as e:  # what the SDK's own check lets through (NaN, infinity)
+            raise ToolError(f"invalid arguments: {readable(e)}") from e
+
+    def body(args, job=None):
+        out = tool.call(bench, args, job)
+        return tool.content(bench, args, out) if tool.content is not None else out
 
     if tool.long:
         async def wrapper(ctx: Context | None = None, **kwargs):
-            args = model(**kwargs)
-            return await run_long_tool(bench, ctx, tool.name,
-                                       lambda progress, stop: tool.call(bench, args, Job(progress, stop)))
+            args = parse(kwargs)
+            return await run_long_tool(bench, ctx, tool.name, lambda progress, stop: body(args, Job(progress, stop)))
     else:
         def wrapper(**kwargs):
-            args = model(**kwargs)
-            return run_tool(bench, tool.name, lambda: tool.call(bench, args))
+            args = parse(kwargs)
+            return run_tool(bench, tool.name, lambda: body(args))
 
     wrapper.__name__ = tool.name
     wrapper.__doc__ = tool.description

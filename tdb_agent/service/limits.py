@@ -3,8 +3,6 @@ the flag that sets it, so a model knows it hit a server limit rather than a bad 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from tdb_agent.errors import TdbError
 from tdb_agent.workbench import Limits, Workbench
 
@@ -38,22 +36,6 @@ class LimitChecks:
             n = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + BOS
             if n > lim.max_prompt_tokens:
                 raise _exceeded(f"the {field} ({n} tokens)", "max_prompt_tokens", n, lim)
-
-    def top_k(self, top_k: int, field: str = "top_k") -> None:
-        if top_k > self.limits.max_top_k:
-            raise _exceeded(f"{field}={top_k}", "max_top_k", top_k, self.limits)
-
-    def components(self, components: Sequence[str]) -> None:
-        if len(components) > self.limits.max_components:
-            raise _exceeded(f"{len(components)} components", "max_components", len(components), self.limits)
-
-    def positions(self, positions: Sequence[int]) -> None:
-        if len(positions) > self.limits.max_prompt_tokens:
-            raise _exceeded(f"{len(positions)} positions", "max_prompt_tokens", len(positions), self.limits)
-
-    def new_tokens(self, n: int) -> None:
-        if n > self.limits.max_new_tokens:
-            raise _exceeded(f"max_new_tokens={n}", "max_new_tokens", n, self.limits)
 
     def at_most(self, limit: str, value: int, field: str) -> None:
         """A number at most the named limit (what `service.tool.AtMost` marks)."""

@@ -1,20 +1,50 @@
-"""The model tools (Transformer Debugger's operations): one argument model and one function
-each. The function's docstring is the tool's description for agents; the numbers come from
-`tdb_agent.ops`."""
+"""The model tools that look (Transformer Debugger's read-outs): one argument model and one
+function each. A tool's description is its op's docstring summary plus the function's
+docstring (when to use it, an example); the numbers come from `tdb_agent.ops`. The causal
+tools (ablate, sweep, patch, trace) are in `service.causal_tools`."""
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Annotated, Literal
 
+from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
 from tdb_agent import ops
+from tdb_agent.ops.attention import AttentionPatternResult, head_pattern, pattern_png
 from tdb_agent.ops.attribute import AttributionResult
-from tdb_agent.ops.basic import PredictResult
+from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList, TokenizeResult
+from tdb_agent.ops.steer import SteerResult
 from tdb_agent.service.annotations import READ_ONLY
 from tdb_agent.service.fields import Corrupted, Distractor, Prompt, Target, TopK
-from tdb_agent.service.tool import Job, Tool, ToolArgs
+from tdb_agent.service.tool import AtMost, Job, NoArgs, Text, Tool, ToolArgs
 from tdb_agent.workbench import Workbench
+
+
+def model_info(bench: Workbench, args: NoArgs, job: Job) -> ModelInfo:
+    """Architecture, sizes, device, dtype, how many heads and neurons there are, the component
+    id grammar, and the SAEs and datasets attached. Call it first. Example: model_info()"""
+    return ops.model_info(bench.engine, bench.dataset_names())
+
+
+class TokenizeArgs(ToolArgs):
+    text: Annotated[str, Field(description="text to tokenize"), Text()]
+
+
+def tokenize(bench: Workbench, args: TokenizeArgs, job: Job) -> TokenizeResult:
+    """Positions are 0-based, the BOS token first, with ids. Use it to find the position t for
+    ids like L1.H3@t, and to check that a target is one token. Example:
+    tokenize(text="The capital of Zorvia is")"""
+    return ops.tokenize(bench.engine, args.text)
+
+
+def list_tasks(bench: Workbench, args: NoArgs, job: Job) -> TaskList:
+    """The tasks are ioi, induction, greater_than and facts, each with a description and
+    example prompt pairs (prompt, corrupted_prompt, target, distractor) ready to pass to
+    predict/attribute/ablate/patch. Example: list_tasks()"""
+    return ops.list_tasks()
 
 
 class PredictArgs(ToolArgs):
@@ -63,7 +93,52 @@ def attribute(bench: Workbench, args: AttributeArgs, job: Job) -> AttributionRes
                          top_k=args.top_k, per_position=args.per_position, cache=bench.cache)
 
 
+class AttentionArgs(ToolArgs):
+    prompt: Prompt
+    component: Annotated[str, Field(min_length=1, max_length=64, description="a head, e.g. L1.H3")]
+    top_k: Annotated[int, Field(ge=1, le=20, description="keys listed per query")] = 3
+
+
+def attention_pattern(bench: Workbench, args: AttentionArgs, job: Job) -> AttentionPatternResult:
+    """Where does this head look? For every query position, its most attended key positions
+    with weights (and the full pattern for short prompts), plus a PNG heatmap (rows =
+    queries, columns = keys). Example: attention_pattern(prompt="...", component="L1.H3")"""
+    return ops.attention_pattern(bench.engine, args.prompt, args.component, top_k=args.top_k, cache=bench.cache)
+
+
+def attention_content(bench: Workbench, args: AttentionArgs, result: AttentionPatternResult) -> CallToolResult:
+    """The JSON beside a PNG heatmap, for clients that show images."""
+    pattern, _, _ = head_pattern(bench.engine, args.prompt, args.component, bench.cache)
+    png = base64.b64encode(pattern_png(pattern)).decode()
+    data = result.model_dump(mode="json")
+    return CallToolResult(content=[TextContent(type="text", text=json.dumps(data)),
+                                   ImageContent(type="image", data=png, mime_type="image/png")],
+                          structured_content=data)
+
+
+class SteerArgs(ToolArgs):
+    prompt: Prompt
+    component: Annotated[str, Field(min_length=1, max_length=64, description="a neuron (its output weights) or a "
+                                    "head (its mean write)")]
+    scale: Annotated[float, Field(ge=-1000, le=1000, description="multiple of the direction to add")] = 5.0
+    max_new_tokens: Annotated[int, Field(ge=1, description="tokens to generate"), AtMost("max_new_tokens")] = 12
+
+
+def steer(bench: Workbench, args: SteerArgs, job: Job) -> SteerResult:
+    """What does this component's direction do to the output? Adds scale x its direction to
+    the residual stream at every position and generates greedily, with and without.
+    Example: steer(prompt="The capital of Zorvia is", component="L2.N40", scale=8)"""
+    return ops.steer(bench.engine, args.prompt, args.component, scale=args.scale,
+                     max_new_tokens=args.max_new_tokens, cache=bench.cache)
+
+
 TOOLS: list[Tool] = [
-    Tool("predict", PredictArgs, predict, READ_ONLY),
-    Tool("attribute", AttributeArgs, attribute, READ_ONLY),
+    Tool("model_info", NoArgs, model_info, READ_ONLY, op=ops.model_info),
+    Tool("tokenize", TokenizeArgs, tokenize, READ_ONLY, op=ops.tokenize),
+    Tool("predict", PredictArgs, predict, READ_ONLY, op=ops.predict),
+    Tool("list_tasks", NoArgs, list_tasks, READ_ONLY, op=ops.list_tasks),
+    Tool("attribute", AttributeArgs, attribute, READ_ONLY, op=ops.attribute),
+    Tool("attention_pattern", AttentionArgs, attention_pattern, READ_ONLY, op=ops.attention_pattern,
+         content=attention_content),
+    Tool("steer", SteerArgs, steer, READ_ONLY, op=ops.steer),
 ]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -17,8 +16,9 @@ import torch
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult
-from pydantic import BaseModel
+from pydantic import ValidationError
 
+from tdb_agent import jsonsafe
 from tdb_agent.errors import TdbError
 from tdb_agent.workbench import Workbench
 
@@ -47,17 +47,14 @@ def free_memory(bench: Workbench) -> None:
 def non_finite(value: Any, path: str = "") -> list[str]:
     """Paths of NaN/inf floats in a result (JSON has no NaN: it would arrive as null and break
     the output schema, which the SDK's client rejects)."""
-    if isinstance(value, float):
-        return [] if math.isfinite(value) else [path or "result"]
-    if isinstance(value, BaseModel):
-        return non_finite(value.model_dump(), path)
     if isinstance(value, CallToolResult):
-        return non_finite(value.structured_content, path)
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in non_finite(v, f"{path}.{k}" if path else str(k))]
-    if isinstance(value, (list, tuple)):
-        return [p for i, v in enumerate(value) for p in non_finite(v, f"{path}[{i}]")]
-    return []
+        value = value.structured_content
+    return jsonsafe.non_finite(value, path or "")
+
+
+def readable(e: ValidationError) -> str:
+    """A pydantic validation error in one line: `where: what` for each problem."""
+    return "; ".join(f"{'.'.join(map(str, x['loc'])) or 'value'}: {x['msg']}" for x in e.errors())
 
 
 def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
@@ -68,15 +65,16 @@ def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
             result = fn()
         bad = non_finite(result)
         if bad:
-            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            raise ToolError(f"{what} has no defined answer for these inputs: {shown} came out NaN or infinite "
-                            "(usually a ratio whose denominator is zero, e.g. identical clean and corrupted "
-                            "prompts, or a metric of exactly 0)")
+            raise ToolError(f"{what} has no defined answer for these inputs: {jsonsafe.shown(bad)} came out NaN "
+                            "or infinite (usually a ratio whose denominator is zero, e.g. identical clean and "
+                            "corrupted prompts, or a metric of exactly 0)")
         return result
     except ToolError:
         raise
     except TdbError as e:
         raise ToolError(str(e)) from e
+    except ValidationError as e:  # e.g. a circuit's behaviour pairs, checked in the body
+        raise ToolError(readable(e)) from e
     except BaseException as e:
         if not is_out_of_memory(e):
             if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit, cancellation
@@ -91,11 +89,34 @@ def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
                         "(or restart the server with a smaller --batch-size)") from e
 
 
+DISCONNECT_POLL_S = 0.25  # how often a long call over HTTP checks that its client is still there
+
+
+def _http_request(ctx: Context | None) -> Any:
+    """The HTTP request that carried this call (streamable HTTP), or None (stdio, in-process)."""
+    try:
+        request = ctx.request_context.request if ctx is not None else None
+    except (AttributeError, ValueError):
+        return None
+    return request if hasattr(request, "is_disconnected") else None
+
+
+async def _stop_when_gone(request: Any, stop: threading.Event, what: str) -> None:
+    """Set the stop flag once the caller's HTTP connection has closed: nobody can receive the
+    answer, so the work must not keep the engine lock (as if the call had been cancelled)."""
+    while not stop.is_set():
+        await anyio.sleep(DISCONNECT_POLL_S)
+        if await request.is_disconnected():
+            log.warning("%s: the client disconnected; stopping at the next batch", what)
+            stop.set()
+
+
 async def run_long_tool(bench: Workbench, ctx: Context | None, what: str,
                         fn: Callable[[Callable[[int, int], None], Callable[[], bool]], T]) -> T:
     """Run fn(progress, should_stop) in a worker thread: progress goes to the client as
-    notifications; a cancelled call sets the stop flag and the work ends at its next batch
-    (releasing the engine lock), so the event loop and other clients are never blocked."""
+    notifications; a cancelled call, or one whose HTTP client disconnected, sets the stop flag
+    and the work ends at its next batch (releasing the engine lock), so the event loop and
+    other clients are never blocked."""
     stop = threading.Event()
 
     def progress(done: int, total: int) -> None:
@@ -106,8 +127,21 @@ async def run_long_tool(bench: Workbench, ctx: Context | None, what: str,
         except Exception:  # a client that went away must not break the work
             pass
 
+    request = _http_request(ctx)
+    error: Exception | None = None
     try:
-        return await anyio.to_thread.run_sync(lambda: run_tool(bench, what, lambda: fn(progress, stop.is_set)),
-                                              abandon_on_cancel=True)
+        async with anyio.create_task_group() as tg:
+            if request is not None:
+                tg.start_soon(_stop_when_gone, request, stop, what)
+            try:
+                result = await anyio.to_thread.run_sync(
+                    lambda: run_tool(bench, what, lambda: fn(progress, stop.is_set)), abandon_on_cancel=True)
+            except Exception as e:  # raised below, not wrapped in the task group's ExceptionGroup
+                error = e
+            finally:
+                tg.cancel_scope.cancel()
     finally:
         stop.set()
+    if error is not None:
+        raise error
+    return result

@@ -11,25 +11,48 @@ descriptions and caps the defaults (a server started with `--max-top-k 7` advert
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from mcp.types import ToolAnnotations
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, create_model, model_validator
 from pydantic.fields import FieldInfo
 
 from tdb_agent.service.limits import LimitChecks
+from tdb_agent.service.running import non_finite, run_tool
 from tdb_agent.workbench import Limits, Workbench
 
 A = TypeVar("A", bound="ToolArgs")
 R = TypeVar("R")
 
 
-class ToolArgs(BaseModel):
-    """Base of every tool's argument model: unknown argument names are refused."""
+class InputModel(BaseModel):
+    """Base of the models nested in tool arguments (a circuit node, an edge): NaN and
+    infinity are refused (JSON has no such numbers; stored, they would poison a circuit)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class ToolArgs(BaseModel):
+    """Base of every tool's argument model: unknown argument names are refused, and so are
+    NaN and infinity anywhere in the arguments (float fields by pydantic, free-form values
+    such as evidence `args` by the check below)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _finite(self):
+        bad = non_finite(self)
+        if bad:
+            raise ValueError(f"NaN and infinite numbers are not accepted ({', '.join(bad[:5])})")
+        return self
+
+
+class NoArgs(ToolArgs):
+    """The arguments of a tool that takes none."""
 
 
 # ------------------------------------------------------------------ limit markers (field metadata)
@@ -85,12 +108,13 @@ def _markers(info: FieldInfo) -> list:
 def check_limits(bench: Workbench, args: ToolArgs) -> None:
     """Enforce every limit marked on the argument model's fields (errors name the limit
     and the `tdb-agent serve` flag that sets it)."""
-    checks = LimitChecks(bench)
+    checks = None
     for name, info in type(args).model_fields.items():
         value = getattr(args, name)
         if value is None:
             continue
         for marker in _markers(info):
+            checks = checks or LimitChecks(bench)
             marker.check(checks, name, value)
 
 
@@ -131,9 +155,16 @@ class Job:
     should_stop: Callable[[], bool] = lambda: False
 
 
+def summary(fn: Callable) -> str:
+    """The first paragraph of a docstring (an op's summary, what `help(ops.x)` opens with)."""
+    return inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0]
+
+
 @dataclass(frozen=True)
 class Tool(Generic[A, R]):
-    """One tool. `fn`'s docstring is its description for agents (MCP) and for `help()`."""
+    """One tool. Its description for agents (MCP) is, where it wraps one op, that op's
+    docstring summary (so the tool text and `help(ops.x)` say the same thing) followed by
+    `fn`'s docstring (when to use it, an example)."""
 
     name: str
     args: type[A]
@@ -141,17 +172,25 @@ class Tool(Generic[A, R]):
     annotations: ToolAnnotations
     long: bool = False  # reports progress and can be cancelled: runs in a worker thread
     tags: frozenset[str] = field(default_factory=frozenset)  # e.g. {"dataset"}: registered only where one is loaded
+    op: Callable | None = None  # the op it wraps: its summary opens the description
+    #: builds the MCP content from the result (e.g. a picture beside the JSON); the
+    #: structured result stays `fn`'s, and the viewer's routes use that
+    content: Callable[[Workbench, A, R], Any] | None = None
 
     @property
     def description(self) -> str:
-        import inspect
-        return inspect.cleandoc(self.fn.__doc__ or "")
+        own = inspect.cleandoc(self.fn.__doc__ or "")
+        return f"{summary(self.op)}\n\n{own}" if self.op is not None else own
 
     def result_type(self) -> Any:
-        import typing
         return typing.get_type_hints(self.fn).get("return")
 
     def call(self, bench: Workbench, args: A, job: Job | None = None) -> R:
         """Check the limits and run (the caller holds the engine lock: `service.running`)."""
         check_limits(bench, args)
         return self.fn(bench, args, job or Job())
+
+    def run(self, bench: Workbench, args: A, job: Job | None = None) -> R:
+        """Call it as every front end does (MCP, viewer): behind the engine lock, every
+        failure a readable tool error (`service.running.run_tool`)."""
+        return run_tool(bench, self.name, lambda: self.call(bench, args, job))

@@ -1,7 +1,6 @@
-"""The viewer's JSON API, without any web framework: each function takes the workbench and
-a request model whose fields are the MCP tool's arguments, runs the same `ops` function the
-tool runs (same limit checks, same lock, same errors via `run_tool`) and returns the same
-pydantic model. The web routes (`viewer.routes`) only parse and serialise.
+"""The viewer's JSON API, without any web framework: the pages' data (model, component,
+circuit, run folders). Its tool routes (`viewer.routes`) take no models of their own: they
+validate bodies with the MCP tool's argument model and call the same `service` tool.
 
 Run folders (`tdb-agent discover --out DIR`) are read as they are on disk: `run.json`,
 `transcript.jsonl`, `graph.json`, `report.md`.
@@ -11,79 +10,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from tdb_agent import ops
-from tdb_agent.circuits.model import stream_order
+from tdb_agent.agent.summary import RunSummary
+from tdb_agent.circuits.model import SINK, stream_order
 from tdb_agent.components import parse_component
 from tdb_agent.errors import TdbError
-from tdb_agent.ops.ablate import AblateResult, Mode
 from tdb_agent.ops.attention import AttentionPatternResult
-from tdb_agent.ops.attribute import AttributionResult
-from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList
-from tdb_agent.service.limits import LimitChecks
-from tdb_agent.service.running import run_tool
+from tdb_agent.ops.basic import ModelInfo, TaskList
+from tdb_agent.service.catalog import tool
 from tdb_agent.service.examples import TopExamplesResult, top_examples_of
+from tdb_agent.service.model_tools import AttentionArgs
+from tdb_agent.service.running import run_tool
+from tdb_agent.service.tool import NoArgs
 from tdb_agent.workbench import ComponentPage, Limits, Workbench, component_page
-
-Kind = Literal["head", "neuron", "attn", "mlp", "emb", "sae"]
 
 
 class NotFound(TdbError):
     """No run or circuit of that name (HTTP 404)."""
 
 
-class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-# ------------------------------------------------------------------ requests (= the tools' arguments)
-class PredictRequest(Request):
-    prompt: str = Field(min_length=1)
-    top_k: int = Field(10, ge=1)
-    target: str | None = None
-    distractor: str | None = None
-
-
-class AttributeRequest(Request):
-    prompt: str = Field(min_length=1)
-    target: str = Field(min_length=1)
-    distractor: str | None = None
-    method: Literal["direct_effect", "act_times_grad"] = "direct_effect"
-    corrupted_prompt: str | None = None
-    reference: Literal["zero", "mean", "corrupted"] | None = None
-    kinds: list[Kind] | None = None
-    top_k: int = Field(20, ge=1)
-
-
-class AblateRequest(Request):
-    prompt: str = Field(min_length=1)
-    components: list[str] = Field(min_length=1)
-    target: str = Field(min_length=1)
-    distractor: str | None = None
-    mode: Mode = "zero"
-    corrupted_prompt: str | None = None
-
-
-class AttentionRequest(Request):
-    prompt: str = Field(min_length=1)
-    component: str = Field(min_length=1)
-    top_k: int = Field(3, ge=1, le=20)
-
-
 # ------------------------------------------------------------------ results of the viewer's own pages
-class RunSummary(BaseModel):
-    name: str
-    path: str
-    task: str | None = None
-    planner: str | None = None
-    faithfulness: float | None = None
-    n_nodes: int | None = None
-    n_steps: int = 0
-
-
 class CircuitSummary(BaseModel):
     name: str
     nodes: int
@@ -126,58 +75,12 @@ class RunView(CircuitView):
     report: str | None = None
 
 
-# ------------------------------------------------------------------ the tools
-def predict(bench: Workbench, r: PredictRequest) -> PredictResult:
-    check = LimitChecks(bench)
-
-    def go():
-        check.text(r.prompt)
-        check.top_k(r.top_k)
-        return ops.predict(bench.engine, r.prompt, top_k=r.top_k, target=r.target or None,
-                           distractor=r.distractor or None)
-    return run_tool(bench, "predict", go)
-
-
-def attribute(bench: Workbench, r: AttributeRequest) -> AttributionResult:
-    check = LimitChecks(bench)
-
-    def go():
-        check.text(r.prompt)
-        check.text(r.corrupted_prompt, field="corrupted_prompt")
-        check.top_k(r.top_k)
-        return ops.attribute(bench.engine, r.prompt, r.target, r.distractor or None, method=r.method,
-                             corrupted_prompt=r.corrupted_prompt or None, reference=r.reference, kinds=r.kinds,
-                             top_k=r.top_k, cache=bench.cache)
-    return run_tool(bench, "attribute", go)
-
-
-def ablate(bench: Workbench, r: AblateRequest) -> AblateResult:
-    check = LimitChecks(bench)
-
-    def go():
-        check.text(r.prompt)
-        check.text(r.corrupted_prompt, field="corrupted_prompt")
-        check.components(r.components)
-        return ops.ablate(bench.engine, r.prompt, r.components, r.target, r.distractor or None, mode=r.mode,
-                          corrupted_prompt=r.corrupted_prompt or None, cache=bench.cache)
-    return run_tool(bench, "ablate", go)
-
-
-def attention_pattern(bench: Workbench, r: AttentionRequest) -> AttentionPatternResult:
-    check = LimitChecks(bench)
-
-    def go():
-        check.text(r.prompt)
-        return ops.attention_pattern(bench.engine, r.prompt, r.component, top_k=r.top_k, cache=bench.cache)
-    return run_tool(bench, "attention_pattern", go)
-
-
 # ------------------------------------------------------------------ pages
 def model_page(bench: Workbench, runs: RunIndex | None = None) -> ModelPage:
-    info = run_tool(bench, "model_info", lambda: ops.model_info(bench.engine, bench.dataset_names()))
+    info = tool("model_info").run(bench, NoArgs())
     circuits = [CircuitSummary(name=n, nodes=g.number_of_nodes(), edges=g.number_of_edges())
                 for n, g in sorted((bench.circuits or {}).items())]
-    return ModelPage(info=info, tasks=ops.list_tasks(), runs=runs.summaries() if runs else [], circuits=circuits,
+    return ModelPage(info=info, tasks=tool("list_tasks").run(bench, NoArgs()), runs=runs.summaries() if runs else [], circuits=circuits,
                      limits=bench.limits)
 
 
@@ -206,8 +109,7 @@ def component_view(bench: Workbench, component: str) -> ComponentView:
         if page.kind == "head" and top:
             ex = top[0]
             text = example_text(bench, ex["token_ids"])
-            LimitChecks(bench).text(text)
-            view.attention = ops.attention_pattern(bench.engine, text, base, cache=bench.cache)
+            view.attention = tool("attention_pattern").call(bench, AttentionArgs(prompt=text, component=base))
             shift = len(view.attention.tokens) - len(ex["tokens"])  # 0 when the window starts with BOS
             if shift >= 0 and view.attention.tokens[shift:] == ex["tokens"]:  # else it re-tokenized differently
                 view.attention_query = ex["position"] + shift
@@ -272,12 +174,13 @@ class RunIndex:
 
     def summaries(self) -> list[RunSummary]:
         out = []
-        for name, path in self.folders().items():
+        for path in self.folders().values():
             cfg, graph, events = _read_run(path)
             g = (graph or {}).get("graph", {})
-            out.append(RunSummary(name=name, path=str(path), task=cfg.get("task"), planner=cfg.get("planner"),
-                                  faithfulness=g.get("faithfulness"), n_nodes=len((graph or {}).get("nodes", [])),
-                                  n_steps=len(events)))
+            out.append(RunSummary(run_dir=str(path), task=cfg.get("task"), planner=cfg.get("planner"),
+                                  circuit=g.get("name"), faithfulness=g.get("faithfulness"),
+                                  nodes=[n["id"] for n in (graph or {}).get("nodes", []) if n["id"] != SINK],
+                                  tool_calls=sum(e.get("kind") == "tool_call" for e in events)))
         return out
 
     def view(self, name: str) -> RunView:

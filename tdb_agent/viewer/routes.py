@@ -3,6 +3,11 @@ the static files, and the JSON API of `viewer.api` under `/api/`. Added as custo
 the MCP server's HTTP app, so `tdb-agent serve --transport http` serves the MCP endpoint
 and the viewer from one port.
 
+The tool routes (`POST /api/{tool}`, `TOOL_ROUTES`) are the MCP tools themselves: a body is
+validated with the tool's argument model, as this server specialises it (same fields,
+limits, defaults), and runs through the same `Tool.run` (engine lock, errors). Bodies are
+read as a stream and refused (413) as soon as they pass `MAX_BODY`.
+
 Protection is the MCP endpoint's: every request passes the same Host/Origin check
 (DNS rebinding) and JSON content type for POSTs; where the server has a bearer token, every
 `/api/` request must carry it (the pages hold no data; the browser script sends the token
@@ -26,6 +31,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tdb_agent.errors import TdbError
+from tdb_agent.service.catalog import tool
+from tdb_agent.service.running import readable
+from tdb_agent.service.tool import Tool, specialise
 from tdb_agent.viewer import api
 from tdb_agent.workbench import Workbench
 
@@ -34,6 +42,27 @@ log = logging.getLogger(__name__)
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
 PAGES = ["/", "/prompt", "/component/{id}", "/run/{name}", "/circuit/{name}"]
 MAX_BODY = 1 << 20
+#: the MCP tools the viewer's pages call, each at POST /api/{name}
+TOOL_ROUTES = ("predict", "attribute", "ablate", "attention_pattern")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The request body, read chunk by chunk; refused as soon as it passes `limit` bytes
+    (a declared Content-Length over it is refused before reading anything)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdecimal() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def static_file(name: str) -> bytes:
@@ -42,6 +71,12 @@ def static_file(name: str) -> bytes:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def tool_body(t: Tool, bench: Workbench) -> type[BaseModel]:
+    """What `POST /api/{t.name}` accepts: the tool's argument model with this server's limits,
+    exactly what the MCP tool's input schema shows."""
+    return specialise(t.args, bench.limits)
 
 
 def add_viewer_routes(mcp: MCPServer, bench: Workbench, runs: api.RunIndex | None = None, *,
@@ -74,14 +109,12 @@ def add_viewer_routes(mcp: MCPServer, bench: Workbench, runs: api.RunIndex | Non
             try:
                 parsed = None
                 if body is not None:
-                    raw = await request.body()
-                    if len(raw) > MAX_BODY:
-                        return _error(413, f"request body over {MAX_BODY} bytes")
-                    parsed = body.model_validate_json(raw or b"{}")
+                    parsed = body.model_validate_json(await read_body(request) or b"{}")
                 result = await anyio.to_thread.run_sync(lambda: fn(request, parsed))
+            except BodyTooLarge:
+                return _error(413, f"request body over {MAX_BODY} bytes")
             except ValidationError as e:
-                return _error(422, "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}"
-                                             for x in e.errors()))
+                return _error(422, readable(e))
             except api.NotFound as e:
                 return _error(404, str(e))
             except (ToolError, TdbError) as e:
@@ -96,10 +129,9 @@ def add_viewer_routes(mcp: MCPServer, bench: Workbench, runs: api.RunIndex | Non
     endpoint("GET", "/api/component/{id}", lambda rq, _: api.component_view(bench, rq.path_params["id"]))
     endpoint("GET", "/api/run/{name}", lambda rq, _: runs.view(rq.path_params["name"]))
     endpoint("GET", "/api/circuit/{name}", lambda rq, _: api.circuit_view(bench, rq.path_params["name"]))
-    endpoint("POST", "/api/predict", lambda rq, r: api.predict(bench, r), api.PredictRequest)
-    endpoint("POST", "/api/attribute", lambda rq, r: api.attribute(bench, r), api.AttributeRequest)
-    endpoint("POST", "/api/ablate", lambda rq, r: api.ablate(bench, r), api.AblateRequest)
-    endpoint("POST", "/api/attention_pattern", lambda rq, r: api.attention_pattern(bench, r), api.AttentionRequest)
+    for name in TOOL_ROUTES:
+        t: Tool = tool(name)
+        endpoint("POST", f"/api/{name}", lambda rq, args, t=t: t.run(bench, args), tool_body(t, bench))
 
     async def page(request: Request) -> Response:
         bad = await checked(request, needs_token=False)

@@ -251,7 +251,7 @@ async function modelPage(app) {
       {key: "name", label: "run", render: (r) => h("a", {href: "/run/" + encodeURIComponent(r.name)}, r.name)},
       {key: "task", label: "task", render: (r) => r.task || "—"}, {key: "planner", label: "planner", render: (r) => r.planner || "—"},
       {key: "faithfulness", label: "faithfulness", num: true}, {key: "n_nodes", label: "nodes", num: true, render: (r) => String(r.n_nodes)},
-      {key: "n_steps", label: "steps", num: true, render: (r) => String(r.n_steps)}], d.runs)
+      {key: "tool_calls", label: "tool calls", num: true, render: (r) => String(r.tool_calls)}], d.runs)
       : h("p", {class: "muted"}, "no run folders (tdb-agent discover --task ioi --out runs/ioi; tdb-agent view runs/ioi)"),
     d.circuits.length ? h("div", {}, h("h2", {}, "Circuits of this session"),
       h("ul", {}, d.circuits.map((c) => h("li", {}, h("a", {href: "/circuit/" + encodeURIComponent(c.name)}, c.name),

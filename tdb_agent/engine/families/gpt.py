@@ -1,0 +1,153 @@
+"""GPT-style families: GPT-2, GPT-NeoX (Pythia), GPT-J and Falcon (docs/DESIGN.md §4).
+
+GPT-J and Falcon (parallel_attn) run attention and MLP side by side on one normalised
+input: residual + attn(ln(x)) + mlp(ln(x)); their `ln2` is that same norm.
+"""
+
+from __future__ import annotations
+
+from tdb_agent.engine.attention import tdb_attention
+from tdb_agent.engine.families.base import Adapter
+
+
+class GPT2Adapter(Adapter):
+    family = "gpt2"
+    BLOCKS, ATTN, O_PROJ, MLP_ACT, MLP_OUT = "h", "attn", "attn.c_proj", "mlp.act", "mlp.c_proj"
+    LN1, LN2, FINAL_NORM, EMBED, POS_EMBED = "ln_1", "ln_2", "ln_f", "wte", "wpe"
+
+    def block_kwargs(self, hidden, position_ids):
+        return {}
+
+    # Conv1D stores weights as [in, out]
+    def W_O(self, layer):
+        w = self._p(self.attn_out_proj(layer))  # [h*dh, d]
+        return w.reshape(self.config.num_attention_heads, -1, w.shape[-1])
+
+    def W_out(self, layer):
+        return self._p(self.mlp_out_proj(layer))  # [d_mlp, d]
+
+
+class GPTNeoAdapter(GPT2Adapter):
+    """GPT-Neo: GPT-2's layout with nn.Linear weights, unscaled attention scores, and local
+    layers that see the last `window_size` keys. Its attention does not go through
+    transformers' attention interface, so the adapter routes each layer's `_attn` (the
+    score-softmax-mix step, after q/k/v are split into heads) to the engine's attention."""
+
+    family = "gpt_neo"
+    ATTN, O_PROJ = "attn.attention", "attn.attention.out_proj"
+    W_O, W_out = Adapter.W_O, Adapter.W_out
+
+    def __init__(self, model):
+        super().__init__(model)
+        for layer, kind in enumerate(model.config.attention_layers):
+            mod = self.attn(layer)
+            mod._attn = _neo_attention(mod, model.config.window_size if kind == "local" else None)
+
+
+def _neo_attention(module, window):
+    def attn(query, key, value, attention_mask=None):
+        z, pattern = tdb_attention(module, query, key, value, None, scaling=1.0, sliding_window=window)
+        return z.transpose(1, 2), pattern  # GPT-Neo merges heads from [b, heads, pos, d_head]
+    return attn
+
+
+class OPTAdapter(Adapter):
+    """OPT with pre-LayerNorm blocks (every size but 350m). Its block flattens positions
+    before the MLP ([b*s, d]); the adapter gives each block the same computation without
+    the flattening, so MLP sites keep the [b, s, ...] layout (tested against transformers)."""
+
+    family = "opt"
+    O_PROJ, MLP, MLP_ACT, MLP_OUT = "self_attn.out_proj", "fc2", "activation_fn", "fc2"
+    LN1, LN2, FINAL_NORM, POS_EMBED = "self_attn_layer_norm", "final_layer_norm", "final_layer_norm", "embed_positions"
+
+    def __init__(self, model):
+        super().__init__(model)
+        for block in self.blocks():
+            block.forward = _opt_block_forward(block)
+
+    @classmethod
+    def refusal(cls, config):
+        if not config.do_layer_norm_before or getattr(config, "_remove_final_layer_norm", False):
+            return ("this OPT configuration normalises after each block (post-LayerNorm, as opt-350m), so "
+                    "component writes are not additive in the residual stream")
+        if config.word_embed_proj_dim != config.hidden_size:
+            return "this OPT configuration projects embeddings in and out of the residual stream"
+        return None
+
+    @property
+    def base(self):
+        return self.model.base_model.decoder
+
+    def embed(self, ids, position_ids):
+        return self.base.embed_tokens(ids) + self.base.embed_positions(None, 0, position_ids=position_ids)
+
+    def block_kwargs(self, hidden, position_ids):
+        return {"position_ids": position_ids}
+
+
+def _opt_block_forward(block):
+    def forward(hidden_states, attention_mask=None, position_ids=None, **kwargs):
+        attn, _ = block.self_attn(hidden_states=block.self_attn_layer_norm(hidden_states), position_ids=position_ids,
+                                  attention_mask=attention_mask, **kwargs)
+        hidden_states = hidden_states + attn
+        mlp = block.fc2(block.activation_fn(block.fc1(block.final_layer_norm(hidden_states))))
+        return hidden_states + mlp
+    return forward
+
+
+class NeoXAdapter(Adapter):
+    family = "gpt_neox"
+    ATTN, O_PROJ, MLP_ACT, MLP_OUT = "attention", "attention.dense", "mlp.act", "mlp.dense_4h_to_h"
+    FINAL_NORM, EMBED = "final_layer_norm", "embed_in"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.parallel_residual = bool(model.config.use_parallel_residual)
+
+
+class GPTJAdapter(Adapter):
+    """GPT-J: parallel attention and MLP on one LayerNorm, rotary on the first rotary_dim."""
+
+    family = "gptj"
+    parallel_residual = True
+    BLOCKS, ATTN, O_PROJ, MLP_ACT, MLP_OUT = "h", "attn", "attn.out_proj", "mlp.act", "mlp.fc_out"
+    LN1, LN2, FINAL_NORM, EMBED = "ln_1", "ln_1", "ln_f", "wte"
+
+
+class FalconAdapter(Adapter):
+    """Falcon with rotary positions: sequential, parallel on one LayerNorm, or the new
+    decoder architecture (two LayerNorms, grouped-query attention)."""
+
+    family = "falcon"
+    BLOCKS, ATTN, O_PROJ = "h", "self_attention", "self_attention.dense"
+    MLP_ACT, MLP_OUT, FINAL_NORM, EMBED = "mlp.act", "mlp.dense_4h_to_h", "ln_f", "word_embeddings"
+
+    def __init__(self, model):
+        super().__init__(model)
+        c = model.config
+        self.parallel_residual = bool(c.parallel_attn or c.new_decoder_architecture)
+        if c.new_decoder_architecture and (c.num_ln_in_parallel_attn or 2) == 2:
+            self.LN1, self.LN2 = "ln_attn", "ln_mlp"
+        elif self.parallel_residual:
+            self.LN2 = "input_layernorm"
+
+    @classmethod
+    def refusal(cls, config):
+        if getattr(config, "alibi", False):
+            return ("this Falcon configuration uses ALiBi position biases, which the engine's attention "
+                    "(built on the causal mask alone) does not apply")
+        return None
+
+    def block_kwargs(self, hidden, position_ids):
+        return super().block_kwargs(hidden, position_ids) | {"attention_mask": None}
+
+    def module_sites(self, n_layers):
+        sites = super().module_sites(n_layers)
+        if self.parallel_residual:  # the block adds attention into the MLP's output in place
+            for layer in range(n_layers):
+                sites[f"blocks.{layer}.hook_mlp_out"] = (self.mlp(layer), "output_copy")
+        return sites
+
+    def n_kv_heads(self):
+        c = self.config
+        return c.num_kv_heads if (c.new_decoder_architecture or not c.multi_query) else 1

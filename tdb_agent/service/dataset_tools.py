@@ -1,0 +1,119 @@
+"""The tools over an activation dataset and explanations: `top_examples` and
+`explain_component` (tagged "dataset": registered only where a dataset is loaded), and the
+component-page sections they feed (top examples, explanation). The numbers come from
+`tdb_agent.datasets` and `tdb_agent.explain`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from tdb_agent.datasets.store import ActivationDataset
+from tdb_agent.errors import TdbError
+from tdb_agent.explain import Explainer, ExplainerLLM, Explanation
+from tdb_agent.service.annotations import READ_ONLY
+from tdb_agent.service.examples import TopExamplesResult, top_examples_of
+from tdb_agent.service.tool import Job, Tool, ToolArgs
+
+CACHE_DIR = Path(os.environ.get("TDB_CACHE_DIR", Path.home() / ".cache" / "tdb-agent"))
+DATASET = frozenset({"dataset"})
+
+
+def dataset(bench) -> ActivationDataset:
+    d = getattr(bench, "dataset", None)
+    if d is None:
+        raise TdbError("no activation dataset is loaded for this model; build one with `tdb-agent build-dataset "
+                       "--out DIR` and serve with it")
+    return d
+
+
+class Explainers:
+    """A workbench's explainer: its LLM and cache folder, rebuilt when the dataset changes."""
+
+    def __init__(self, llm: ExplainerLLM | None = None, cache_dir: str | Path | None = None):
+        self.llm, self.cache_dir, self.current = llm, cache_dir, None
+
+    def get(self, bench) -> Explainer:
+        ds = dataset(bench)
+        if self.current is None or self.current.dataset is not ds:
+            self.current = Explainer(bench.engine, ds, llm=self.llm or ExplainerLLM.from_env(),
+                                     cache_dir=self.cache_dir or CACHE_DIR)
+        return self.current
+
+
+def explainer(bench) -> Explainer:
+    if getattr(bench, "explainers", None) is None:
+        bench.explainers = Explainers()
+    return bench.explainers.get(bench)
+
+
+class TopExamplesArgs(ToolArgs):
+    component: Annotated[str, Field(min_length=1, max_length=64, description="a neuron (L1.N7), head (L2.H3) or "
+                                    "SAE latent (L1.resid.F9)")]
+    k: Annotated[int, Field(ge=1, le=50, description="examples to return")] = 10
+    random: Annotated[bool, Field(description="a random sample of the corpus instead of the top activating "
+                                  "examples (what the component does on typical text)")] = False
+    group: Annotated[Literal["top", "random", "quantile"] | None, Field(
+        description="overrides `random`: quantile = examples drawn across the activation range")] = None
+
+
+def top_examples(bench, args: TopExamplesArgs, job: Job) -> TopExamplesResult:
+    """Where does this component fire? Dataset examples (text windows) with per-token
+    activations, sorted by their maximum, plus the component's stats (mean, max,
+    fraction active). Heads: activation = norm of the head's write; each example names
+    the token it attended to most. Example: top_examples(component="L1.N7", k=5)"""
+    return top_examples_of(dataset(bench), args.component, args.k,
+                           args.group or ("random" if args.random else "top"))
+
+
+class ExplainArgs(ToolArgs):
+    component: Annotated[str, Field(min_length=1, max_length=64, description="a neuron, head or SAE latent id")]
+    method: Annotated[Literal["auto", "llm", "heuristic"], Field(
+        description="heuristic: offline, from the top examples; llm: an OpenAI-compatible model writes it; "
+                    "auto: llm when one is configured, else heuristic")] = "auto"
+    refresh: Annotated[bool, Field(description="recompute instead of using the cache")] = False
+
+
+def explain_component(bench, args: ExplainArgs, job: Job) -> Explanation:
+    """What does this component do? A short explanation from its top dataset examples,
+    with a simulation score (correlation of activations predicted from the explanation
+    with the true ones on held-out top and random examples; 1 = perfect) and the scored
+    examples. Example: explain_component(component="L2.resid.F17")"""
+    return explainer(bench).explain(args.component, args.method, refresh=args.refresh)
+
+
+TOOLS: list[Tool] = [
+    Tool("top_examples", TopExamplesArgs, top_examples, READ_ONLY, tags=DATASET),
+    Tool("explain_component", ExplainArgs, explain_component, READ_ONLY, tags=DATASET),
+]
+
+
+# ------------------------------------------------------------------ component-page sections
+def _page_examples(bench, c):
+    d = getattr(bench, "dataset", None)
+    if d is None or c.kind not in ("neuron", "head", "sae"):
+        return None
+    try:
+        return top_examples_of(d, c.id.split("@")[0], 5)
+    except TdbError:
+        return None
+
+
+def _page_explanation(bench, c):
+    if getattr(bench, "dataset", None) is None or c.kind not in ("neuron", "head", "sae"):
+        return None
+    try:
+        e = explainer(bench).explain(c.id.split("@")[0], "heuristic")
+    except TdbError:
+        return None
+    return {"explanation": e.explanation, "score": e.score, "method": e.method}
+
+
+def add_page_sections(bench) -> None:
+    """Top examples and the (heuristic) explanation on every component page of `bench`."""
+    if hasattr(bench, "add_page_section"):
+        bench.add_page_section("top_examples", lambda c: _page_examples(bench, c))
+        bench.add_page_section("explanation", lambda c: _page_explanation(bench, c))
