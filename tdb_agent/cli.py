@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                         "a hub path needs --allow-download")
     p.add_argument("--no-bundled-saes", action="store_true",
                    help="do not attach the bundled model's shipped SAEs")
+    p.add_argument("--transcoders", action="append", default=[], metavar="PATH",
+                   help="transcoders: SAELens transcoder folders (repeatable, one per layer) or one circuit-tracer "
+                        "PLT (config.yaml) or CLT (W_enc_{l}.safetensors) folder; enables attribution graphs")
+    p.add_argument("--no-bundled-transcoders", action="store_true",
+                   help="do not attach the bundled model's shipped transcoders")
     p.add_argument("--dataset", default=None, metavar="DIR",
                    help="activation dataset (tdb-agent build-dataset) for top_examples and explain_component; "
                         "default: the bundled model's shipped one")

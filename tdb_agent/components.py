@@ -5,6 +5,7 @@
     L{l}.ATTN / L{l}.MLP  a whole attention / MLP block's output
     L{l}.N{n}           MLP neuron n of layer l (post-activation)
     L{l}.{site}.F{i}    latent i of the SAE at site resid|mlp|attn of layer l
+    L{l}.tc.F{i}        feature i of the transcoder that reads layer l's MLP input
     LOGITS              the metric node
 
 An optional `@t` pins a node to token position t (0-based), e.g. `L5.H1@12`.
@@ -21,10 +22,11 @@ from tdb_agent.engine.sites import EMBED_SITE, SAE_SITES, kind_site, sae_site
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.errors import UnknownComponent
 
-Kind = Literal["emb", "head", "attn", "mlp", "neuron", "sae", "logits"]
+Kind = Literal["emb", "head", "attn", "mlp", "neuron", "sae", "transcoder", "logits"]
+TC_SITE = "tc"  # sae_sizes key (layer, "tc") holds a transcoder's feature count (engine/transcoder.py)
 
-GRAMMAR = ("EMB | L{l}.H{h} | L{l}.ATTN | L{l}.MLP | L{l}.N{n} | L{l}.{" + "|".join(SAE_SITES) + "}.F{i} | LOGITS, "
-           "optionally with @t for a token position (e.g. L1.H3@7)")
+GRAMMAR = ("EMB | L{l}.H{h} | L{l}.ATTN | L{l}.MLP | L{l}.N{n} | L{l}.{" + "|".join(SAE_SITES) + "}.F{i} | "
+           "L{l}.tc.F{i} | LOGITS, optionally with @t for a token position (e.g. L1.H3@7)")
 
 _PATTERNS: list[tuple[Kind, re.Pattern]] = [
     ("emb", re.compile(r"EMB")),
@@ -34,6 +36,7 @@ _PATTERNS: list[tuple[Kind, re.Pattern]] = [
     ("mlp", re.compile(r"L(?P<layer>\d+)\.MLP")),
     ("neuron", re.compile(r"L(?P<layer>\d+)\.N(?P<index>\d+)")),
     ("sae", re.compile(r"L(?P<layer>\d+)\.(?P<site>" + "|".join(SAE_SITES) + r")\.F(?P<index>\d+)")),
+    ("transcoder", re.compile(r"L(?P<layer>\d+)\.tc\.F(?P<index>\d+)")),
 ]
 
 
@@ -56,6 +59,7 @@ class Component(BaseModel):
             "mlp": f"L{self.layer}.MLP",
             "neuron": f"L{self.layer}.N{self.index}",
             "sae": f"L{self.layer}.{self.sae_site}.F{self.index}",
+            "transcoder": f"L{self.layer}.tc.F{self.index}",
         }[self.kind]
         return base if self.position is None else f"{base}@{self.position}"
 
@@ -102,10 +106,17 @@ def _check_ranges(c: Component, raw: str, spec: ModelSpec, n_positions: int | No
     if c.kind == "sae":
         size = (sae_sizes or {}).get((c.layer, c.sae_site))
         if size is None:
-            have = ", ".join(f"L{l}.{s}" for l, s in sorted(sae_sizes or {})) or "none"
+            have = ", ".join(f"L{l}.{s}" for l, s in sorted(sae_sizes or {}) if s != TC_SITE) or "none"
             raise UnknownComponent(f"{raw!r}: no SAE is loaded at L{c.layer}.{c.sae_site}; loaded SAEs: {have}")
         if not 0 <= c.index < size:
             raise UnknownComponent(f"{raw!r}: latent {c.index} is out of range; latents are 0..{size - 1}")
+    if c.kind == "transcoder":
+        size = (sae_sizes or {}).get((c.layer, TC_SITE))
+        if size is None:
+            have = ", ".join(f"L{l}" for l, s in sorted(sae_sizes or {}) if s == TC_SITE) or "none"
+            raise UnknownComponent(f"{raw!r}: no transcoder reads layer {c.layer}; transcoders: {have}")
+        if not 0 <= c.index < size:
+            raise UnknownComponent(f"{raw!r}: feature {c.index} is out of range; features are 0..{size - 1}")
     if c.position is not None and n_positions is not None and not 0 <= c.position < n_positions:
         raise UnknownComponent(f"{raw!r}: position {c.position} is out of range; the prompt has "
                                f"{n_positions} tokens (0..{n_positions - 1})")
@@ -121,4 +132,6 @@ def hook_site(c: Component) -> tuple[str, int | None]:
         return kind_site(c.kind, c.layer), None
     if c.kind == "sae":  # the SAE's site; the unit is the latent (spliced, see engine/sae.py)
         return sae_site(c.layer, c.sae_site), c.index
+    if c.kind == "transcoder":  # where the feature writes (its own layer's MLP output)
+        return kind_site("mlp", c.layer), c.index
     raise UnknownComponent(f"{c.id} has no hook site of its own")

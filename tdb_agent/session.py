@@ -40,6 +40,9 @@ class EngineSpec(BaseModel):
     offload_folder: str | None = None
     saes: list[str] = Field(default_factory=list, description="SAE folders to attach")
     bundled_saes: bool = Field(True, description="also attach the bundled model's shipped SAEs")
+    transcoders: list[str] = Field(default_factory=list, description="transcoder folders (engine/transcoder.py)")
+    bundled_transcoders: bool = Field(True, description="attach the bundled model's shipped transcoders when "
+                                      "no transcoders are given")
     dataset: str | None = Field(None, description="activation dataset folder; None: the bundled model's, if any")
     allow_download: bool = False
     threads: int = Field(1, description="torch CPU threads per worker (also the CPUs Ray reserves for it)")
@@ -52,6 +55,8 @@ class EngineSpec(BaseModel):
         values = dict(model=get("model"), device=get("device", "auto"), dtype=get("dtype", "float32"),
                       device_map=get("device_map"), max_memory=get("max_memory"), offload_folder=get("offload_folder"),
                       saes=list(get("sae", None) or []), bundled_saes=not get("no_bundled_saes", False),
+                      transcoders=list(get("transcoders", None) or []),
+                      bundled_transcoders=not get("no_bundled_transcoders", False),
                       dataset=get("dataset"), allow_download=bool(get("allow_download", False)),
                       threads=get("threads") or 1)
         values.update(override)
@@ -67,12 +72,14 @@ class EngineSpec(BaseModel):
         (a Ray worker owns its process; a command keeps the user's setting)."""
         from tdb_agent.engine import Engine
         from tdb_agent.engine.sae import attach_saes
+        from tdb_agent.engine.transcoder import attach_transcoders
 
         if set_threads:
             import torch
             torch.set_num_threads(self.threads)
         engine = Engine.load(self.model, **self.load_kwargs())
         attach_saes(engine, self.saes, bundled=self.bundled_saes, allow_download=self.allow_download)
+        attach_transcoders(engine, self.transcoders, bundled=self.bundled_transcoders)
         return engine
 
     def serve_args(self) -> list[str]:
@@ -88,6 +95,10 @@ class EngineSpec(BaseModel):
             out += ["--sae", s]
         if not self.bundled_saes:
             out.append("--no-bundled-saes")
+        for t in self.transcoders:
+            out += ["--transcoders", t]
+        if not self.bundled_transcoders:
+            out.append("--no-bundled-transcoders")
         if self.allow_download:
             out.append("--allow-download")
         return out

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.engine import Engine
+from tdb_agent.ops import sae_ops
 from tdb_agent.ops.runs import RunCache
 from tdb_agent.ops.weights import WeightStats, weight_stats
 
@@ -54,6 +55,7 @@ class Workbench:
         self.cache = RunCache(engine, max_runs=self.limits.cached_runs)
         # named circuit hypotheses (networkx DiGraphs, tdb_agent.circuits), saved under workspace/circuits
         self.circuits: dict[str, Any] = {}
+        self.graphs: dict[str, Any] = {}  # attribution graphs by name (tdb_agent.ops.graph), kept in memory
         self.workspace: Path = Path(workspace if workspace is not None
                                     else os.environ.get("TDB_WORKSPACE", "tdb-workspace")).resolve()
         self.page_sections: dict[str, PageSection] = {}
@@ -85,6 +87,7 @@ RELATED_TOOLS = {
     "mlp": ["ablate", "patch"],
     "emb": ["ablate", "patch"],
     "sae": ["ablate", "patch"],
+    "transcoder": ["ablate", "steer", "attribution_graph"],
     "logits": ["predict", "attribute"],
 }
 
@@ -105,7 +108,7 @@ def component_page(bench: Workbench, text: str) -> ComponentPage:
     """A component's page (`tdb://component/{id}`, the viewer's component page): the id's
     parts, the hook site it reads, its weight statistics and the registered sections."""
     engine = bench.engine
-    c = parse_component(text, engine.spec, sae_sizes=engine.saes.sizes())
+    c = parse_component(text, engine.spec, sae_sizes=sae_ops.sae_sizes(engine))
     site = None
     if c.kind != "logits":
         s, unit = hook_site(c)

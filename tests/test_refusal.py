@@ -91,3 +91,76 @@ def test_mcp_client_gets_the_reason_on_stderr(tmp_path):
         asyncio.run(go())
     lines = [line for line in errlog.read_text().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("tdb-agent serve: model family 'mamba9' is not supported")
+
+
+# ---- weights: safetensors first; a pickled .bin only through the weights-only unpickler ----
+class _Payload:
+    """Unpickling this runs code (creates a file): what a hostile .bin does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def _checkpoint(tmp_path, name, *, safetensors: bool, bin_payload: bool):
+    """A tiny Llama folder with model.safetensors and/or pytorch_model.bin (the same weights,
+    plus, with bin_payload, an object whose unpickling would create `tmp_path/pwned`)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.tiny_models import build_tiny
+
+    d = build_tiny("llama", tmp_path / name)
+    state = load_file(d / "model.safetensors")
+    if bin_payload:
+        state = state | {"payload": _Payload(tmp_path / "pwned")}
+    torch.save(state, d / "pytorch_model.bin")
+    if not safetensors:
+        (d / "model.safetensors").unlink()
+    return d
+
+
+def _same_weights(engine, folder):
+    from safetensors.torch import load_file
+
+    want = load_file(folder / "model.safetensors")
+    got = engine.model.state_dict()
+    for k, v in want.items():
+        assert got[k].equal(v), k
+
+
+def test_safetensors_preferred_over_a_bin_beside_it(tmp_path):
+    d = _checkpoint(tmp_path, "both", safetensors=True, bin_payload=True)
+    eng = Engine.load(d)  # the hostile .bin is never opened
+    assert not (tmp_path / "pwned").exists()
+    _same_weights(eng, d)
+
+
+def test_a_bin_only_checkpoint_loads_with_the_weights_only_unpickler(tmp_path):
+    ref = _checkpoint(tmp_path, "ref", safetensors=True, bin_payload=False)
+    d = _checkpoint(tmp_path, "bin", safetensors=False, bin_payload=False)
+    assert not (d / "model.safetensors").exists()
+    eng = Engine.load(d)
+    _same_weights(eng, ref)
+
+
+def test_a_bin_pickling_code_is_refused_in_our_words(tmp_path, capsys):
+    from tdb_agent.cli import main
+    from tdb_agent.engine.weights import UnsafeCheckpoint
+
+    d = _checkpoint(tmp_path, "evil", safetensors=False, bin_payload=True)
+    with pytest.raises(UnsafeCheckpoint) as e:
+        Engine.load(d)
+    msg = str(e.value)
+    assert isinstance(e.value, TdbError) and "\n" not in msg
+    assert "pytorch_model.bin" in msg and "weights-only unpickler" in msg and "makedirs" in msg
+    assert "weights_only" not in msg and "False" not in msg
+    assert not (tmp_path / "pwned").exists()
+    assert main(["serve", "--model", str(d)]) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tdb-agent serve: refused to read pytorch_model.bin"), err
+    assert "Traceback" not in err and "weights_only" not in err and out == ""
+    assert not (tmp_path / "pwned").exists()

@@ -27,6 +27,7 @@ from tdb_agent.components import Component, parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
 from tdb_agent.jsonsafe import non_finite, shown
+from tdb_agent.ops import sae_ops
 from tdb_agent.ops.metrics import MetricName
 
 FORMAT = "tdb-circuit/1"
@@ -97,7 +98,7 @@ def _parse(node_id: str, engine: Engine | None) -> Component:
     if engine is None:
         c = parse_component(node_id)
     else:
-        c = parse_component(node_id, engine.spec, sae_sizes=engine.saes.sizes())
+        c = parse_component(node_id, engine.spec, sae_sizes=sae_ops.sae_sizes(engine))
     if c.kind == "logits" and c.position is not None:
         raise TdbError("LOGITS takes no position: it is the metric at the last position")
     return c

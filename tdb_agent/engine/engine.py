@@ -32,7 +32,7 @@ from difflib import get_close_matches
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from tdb_agent.engine import attention
@@ -41,8 +41,10 @@ from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
 from tdb_agent.engine.placement import Devices, Placement, param, parse_device_map, parse_max_memory, plan, \
     placement, to_device
 from tdb_agent.engine.sae import SAESet
+from tdb_agent.engine.precision import cast_block_inputs, describe
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.engine.tokens import with_bos
+from tdb_agent.engine.weights import load_weights
 from tdb_agent.errors import ModelNotFound, PromptTooLong, TokenizationError, UnknownSite
 
 log = logging.getLogger(__name__)
@@ -119,12 +121,15 @@ class Engine:
         self.lock = threading.RLock()
         self._state = HookState()
         self.saes = SAESet()  # sparse autoencoders attached to this model (engine/sae.py)
+        self.transcoders = None  # a TranscoderSet replacing the MLPs (engine/transcoder.py)
         self.model.set_attn_implementation(attention.NAME)
         for layer in range(self.spec.n_layers):
             mod = self.adapter.attn(layer)
             mod._tdb_layer = layer
             mod._tdb_state = self._state
         self._module_sites = self.adapter.module_sites(self.spec.n_layers)
+        # half precision: a float32 residual stream, blocks cast their inputs (engine/precision.py)
+        self._cast_handles = cast_block_inputs(self.adapter.blocks(), self.dtype)
         # a dispatched model (accelerate device map) spans devices: the loop moves the
         # residual stream between blocks and hands results out on the home device
         self.devices = Devices.of(model, next(iter(self.adapter.embed_modules().values())), self.adapter.blocks(),
@@ -147,7 +152,9 @@ class Engine:
         {module: device} where device is a GPU index, "cpu" or "disk"); then `device` is
         ignored. max_memory ({0: "70GiB", "cpu": "100GiB"} or "0=70GiB,cpu=100GiB") caps
         each device; offload_folder holds weights mapped to "disk". A model that would not
-        fit raises `DoesNotFit` with the estimate before any weight is read."""
+        fit raises `DoesNotFit` with the estimate before any weight is read. Weights come from
+        model.safetensors where it exists; a .bin only through the weights-only unpickler
+        (engine/weights.py: anything else is refused with `UnsafeCheckpoint`)."""
         path = Path(model) if model is not None else DEFAULT_MODEL
         local = path.exists()
         if not local and not allow_download:
@@ -165,12 +172,11 @@ class Engine:
         device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
         dm = plan(src, DTYPES[dtype], device_map, max_memory, str(offload_folder) if offload_folder else None,
                   single_device=dev, local_files_only=not allow_download)
+        weights = dict(dtype=DTYPES[dtype], local_files_only=not allow_download)
         if dm is None:
-            mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype],
-                                                       local_files_only=not allow_download).to(dev)
+            mdl = load_weights(src, path if local else None, **weights).to(dev)
         else:
-            mdl = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], local_files_only=not allow_download,
-                                                       device_map=dm, offload_folder=offload_folder)
+            mdl = load_weights(src, path if local else None, **weights, device_map=dm, offload_folder=offload_folder)
         log.info("loaded %s on %s (%s)", src, dev if dm is None else dm, dtype)
         return cls(mdl, tok, name=path.name if local else str(model))
 
@@ -300,7 +306,7 @@ class Engine:
 
     def active_hook_count(self) -> int:
         """Hooks installed right now (0 outside a `hooks` block): for tests and health checks."""
-        n = sum(len(v) for v in self._state.hooks.values())
+        n = sum(len(v) for v in self._state.hooks.values()) - len(self._cast_handles)  # those stay
         for mod in self.model.modules():
             n += len(mod._forward_hooks) + len(mod._forward_pre_hooks)
         return n
@@ -333,7 +339,8 @@ class Engine:
                 x = resid
             end = n_layers if stop_layer is None else stop_layer
             blocks = self.adapter.blocks()
-            enter = self.devices.entering(self.adapter.block_kwargs(x, pos))
+            enter = self.devices.entering(self.adapter.block_kwargs(x.to(self.dtype), pos))  # rotary tables in the blocks' dtype
+            x = x.float() if self._cast_handles else x
             try:
                 for layer in range(start_layer, end):
                     x, kwargs = enter(layer, x)  # the residual stream crosses to the block's device
@@ -393,11 +400,7 @@ class Engine:
 
     def precision(self) -> str:
         """What runs in which precision (model_info)."""
-        dt = str(self.dtype).removeprefix("torch.")
-        if self.dtype == torch.float32:
-            return "float32 throughout"
-        return (f"weights and blocks in {dt}; final norm, unembedding, logits, metrics, direct effects and "
-                "decompositions accumulated in float32")
+        return describe(self.dtype)
 
     # ------------------------------------------------------------------ capture
     def run_with_cache(self, ids: torch.Tensor, sites: Sequence[str], *,

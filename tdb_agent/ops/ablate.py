@@ -26,7 +26,7 @@ from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.basic import TokenPrediction
 from tdb_agent.ops.metrics import MetricName, make_metric
 from tdb_agent.ops.runs import CleanRun, RunCache, get_means, get_run
-from tdb_agent.ops import sae_ops
+from tdb_agent.ops import sae_ops, transcoder_ops
 
 Mode = Literal["zero", "mean", "resample"]
 SweepKind = Literal["head", "neuron", "attn", "mlp", "sae"]
@@ -83,7 +83,7 @@ def resolve_components(engine: Engine, ids: Sequence[str], n_tokens: int) -> lis
         ids = [ids]
     if not ids:
         raise TdbError("give at least one component id")
-    comps = [parse_component(c, engine.spec, n_positions=n_tokens, sae_sizes=engine.saes.sizes())
+    comps = [parse_component(c, engine.spec, n_positions=n_tokens, sae_sizes=sae_ops.sae_sizes(engine))
              for c in ids]
     for c in comps:
         if c.kind == "logits":
@@ -128,7 +128,10 @@ def component_hooks(engine: Engine, comps: list[Component], mode: Mode, source: 
     for site, fns in sae_ops.sae_component_hooks(engine, [c for c in comps if c.kind == "sae"], mode,
                                                  source).items():
         hooks.setdefault(site, []).extend(fns)
-    plain = [c for c in comps if c.kind != "sae"]
+    tc = [c for c in comps if c.kind == "transcoder"]
+    for site, fns in (transcoder_ops.component_hooks(engine, tc, mode, source) if tc else {}).items():
+        hooks.setdefault(site, []).extend(fns)
+    plain = [c for c in comps if c.kind not in ("sae", "transcoder")]
     means = get_means(engine, [hook_site(c)[0] for c in plain], cache) if mode == "mean" else {}
     for c in plain:
         site, unit = hook_site(c)

@@ -23,12 +23,12 @@ from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import decompose, frozen_norm
 from tdb_agent.ops.metrics import Metric, MetricName, make_metric
 from tdb_agent.ops.runs import CleanRun, RunCache, get_mean, get_run
-from tdb_agent.ops import sae_ops
+from tdb_agent.ops import sae_ops, transcoder_ops
 
 Method = Literal["direct_effect", "act_times_grad"]
 Reference = Literal["zero", "mean", "corrupted"]
-AttrKind = Literal["head", "neuron", "attn", "mlp", "emb", "sae"]
-ALL_KINDS: tuple[AttrKind, ...] = ("head", "neuron", "attn", "mlp", "emb", "sae")
+AttrKind = Literal["head", "neuron", "attn", "mlp", "emb", "sae", "transcoder"]
+ALL_KINDS: tuple[AttrKind, ...] = ("head", "neuron", "attn", "mlp", "emb", "sae", "transcoder")
 
 
 class AttributionRow(BaseModel):
@@ -71,6 +71,9 @@ def final_gradient(engine: Engine, run: CleanRun, metric: Metric) -> tuple[torch
 def _component_id(kind: str, layer: int, unit: int) -> tuple[str, int | None, int | None]:
     if kind.startswith("sae@"):  # 'sae@L{l}.{site}': one SAE's latents (see ops/sae_ops.py)
         return sae_ops.latent_row_id(kind, unit), int(kind[5:].split(".")[0]), unit
+    if kind.startswith("transcoder@"):  # 'transcoder@L{l}': one layer's transcoder features
+        layer = int(kind.split("@L", 1)[1])
+        return f"L{layer}.tc.F{unit}", layer, unit
     if kind == "head":
         return f"L{layer}.H{unit}", layer, unit
     if kind == "neuron":
@@ -186,6 +189,8 @@ def _direct_effect(engine, run, m, kinds, top_k, per_position) -> AttributionRes
         effects["emb"] = d.emb.reshape(1, 1, 1)
     if "sae" in kinds:
         effects |= sae_ops.direct_effects(engine, run, g)
+    if "transcoder" in kinds:
+        effects |= transcoder_ops.direct_effects(engine, run, g)
     rows, n = _rank(effects, [last] if per_position else None, top_k)
     total = (d.heads.sum() + d.neurons.sum() + d.emb).item()
     if engine.adapter.final_softcap:  # the cap is nonlinear: g is its derivative at the clean point
@@ -276,6 +281,9 @@ def _act_times_grad(engine, prompt, m, kinds, top_k, per_position, reference, co
     if "sae" in kinds:
         stacked |= sae_ops.act_times_grad(engine, ids, m, reference, corrupted if reference == "corrupted" else None,
                                           per_position)
+    if "transcoder" in kinds:
+        stacked |= transcoder_ops.act_times_grad(engine, ids, m, reference,
+                                                 corrupted if reference == "corrupted" else None, per_position)
     rows, n = _rank(stacked, list(range(n_tokens)) if per_position else None, top_k)
     total = sum(effects[s].sum().item() for s in fine)
     metric_ref = None

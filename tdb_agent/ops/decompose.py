@@ -96,19 +96,25 @@ def frozen_norm(engine: Engine, module: torch.nn.Module, x: torch.Tensor) -> tor
 def write_factor(engine: Engine, run: CleanRun, kind: str, layer: int, positions) -> torch.Tensor | None:
     """What the post-norm after block `layer`'s attention (kind "attn") or MLP ("mlp")
     multiplies its raw output by, frozen at the clean run: gain / rms(raw) [P, d_model] in
-    float32; None where the family has no post-norm. The raw output is rebuilt from the
-    cached z (or MLP post-activations) and the output weights."""
+    float32; None where the family has no post-norm."""
+    pos = torch.as_tensor(positions, device=engine.device)
+    site = kind_site("head", layer) if kind == "attn" else kind_site("neuron", layer)
+    return post_norm_factor(engine, kind, layer, run.acts[site][0, pos])
+
+
+def post_norm_factor(engine: Engine, kind: str, layer: int, acts: torch.Tensor) -> torch.Tensor | None:
+    """`write_factor` from the activations themselves: `acts` is hook_z [P, heads, d_head]
+    (kind "attn") or mlp.hook_post [P, d_mlp] ("mlp"), from which the raw output is rebuilt
+    with the output weights; None where the family has no post-norm."""
     a = engine.adapter
     norm = a.post_attn_norm(layer) if kind == "attn" else a.post_mlp_norm(layer)
     if norm is None:
         return None
-    pos = torch.as_tensor(positions, device=engine.device)
     if kind == "attn":
-        raw = torch.einsum("phk,hkd->pd", run.acts[kind_site("head", layer)][0, pos].float(),
-                           a.W_O(layer).float())
+        raw = torch.einsum("phk,hkd->pd", acts.float(), a.W_O(layer).float())
         bias = a.b_O(layer)
     else:
-        raw = run.acts[kind_site("neuron", layer)][0, pos].float() @ a.W_out(layer).float()
+        raw = acts.float() @ a.W_out(layer).float()
         bias = a.b_out(layer)
     raw = raw + bias.float() if bias is not None else raw
     gain = a.norm_gain(norm)

@@ -20,8 +20,15 @@ from tdb_agent.components import Component, hook_site
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import SAE, splice_hook
 from tdb_agent.engine.sites import sae_site
+from tdb_agent.engine.transcoder import tc_sizes
 from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.runs import CleanRun, reference_documents
+
+
+def sae_sizes(engine: Engine) -> dict[tuple[int, str], int]:
+    """SAE sizes by (layer, site), plus transcoder feature counts by (layer, "tc"): what
+    `parse_component` range-checks latents and features against (the one definition)."""
+    return engine.saes.sizes() | tc_sizes(engine)
 
 
 def sae_for(engine: Engine, c: Component) -> SAE:

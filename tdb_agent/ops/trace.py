@@ -135,7 +135,7 @@ def trace_upstream(engine: Engine, prompt: str, component: str, via: Via = "qk",
     with engine.lock:
         run = get_run(engine, prompt, cache)
         s = run.n_tokens
-        node = parse_component(component, engine.spec, n_positions=s, sae_sizes=engine.saes.sizes())
+        node = parse_component(component, engine.spec, n_positions=s, sae_sizes=sae_ops.sae_sizes(engine))
         if node.kind == "sae":
             return _trace_latent(engine, run, node, top_k)
         if node.kind == "neuron":

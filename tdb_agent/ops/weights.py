@@ -97,4 +97,10 @@ def weight_stats(engine: Engine, c: Component) -> list[WeightStats]:
         dec = _unit_stats(f"W_dec[{name}]", sae.W_dec, c.index)
         dec.promotes, dec.suppresses = _token_effects(engine, sae.W_dec[c.index])
         return [dec, _unit_stats(f"W_enc[:, {name}]", sae.W_enc.T, c.index, bias=sae.b_enc[c.index:c.index + 1])]
+    if c.kind == "transcoder" and engine.transcoders is not None:  # its decoder row into its own layer
+        tc = engine.transcoders.get(c.layer)
+        name = f"L{c.layer}.tc.F{c.index}"
+        dec = _unit_stats(f"W_dec[{name}]", tc.W_dec[:, 0], c.index)
+        dec.promotes, dec.suppresses = _token_effects(engine, tc.W_dec[c.index, 0])
+        return [dec, _unit_stats(f"W_enc[:, {name}]", tc.W_enc.T, c.index, bias=tc.b_enc[c.index:c.index + 1])]
     return []

@@ -76,9 +76,9 @@ class AttributeArgs(ToolArgs):
     reference: Annotated[Literal["zero", "mean", "corrupted"] | None, Field(
         description="act_times_grad reference activation (default: corrupted if a corrupted_prompt is given, "
                     "else zero)")] = None
-    kinds: Annotated[list[Literal["head", "neuron", "attn", "mlp", "emb", "sae"]] | None, Field(
-        max_length=6, description="component kinds to rank (default head and neuron; sae = latents of the loaded "
-                                  "SAEs)")] = None
+    kinds: Annotated[list[Literal["head", "neuron", "attn", "mlp", "emb", "sae", "transcoder"]] | None, Field(
+        max_length=7, description="component kinds to rank (default head and neuron; sae = latents of the loaded "
+                                  "SAEs, transcoder = features of the loaded transcoders)")] = None
     top_k: TopK(20)
     per_position: Annotated[bool, Field(description="split act_times_grad effects by token position")] = False
 

@@ -138,6 +138,7 @@ class Adapter:
             sites[p + "hook_attn_out"] = (post_attn or self.attn(layer), "output")
             if not self.parallel_residual:
                 sites[p + "hook_resid_mid"] = self.resid_mid_site(layer)
+            sites[p + "ln2.hook_normalized"] = (self.mlp(layer), "input")  # the MLP's input (transcoders)
             sites[p + "mlp.hook_pre"] = (self.mlp_act(layer), "input")
             if self.gated_mlp:  # post = act(gate) * up, the input of the down projection
                 sites[p + "mlp.hook_post"] = (self.mlp_out_proj(layer), "input")

@@ -1,0 +1,224 @@
+"""Train per-layer skip transcoders of the bundled model's MLPs on the CPU.
+
+    nohup python tools/train_transcoders.py > /tmp/train_transcoders.log 2>&1 &
+
+Each transcoder reads the MLP input of its layer (`blocks.{l}.ln2.hook_normalized`) and
+predicts the MLP output (`blocks.{l}.hook_mlp_out`): TopK features plus a linear skip
+term, f = topk(x W_enc + b_enc), y ~ f W_dec + b_dec + x W_skip. One model pass feeds every
+layer's transcoder. Inputs and outputs are divided by per-layer scales during training,
+folded back into the weights on export. Features that have not fired for `--dead-window`
+tokens are pointed at the worst-reconstructed outputs (first `--resample-until` of training). Position 0
+(BOS) is left out.
+
+Checkpoints to `--ckpt` every `--ckpt-every` steps and resumes from it. At the end it
+evaluates the float16 export on held-out documents (FVU of the MLP output, mean L0, dead
+features) and writes `<out>/L{l}/` (SAELens skip_transcoder layout) plus README.md and
+metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+from train_saes import HELDOUT_SEED, token_batches  # noqa: E402
+
+from tdb_agent.datasets.components import model_fingerprint  # noqa: E402
+from tdb_agent.engine import Engine  # noqa: E402
+from tdb_agent.engine.transcoder import LayerTranscoder, TranscoderSet, load_transcoders  # noqa: E402
+
+TRAIN_SEED = 930_000_000
+
+
+@torch.no_grad()
+def mlp_io(engine: Engine, ids, mask):
+    n = engine.spec.n_layers
+    sites = [f"blocks.{l}.ln2.hook_normalized" for l in range(n)] + [f"blocks.{l}.hook_mlp_out" for l in range(n)]
+    _, acts = engine.run_with_cache(ids, sites, logit_positions=[-1], logit_ids=[0])
+    return [(acts[sites[l]][mask].float(), acts[sites[n + l]][mask].float()) for l in range(n)]
+
+
+class Trainer(torch.nn.Module):
+    def __init__(self, d: int, n: int, k: int, b_dec: torch.Tensor, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, d, generator=g)
+        w = w / w.norm(dim=1, keepdim=True)
+        self.W_enc = torch.nn.Parameter(w.T.clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(n))
+        self.W_dec = torch.nn.Parameter(w.clone() * 0.1)
+        self.b_dec = torch.nn.Parameter(b_dec.clone())
+        self.W_skip = torch.nn.Parameter(torch.zeros(d, d))
+        self.k = k
+
+    def forward(self, x):
+        pre = x @ self.W_enc + self.b_enc
+        top = pre.topk(self.k, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        return f @ self.W_dec + self.b_dec + x @ self.W_skip, f
+
+    @torch.no_grad()
+    def resample(self, dead, x, y, opt, gen) -> int:
+        idx = dead.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return 0
+        err = y - self(x)[0]
+        w = err.pow(2).sum(-1)
+        pick = torch.multinomial(w / w.sum(), idx.numel(), replacement=idx.numel() > len(w), generator=gen)
+        xin = x[pick] / x[pick].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        alive = self.W_enc[:, ~dead].norm(dim=0).mean() if (~dead).any() else torch.tensor(1.0)
+        self.W_enc[:, idx] = xin.T * alive
+        self.b_enc[idx] = 0.0
+        self.W_dec[idx] = err[pick] / err[pick].norm(dim=-1, keepdim=True).clamp(min=1e-8) * 0.1
+        for p in (self.W_enc, self.b_enc, self.W_dec):
+            st = opt.state.get(p)
+            if st:
+                st["exp_avg"].zero_()
+                st["exp_avg_sq"].zero_()
+        return idx.numel()
+
+    def export(self, layer: int, sx: float, sy: float) -> LayerTranscoder:
+        d = lambda t: t.detach().clone()  # noqa: E731
+        return LayerTranscoder(layer, d(self.W_enc) / sx, d(self.b_enc), d(self.W_dec)[:, None] * sy, d(self.b_dec) * sy,
+                               d(self.W_skip) * sy / sx, None, self.k)
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, tcs: TranscoderSet, n_tokens: int) -> list[dict]:
+    n_l = engine.spec.n_layers
+    err, s1, s2, l0, n = [0.0] * n_l, [0.0] * n_l, [0.0] * n_l, [0.0] * n_l, 0
+    s1 = [torch.zeros(engine.spec.d_model, dtype=torch.float64) for _ in range(n_l)]
+    fired = {l: torch.zeros(tc.d_tc, dtype=torch.bool) for l, tc in tcs.layers.items()}
+    for ids, mask in token_batches(engine, HELDOUT_SEED, 64):
+        for l, (x, y) in enumerate(mlp_io(engine, ids, mask)):
+            tc = tcs.layers[l]
+            f = tc.encode(x)
+            rec = f @ tc.W_dec[:, 0] + tc.b_dec + tc.skip(x)
+            err[l] += (y - rec).double().pow(2).sum().item()
+            s1[l] += y.double().sum(0)
+            s2[l] += y.double().pow(2).sum().item()
+            l0[l] += (f != 0).sum().item()
+            fired[l] |= (f != 0).any(0)
+        n += int(mask.sum())
+        if n >= n_tokens:
+            break
+    return [{"fvu": err[l] / (s2[l] - s1[l].pow(2).sum().item() / n), "mean_l0": l0[l] / n,
+             "dead_fraction": 1 - fired[l].float().mean().item(), "eval_tokens": n} for l in range(n_l)]
+
+
+CARD = """# Transcoders of the bundled model (tdb-tiny)
+
+Per-layer skip transcoders of every MLP: features read the MLP input
+(`blocks.{{l}}.ln2.hook_normalized`) and write the MLP output (`blocks.{{l}}.hook_mlp_out`),
+y = topk(x W_enc + b_enc) W_dec + b_dec + x W_skip. Component ids `L{{l}}.tc.F{{i}}`.
+SAELens `skip_transcoder` folder layout (`cfg.json` + `sae_weights.safetensors`, float16;
+`k` in cfg.json marks TopK). Trained by `tools/train_transcoders.py` on {train_tokens:,}
+tokens of the synthetic corpus, {steps} steps, Adam lr {lr}. Spliced into the model they
+keep their error term, so outputs are exact; attribution graphs (`tdb_agent/ops/graph`) use
+them as the replacement model's MLPs.
+
+Held-out evaluation ({eval_tokens:,} tokens, the shipped float16 weights); FVU is of the
+MLP output:
+
+| layer | features | k | FVU | mean L0 | dead features |
+|---|---|---|---|---|---|
+{rows}
+
+Reproduce: `python tools/train_transcoders.py --eval-only`.
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="tdb_agent/assets/transcoders")
+    ap.add_argument("--features", type=int, default=512)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=600_000)
+    ap.add_argument("--docs-per-batch", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--dead-window", type=int, default=50_000)
+    ap.add_argument("--resample-until", type=float, default=0.9, help="resample dead features during this share "
+                    "of training")
+    ap.add_argument("--eval-tokens", type=int, default=50_000)
+    ap.add_argument("--ckpt", default="/tmp/train_transcoders.ckpt.pt")
+    ap.add_argument("--ckpt-every", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    engine = Engine.load(None, device="cpu")
+    n_l = engine.spec.n_layers
+    out = Path(args.out)
+    if args.eval_only:
+        print(json.dumps(evaluate(engine, load_transcoders(out), args.eval_tokens), indent=2))
+        return
+    batches = token_batches(engine, TRAIN_SEED, args.docs_per_batch)
+    ckpt = Path(args.ckpt)
+    ids, mask = next(batches)
+    first = mlp_io(engine, ids, mask)
+    sx = [(x.pow(2).sum(-1).mean() / x.shape[1]).sqrt().item() for x, _ in first]
+    sy = [(y.pow(2).sum(-1).mean() / y.shape[1]).sqrt().item() for _, y in first]
+    trainers = [Trainer(engine.spec.d_model, args.features, args.k, (y / sy[l]).mean(0), l)
+                for l, (_, y) in enumerate(first)]
+    opts = [torch.optim.Adam(t.parameters(), lr=args.lr) for t in trainers]
+    since = [torch.zeros(args.features, dtype=torch.long) for _ in trainers]
+    step, seen = 0, 0
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=True)
+        if st.get("model_fingerprint") != model_fingerprint(engine):
+            raise SystemExit(f"{ckpt} was written for another model; delete it to start over")
+        for l in range(n_l):
+            trainers[l].load_state_dict(st["trainers"][l])
+            opts[l].load_state_dict(st["opts"][l])
+        since, step, seen, sx, sy = list(st["since"]), int(st["step"]), int(st["seen"]), st["sx"], st["sy"]
+        for _ in range(step):
+            next(batches)
+        print(f"resumed at step {step} ({seen:,} tokens)", flush=True)
+    gen = torch.Generator().manual_seed(1)
+    t0 = time.time()
+    while seen < args.tokens:
+        io = mlp_io(engine, *next(batches))
+        step += 1
+        seen += io[0][0].shape[0]
+        msg = []
+        for l, ((x, y), t, opt) in enumerate(zip(io, trainers, opts)):
+            x, y = x / sx[l], y / sy[l]
+            rec, f = t(x)
+            loss = (y - rec).pow(2).sum(-1).mean() / (y - y.mean(0)).pow(2).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            fired = (f != 0).any(0)
+            since[l] = torch.where(fired, torch.zeros_like(since[l]), since[l] + x.shape[0])
+            dead = since[l] >= args.dead_window
+            if seen < args.resample_until * args.tokens and step % 25 == 0 and dead.any():
+                t.resample(dead, x, y, opt, gen)
+                since[l][dead] = 0
+            msg.append(f"L{l} fvu {loss.item():.3f} dead {int(dead.sum())}")
+        if step % 5 == 0:
+            print(f"step {step} tokens {seen:,} ({seen / (time.time() - t0):.0f}/s) " + " | ".join(msg), flush=True)
+        if step % args.ckpt_every == 0:
+            torch.save({"trainers": [t.state_dict() for t in trainers], "opts": [o.state_dict() for o in opts],
+                        "since": since, "step": step, "seen": seen, "sx": sx, "sy": sy,
+                        "model_fingerprint": model_fingerprint(engine)}, ckpt)
+    tcs = TranscoderSet({l: t.export(l, sx[l], sy[l]) for l, t in enumerate(trainers)}, "mlp_in", n_l)
+    tcs.save(out, model_name="tdb-tiny", dtype=torch.float16)
+    shipped = load_transcoders(out)
+    metrics = evaluate(engine, shipped, args.eval_tokens)
+    rows = "\n".join(f"| L{l} | {args.features} | {args.k} | {m['fvu']:.3f} | {m['mean_l0']:.1f} | "
+                     f"{m['dead_fraction']:.1%} |" for l, m in enumerate(metrics))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "README.md").write_text(CARD.format(train_tokens=seen, steps=step, lr=args.lr,
+                                               eval_tokens=metrics[0]["eval_tokens"], rows=rows))
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
