@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel
 
 from evals.cost import Cost, count_passes
+from evals.explanation_scores import ScoresEval, run_scores
 from tdb_agent.datasets import ActivationDataset, BuildConfig, build, documents_from_corpus
 from tdb_agent.datasets.store import BUNDLED_DATASET
 from tdb_agent.datasets.components import component_name
@@ -31,6 +32,7 @@ from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import attach_saes
 from tdb_agent.explain import Explainer, ExplainerLLM
 from tdb_agent.explain.heuristic import CATEGORIES
+from tdb_agent.explain.scoring import Score
 from tdb_agent.tasks import corpus_documents
 
 FEATURES = {"names": "names", "years": "two-digit numbers (year parts)"}  # feature -> heuristic category
@@ -55,11 +57,13 @@ class PlantedResult(BaseModel):
     explanation: str
     score: float
     names_feature: bool  # the explanation's 'fires on' clause names the feature's category
+    scores: list[Score] = []  # detection, fuzzing, simulation with intervals
 
 
 class ExplanationEval(BaseModel):
     distributions: list[Distribution]
     planted: list[PlantedResult]
+    scores: ScoresEval | None = None
     llm: str
     cost: Cost
 
@@ -158,7 +162,7 @@ def planted_bundled(engine: Engine, ds: ActivationDataset, n_docs: int) -> list[
         feature = key.split()[0]
         e = explainer.explain(cid, method="heuristic", refresh=True)
         out.append(PlantedResult(feature=feature, component=cid, selectivity=sel, explanation=e.explanation,
-                                 score=e.score, names_feature=_names_feature(e.explanation, feature),
+                                 score=e.score, scores=e.scores, names_feature=_names_feature(e.explanation, feature),
                                  how_found=f"bundled model: the {key.split(' ', 1)[1]} whose top-50 activations on "
                                            f"{n_docs} corpus documents are most often {FEATURES[feature]}"))
     return out
@@ -179,7 +183,8 @@ def planted_constructed(model_dir: str, n_docs: int) -> PlantedResult:
                                    f"construction "
                                    f"(dataset built here over {n_docs} corpus documents; the simulator predicts "
                                    f"every name, hence a middling score)",
-                         explanation=e.explanation, score=e.score, names_feature=_names_feature(e.explanation, "names"))
+                         explanation=e.explanation, score=e.score, scores=e.scores,
+                         names_feature=_names_feature(e.explanation, "names"))
 
 
 def run(constructed_class_neuron: str | None, quick: bool) -> ExplanationEval:
@@ -192,8 +197,9 @@ def run(constructed_class_neuron: str | None, quick: bool) -> ExplanationEval:
         if llm_on:
             dists += llm_distributions(engine, ds, per_kind=4 if quick else 16)
         planted = [] if quick else planted_bundled(engine, ds, n_docs=200)
+        scores = run_scores(engine, ds, n=30 if quick else 200)
         if constructed_class_neuron:
             planted.append(planted_constructed(constructed_class_neuron, n_docs=256))
     llm = ("LLM explanations: not run, no explainer endpoint (TDB_EXPLAINER_BASE_URL / OPENAI_BASE_URL); "
            "heuristic explanations only" if not llm_on else "LLM explanations scored on a seeded sample (rows 'LLM')")
-    return ExplanationEval(distributions=dists, planted=planted, llm=llm, cost=cost)
+    return ExplanationEval(distributions=dists, planted=planted, scores=scores, llm=llm, cost=cost)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from evals import explanation_scores
 from evals.explanations import ExplanationEval
 from evals.methods import THRESHOLD, MethodResult
 
@@ -185,6 +186,14 @@ def markdown(res: Results) -> str:
     for p in res.explanations.planted:
         L.append(f"| {p.feature} | {p.component} | {p.how_found} | {_f(p.selectivity)} | {p.explanation} | "
                  f"{p.score:.2f} | {'yes' if p.names_feature else '**no**'} |")
+    L += ["", "Planted features: the three scores (95% bootstrap interval, examples).", "",
+          "| component | detection | fuzzing | simulation |", "|---|---|---|---|"]
+    for p in res.explanations.planted:
+        cells = [f"{s.value:.2f} [{s.low:.2f}, {s.high:.2f}] n={s.n}" if s.value is not None else "–"
+                 for s in p.scores]
+        L.append(f"| {p.component} | " + " | ".join(cells or ["–"] * 3) + " |")
+    if res.explanations.scores is not None:
+        L += [""] + explanation_scores.markdown(res.explanations.scores)
     c = res.explanations.cost
     L += ["", f"Explanations cost: {c.short()}.", ""]
     return "\n".join(L)

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tdb_agent.engine.sites import EMBED_SITE, SAE_SITES, kind_site, sae_site
+from tdb_agent.engine.component_sites import EMBED_SITE, SAE_SITES, kind_site, sae_site
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.errors import UnknownComponent
 

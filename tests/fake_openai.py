@@ -22,8 +22,9 @@ def text_response(text: str) -> dict:
 
 
 class FakeOpenAI:
-    """script: list of responses (dicts from the helpers above) or ints (an HTTP error status
-    to return once, e.g. 429 or 500, which the client must retry)."""
+    """script: list of responses (dicts from the helpers above), ints (an HTTP error status
+    to return once, e.g. 429 or 500, which the client must retry) or callables (request body
+    -> response dict, for replies that depend on the prompt)."""
 
     def __init__(self, script: list):
         self.script = list(script)
@@ -38,6 +39,8 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append(body)
                 item = fake.script.pop(0) if fake.script else text_response("done")
+                if callable(item):
+                    item = item(body)
                 if isinstance(item, int):
                     payload = json.dumps({"error": {"message": "scripted error", "type": "rate_limit"}}).encode()
                     self.send_response(item)

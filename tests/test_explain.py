@@ -30,20 +30,40 @@ def ex(tokens, acts, pos, **kw):
 
 
 def test_heuristic_names_category_and_simulator():
-    top = [ex(["When", "Mary", "and", "John"], [0, 0.1, 0, 3.0], 3), ex(["and", "Anna"], [0, 2.0], 1),
-           ex(["Bob", "and", "Peter"], [0.2, 0, 2.5], 2), ex(["gave", "it"], [0.3, 1.0], 1)]
+    # names after 'and' fire; other tokens after 'and' do not, nor names elsewhere (much)
+    top = [ex(["and", "the", "When", "Mary", "and", "John"], [0, 0, 0, 0.1, 0, 3.0], 5),
+           ex(["and", "a", "and", "Anna"], [0, 0, 0, 2.0], 3), ex(["Bob", "and", "Peter"], [0.2, 0, 2.5], 2),
+           ex(["gave", "it"], [0.3, 1.0], 1)]
     text, ev = heuristic_explanation(top, boosts=["gave", "to"])
-    assert text.startswith("fires on names (e.g. 'John', 'Anna', 'Peter') after 'and'")
+    assert text.startswith("fires on names (e.g. 'John', 'Anna', 'Peter') after 'and'"), text
     assert text.endswith("boosts 'gave', 'to'") and ev["top_tokens"]["John"] == 1
+    assert ev["fit"]["reading"].startswith("names") and ev["fit"]["detection"] == 1.0
     sim = simulate_offline(text, ["When", "Mary", "and", "John", "Bob", "store"])
     assert sim == [0, 0.5, 0, 1, 0.5, 0]  # names; 1 after 'and', 0.5 elsewhere
     single = [ex(["the", "store"], [0, 1.0], 1)] * 3
     t2, _ = heuristic_explanation(single)
     assert t2 == "fires on the token 'store' after 'the'"
     assert simulate_offline(t2, ["the", "store", "a", "store"]) == [0, 1, 0, 0.5]
+    # contexts by category, and any token after a context (0 without it)
+    assert simulate_offline("fires on any token after names", ["Mary", "went", "home", "John", "ran"]) == [0, 1, 0, 0, 1]
+    assert simulate_offline("fires on any token after 'the'; attends to 'x'", ["the", "cat", "a", "the"]) == [0, 1, 0, 0]
     heads = [ex(["a", "b", "c"], [0, 0, 1.0], 2, attended_token="b", attended_offset=-1)] * 2
     assert "attends to the previous token" in heuristic_explanation(heads)[0]
+    # induction: the query token 'x' attends to the token after its earlier copy
+    ind = [ex(["x", "y", "q", "r", "x"], [0, 0, 0, 0, 1.0], 4, attended_token="y", attended_offset=-3)] * 3
+    assert "attends to the token after an earlier copy of the current token (induction)" in heuristic_explanation(ind)[0]
+    back = [ex(["Mary", "p", "q", "r", "to"], [0, 0, 0, 0, 1.0], 4, attended_token="Mary", attended_offset=-4),
+            ex(["John", "p", "q", "r", "s", "to"], [0, 0, 0, 0, 0, 1.0], 5, attended_token="John", attended_offset=-5)]
+    assert "attends to names (typically 4 tokens back)" in heuristic_explanation(back)[0]
     assert heuristic_explanation([ex(["a"], [-0.1], 0)])[0] == "rarely or never active on the dataset"
+    # no reading fits: the same tokens fire and stay silent at random -> no claim is made
+    rng = np.random.default_rng(0)
+    noisy = [ex(toks, [float(rng.random() < 0.3) * 2 for _ in toks], 0) for toks in [["the", "cat", "sat", "on"]] * 12]
+    noisy = [e.model_copy(update={"position": int(np.argmax(e.activations)), "activation": max(e.activations)})
+             for e in noisy]
+    refused, ev = heuristic_explanation(noisy)
+    assert refused.startswith("no reading fits above chance"), (refused, ev["fit"])
+    assert simulate_offline(refused, ["the", "cat"]) == [0, 0]
     a, b = [0, 1, 0, 1, 2], [0.1, 0.9, 0.2, 1.1, 2.5]
     assert correlation(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
     assert correlation([1, 1, 1], b[:3]) == 0.0
@@ -101,6 +121,10 @@ class FakeLLM(BaseHTTPRequestHandler):
         if "Predict its activation" in prompt:
             toks = re.findall(r"^\d+\t(.*)$", prompt, flags=re.M)
             text = json.dumps([10 if t in V.NAMES else 0 for t in toks])
+        elif "Context 1:" in prompt:  # detection / fuzzing: 1 for a context holding a name
+            blocks = re.split(r"^Context \d+:\n", prompt, flags=re.M)[1:]
+            text = json.dumps([int(any(t.strip("<>") in V.NAMES for t in b.split("\n\n")[0].splitlines()))
+                               for b in blocks])
         else:
             text = "fires on names of people"
         reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -143,7 +167,14 @@ def test_llm_explanation_and_simulation_over_http(setup, fake_llm, tmp_path):
     assert f"{first.tokens[first.position].strip()}\t{round(10 * first.activation / peak)}" in explain_prompt
     assert "Example 4:" in explain_prompt and "Example 5:" not in explain_prompt
     held = top[1::2] + rand
-    assert len(FakeLLM.prompts) == 1 + len(held)  # one simulation per held-out example
+    sims = [p for p in FakeLLM.prompts if "Predict its activation" in p]
+    assert len(sims) == len(held)  # one simulation per held-out example
+    assert len(FakeLLM.prompts) == 1 + r.cost["reader_calls"]  # the explanation + every reader call, counted
+    det, fuz, sim = r.scores
+    assert (det.name, fuz.name, sim.name) == ("detection", "fuzzing", "simulation")
+    assert det.reader == fuz.reader == "llm:fake-model" and r.writer == "llm:fake-model"
+    assert det.value is not None and det.calls >= 1 and fuz.calls >= 1 and sim.calls == len(held)
+    assert sim.value == pytest.approx(r.score) and det.n == det.n_positive + det.n_negative
     true = [a for h in held for a in h.activations]
     pred = [10.0 if t.strip() in V.NAMES else 0.0 for h in held for t in h.tokens]
     assert r.score == pytest.approx(correlation(pred, true))

@@ -29,6 +29,8 @@ CALLS = {
     "trace_upstream": {"prompt": P, "component": "L1.H2@14", "via": "q"},
     "attention_pattern": {"prompt": P, "component": "L1.H2"},
     "steer": {"prompt": P, "component": "L0.N5", "scale": 4.0, "max_new_tokens": 3},
+    "logit_lens": {"prompt": P, "top_k": 3, "target": "Mary", "positions": [-1, 3]},
+    "direct_logit_attribution": {"prompt": P, "component": "L1.H2", "target": "Mary", "distractor": "John"},
     # circuit tools (tdb_agent/server/circuit_tools.py), in the order a session uses them
     "circuit_create": {"name": "conformance", "task": "ioi", "n_pairs": 2, "overwrite": True},
     "circuit_add": {"name": "conformance", "nodes": [{"id": "L1.H2", "role": "mover"}, {"id": "L0.H1"}],

@@ -82,6 +82,9 @@ def _config(family: str, vocab: int):
                                                      num_attention_heads=4, multi_query=False, parallel_attn=False,
                                                      new_decoder_architecture=False, alibi=False, bias=True,
                                                      max_position_embeddings=64)
+    if family == "gpt_neox:sequential":  # use_parallel_residual=False: attention, then the MLP
+        return tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(**rotary | dict(intermediate_size=64), rotary_pct=0.5,
+                                                       use_parallel_residual=False)
     if family == "stablelm:parallel":
         return tf.StableLmForCausalLM, tf.StableLmConfig(**rotary, num_key_value_heads=4, use_parallel_residual=True)
     if family == "cohere":
@@ -94,7 +97,7 @@ FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral"]
 EXTRA_FAMILIES = ["gemma", "gemma2", "qwen3", "olmo2", "phi3", "gemma3_text", "stablelm", "gpt_neo", "gptj",
                   "opt", "falcon", "cohere"]
 # other configurations of a family (name:variant), with their own code paths in the adapter
-VARIANTS = ["falcon:new", "falcon:sequential", "stablelm:parallel"]
+VARIANTS = ["falcon:new", "falcon:sequential", "stablelm:parallel", "gpt_neox:sequential"]
 ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES + VARIANTS
 
 

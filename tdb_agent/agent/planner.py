@@ -16,7 +16,8 @@ A fixed, systematic procedure that an LLM agent is compared with:
    faithfulness under the other ablation mode beside it. With `modes=("mean", "resample")`
    the threshold must hold under both ablations while growing and pruning (a circuit chosen
    under one can fall apart under the other);
-7. explain: attach each kept head's or neuron's explanation (with its simulation score).
+7. explain: attach each kept head's or neuron's explanation (with its detection, fuzzing and
+   simulation scores, and its note when they are at chance).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class DiscoveryResult(BaseModel):
 
 
 async def _explain(tb: Toolbox, circuit: str, nodes: list[str], notes: list[str]) -> None:
-    """Attach an explanation (with its simulation score) to every kept head or neuron that the
+    """Attach an explanation (with its scores, and its note when they are at chance or a
+    fallback was taken) to every kept head or neuron that the
     server's activation dataset covers; MLP blocks have none."""
     if not await tb.has("explain_component"):
         notes.append("no explain_component tool on this server: nodes left unexplained")
@@ -56,7 +58,10 @@ async def _explain(tb: Toolbox, circuit: str, nodes: list[str], notes: list[str]
         except ToolCallFailed as e:
             notes.append(f"no explanation for {node}: {e}")
             continue
-        text = f"{ex['explanation']} (simulation score {ex['score']:.2f})"
+        scores = [f"{s['name']} {s['value']:.2f}" for s in ex.get("scores", []) if s.get("value") is not None]
+        text = f"{ex['explanation']} ({', '.join(scores) if scores else 'simulation score %.2f' % ex['score']})"
+        if ex.get("note"):  # at chance, or a fallback: the node says so
+            text += f" [{ex['note']}]"
         await tb("circuit_add", name=circuit, nodes=[{"id": node, "explanation": text, "evidence": [
             {"tool": "explain_component", "args": {"method": ex.get("method", "auto")}, "value": ex["score"]}]}])
 

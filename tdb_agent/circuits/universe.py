@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 
 from tdb_agent.components import parse_component
-from tdb_agent.engine.sites import kind_site
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.errors import TdbError
 

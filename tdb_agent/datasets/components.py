@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from tdb_agent.components import Component, parse_component
 from tdb_agent.engine import Engine
-from tdb_agent.engine.sites import kind_site, sae_site
+from tdb_agent.engine.component_sites import kind_site, sae_site
 from tdb_agent.errors import UnknownComponent
 
 

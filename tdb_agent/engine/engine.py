@@ -8,7 +8,7 @@ own modules, so numbers match a plain `transformers` forward (tested).
 Hook sites (TransformerLens names, shapes [batch, pos, ...]):
 
     hook_embed, hook_pos_embed (GPT-2)                      [b, s, d_model]
-    blocks.{l}.hook_resid_pre / hook_resid_mid / hook_resid_post
+    blocks.{l}.hook_resid_pre / hook_resid_mid (sequential blocks) / hook_resid_post
     blocks.{l}.attn.hook_q / hook_k / hook_v / hook_z       [b, s, heads, d_head]
     blocks.{l}.attn.hook_attn_scores / hook_pattern          [b, heads, q_pos, k_pos]
     blocks.{l}.hook_attn_out / hook_mlp_out                  [b, s, d_model]
@@ -16,8 +16,11 @@ Hook sites (TransformerLens names, shapes [batch, pos, ...]):
     blocks.{l}.mlp.hook_pre / hook_post                      [b, s, d_mlp]
     hook_resid_final, ln_final.hook_scale [b, s, 1], ln_final.hook_normalized, hook_logits
 
-A hook is `fn(tensor, site) -> tensor | None` (None keeps the tensor). Hooks live only
-inside `with engine.hooks({...}):`; they are removed on exit, also after an exception.
+A hook is `fn(tensor, site) -> tensor | None` (None keeps the tensor); what it returns
+flows on, at every site but ln_final.hook_scale (read only): engine/sites.py says where
+each change goes (resid_mid: into the MLP and into resid_post = resid_mid + mlp_out).
+Hooks live only inside `with engine.hooks({...}):`; they are removed on exit, also after
+an exception.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
 from tdb_agent.engine.placement import Devices, Placement, param, parse_device_map, parse_max_memory, plan, \
     placement, to_device
 from tdb_agent.engine.sae import SAESet
+from tdb_agent.engine.sites import install_hook
 from tdb_agent.engine.precision import cast_block_inputs, describe
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.engine.tokens import with_bos
@@ -249,6 +253,11 @@ class Engine:
 
     def check_site(self, site: str) -> None:
         if site not in self._module_sites and site not in self._computed_sites:
+            if self.spec.parallel_residual and site.startswith("blocks.") and site.endswith(".hook_resid_mid"):
+                raise UnknownSite(f"{site!r} does not exist in {self.spec.family}: its blocks run attention and the "
+                                  "MLP in parallel on the same input, so there is no residual stream between "
+                                  "them; hook blocks.{l}.hook_resid_pre (their shared input), hook_attn_out or "
+                                  "hook_mlp_out")
             close = get_close_matches(site, self.site_names(), n=3)
             raise UnknownSite(f"unknown hook site {site!r}" + (f"; did you mean {close}?" if close else ""))
 
@@ -287,22 +296,7 @@ class Engine:
 
     def _install(self, site: str):
         module, where = self._module_sites[site]
-        apply = self._state.apply
-        if where == "input":
-            def pre_hook(mod, args, kwargs):
-                if args:
-                    return (apply(site, args[0]),) + tuple(args[1:]), kwargs
-                kwargs = dict(kwargs)
-                kwargs["hidden_states"] = apply(site, kwargs["hidden_states"])
-                return args, kwargs
-            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-        def post_hook(mod, args, output):
-            if isinstance(output, tuple):
-                return (apply(site, output[0]),) + tuple(output[1:])
-            out = apply(site, output)
-            return out.clone() if where == "output_copy" else out  # what hooks saw stays as they saw it
-        return module.register_forward_hook(post_hook)
+        return install_hook(module, where, site, self._state.apply)
 
     def active_hook_count(self) -> int:
         """Hooks installed right now (0 outside a `hooks` block): for tests and health checks."""

@@ -9,7 +9,8 @@ the residual stream in float32 between and inside blocks (the block's own `resid
 then adds in float32), and each module a block calls on the stream (norms, attention, MLP,
 post-norms) gets its input cast to the model's dtype by a forward pre-hook: every matmul,
 norm and activation is the model's own half-precision computation on the rounded stream.
-Float32 models get no hooks at all."""
+Float32 models get no hooks at all. The hook on the stream between attention and MLP
+(hook_resid_mid) runs before the cast, so it sees float32 like resid_pre and resid_post."""
 
 from __future__ import annotations
 

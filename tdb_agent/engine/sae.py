@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
-from tdb_agent.engine.sites import SAE_HOOKS
+from tdb_agent.engine.component_sites import SAE_HOOKS, sae_site
 from tdb_agent.errors import TdbError
 
 Architecture = Literal["standard", "topk", "jumprelu"]
@@ -92,6 +92,11 @@ def site_of(hook_name: str, n_layers: int | None = None) -> tuple[int, str]:
     if n_layers is not None and not 0 <= layer < n_layers:
         raise SAEError(f"SAE hook_name {hook_name!r} is outside the model's layers 0..{n_layers - 1}")
     return layer, _SITE_KIND[name]
+
+
+#: the hook site an SAE at (layer, site) reads and writes: the name explain/ imports (the
+#: table itself is engine/component_sites.py)
+engine_site = sae_site
 
 
 class SAE(torch.nn.Module):

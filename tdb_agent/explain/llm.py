@@ -1,4 +1,6 @@
-"""LLM explainer and simulator through any OpenAI-compatible endpoint (`openai` client).
+"""LLM explainer and simulator. The model is any `TextModel` (a prompt in, a reply out):
+an OpenAI-compatible endpoint (`LLMClient`, `openai` client) here, or the MCP client's own
+model through sampling (supplied by the server wiring). The prompts are the same for both.
 
 Settings come from arguments or the environment: TDB_EXPLAINER_BASE_URL (else
 OPENAI_BASE_URL), TDB_EXPLAINER_MODEL (else TDB_AGENT_LLM_MODEL, else gpt-4o-mini) and
@@ -12,12 +14,22 @@ import json
 import os
 import re
 
+from typing import Protocol
+
 from pydantic import BaseModel, Field
 
 from tdb_agent import PROMPTS
 from tdb_agent.datasets.store import Example
 from tdb_agent.errors import TdbError
 
+
+class TextModel(Protocol):
+    """A language model as the explainer needs it: one prompt in, the reply's text out.
+    `name` says which model answered (it may change after the first reply, e.g. when the
+    MCP client reports the model it chose). Failures raise TdbError."""
+    name: str
+
+    def __call__(self, prompt: str) -> str: ...
 
 
 class ExplainerLLM(BaseModel):
@@ -41,7 +53,7 @@ class ExplainerLLM(BaseModel):
         return bool(self.base_url or self.api_key)
 
 
-def _template(name: str) -> str:
+def template(name: str) -> str:
     path = PROMPTS / name
     if not path.exists():
         raise TdbError(f"prompt template {path} is missing")
@@ -74,6 +86,13 @@ class LLMClient:
         self.client = OpenAI(base_url=settings.base_url, api_key=settings.api_key or "none",
                              timeout=settings.timeout_s, max_retries=settings.max_retries)
 
+    @property
+    def name(self) -> str:
+        return self.settings.model
+
+    def __call__(self, prompt: str) -> str:
+        return self._chat(prompt)
+
     def _chat(self, prompt: str) -> str:
         import openai
 
@@ -85,16 +104,28 @@ class LLMClient:
         return (r.choices[0].message.content or "").strip()
 
     def explain(self, component: str, examples: list[Example], top: float) -> str:
-        prompt = _template("explain_component.md").format(component=component,
-                                                          examples=format_examples(examples, top))
-        text = self._chat(prompt).splitlines()
-        text = next((t for t in text if t.strip()), "")
-        return text.strip().strip('"').removeprefix("Explanation:").strip()
+        return explain_with(self, component, examples, top)
 
     def simulate(self, explanation: str, tokens: list[str]) -> list[float]:
-        listing = "\n".join(f"{i}\t{t.strip() or repr(t)}" for i, t in enumerate(tokens))
-        prompt = _template("simulate_activations.md").format(explanation=explanation, n=len(tokens), tokens=listing)
-        return parse_activations(self._chat(prompt), len(tokens))
+        return simulate_with(self, explanation, tokens)
+
+
+def explain_with(model: TextModel, component: str, examples: list[Example], top: float) -> str:
+    """The model's one-line explanation from examples (prompts/explain_component.md); a
+    reply with no usable line is an error, not an empty explanation."""
+    prompt = template("explain_component.md").format(component=component, examples=format_examples(examples, top))
+    lines = model(prompt).splitlines()
+    text = next((t for t in lines if t.strip()), "").strip().strip('"').removeprefix("Explanation:").strip()
+    if not text or len(text) > 300:
+        raise TdbError(f"the explainer model ({model.name}) gave no usable explanation (reply {text[:80]!r}); "
+                       "try again or use method 'heuristic'")
+    return text
+
+
+def simulate_with(model: TextModel, explanation: str, tokens: list[str]) -> list[float]:
+    listing = "\n".join(f"{i}\t{t.strip() or repr(t)}" for i, t in enumerate(tokens))
+    prompt = template("simulate_activations.md").format(explanation=explanation, n=len(tokens), tokens=listing)
+    return parse_activations(model(prompt), len(tokens))
 
 
 def parse_activations(text: str, n: int) -> list[float]:
@@ -109,3 +140,18 @@ def parse_activations(text: str, n: int) -> list[float]:
             values = []
     values = [min(10.0, max(0.0, v)) for v in values[:n]]
     return values + [0.0] * (n - len(values))
+
+
+def parse_labels(text: str, n: int) -> list[bool] | None:
+    """The first JSON list of n 0/1 answers in the reply, or None when there is none of that
+    length (a malformed answer is not read as a row of 'no')."""
+    m = re.search(r"\[[^\[\]]*\]", text)
+    if not m:
+        return None
+    try:
+        values = json.loads(m.group(0))
+    except ValueError:
+        return None
+    if len(values) != n or not all(isinstance(v, (int, float, bool)) and v in (0, 1) for v in values):
+        return None
+    return [bool(v) for v in values]

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
-from tdb_agent.engine.sites import kind_site
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.basic import TokenPrediction
 from tdb_agent.ops.metrics import MetricName, make_metric

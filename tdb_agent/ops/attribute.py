@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from tdb_agent.engine import Engine
-from tdb_agent.engine.sites import EMBED_SITE, kind_site
+from tdb_agent.engine.component_sites import EMBED_SITE, kind_site
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import decompose, frozen_norm
 from tdb_agent.ops.metrics import Metric, MetricName, make_metric

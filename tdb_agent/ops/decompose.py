@@ -23,7 +23,7 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
-from tdb_agent.engine.sites import kind_site
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.ops.runs import CleanRun
 
 

@@ -19,7 +19,7 @@ import torch
 from tdb_agent.components import Component, hook_site
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import SAE, splice_hook
-from tdb_agent.engine.sites import sae_site
+from tdb_agent.engine.component_sites import sae_site
 from tdb_agent.engine.transcoder import tc_sizes
 from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.runs import CleanRun, reference_documents

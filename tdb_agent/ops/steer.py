@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from tdb_agent.components import parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
-from tdb_agent.engine.sites import kind_site
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import post_norm_factor
 from tdb_agent.ops.runs import RunCache, get_mean, reference_documents

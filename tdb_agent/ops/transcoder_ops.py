@@ -16,7 +16,7 @@ import torch
 
 from tdb_agent.components import Component
 from tdb_agent.engine import Engine
-from tdb_agent.engine.sites import kind_site
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.runs import CleanRun, reference_documents
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from tdb_agent.components import Component
 from tdb_agent.engine import Engine
+from tdb_agent.ops.lens import top_tokens
 
 
 class TokenScore(BaseModel):
@@ -46,19 +47,9 @@ def _unit_stats(name: str, mats: torch.Tensor, index: int, bias: torch.Tensor | 
 def _token_effects(engine: Engine, direction: torch.Tensor, k: int = 8) -> tuple[list[TokenScore], list[TokenScore]]:
     """Logit effect of adding `direction` [d_model] to the final residual stream, through the
     final norm with its per-token scale frozen (so only its centring and gain apply)."""
-    v = direction.detach().float()
-    if engine.spec.norm == "layernorm":
-        v = v - v.mean()
-    gain = engine.adapter.norm_gain(engine.adapter.final_norm())
-    if gain is not None:
-        v = v * gain.detach().float()
-    logits = v @ engine.adapter.W_U().detach().float()
-    k = min(k, logits.numel())
-    top, bottom = logits.topk(k), (-logits).topk(k)
-    tok = lambda i: engine.str_tokens([i])[0]  # noqa: E731
-    return ([TokenScore(token=tok(i), score=round(float(s), 5)) for s, i in zip(top.values, top.indices.tolist())],
-            [TokenScore(token=tok(i), score=round(-float(s), 5)) for s, i in zip(bottom.values,
-                                                                                   bottom.indices.tolist())])
+    up, down = top_tokens(engine, direction, k)
+    return ([TokenScore(token=t, score=round(s, 5)) for t, s in up],
+            [TokenScore(token=t, score=round(s, 5)) for t, s in down])
 
 
 @torch.no_grad()

@@ -16,9 +16,11 @@ from tdb_agent.service.examples import attach_dataset
 
 
 def register_sae_tools(mcp: MCPServer, bench, *, dataset: str | Path | None = None,
-                       llm: ExplainerLLM | None = None, cache_dir: str | Path | None = None) -> None:
+                       llm: ExplainerLLM | None = None, cache_dir: str | Path | None = None,
+                       sampling_timeout_s: float = 120.0) -> None:
     """Open `dataset` (default: the bundled one, if it fits the model) on `bench`, then add
-    the dataset tools and page sections; the explainer uses `llm` and `cache_dir`."""
+    the dataset tools and page sections; the explainer uses `llm` and `cache_dir`, else the
+    client's model through sampling (each request waits at most `sampling_timeout_s`)."""
     if getattr(bench, "dataset", None) is None:
         try:
             attach_dataset(bench, dataset)
@@ -27,5 +29,6 @@ def register_sae_tools(mcp: MCPServer, bench, *, dataset: str | Path | None = No
                 raise
             bench.dataset = None
     bench.explainers = Explainers(llm, cache_dir)
+    bench.sampling_timeout_s = sampling_timeout_s
     add_tools(mcp, bench, DATASET_TOOLS)
     add_page_sections(bench)

@@ -1,19 +1,22 @@
 """A `service.tool.Tool` as an MCP tool: its argument model becomes the tool's parameters
 (same names, types, limits and descriptions on the wire), its description the tool's, and
 its body runs through `service.running` (engine lock, readable errors; long tools in a worker
-thread with progress and cancellation). A tool with a `content` hook returns that content
+thread with progress and cancellation; tools that sample get the client's model, where it
+offers sampling, as `Job.model`). A tool with a `content` hook returns that content
 (e.g. a PNG beside the JSON) with its result as the structured output."""
 
 # no `from __future__ import annotations`: the SDK evaluates the wrapper's signature
 import inspect
 from typing import Annotated, Any
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult
 from pydantic import ValidationError
 
+from tdb_agent.server.sampling import SamplingModel, sampling_unavailable
 from tdb_agent.service.running import readable, run_long_tool, run_tool
 from tdb_agent.service.tool import Job, Tool, specialise
 from tdb_agent.workbench import Limits, Workbench
@@ -51,6 +54,13 @@ def add_tool(mcp: MCPServer, bench: Workbench, tool: Tool) -> None:
         async def wrapper(ctx: Context | None = None, **kwargs):
             args = parse(kwargs)
             return await run_long_tool(bench, ctx, tool.name, lambda progress, stop: body(args, Job(progress, stop)))
+    elif tool.samples:  # the client's own model through MCP sampling, asked from a worker thread
+        async def wrapper(ctx: Context | None = None, **kwargs):
+            args = parse(kwargs)
+            why = sampling_unavailable(ctx)
+            model = None if why else SamplingModel(ctx, timeout_s=getattr(bench, "sampling_timeout_s", 120.0))
+            job = Job(model=model, no_model=why)
+            return await anyio.to_thread.run_sync(lambda: run_tool(bench, tool.name, lambda: body(args, job)))
     else:
         def wrapper(**kwargs):
             args = parse(kwargs)
@@ -58,7 +68,7 @@ def add_tool(mcp: MCPServer, bench: Workbench, tool: Tool) -> None:
 
     wrapper.__name__ = tool.name
     wrapper.__doc__ = tool.description
-    wrapper.__signature__ = _signature(model, returns, with_context=tool.long)
+    wrapper.__signature__ = _signature(model, returns, with_context=tool.long or tool.samples)
     wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
     wrapper.__annotations__["return"] = returns
     mcp.add_tool(wrapper, name=tool.name, description=tool.description, annotations=tool.annotations)

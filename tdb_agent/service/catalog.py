@@ -4,12 +4,12 @@ resume logic reads their annotations."""
 
 from __future__ import annotations
 
-from tdb_agent.service import causal_tools, circuit_tools, dataset_tools, graph_tools, model_tools
+from tdb_agent.service import causal_tools, circuit_tools, dataset_tools, graph_tools, lens_tools, model_tools
 from tdb_agent.service.tool import Tool
 
-_model = {t.name: t for t in model_tools.TOOLS + causal_tools.TOOLS}
+_model = {t.name: t for t in model_tools.TOOLS + causal_tools.TOOLS + lens_tools.TOOLS}
 _ORDER = ["model_info", "tokenize", "predict", "list_tasks", "attribute", "ablate", "ablation_sweep", "patch",
-          "trace_upstream", "attention_pattern", "steer"]
+          "trace_upstream", "attention_pattern", "steer", "logit_lens", "direct_logit_attribution"]
 assert set(_ORDER) == set(_model), "list every model tool in _ORDER"
 
 MODEL_TOOLS: list[Tool] = [_model[n] for n in _ORDER]

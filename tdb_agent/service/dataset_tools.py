@@ -72,22 +72,36 @@ def top_examples(bench, args: TopExamplesArgs, job: Job) -> TopExamplesResult:
 class ExplainArgs(ToolArgs):
     component: Annotated[str, Field(min_length=1, max_length=64, description="a neuron, head or SAE latent id")]
     method: Annotated[Literal["auto", "llm", "heuristic"], Field(
-        description="heuristic: offline, from the top examples; llm: an OpenAI-compatible model writes it; "
-                    "auto: llm when one is configured, else heuristic")] = "auto"
+        description="heuristic: offline, from the top examples; llm: a language model writes and reads it (the "
+                    "configured OpenAI-compatible endpoint, else your own model through MCP sampling); auto: llm "
+                    "when one is available, else heuristic")] = "auto"
     refresh: Annotated[bool, Field(description="recompute instead of using the cache")] = False
 
 
 def explain_component(bench, args: ExplainArgs, job: Job) -> Explanation:
     """What does this component do? A short explanation from its top dataset examples,
-    with a simulation score (correlation of activations predicted from the explanation
-    with the true ones on held-out top and random examples; 1 = perfect) and the scored
-    examples. Example: explain_component(component="L2.resid.F17")"""
-    return explainer(bench).explain(args.component, args.method, refresh=args.refresh)
+    with three scores, each with its number of examples and a 95% interval: detection
+    (can a reader tell contexts where it fires from ones where it does not, hard
+    negatives included; balanced accuracy, 0.5 = chance), fuzzing (are the tokens it
+    fires on the ones the explanation points at; 0.5 = chance) and simulation (`score`:
+    correlation of predicted with true activations; 0 = none). `writer` and `simulator`
+    say which model wrote and which scored it; `note` says when the scores are at chance
+    or a fallback was taken. Example: explain_component(component="L2.resid.F17")"""
+    x = explainer(bench)
+    model, no_model = None, None
+    if args.method != "heuristic" and not x.llm_settings.configured:  # no endpoint: the caller's model, if any
+        model = job.model
+        if model is None:
+            no_model = f"{job.no_model or 'no language model was offered'} and no explainer endpoint is configured " \
+                       "(TDB_EXPLAINER_BASE_URL)"
+            if args.method == "llm":
+                raise TdbError(f"method 'llm' needs a language model, but {no_model}; use method 'heuristic'")
+    return x.explain(args.component, args.method, refresh=args.refresh, model=model, no_model=no_model)
 
 
 TOOLS: list[Tool] = [
     Tool("top_examples", TopExamplesArgs, top_examples, READ_ONLY, tags=DATASET),
-    Tool("explain_component", ExplainArgs, explain_component, READ_ONLY, tags=DATASET),
+    Tool("explain_component", ExplainArgs, explain_component, READ_ONLY, tags=DATASET, samples=True),
 ]
 
 

@@ -148,11 +148,16 @@ def specialise(model: type[A], lim: Limits) -> type[A]:
 # ------------------------------------------------------------------ jobs and tools
 @dataclass
 class Job:
-    """What a running tool may use besides its arguments: progress reports (done, total)
-    and a stop flag that a cancelled call sets (long tools stop at their next batch)."""
+    """What a running tool may use besides its arguments: progress reports (done, total),
+    a stop flag that a cancelled call sets (long tools stop at their next batch), and for
+    tools that ask a language model (`Tool.samples`) the caller's model, if it offers one
+    (`model`: a prompt -> reply callable with a `name`, e.g. the MCP client's model through
+    sampling; `no_model`: why there is none)."""
 
     progress: Callable[[int, int], None] = lambda done, total: None
     should_stop: Callable[[], bool] = lambda: False
+    model: Any = None
+    no_model: str | None = None
 
 
 def summary(fn: Callable) -> str:
@@ -172,6 +177,7 @@ class Tool(Generic[A, R]):
     annotations: ToolAnnotations
     long: bool = False  # reports progress and can be cancelled: runs in a worker thread
     tags: frozenset[str] = field(default_factory=frozenset)  # e.g. {"dataset"}: registered only where one is loaded
+    samples: bool = False  # may ask the caller's language model (Job.model): runs in a worker thread
     op: Callable | None = None  # the op it wraps: its summary opens the description
     #: builds the MCP content from the result (e.g. a picture beside the JSON); the
     #: structured result stays `fn`'s, and the viewer's routes use that

@@ -8,10 +8,11 @@ logits it needs), and exposes the weights in TransformerLens layouts:
     W_out [d_mlp, d_model]  b_out [d_model]
     W_U [d_model, vocab]   b_U [vocab]
 
-Module sites are (module, "input" | "output"): a forward pre-hook rewrites the module's
-first input, a forward hook its output. `hook_attn_out` / `hook_mlp_out` are what the
-block writes into the residual stream: after the post-norm in families that have one
-(Gemma-2/3, OLMo-2). Attention internals are served by `engine.attention`.
+Module sites are (module, Where): a forward pre-hook rewrites the module's first input, a
+forward hook its output; "stream" (hook_resid_mid) rewrites the block's own residual tensor
+in place, so the change reaches the MLP and resid_post (engine/sites.py). `hook_attn_out` /
+`hook_mlp_out` are what the block writes into the residual stream: after the post-norm in
+families that have one (Gemma-2/3, OLMo-2). Attention internals are served by `engine.attention`.
 
 A family names its modules in class attributes (BLOCKS, ATTN, O_PROJ, MLP_ACT, ...: the
 Llama layout is the default) and overrides methods only where its computation differs.
@@ -34,7 +35,9 @@ from torch import nn
 from tdb_agent.engine.placement import param
 from tdb_agent.engine.spec import ModelSpec
 
-Where = Literal["input", "output", "output_copy"]  # output_copy: the block changes it in place
+# output_copy: the block changes the output in place; stream: the input is the block's own
+# residual stream tensor, which hooks rewrite in place (engine/sites.py)
+Where = Literal["input", "output", "output_copy", "stream"]
 
 
 class Adapter:
@@ -98,8 +101,10 @@ class Adapter:
         return self._in_block(layer, self.LN2)
 
     def resid_mid_site(self, layer: int) -> tuple[nn.Module, Where]:
-        """Where the residual stream between attention and MLP can be hooked."""
-        return (self.ln2(layer), "input") if self.LN2 else (self.mlp(layer), "input")
+        """Where the residual stream between attention and MLP can be hooked: the input of
+        the first module the block calls on it, which is the same tensor the block adds to
+        the MLP's output (every sequential family, tested)."""
+        return (self.ln2(layer), "stream") if self.LN2 else (self.mlp(layer), "stream")
 
     def post_attn_norm(self, layer: int) -> nn.Module | None:
         return self._in_block(layer, self.POST_ATTN_NORM)

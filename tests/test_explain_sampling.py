@@ -1,0 +1,151 @@
+"""The MCP client's own model as explainer and reader, through MCP sampling: a real MCP
+client session (in-process, handshake protocol, which carries server-to-client requests)
+whose sampling callback is scripted; refusals, malformed answers and timeouts; clients
+without sampling fall back to the heuristic and say so."""
+
+import asyncio
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+from mcp import Client, types
+from mcp.server import MCPServer
+
+from tdb_agent.explain import ExplainerLLM
+from tdb_agent.server.sae_tools import register_sae_tools
+from tdb_agent.tasks import vocab as V
+from tests.test_explain import setup  # noqa: F401  (the tiny model's dataset fixture)
+
+OFF = ExplainerLLM(base_url=None, api_key=None)
+
+
+def names_reader(prompt: str) -> str:
+    """What a model that reads 'fires on names' literally would answer."""
+    if "Predict its activation" in prompt:
+        toks = re.findall(r"^\d+\t(.*)$", prompt, flags=re.M)
+        return json.dumps([10 if t in V.NAMES else 0 for t in toks])
+    if "Context 1:" in prompt:
+        blocks = re.split(r"^Context \d+:\n", prompt, flags=re.M)[1:]
+        return json.dumps([int(any(t.strip("<>") in V.NAMES for t in b.split("\n\n")[0].splitlines()))
+                           for b in blocks])
+    return "fires on names of people"
+
+
+def scripted(answer=names_reader, model="scripted-model-1"):
+    seen = []
+
+    async def callback(context, params: types.CreateMessageRequestParams):
+        prompt = params.messages[-1].content.text
+        seen.append(params)
+        reply = answer(prompt)
+        if isinstance(reply, types.ErrorData):
+            return reply
+        if isinstance(reply, float):  # sleep, then answer
+            await asyncio.sleep(reply)
+            reply = names_reader(prompt)
+        return types.CreateMessageResult(role="assistant", model=model,
+                                         content=types.TextContent(type="text", text=reply))
+    return callback, seen
+
+
+def call(folder, e, tmp_path, args, callback=None, mode="legacy", timeout_s=30.0):
+    mcp = MCPServer("t")
+    register_sae_tools(mcp, SimpleNamespace(engine=e), dataset=folder, cache_dir=tmp_path, llm=OFF,
+                       sampling_timeout_s=timeout_s)
+
+    async def go():
+        async with Client(mcp, sampling_callback=callback, mode=mode) as c:
+            return await c.call_tool("explain_component", args)
+    return asyncio.run(go())
+
+
+def test_the_clients_model_writes_and_reads_the_explanation(setup, tmp_path):  # noqa: F811
+    e, ds, folder, _ = setup
+    cb, seen = scripted()
+    r = call(folder, e, tmp_path, {"component": "L0.N5", "method": "auto"}, cb)
+    assert not r.is_error, r.content
+    out = r.structured_content
+    assert out["method"] == "llm" and out["explanation"] == "fires on names of people"
+    assert out["writer"] == out["simulator"] == "llm:scripted-model-1 (MCP client)"
+    # the same prompts as the OpenAI path: the explanation prompt first, then one simulation per
+    # held-out example, then batched detection and fuzzing requests
+    prompts = [p.messages[-1].content.text for p in seen]
+    assert prompts[0].startswith("We are studying a component (L0.N5)")
+    top, rand = ds.examples("L0.N5", "top"), ds.examples("L0.N5", "random")
+    assert sum("Predict its activation" in p for p in prompts) == len(top[1::2]) + len(rand)
+    assert len(prompts) == 1 + out["cost"]["reader_calls"]
+    assert all(p.temperature == 0 and p.max_tokens > 0 for p in seen)
+    det, fuz, sim = out["scores"]
+    assert det["reader"] == "llm:scripted-model-1 (MCP client)" and det["value"] is not None
+    assert sim["value"] == pytest.approx(out["score"])
+
+
+def test_refusal_timeout_and_malformed_answers_fall_back_and_say_so(setup, tmp_path):  # noqa: F811
+    e, _, folder, _ = setup
+    refuse, _ = scripted(lambda p: types.ErrorData(code=-1, message="User rejected sampling request"))
+    r = call(folder, e, tmp_path, {"component": "L0.N6", "method": "auto"}, refuse)
+    assert not r.is_error and r.structured_content["method"] == "heuristic"
+    assert "declined" in r.structured_content["note"] and "User rejected" in r.structured_content["note"]
+    r = call(folder, e, tmp_path, {"component": "L0.N6", "method": "llm"}, refuse)
+    assert r.is_error and "declined the sampling request" in r.content[0].text
+    slow, _ = scripted(lambda p: 5.0)
+    r = call(folder, e, tmp_path, {"component": "L0.N7", "method": "auto"}, slow, timeout_s=0.3)
+    assert r.structured_content["method"] == "heuristic" and "did not answer within 0.3 s" in r.structured_content["note"]
+    garbage, _ = scripted(lambda p: "   \n")  # an empty explanation
+    r = call(folder, e, tmp_path, {"component": "L0.N8", "method": "llm"}, garbage)
+    assert r.is_error and "no usable explanation" in r.content[0].text
+    # a reader that answers detection and fuzzing in prose: those scores are missing, and say why
+    prose, _ = scripted(lambda p: "I think so." if "Context 1:" in p else names_reader(p))
+    r = call(folder, e, tmp_path, {"component": "L0.N9", "method": "llm"}, prose)
+    det, fuz, sim = r.structured_content["scores"]
+    assert det["value"] is None and "malformed" in det["note"] and fuz["value"] is None
+    assert sim["value"] is not None and r.structured_content["method"] == "llm"
+
+
+def test_clients_without_sampling_get_the_heuristic_and_are_told(setup, tmp_path):  # noqa: F811
+    e, _, folder, _ = setup
+    r = call(folder, e, tmp_path, {"component": "L1.N3"})  # no sampling callback
+    assert r.structured_content["method"] == "heuristic"
+    assert "does not offer sampling" in r.structured_content["note"]
+    r = call(folder, e, tmp_path, {"component": "L1.N3", "method": "llm"})
+    assert r.is_error and "does not offer sampling" in r.content[0].text
+    # the 2026-07-28 protocol has no server-to-client requests: said so, heuristic
+    cb, seen = scripted()
+    r = call(folder, e, tmp_path, {"component": "L1.N3"}, cb, mode="auto")
+    assert r.structured_content["method"] == "heuristic" and "cannot carry requests" in r.structured_content["note"]
+    assert not seen
+    r = call(folder, e, tmp_path, {"component": "L1.N3", "method": "heuristic"}, cb)
+    assert r.structured_content["note"] is None or "fallback" not in r.structured_content["note"]
+    assert not seen  # heuristic never asks the client
+
+
+@pytest.mark.slow  # two server subprocesses loading the bundled model (~50 s on a shared CPU)
+def test_explain_component_over_stdio_with_and_without_sampling(bundled, tmp_path):
+    """`tdb-agent serve` (bundled model and dataset) as a subprocess: a client without
+    sampling gets the heuristic and is told why; a client with sampling (handshake
+    protocol, as today's desktop clients speak) gets its own model's explanation."""
+    import os
+    import sys
+
+    from mcp import StdioServerParameters
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TDB_EXPLAINER_"))}
+    params = StdioServerParameters(command=sys.executable, args=["-m", "tdb_agent.cli", "serve"],
+                                   env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                        "TDB_WORKSPACE": str(tmp_path / "ws"), "TDB_CACHE_DIR": str(tmp_path)})
+    cb, seen = scripted()
+
+    async def go():
+        async with Client(params, read_timeout_seconds=120) as c:
+            plain = await c.call_tool("explain_component", {"component": "L0.resid.F15"})
+        async with Client(params, read_timeout_seconds=120, sampling_callback=cb, mode="legacy") as c:
+            sampled = await c.call_tool("explain_component", {"component": "L0.resid.F15"})
+        return plain, sampled
+
+    plain, sampled = asyncio.run(go())
+    assert not plain.is_error and plain.structured_content["method"] == "heuristic"
+    assert "does not offer sampling" in plain.structured_content["note"]
+    assert [s["name"] for s in plain.structured_content["scores"]] == ["detection", "fuzzing", "simulation"]
+    assert not sampled.is_error, sampled.content
+    assert sampled.structured_content["writer"] == "llm:scripted-model-1 (MCP client)" and seen
