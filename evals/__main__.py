@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from evals import constructed, explanations, reference
+from evals.edge_methods import EDGE_METHODS
 from evals.methods import AGENT_METHODS, RANKING_METHODS, Case, MethodResult, score_case
 from evals.report import TRACR_NOTE, Results, write
 from tdb_agent.circuits import PromptPair
 from tdb_agent.tasks import task_examples
 
 HERE = Path(__file__).resolve().parent
-METHODS = list(RANKING_METHODS) + list(AGENT_METHODS)
+METHODS = list(RANKING_METHODS) + list(EDGE_METHODS) + list(AGENT_METHODS)
 QUICK_METHODS = [m for m in METHODS if m != "scripted_planner_both"]  # --quick (CI) keeps its time
 
 
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print("tier 4: bundled model tasks", flush=True)
         tasks = ["ioi"] if args.quick else ["ioi", "induction", "greater_than", "facts"]
         for case in bundled_cases(tasks, 16):
-            results += score_case(case, (list(RANKING_METHODS) + ["scripted_planner"]) if args.quick else methods,
+            quick_bundled = list(RANKING_METHODS) + list(EDGE_METHODS) + ["scripted_planner"]
+            results += score_case(case, quick_bundled if args.quick else methods,
                                   keep)
         print("explanations", flush=True)
         expl = explanations.run(str(root / "constructed" / "class_neuron"), quick=args.quick)

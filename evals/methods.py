@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from evals.cost import Cost, count_passes
+from evals.edge_methods import EDGE_METHODS, score_edges
 from evals.scoring import SetScores, cpr_cmd, first_reaching, ranking, roc_auc, set_scores
 from tdb_agent import ops
 from tdb_agent.circuits import Evaluator, PromptPair, keep_set
@@ -257,8 +258,12 @@ def score_case(case: Case, methods: list[str], keep_runs: Path | None = None, lo
     out = [truth]
     for method in methods:
         try:
-            r = (score_ranking(engine, case, curves, method) if method in RANKING_METHODS
-                 else score_agent(engine, case, curves, method, keep_runs))
+            if method in RANKING_METHODS:
+                r = score_ranking(engine, case, curves, method)
+            elif method in EDGE_METHODS:
+                r = score_edges(engine, case, curves, method)
+            else:
+                r = score_agent(engine, case, curves, method, keep_runs)
         except Exception as e:
             r = MethodResult(tier=case.tier, case=case.name, method=method,
                              status=f"failed: {type(e).__name__}: {str(e)[:200]}",

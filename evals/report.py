@@ -116,6 +116,13 @@ def markdown(res: Results) -> str:
          f"faithfulness, marked '(max f)', when none reaches it. CPR / CMD: area under f and under |1 − f| "
          f"over k/N for k = 0..N (MIB; CPR higher and CMD lower are better). Choosing k costs the "
          f"faithfulness curve's passes, which are not in the method's cost.",
+         "* Edge methods (`eap`, `eap_ig` with 5 steps; tdb_agent.ops.edges) score every edge of the ACDC/MIB "
+         "edge graph (each head's q, k and v input a receiver of its own) against the corrupted prompts, on all "
+         "16 pairs; their circuit is the fewest top edges whose exact edge-patched faithfulness reaches "
+         f"{THRESHOLD} (corrupted reference). k counts edges; 'circuit' lists the nodes they imply; edge F1 "
+         "collapses edges to (sender, receiving component) pairs without EMB; the node faithfulness is that of "
+         "the implied nodes. Their CPR / CMD are areas over the MIB edge budgets (0.1 % … 100 % of edges; mean "
+         "and corrupted references), not over k/N of the node universe.",
          "* The scripted planner (`tdb_agent.agent.planner` through `tdb_agent.agent.discover`: `discover.run` "
          "for bundled tasks, an in-process MCP session with the case's first 8 pairs otherwise) returns a "
          "circuit; it is re-validated here on the case's 16 pairs ('own report': the faithfulness the planner itself "

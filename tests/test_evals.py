@@ -206,6 +206,13 @@ def test_quick_evals_run_and_score_the_constructed_cases(tmp_path):
             assert sweep["nodes"]["f1"] == 1.0 and sweep["auc"] == 1.0
         assert rows[("constructed", case, "(truth)")]["faithfulness"]["resample"] > 0.95
         assert rows[("constructed", case, "scripted_planner")]["status"] == "ok"
+    for case in ("induction", "induction_backup", "class_neuron"):  # EAP-IG recovers the true edges
+        assert rows[("constructed", case, "eap_ig")]["edges"]["f1"] == 1.0
+    assert rows[("constructed", "names", "eap_ig")]["edges"]["f1"] >= 0.6
+    # EAP's straight-line estimate saturates where a backup head covers for another; EAP-IG does not
+    assert rows[("constructed", "induction_backup", "eap")]["edges"]["f1"] < 0.5
+    ig = rows[("bundled", "ioi", "eap_ig")]
+    assert ig["cpr"]["resample"] > rows[("bundled", "ioi", "direct_effect")]["cpr"]["resample"]
     # the confounder head has a large direct effect: direct effect alone misses the induction circuit
     assert rows[("constructed", "induction", "direct_effect")]["nodes"]["f1"] < 1.0
     assert rows[("constructed", "induction", "scripted_planner")]["cost"]["forward_passes"] > 0

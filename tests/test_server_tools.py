@@ -42,6 +42,11 @@ CALLS = {
     "circuit_prune": {"name": "conformance", "threshold": 0.5, "into": "conformance-pruned"},
     "circuit_export": {"name": "conformance", "format": "dot"},
     "circuit_remove": {"name": "conformance", "nodes": ["L0.H1"]},
+    # edge tools (tdb_agent/service/edge_tools.py)
+    "edge_attribution": {"task": "ioi", "n_pairs": 2, "method": "eap", "top_k": 5},
+    "edge_circuit": {"name": "conformance-edges", "task": "ioi", "n_pairs": 2, "method": "eap", "n_edges": 8,
+                     "overwrite": True},
+    "edge_faithfulness": {"task": "ioi", "n_pairs": 2, "method": "eap-ig", "steps": 2, "budgets": [0.1, 0.5, 1.0]},
 }
 
 

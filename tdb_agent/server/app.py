@@ -17,7 +17,7 @@ from tdb_agent.server.prompts import PROMPTS_DIR, register_prompts
 from tdb_agent.server.resources import register_resources
 from tdb_agent.server.sae_tools import register_sae_tools
 from tdb_agent.server.tools import add_tools
-from tdb_agent.service.catalog import GRAPH_TOOLS, MODEL_TOOLS
+from tdb_agent.service.catalog import EDGE_TOOLS, GRAPH_TOOLS, MODEL_TOOLS
 from tdb_agent.service.graph_tools import has_graph_features
 from tdb_agent.service.examples import attach_dataset
 from tdb_agent.workbench import Workbench
@@ -46,6 +46,7 @@ def build_server(bench: Workbench, *, token_verifier: TokenVerifier | None = Non
                     middleware=[guard], log_level=level if level in ("DEBUG", "INFO", "ERROR") else "WARNING")
     guard.server = mcp
     add_tools(mcp, bench, MODEL_TOOLS)
+    add_tools(mcp, bench, EDGE_TOOLS)
     if has_graph_features(bench):  # attribution graphs: only with transcoders or residual SAEs
         add_tools(mcp, bench, GRAPH_TOOLS)
     register_circuit_tools(mcp, bench)

@@ -205,6 +205,18 @@ class Adapter:
     def b_O(self, layer: int) -> torch.Tensor | None:
         return self._p(self.attn_out_proj(layer), "bias")
 
+    def W_QKV(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_Q [heads, d_model, d_head], W_K and W_V [kv_heads, d_model, d_head] (no biases,
+        before rotary): what each head reads from the normalised residual stream. Default:
+        separate q_proj / k_proj / v_proj linears (the Llama layout)."""
+        a = self.attn(layer)
+        dh = self.W_O(layer).shape[1]
+
+        def heads(lin):
+            w = self._p(lin)  # [n * dh, d]
+            return w.T.reshape(w.shape[1], -1, dh).transpose(0, 1)
+        return heads(a.q_proj), heads(a.k_proj), heads(a.v_proj)
+
     def W_out(self, layer: int) -> torch.Tensor:
         return self._p(self.mlp_out_proj(layer)).T
 

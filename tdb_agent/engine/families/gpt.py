@@ -26,12 +26,19 @@ class GPT2Adapter(Adapter):
     def W_out(self, layer):
         return self._p(self.mlp_out_proj(layer))  # [d_mlp, d]
 
+    def W_QKV(self, layer):
+        w = self._p(self.attn(layer).c_attn)  # [d, 3 * h * dh]
+        d, h = w.shape[0], self.config.num_attention_heads
+        return tuple(part.reshape(d, h, -1).transpose(0, 1) for part in w.split(w.shape[1] // 3, dim=1))
+
 
 class GPTNeoAdapter(GPT2Adapter):
     """GPT-Neo: GPT-2's layout with nn.Linear weights, unscaled attention scores, and local
     layers that see the last `window_size` keys. Its attention does not go through
     transformers' attention interface, so the adapter routes each layer's `_attn` (the
     score-softmax-mix step, after q/k/v are split into heads) to the engine's attention."""
+
+    W_QKV = Adapter.W_QKV  # separate q/k/v projections under attn.attention, not GPT-2's c_attn
 
     family = "gpt_neo"
     ATTN, O_PROJ = "attn.attention", "attn.attention.out_proj"
@@ -103,6 +110,12 @@ class NeoXAdapter(Adapter):
     def __init__(self, model):
         super().__init__(model)
         self.parallel_residual = bool(model.config.use_parallel_residual)
+
+    def W_QKV(self, layer):
+        w = self._p(self.attn(layer).query_key_value)  # [h * 3 * dh, d], rows (head, q|k|v, dh)
+        h = self.config.num_attention_heads
+        w = w.reshape(h, 3, -1, w.shape[-1]).transpose(-1, -2)  # [h, 3, d, dh]
+        return w[:, 0], w[:, 1], w[:, 2]
 
 
 class GPTJAdapter(Adapter):

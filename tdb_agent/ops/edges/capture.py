@@ -1,0 +1,211 @@
+"""What edge methods read from a run: the prompt pairs batched by length, every sender's
+output, and the gradient of the metric at every receiver's own input.
+
+Sender outputs [b, s, n_senders, d]: EMB is the residual stream entering block 0 (token and
+position embeddings), a head's output is z_h · W_O[h] (its bias-free write), an MLP's is the
+block's output. Biases are the same in every run, so they cancel in every difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from tdb_agent.engine import Engine
+from tdb_agent.errors import TdbError
+from tdb_agent.ops.decompose import frozen_norms
+from tdb_agent.ops.edges.graph import EdgeGraph, check_supported
+from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp, rotary_tables, rotate
+from tdb_agent.ops.metrics import MetricName, make_metric
+from tdb_agent.ops.runs import RunCache, get_means
+
+
+class Pair(Protocol):
+    """A prompt pair (circuits.pairs.PromptPair has this shape)."""
+
+    prompt: str
+    corrupted_prompt: str | None
+    target: str
+    distractor: str | None
+
+
+@dataclass
+class PairGroup:
+    """Pairs of one token length, batched together."""
+
+    index: list[int]
+    ids: torch.Tensor  # [n, s]
+    corrupted: torch.Tensor | None  # [n, s]
+    target: torch.Tensor  # [n]
+    distractor: torch.Tensor | None  # [n]
+
+
+def group_pairs(engine: Engine, pairs: Sequence[Pair], need_corrupted: bool,
+                metric: MetricName | None = None) -> tuple[list[PairGroup], MetricName]:
+    """Tokenise the pairs, check them, and group them by length (one batch per length)."""
+    check_supported(engine)
+    if not pairs:
+        raise TdbError("edge methods need at least one prompt pair")
+    name: MetricName = metric or ("logit_diff" if all(p.distractor for p in pairs) else "logprob")
+    rows: dict[int, list] = {}
+    for i, p in enumerate(pairs):
+        m = make_metric(engine, p.target, p.distractor if name == "logit_diff" else None, name)
+        ids = engine.to_tokens(p.prompt)
+        cids = None
+        if need_corrupted:
+            if not p.corrupted_prompt:
+                raise TdbError(f"pair {i} has no corrupted_prompt; the corrupted reference needs one for every "
+                               "pair (or use reference='mean')")
+            cids = engine.to_tokens(p.corrupted_prompt)
+            if cids.shape[1] != ids.shape[1]:
+                raise TdbError(f"pair {i}: the corrupted prompt has {cids.shape[1]} tokens but the prompt has "
+                               f"{ids.shape[1]}; edge patching needs prompts of the same length")
+        rows.setdefault(ids.shape[1], []).append((i, ids, cids, m))
+    groups = []
+    dev = engine.device
+    for rs in rows.values():
+        groups.append(PairGroup(
+            index=[r[0] for r in rs], ids=torch.cat([r[1] for r in rs]),
+            corrupted=torch.cat([r[2] for r in rs]) if need_corrupted else None,
+            target=torch.tensor([r[3].target_id for r in rs], device=dev),
+            distractor=torch.tensor([r[3].distractor_id for r in rs], device=dev) if name == "logit_diff" else None))
+    return groups, name
+
+
+def metric_rows(logits: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None) -> torch.Tensor:
+    """The metric of each row from last-position logits [n, vocab] (docs/DESIGN.md §4)."""
+    t = logits.gather(-1, target[:, None])[:, 0]
+    if distractor is not None:
+        return t - logits.gather(-1, distractor[:, None])[:, 0]
+    return t.float() - torch.logsumexp(logits.float(), dim=-1)
+
+
+def sender_sites(engine: Engine) -> list[str]:
+    sites = ["blocks.0.hook_resid_pre"]
+    for l in range(engine.spec.n_layers):
+        sites += [f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out"]
+    return sites
+
+
+def head_outputs(engine: Engine, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """Each head's write z_h · W_O[h]: [..., heads, d_head] -> [..., heads, d_model]."""
+    return torch.einsum("...hk,hkd->...hd", z, engine.adapter.W_O(layer).to(z.dtype))
+
+
+def senders_from(engine: Engine, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sender outputs [b, s, n_senders, d] (or [n_senders, d] from means) from captured sites."""
+    parts = [acts["blocks.0.hook_resid_pre"].unsqueeze(-2)]
+    for l in range(engine.spec.n_layers):
+        parts += [head_outputs(engine, l, acts[f"blocks.{l}.attn.hook_z"]),
+                  acts[f"blocks.{l}.hook_mlp_out"].unsqueeze(-2)]
+    return torch.cat(parts, dim=-2)
+
+
+@torch.no_grad()
+def run_senders(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
+    """Sender outputs of a plain run of `ids` [b, s] -> [b, s, n_senders, d]."""
+    _, acts = engine.run_with_cache(ids, sender_sites(engine), logit_positions=[-1], logit_ids=[0])
+    return senders_from(engine, acts)
+
+
+def mean_senders(engine: Engine, cache: RunCache | None) -> torch.Tensor:
+    """Sender outputs averaged over the reference corpus (ops/runs.py): [n_senders, d]."""
+    return senders_from(engine, get_means(engine, sender_sites(engine), cache))
+
+
+def mean_embedding(engine: Engine, cache: RunCache | None) -> torch.Tensor:
+    """The mean token embedding (`hook_embed`) over the reference corpus: [d]."""
+    return get_means(engine, ["hook_embed"], cache)["hook_embed"]
+
+
+def _norms(engine: Engine) -> list[torch.nn.Module]:
+    a = engine.adapter
+    return [m for l in range(engine.spec.n_layers) for m in (a.ln1(l), a.ln2(l))] + [a.final_norm()]
+
+
+def head_grads(engine: Engine, layer: int, x: torch.Tensor, g: list[torch.Tensor], out: torch.Tensor,
+               norm: NormMode) -> None:
+    """Write into out [H + 2KV, b, s, d] the gradient at each q, k and v receiver's own copy of
+    the residual stream x [b, s, d], from the gradients g at its (un-rotated) q, k, v
+    [b, s, heads, d_head]: the closed form of reads.py with the norm folded into the weights,
+
+        G_h = inv · ( g_h · W̄_h − x̂ · mean_d(g_h · W̄_h ⊙ x̂) ),  W̄_h = centre_d(γ ⊙ W_hᵀ)
+
+    (centring only for LayerNorm; the x̂ term only with the norm unfrozen): one matrix product
+    and one rank-one update per head instead of elementwise passes over [b, s, heads, d]."""
+    module = engine.adapter.ln1(layer)
+    gamma, eps = norm_params(engine, module)
+    xf = x.float()
+    if engine.spec.norm == "layernorm":
+        xf = xf - xf.mean(-1, keepdim=True)
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [b, s, 1]
+    xh = (xf * inv).to(out.dtype)
+    b, s, d = x.shape
+    start = 0
+    for gi, W in zip(g, engine.adapter.W_QKV(layer)):
+        n = W.shape[0]
+        Wb = W.transpose(-1, -2).to(out.dtype)  # [n, dh, d]
+        if gamma is not None:
+            Wb = Wb * gamma.to(out.dtype)
+        if engine.spec.norm == "layernorm":
+            Wb = Wb - Wb.mean(-1, keepdim=True)
+        gs = (gi.to(out.dtype) * inv.to(out.dtype).unsqueeze(-1)).permute(2, 0, 1, 3).reshape(n, b * s, -1)
+        dst = out[start:start + n].view(n, b * s, d)
+        torch.bmm(gs, Wb, out=dst)
+        if norm == "unfrozen":
+            c = torch.einsum("nbsd,bsd->nbs", out[start:start + n], xh) / d
+            out[start:start + n] -= c.unsqueeze(-1) * xh
+        start += n
+
+
+def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: torch.Tensor | None = None,
+                   norm: NormMode = "unfrozen", want_senders: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One forward and one backward: ∂(sum of the rows' metrics)/∂(each receiver's input).
+
+    embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs). Returns
+    (G [n_receivers, b, s, d] (receiver first, so that scores are plain matrix products),
+    metric per row [b], the run's sender outputs if asked).
+    With norm="frozen" every norm's scale is held at this run's value (detached)."""
+    spec, a = engine.spec, engine.adapter
+    L = spec.n_layers
+    sites = []
+    for l in range(L):
+        p = f"blocks.{l}."
+        sites += [p + "hook_resid_pre", p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v", p + "ln2.hook_normalized"]
+        if not spec.parallel_residual:
+            sites.append(p + "hook_resid_mid")
+    if want_senders:
+        sites += sender_sites(engine)
+    sites.append("hook_resid_final")
+
+    def leaf(x, site):
+        x = embed.to(x.dtype) if embed is not None else x
+        return x.detach().requires_grad_(True)
+
+    frozen = frozen_norms(engine, _norms(engine)) if norm == "frozen" else nullcontext()
+    with torch.enable_grad(), frozen:
+        out, acts = engine.run_with_cache(group.ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf},
+                                          logit_positions=[-1])
+        m = metric_rows(out.logits[:, -1], group.target, group.distractor)
+        reads = [acts[f"blocks.{l}.attn.hook_{k}"] for l in range(L) for k in "qkv"]
+        reads += [acts[f"blocks.{l}.ln2.hook_normalized"] for l in range(L)] + [acts["hook_resid_final"]]
+        grads = torch.autograd.grad(m.sum(), reads)
+    acts = {k: v.detach() for k, v in acts.items()}
+    b, s = group.ids.shape
+    G = grads[-1].new_empty(graph.n_receivers, b, s, spec.d_model)
+    tables = rotary_tables(engine, acts["blocks.0.hook_resid_pre"])
+    for l in range(L):
+        x = acts[f"blocks.{l}.hook_resid_pre"]
+        sl = graph.layer_receivers(l)
+        head_grads(engine, l, x, [rotate(grads[3 * l], tables, inverse=True), rotate(grads[3 * l + 1], tables,
+                                  inverse=True), grads[3 * l + 2]], G[sl.start:sl.stop - 1], norm)
+        x2 = x if spec.parallel_residual else acts[f"blocks.{l}.hook_resid_mid"]
+        G[sl.stop - 1] = norm_vjp(engine, a.ln2(l), x2, grads[3 * L + l], norm)
+    G[-1] = grads[-1]
+    senders = senders_from(engine, acts) if want_senders else None
+    return G, m.detach(), senders

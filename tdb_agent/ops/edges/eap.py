@@ -1,0 +1,168 @@
+"""Edge attribution patching (EAP) and EAP with integrated gradients over the inputs (EAP-IG).
+
+score(u → r) = (a_u(reference) − a_u(clean)) · ∂m/∂(input of r), summed over positions (or
+kept per position) and averaged over the prompt pairs: the first-order estimate of how the
+metric moves when receiver r alone reads sender u's reference value (docs/DESIGN.md §4,
+act × grad, per edge). The reference is the corrupted prompt's run or the mean over the
+reference corpus.
+
+EAP: one clean forward with one backward, plus one forward of the corrupted prompts.
+EAP-IG: the gradient is averaged over m inputs whose token embeddings run from the reference
+(corrupted prompt's embeddings, or the mean embedding) to the clean ones, α = k/m, k = 1..m
+(the last is the clean run, whose sender outputs it also gives): m forwards and backwards plus
+the corrupted forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from tdb_agent.engine import Engine
+from tdb_agent.errors import TdbError
+from tdb_agent.ops.edges.capture import Pair, PairGroup, group_pairs, mean_embedding, mean_senders, \
+    receiver_grads, run_senders
+from tdb_agent.ops.edges.graph import EdgeGraph
+from tdb_agent.ops.edges.reads import NormMode
+from tdb_agent.ops.metrics import MetricName
+from tdb_agent.ops.runs import RunCache
+
+Method = Literal["eap", "eap-ig"]
+Reference = Literal["corrupted", "mean"]
+
+
+@dataclass
+class EdgeScores:
+    graph: EdgeGraph
+    scores: torch.Tensor  # [n_senders, n_receivers], 0 where no edge (per_position: [s, n_senders, n_receivers])
+    method: Method
+    reference: Reference
+    metric_name: MetricName
+    n_pairs: int
+    forward_passes: int = 0
+    backward_passes: int = 0
+    metric_clean: float = 0.0
+    per_position: bool = False
+
+    def summed(self) -> torch.Tensor:
+        """Scores summed over positions: [n_senders, n_receivers]."""
+        return self.scores.sum(0) if self.per_position else self.scores
+
+    def ranked(self, top_k: int | None = None) -> list[tuple[str, float]]:
+        """Edges by |score|, largest first: ("SENDER->RECEIVER[@t]", score)."""
+        g = self.graph
+        flat = self.scores.abs().flatten()
+        valid = (g.valid.to(self.scores.device).expand_as(self.scores)).flatten()
+        flat = torch.where(valid, flat, torch.full_like(flat, -1.0))
+        k = int(valid.sum()) if top_k is None else min(top_k, int(valid.sum()))
+        idx = flat.topk(k).indices.tolist()
+        out = []
+        U, R = g.n_senders, g.n_receivers
+        for i in idx:
+            t, rest = divmod(i, U * R)
+            s, r = divmod(rest, R)
+            name = g.edge_name(s, r) + (f"@{t}" if self.per_position else "")
+            out.append((name, float(self.scores.flatten()[i])))
+        return out
+
+
+def _embed(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
+    return engine.adapter.embed_modules()["hook_embed"](ids)
+
+
+def _contract(graph: EdgeGraph, D: torch.Tensor, G: torch.Tensor, out: torch.Tensor, per_position: bool) -> None:
+    """out[(s,) u, r] += Σ_b (Σ_s) D[b, s, u] · G[r, b, s], layer by layer over the senders each
+    reads. D [b, s, U, d] or [U, d] (means); G [R, b, s, d]."""
+    L = graph.spec.n_layers
+    if D.dim() == 2:
+        D = D.expand(G.shape[1], G.shape[2], -1, -1)
+    if per_position:
+        Dp, Gp = D.permute(1, 2, 0, 3), G.permute(2, 0, 1, 3)  # [s, U, b, d], [s, R, b, d]
+    else:
+        Dp = D.permute(2, 0, 1, 3).reshape(D.shape[2], -1)  # [U, b·s·d], one copy
+        Gp = G.reshape(G.shape[0], -1)  # [R, b·s·d], no copy
+    for l in range(L + 1):
+        sl = graph.layer_receivers(l) if l < L else slice(graph.n_receivers - 1, graph.n_receivers)
+        n_up = graph.n_upstream[sl.stop - 1]
+        if per_position:
+            out[:, :n_up, sl] += torch.einsum("subd,srbd->sur", Dp[:, :n_up], Gp[:, sl]).to(out.dtype)
+        else:
+            out[:n_up, sl] += (Dp[:n_up] @ Gp[sl].T).to(out.dtype)
+
+
+def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", steps: int = 5,
+                reference: Reference = "corrupted", norm: NormMode = "unfrozen", per_position: bool = False,
+                metric: MetricName | None = None, batch_size: int = 16, cache: RunCache | None = None) -> EdgeScores:
+    """Score every edge of the model's edge graph (senders EMB, heads, MLPs -> each head's q, k
+    and v input, each MLP, LOGITS) by EAP or EAP-IG: the estimated change of the metric when
+    that edge alone carries its reference value, averaged over the prompt pairs.
+
+    method "eap": one clean forward and backward plus one corrupted forward per batch;
+    "eap-ig": the gradient averaged over `steps` inputs between the reference and clean token
+    embeddings. reference: the corrupted prompts' sender outputs, or their corpus means.
+    norm: "unfrozen" (the true gradient) or "frozen" (every norm's scale held).
+    per_position: keep a position axis (prompts of one length). Batched over pairs by length."""
+    if method not in ("eap", "eap-ig"):
+        raise TdbError(f"method must be 'eap' or 'eap-ig', not {method!r}")
+    if reference not in ("corrupted", "mean"):
+        raise TdbError(f"reference must be 'corrupted' or 'mean', not {reference!r}")
+    if method == "eap-ig" and not 1 <= steps <= 256:
+        raise TdbError(f"steps must be between 1 and 256, not {steps}")
+    graph = EdgeGraph(engine.spec)
+    with engine.lock:
+        groups, name = group_pairs(engine, pairs, reference == "corrupted", metric)
+        if per_position and len(groups) > 1:
+            raise TdbError("per-position edge scores need prompts of one token length; these have "
+                           f"{sorted(g.ids.shape[1] for g in groups)}")
+        s0 = groups[0].ids.shape[1]
+        shape = ((s0,) if per_position else ()) + (graph.n_senders, graph.n_receivers)
+        total = torch.zeros(shape, device=engine.device, dtype=torch.float32)
+        res = EdgeScores(graph=graph, scores=total, method=method, reference=reference, metric_name=name,
+                         n_pairs=len(pairs), per_position=per_position)
+        mean_ref = mean_senders(engine, cache) if reference == "mean" else None
+        mean_emb = mean_embedding(engine, cache) if reference == "mean" and method == "eap-ig" else None
+        m_sum = 0.0
+        for group in groups:
+            for i in range(0, len(group.index), batch_size):
+                chunk = _slice(group, i, i + batch_size)
+                m_sum += _score_chunk(engine, graph, chunk, res, mean_ref, mean_emb, steps, norm)
+        total /= len(pairs)
+        total *= graph.valid.to(total.device)
+        res.metric_clean = m_sum / len(pairs)
+    return res
+
+
+def _slice(g: PairGroup, a: int, b: int) -> PairGroup:
+    return PairGroup(index=g.index[a:b], ids=g.ids[a:b], corrupted=None if g.corrupted is None else g.corrupted[a:b],
+                     target=g.target[a:b], distractor=None if g.distractor is None else g.distractor[a:b])
+
+
+def _score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeScores, mean_ref, mean_emb,
+                 steps: int, norm: NormMode) -> float:
+    if mean_ref is None:
+        ref = run_senders(engine, chunk.corrupted)
+        res.forward_passes += 1
+    else:
+        ref = mean_ref
+    if res.method == "eap":
+        G, m, clean = receiver_grads(engine, graph, chunk, norm=norm, want_senders=True)
+        res.forward_passes += 1
+        res.backward_passes += 1
+    else:
+        with torch.no_grad():
+            e_clean = _embed(engine, chunk.ids)
+            e_ref = _embed(engine, chunk.corrupted) if mean_emb is None else mean_emb.expand_as(e_clean)
+        G = None
+        for k in range(1, steps + 1):
+            alpha = k / steps
+            Gk, m, clean = receiver_grads(engine, graph, chunk, embed=e_clean if k == steps else e_ref + alpha * (e_clean - e_ref), norm=norm,
+                                          want_senders=k == steps)
+            G = Gk if G is None else G.add_(Gk)
+            res.forward_passes += 1
+            res.backward_passes += 1
+        G /= steps
+    _contract(graph, ref - clean, G, res.scores, res.per_position)
+    return float(m.sum())

@@ -1,0 +1,226 @@
+"""The edge tools: edge attribution (EAP, EAP-IG), edge circuits from a budget or a
+faithfulness threshold (stored as circuit hypotheses), and faithfulness curves over edge
+budgets scored like the MIB circuit track. The numbers come from `tdb_agent.ops.edges`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+from tdb_agent import circuits as C
+from tdb_agent.circuits.edges import circuit_edges, edge_circuit, keep_mask
+from tdb_agent.circuits.store import check_name
+from tdb_agent.errors import TdbError
+from tdb_agent.ops.edges.eap import EdgeScores, edge_scores
+from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, EdgeEvaluator, FaithfulnessCurve, faithfulness_curve, \
+    keep_masks, smallest_circuit
+from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
+from tdb_agent.service.circuit_tools import circuit_store
+from tdb_agent.service.fields import TopK
+from tdb_agent.service.tool import Job, Tool, ToolArgs
+from tdb_agent.workbench import Workbench
+
+Task = Annotated[str | None, Field(description="a built-in task (see list_tasks) whose prompt pairs define the "
+                                   "behaviour")]
+Pairs = Annotated[list[C.PromptPair] | None, Field(max_length=64, description="explicit prompt pairs instead of a "
+                                                   "task (each with a corrupted_prompt of the same length for "
+                                                   "reference=corrupted)")]
+
+
+class EdgeMethodArgs(ToolArgs):
+    task: Task = None
+    n_pairs: Annotated[int, Field(ge=1, le=64, description="how many pairs of the task")] = 8
+    seed: Annotated[int, Field(ge=0, description="which pairs of the task")] = 0
+    pairs: Pairs = None
+    method: Annotated[Literal["eap", "eap-ig"], Field(
+        description="eap: (reference − clean sender output) · gradient at the receiver's input (2 forwards + 1 "
+                    "backward); eap-ig: the gradient averaged along inputs from the reference to the clean "
+                    "embeddings (steps forwards and backwards), the MIB benchmark's recommended method")] = "eap-ig"
+    steps: Annotated[int, Field(ge=1, le=64, description="eap-ig interpolation steps")] = 5
+    reference: Annotated[Literal["corrupted", "mean"], Field(
+        description="what a removed edge carries: the sender's output on the corrupted prompt, or its mean over "
+                    "the reference corpus")] = "corrupted"
+    metric: Annotated[Literal["logit_diff", "logprob"] | None, Field(
+        description="default: logit_diff when every pair has a distractor, else logprob")] = None
+
+    def behaviour(self) -> C.Behaviour:
+        try:
+            return C.Behaviour(task=self.task, n=self.n_pairs, seed=self.seed, pairs=self.pairs or [])
+        except ValueError as e:
+            raise TdbError(str(e)) from e
+
+    def scores(self, bench: Workbench, per_position: bool = False) -> EdgeScores:
+        return edge_scores(bench.engine, self.behaviour().resolve(), method=self.method, steps=self.steps,
+                           reference=self.reference, metric=self.metric, batch_size=min(16, bench.limits.batch_size),
+                           per_position=per_position, cache=bench.cache)
+
+    def method_record(self) -> dict:
+        return {"method": self.method, "steps": self.steps if self.method == "eap-ig" else None,
+                "reference": self.reference}
+
+
+class EdgeRow(BaseModel):
+    edge: str = Field(description="SENDER->RECEIVER[@t]; receivers are a head's q/k/v input (L1.H3.q), an MLP, "
+                                  "LOGITS; @t: the token position (per_position)")
+    source: str
+    target: str = Field(description="the receiving component (for a shared key/value input: its first query head)")
+    via: Literal["q", "k", "v", "direct"]
+    score: float = Field(description="estimated change of the metric when this edge alone carries the reference")
+
+
+class EdgeAttribution(BaseModel):
+    method: str
+    reference: str
+    metric_name: str
+    metric_clean: float = Field(description="mean metric over the pairs, unpatched")
+    n_pairs: int
+    n_edges_total: int
+    forward_passes: int
+    backward_passes: int
+    edges: list[EdgeRow] = Field(description="ranked by |score|")
+
+
+def _rows(res: EdgeScores, top_k: int) -> list[EdgeRow]:
+    g = res.graph
+    out = []
+    for name, score in res.ranked(top_k):
+        s, r = g.parse_edge(name.split("@")[0])
+        recv = g.receivers[r]
+        out.append(EdgeRow(edge=name, source=g.senders[s], target=recv.heads[0], via=recv.via, score=score))
+    return out
+
+
+class EdgeAttributionArgs(EdgeMethodArgs):
+    top_k: TopK(30, "how many edges to list")
+    per_position: Annotated[bool, Field(description="score each edge at each token position (prompts of one "
+                                        "length)")] = False
+
+
+def edge_attribution(bench: Workbench, args: EdgeAttributionArgs, job: Job) -> EdgeAttribution:
+    """Which edges between components carry the behaviour? Scores every edge of the model's
+    edge graph (senders EMB, heads, MLPs -> receivers: each head's q, k and v input, MLPs,
+    LOGITS) with EAP or EAP-IG in a handful of passes, averaged over prompt pairs, and lists
+    the top ones. Example: edge_attribution(task="ioi", n_pairs=8, method="eap-ig")"""
+    res = args.scores(bench, per_position=args.per_position)
+    return EdgeAttribution(method=res.method, reference=res.reference, metric_name=res.metric_name,
+                           metric_clean=res.metric_clean, n_pairs=res.n_pairs, n_edges_total=res.graph.n_edges,
+                           forward_passes=res.forward_passes, backward_passes=res.backward_passes,
+                           edges=_rows(res, args.top_k))
+
+
+class EdgeCircuitArgs(EdgeMethodArgs):
+    name: Annotated[str, Field(min_length=1, max_length=64, description="the circuit's name")]
+    budget: Annotated[float | None, Field(gt=0, le=1, description="keep this fraction of all edges (top by "
+                                          "|score|)")] = None
+    n_edges: Annotated[int | None, Field(ge=1, le=4096, description="keep this many top edges")] = None
+    threshold: Annotated[float | None, Field(gt=0, le=1.5, description="keep the fewest top edges whose "
+                                             "faithfulness reaches this")] = None
+    overwrite: Annotated[bool, Field(description="replace an existing circuit of that name")] = False
+
+
+
+class EdgeCircuitOut(BaseModel):
+    name: str
+    saved_to: str
+    n_edges: int
+    n_edges_total: int
+    faithfulness: float = Field(description="of exactly these edges (every other edge carries the reference)")
+    nodes: list[str] = Field(description="components the edges imply")
+    edges: list[EdgeRow] = Field(description="the circuit's edges, ranked (at most 64 listed)")
+    forward_passes: int
+
+
+def edge_circuit_tool(bench: Workbench, args: EdgeCircuitArgs, job: Job) -> EdgeCircuitOut:
+    """Build an edge circuit: score the edges (EAP/EAP-IG), keep the top ones by a budget, a
+    count, or the fewest reaching a faithfulness threshold, measure the kept set's faithfulness
+    by exact edge patching, and store it as a circuit hypothesis (edges with their scores as
+    evidence; nodes implied). Example: edge_circuit(name="ioi_edges", task="ioi", threshold=0.8)"""
+    engine = bench.engine
+    if sum(x is not None for x in (args.budget, args.n_edges, args.threshold)) != 1:
+        raise TdbError("give exactly one of budget, n_edges or threshold")
+    store = circuit_store(bench)
+    check_name(args.name)
+    if not args.overwrite and args.name in bench.circuits:
+        raise TdbError(f"a circuit named {args.name!r} exists; pick another name or pass overwrite=true")
+    res = args.scores(bench)
+    pairs = args.behaviour().resolve()
+    job.progress(1, 3)
+    n_total = res.graph.n_edges
+    passes = res.forward_passes
+    ev = EdgeEvaluator(engine, pairs, args.reference, args.metric, bench.limits.batch_size, bench.cache)
+    if args.threshold is not None:
+        n, f, _ = smallest_circuit(engine, pairs, res.scores, args.threshold, evaluator=ev)
+    else:
+        n = args.n_edges if args.n_edges is not None else max(1, round(args.budget * n_total))
+        n = min(n, n_total)
+        (f,) = ev.faithfulness(keep_masks(res.graph, res.scores, [n]))
+    passes += ev.forward_passes
+    job.progress(2, 3)
+    ranked = res.ranked(n)
+    g = edge_circuit(engine, args.name, ranked, behaviour=args.behaviour(), metric=res.metric_name,
+                     method=args.method_record())
+    g.graph["faithfulness"] = f
+    g.graph["validation"] = {"granularity": "edge", "faithfulness": f, "n_edges": n, "n_edges_total": n_total,
+                             "reference": args.reference, "metric_name": res.metric_name}
+    path = store.put(args.name, g)
+    return EdgeCircuitOut(name=args.name, saved_to=str(path), n_edges=n, n_edges_total=n_total, faithfulness=f,
+                          nodes=C.components(g), edges=_rows(res, min(n, 64)), forward_passes=passes)
+
+
+class EdgeFaithfulnessArgs(EdgeMethodArgs):
+    circuit: Annotated[str | None, Field(max_length=64, description="an edge circuit to validate (its behaviour "
+                                         "is used unless a task or pairs are given); its faithfulness is "
+                                         "recorded")] = None
+    budgets: Annotated[list[float] | None, Field(max_length=32, description="fractions of all edges (default the "
+                                                 "MIB budgets 0.1 % … 100 %)")] = None
+
+
+class EdgeFaithfulnessOut(FaithfulnessCurve):
+    method: str
+    circuit: str | None = None
+    circuit_faithfulness: float | None = Field(None, description="of exactly the circuit's edges")
+    circuit_n_edges: int | None = None
+
+
+def edge_faithfulness(bench: Workbench, args: EdgeFaithfulnessArgs, job: Job) -> EdgeFaithfulnessOut:
+    """Validate with edge granularity: the faithfulness curve of the method's edge ranking at
+    edge budgets (MIB: 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100 %), its CPR (area under the
+    curve, higher is better) and CMD (area between the curve and 1, 0 is best), each point by
+    exact edge patching; with `circuit`, also the faithfulness of that edge circuit's edges.
+    Example: edge_faithfulness(task="ioi", method="eap-ig")"""
+    engine = bench.engine
+    g = None
+    if args.circuit is not None:
+        store = circuit_store(bench)
+        g = store.get(args.circuit)
+        edges = circuit_edges(g)
+        if args.task is None and not args.pairs:
+            b = C.behaviour(g)
+            if b is None:
+                raise TdbError("the circuit has no behaviour; give a task or pairs")
+            args = args.model_copy(update={"task": b.task, "n_pairs": b.n, "seed": b.seed, "pairs": b.pairs or None})
+    res = args.scores(bench)
+    job.progress(1, 3)
+    ev = EdgeEvaluator(engine, args.behaviour().resolve(), args.reference, args.metric, bench.limits.batch_size,
+                       bench.cache)
+    curve = faithfulness_curve(engine, [], res.scores, budgets=args.budgets or MIB_BUDGETS, evaluator=ev)
+    out = EdgeFaithfulnessOut(**curve.model_dump(), method=args.method)
+    if g is not None:
+        (f,) = ev.faithfulness(keep_mask(engine, edges))
+        out.circuit, out.circuit_faithfulness, out.circuit_n_edges = args.circuit, f, len(edges)
+        with store.edit(args.circuit) as h:
+            h.graph["faithfulness"] = f
+            h.graph["validation"] = {"granularity": "edge", "faithfulness": f, "n_edges": len(edges),
+                                     "n_edges_total": curve.n_edges_total, "reference": args.reference,
+                                     "metric_name": curve.metric_name, "cpr": curve.cpr, "cmd": curve.cmd}
+    out.forward_passes = ev.forward_passes + res.forward_passes
+    job.progress(3, 3)
+    return out
+
+
+TOOLS: list[Tool] = [
+    Tool("edge_attribution", EdgeAttributionArgs, edge_attribution, READ_ONLY, long=True),
+    Tool("edge_circuit", EdgeCircuitArgs, edge_circuit_tool, WRITES_RESULT, long=True),
+    Tool("edge_faithfulness", EdgeFaithfulnessArgs, edge_faithfulness, WRITES_RESULT, long=True),
+]

@@ -1,0 +1,88 @@
+"""The edge tools through the SDK's real client (in-process): edge_attribution,
+edge_circuit (stored as a circuit hypothesis, shown by circuit_show, exported) and
+edge_faithfulness, checked against direct calls of tdb_agent.ops.edges."""
+
+import asyncio
+import json
+
+import pytest
+from mcp import Client
+
+from tdb_agent import circuits as C
+from tdb_agent.circuits.edges import circuit_edges, keep_mask
+from tdb_agent.ops.edges.eap import edge_scores
+from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, evaluate_keeps
+from tdb_agent.server import build_server
+from tdb_agent.workbench import Workbench
+from tests.test_circuits_mcp import call
+
+TOOLS = {"edge_attribution", "edge_circuit", "edge_faithfulness"}
+
+
+def test_edge_tools_session(gpt2_tiny, tmp_path):
+    bench = Workbench(gpt2_tiny, workspace=tmp_path)
+    server = build_server(bench)
+    pairs = C.Behaviour(task="ioi", n=3).resolve()
+
+    async def go():
+        async with Client(server) as c:
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            assert TOOLS <= set(tools)
+            assert tools["edge_attribution"].annotations.read_only_hint is True
+            assert "Example" in tools["edge_circuit"].description
+
+            a = await call(c, tools, "edge_attribution", {"task": "ioi", "n_pairs": 3, "method": "eap", "top_k": 5})
+            direct = edge_scores(gpt2_tiny, pairs, method="eap")
+            want = direct.ranked(5)
+            assert [r["edge"] for r in a["edges"]] == [e for e, _ in want]
+            assert [r["score"] for r in a["edges"]] == pytest.approx([s for _, s in want], abs=1e-6)
+            assert a["n_edges_total"] == direct.graph.n_edges and a["forward_passes"] == direct.forward_passes == 2
+            row = a["edges"][0]
+            assert row["edge"].startswith(row["source"] + "->")
+
+            pos = await call(c, tools, "edge_attribution", {"task": "ioi", "n_pairs": 3, "method": "eap",
+                                                            "per_position": True, "top_k": 3})
+            want = edge_scores(gpt2_tiny, pairs, method="eap", per_position=True).ranked(3)
+            assert [r["edge"] for r in pos["edges"]] == [e for e, _ in want] and "@" in want[0][0]
+
+            made = await call(c, tools, "edge_circuit", {"name": "ioi_e", "task": "ioi", "n_pairs": 3,
+                                                         "method": "eap", "n_edges": 12})
+            assert made["n_edges"] == 12 and len(made["edges"]) == 12
+            keep = keep_mask(gpt2_tiny, [e for e, _ in direct.ranked(12)])
+            (m,), full, empty, _, _ = evaluate_keeps(gpt2_tiny, pairs, keep)
+            assert made["faithfulness"] == pytest.approx(float((m - empty) / (full - empty)), abs=1e-4)
+            shown = await call(c, tools, "circuit_show", {"name": "ioi_e"})
+            assert shown["faithfulness"] == pytest.approx(made["faithfulness"])
+            ev = [e for edge in shown["edges"] for e in edge["evidence"]]
+            assert len(ev) >= 12 and all(e["tool"] == "edge_circuit" for e in ev)
+            assert {e["args"]["edge"] for e in ev} == {r["edge"] for r in made["edges"]}
+            saved = json.loads((tmp_path / "circuits" / "ioi_e.json").read_text())
+            assert saved["graph"]["granularity"] == "edge" and len(saved["graph"]["edges"]) == 12
+            assert circuit_edges(C.load(tmp_path / "circuits" / "ioi_e.json")) == [r["edge"] for r in made["edges"]]
+            for fmt in ["graphml", "dot", "circuit_tracer", "svg"]:
+                await call(c, tools, "circuit_export", {"name": "ioi_e", "format": fmt})
+
+            f = await call(c, tools, "edge_faithfulness", {"circuit": "ioi_e", "method": "eap"})
+            assert [p["budget"] for p in f["points"]] == list(MIB_BUDGETS)
+            assert f["points"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-5)
+            assert f["circuit_faithfulness"] == pytest.approx(made["faithfulness"], abs=1e-5)
+            assert 0 <= f["cmd"] and f["cpr"] == pytest.approx(
+                sum((b1 - b0) * (f0 + f1) / 2 for (b0, f0), (b1, f1) in zip(
+                    [(0.0, 0.0)] + [(p["budget"], p["faithfulness"]) for p in f["points"]],
+                    [(p["budget"], p["faithfulness"]) for p in f["points"]])))
+
+            thr = await call(c, tools, "edge_circuit", {"name": "ioi_t", "task": "ioi", "n_pairs": 3,
+                                                        "method": "eap", "threshold": 0.7})
+            assert thr["faithfulness"] >= 0.7 and 1 <= thr["n_edges"] <= thr["n_edges_total"]
+
+            err = await call(c, tools, "edge_circuit", {"name": "x", "task": "ioi", "budget": 0.1,
+                                                        "threshold": 0.5}, ok=False)
+            assert "exactly one of budget" in err
+            bench.circuits["nodes"] = C.new_circuit("nodes", behaviour=C.Behaviour(task="ioi", n=2))
+            err = await call(c, tools, "edge_faithfulness", {"circuit": "nodes"}, ok=False)
+            assert "node circuit" in err
+            err = await call(c, tools, "edge_attribution", {"pairs": [{"prompt": "When Mary and John went",
+                                                                        "target": "Mary", "distractor": "John"}]},
+                             ok=False)
+            assert "corrupted_prompt" in err
+    asyncio.run(go())

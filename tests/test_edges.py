@@ -1,0 +1,279 @@
+"""Edge-level circuits (ops/edges): the graph, EAP / EAP-IG scores, exact edge patching and
+faithfulness curves, each checked against an independent computation: a model re-written by
+hand in plain PyTorch with a separate input per receiver (tests/edge_reference.py)."""
+
+import pytest
+import torch
+
+from tdb_agent.engine import Engine
+from tdb_agent.engine.spec import ModelSpec
+from tdb_agent.errors import TdbError
+from tdb_agent.ops.edges.capture import group_pairs, run_senders
+from tdb_agent.ops.edges.eap import edge_scores
+from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, cpr_cmd, evaluate_keeps, faithfulness_curve, \
+    keep_masks, smallest_circuit
+from tdb_agent.ops.edges.graph import EdgeGraph, count_edges
+from tdb_agent.ops.edges.patch import patched_metrics
+from tdb_agent.tasks import task_examples
+from tests import edge_reference
+from tests.edge_reference import RefModel
+from tests.tiny_models import build_tiny
+
+
+def _spec(L, H, KV=None, parallel=False):
+    return ModelSpec(family="x", architecture="x", n_layers=L, n_heads=H, n_kv_heads=KV or H, d_model=8, d_head=2,
+                     d_mlp=8, vocab_size=4, n_ctx=8, norm="layernorm", parallel_residual=parallel, gated_mlp=False)
+
+
+def test_edge_count_gpt2_small_and_closed_form():
+    assert count_edges(12, 12) == 32491
+    assert EdgeGraph(_spec(12, 12)).n_edges == 32491
+    for L, H, KV, par in [(2, 4, 2, False), (3, 8, 1, True), (4, 8, 8, False)]:
+        g = EdgeGraph(_spec(L, H, KV, par))
+        assert g.n_edges == count_edges(L, H, KV, par)
+        assert len(g.receivers) == L * (H + 2 * KV + 1) + 1 and len(g.senders) == 1 + L * (H + 1)
+    g = EdgeGraph(_spec(2, 4, 2))
+    assert g.parse_edge("L0.H3->L1.KV1.k") == (4, g.receiver_index["L1.KV1.k"])
+    with pytest.raises(TdbError, match="does not feed"):
+        g.parse_edge("L1.H0->L0.MLP")
+    with pytest.raises(TdbError, match="unknown edge"):
+        g.parse_edge("L0.H9->LOGITS")
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    """Tiny GPT-2 and Llama (GQA) with weights scaled up, so edges have clearly non-zero effects."""
+    out = {}
+    for fam in ("gpt2", "llama"):
+        eng = Engine.load(build_tiny(fam, tmp_path_factory.mktemp(fam), seed=3))
+        with torch.no_grad():
+            for name, p in eng.model.named_parameters():
+                if p.dim() == 2:
+                    p.mul_(5.0 if "emb" in name or "wte" in name else 2.5)
+        out[fam] = eng
+    return out
+
+
+def _pairs(n=3, eng=None):
+    """n IOI pairs of one token length (one batch)."""
+    from tdb_agent.tasks.tokenizer import build_tokenizer
+    tok = build_tokenizer()
+    by_len = {}
+    for p in task_examples("ioi", 40, seed=1):
+        by_len.setdefault(len(tok(p.prompt)["input_ids"]), []).append(p)
+    return max(by_len.values(), key=len)[:n]
+
+
+def _tensors(eng, pairs):
+    (g,), _ = group_pairs(eng, pairs, True)
+    return g
+
+
+def _close(ours, ref):
+    scale = ref.abs().max()
+    assert scale > 1e-3  # the comparison means something
+    assert (ours - ref).abs().max() <= 1e-5 * max(1.0, float(scale))
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "llama"])
+def test_eap_equals_autograd_on_separate_receiver_inputs(sharp, fam):
+    eng = sharp[fam]
+    pairs = _pairs()
+    g = _tensors(eng, pairs)
+    res = edge_scores(eng, pairs, method="eap")
+    ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor)
+    _close(res.scores, ref)
+    assert res.forward_passes == 2 and res.backward_passes == 1
+    # each head's q, k and v inputs are receivers of their own: their scores differ
+    gr = res.graph
+    q, k, v = (gr.receiver_index[n] for n in ("L1.H0.q", "L1.H0.k" if fam == "gpt2" else "L1.KV0.k",
+                                               "L1.H0.v" if fam == "gpt2" else "L1.KV0.v"))
+    col = res.scores[:, [q, k, v]]
+    assert (col[:, 0] - col[:, 1]).abs().max() > 1e-7 and (col[:, 1] - col[:, 2]).abs().max() > 1e-7
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "llama"])
+def test_eap_ig_equals_reference_integrated_gradients(sharp, fam):
+    eng = sharp[fam]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    res = edge_scores(eng, pairs, method="eap-ig", steps=3)
+    ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor, ig_steps=3)
+    _close(res.scores, ref)
+    assert res.forward_passes == 4 and res.backward_passes == 3
+    one = edge_scores(eng, pairs, method="eap-ig", steps=1)  # one step at the clean input is EAP
+    assert torch.allclose(one.scores, edge_scores(eng, pairs, method="eap").scores, atol=1e-7)
+
+
+def test_frozen_norm_scores_equal_reference_with_detached_scales(sharp):
+    eng = sharp["llama"]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    res = edge_scores(eng, pairs, method="eap", norm="frozen")
+    edge_reference.FROZEN["on"] = True
+    try:
+        ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor)
+    finally:
+        edge_reference.FROZEN["on"] = False
+    _close(res.scores, ref)
+    assert not torch.allclose(res.scores, edge_scores(eng, pairs, method="eap").scores)
+
+
+def test_per_position_scores_sum_to_summed_scores(sharp):
+    eng = sharp["gpt2"]
+    pairs = _pairs(2)
+    pos = edge_scores(eng, pairs, per_position=True)
+    assert pos.scores.shape[0] == eng.to_tokens(pairs[0].prompt).shape[1]
+    assert torch.allclose(pos.scores.sum(0), edge_scores(eng, pairs).scores, atol=1e-7)
+    top = pos.ranked(3)
+    assert "@" in top[0][0] and abs(top[0][1]) >= abs(top[-1][1])
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_mean_reference_scores_equal_reference_model(sharp, method):
+    """reference="mean": senders' corpus means (and, for EAP-IG, the mean token embedding as
+    the path's start) instead of the corrupted prompt, against the hand-written model."""
+    from tdb_agent.ops.edges.capture import mean_embedding, mean_senders
+    eng = sharp["llama"]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    res = edge_scores(eng, pairs, method=method, steps=3, reference="mean")
+    ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor, ig_steps=3 if method == "eap-ig" else 0,
+                                  ref=mean_senders(eng, None), ref_embed=mean_embedding(eng, None))
+    _close(res.scores, ref)
+
+
+def test_mean_reference_scores_use_corpus_means(sharp):
+    eng = sharp["gpt2"]
+    pairs = [p.model_copy(update={"corrupted_prompt": None}) for p in _pairs(2)]
+    res = edge_scores(eng, pairs, reference="mean", method="eap-ig", steps=2)
+    assert res.reference == "mean" and res.scores.abs().max() > 0
+    with pytest.raises(TdbError, match="corrupted_prompt"):
+        edge_scores(eng, pairs, reference="corrupted")
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "llama"])
+def test_edge_patching_equals_brute_force(sharp, fam):
+    eng = sharp[fam]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    graph = EdgeGraph(eng.spec)
+    ref_vals = run_senders(eng, g.corrupted)
+    R = RefModel(eng.model)
+    gen = torch.Generator().manual_seed(1)
+    keeps = torch.rand(5, graph.n_senders, graph.n_receivers, generator=gen) < 0.5
+    keeps[0], keeps[1] = True, False
+    # one edge removed at a time: an edge into a head's k, one into an MLP, one into the logits
+    singles = [graph.parse_edge(e) for e in ("EMB->L1.H0.k" if fam == "gpt2" else "EMB->L1.KV1.k",
+                                             "L0.H2->L1.MLP", "L1.MLP->LOGITS")]
+    for s, r in singles:
+        k = torch.ones(1, graph.n_senders, graph.n_receivers, dtype=torch.bool)
+        k[0, s, r] = False
+        keeps = torch.cat([keeps, k])
+    ours, passes = patched_metrics(eng, graph, g, ref_vals, keeps, batch_size=4)
+    assert passes == -(-keeps.shape[0] * 2 // 4)
+    with torch.no_grad():
+        clean, _ = R.run(g.ids, g.target, g.distractor)
+        corr, refR = R.run(g.corrupted, g.target, g.distractor)
+        assert torch.allclose(ours[0], clean, atol=1e-5) and torch.allclose(ours[1], corr, atol=1e-5)
+        assert (clean - corr).abs().max() > 1e-2
+        for i in range(2, keeps.shape[0]):
+            removed = {(u, r) for u, r in zip(*torch.nonzero(graph.valid & ~keeps[i], as_tuple=True))}
+            removed = {(int(u), int(r)) for u, r in removed}
+            want, _ = R.run(g.ids, g.target, g.distractor, ref=refR, removed=removed)
+            assert torch.allclose(ours[i], want, atol=1e-5), (i, ours[i], want)
+    # the single-edge removals moved the metric (so the check above is not vacuous)
+    assert (ours[-3:] - clean).abs().max() > 1e-5
+
+
+def test_keep_none_is_the_reference_run_on_every_family(tiny_engines):
+    for fam, eng in tiny_engines.items():
+        pairs = _pairs(2)
+        g = _tensors(eng, pairs)
+        graph = EdgeGraph(eng.spec)
+        keeps = torch.zeros(2, graph.n_senders, graph.n_receivers, dtype=torch.bool)
+        keeps[0] = True
+        ours, _ = patched_metrics(eng, graph, g, run_senders(eng, g.corrupted), keeps)
+        with torch.no_grad():
+            for row, ids in ((0, g.ids), (1, g.corrupted)):
+                logits = eng.forward(ids).logits[:, -1]
+                want = logits.gather(1, g.target[:, None])[:, 0] - logits.gather(1, g.distractor[:, None])[:, 0]
+                assert torch.allclose(ours[row], want, atol=1e-5), fam
+
+
+def test_position_aware_mask_matches_summed_mask(sharp):
+    eng = sharp["gpt2"]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    graph = EdgeGraph(eng.spec)
+    gen = torch.Generator().manual_seed(2)
+    keep = torch.rand(1, graph.n_senders, graph.n_receivers, generator=gen) < 0.5
+    s = g.ids.shape[1]
+    ref = run_senders(eng, g.corrupted)
+    a, _ = patched_metrics(eng, graph, g, ref, keep)
+    b, _ = patched_metrics(eng, graph, g, ref, keep[:, None].expand(1, s, -1, -1).clone())
+    assert torch.allclose(a, b, atol=1e-6)
+    late = keep[:, None].expand(1, s, -1, -1).clone()
+    late[:, -1] = True  # the last position keeps every edge: a different circuit
+    c, _ = patched_metrics(eng, graph, g, ref, late)
+    assert not torch.allclose(a, c)
+
+
+def test_faithfulness_curve_endpoints_and_areas(sharp):
+    eng = sharp["llama"]
+    pairs = _pairs(3)
+    scores = edge_scores(eng, pairs).scores
+    curve = faithfulness_curve(eng, pairs, scores)
+    assert [p.budget for p in curve.points] == list(MIB_BUDGETS)
+    assert curve.points[-1].faithfulness == pytest.approx(1.0, abs=1e-6)
+    assert curve.points[-1].n_edges == EdgeGraph(eng.spec).n_edges
+    xs = [0.0] + [p.budget for p in curve.points]
+    ys = [0.0] + [p.faithfulness for p in curve.points]
+    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
+    assert curve.cpr == pytest.approx(area) and curve.cmd >= 0
+    # f(0 edges) = 0 and f(all) = 1 by construction of evaluate_keeps
+    graph = EdgeGraph(eng.spec)
+    keeps = keep_masks(graph, scores, [0, graph.n_edges])
+    ms, full, empty, _, _ = evaluate_keeps(eng, pairs, keeps)
+    assert float(ms[0]) == pytest.approx(float(empty), abs=1e-6) and float(ms[1]) == pytest.approx(float(full), abs=1e-6)
+    assert cpr_cmd([0, 0.5, 1], [0, 1, 1]) == (0.75, 0.25)
+
+
+def test_smallest_circuit_reaches_threshold_and_one_fewer_does_not(sharp):
+    eng = sharp["gpt2"]
+    pairs = _pairs(3)
+    scores = edge_scores(eng, pairs).scores
+    n, f, _ = smallest_circuit(eng, pairs, scores, threshold=0.8)
+    graph = EdgeGraph(eng.spec)
+    ms, full, empty, _, _ = evaluate_keeps(eng, pairs, keep_masks(graph, scores, [n - 1, n]))
+    faith = [(float(m) - float(empty)) / (float(full) - float(empty)) for m in ms]
+    assert faith[1] == pytest.approx(f, abs=1e-6) and f >= 0.8
+    assert faith[0] < 0.8
+
+
+def test_eap_is_the_derivative_of_exact_edge_patching_on_every_family(tiny_engines):
+    """Independent of the gradient code: moving one edge's sender a fraction ε of the way to its
+    reference (exact patching with a fractional mask) changes the metric by ε · EAP score."""
+    from tdb_agent.ops.edges.patch import patched_rows
+    for fam, eng in tiny_engines.items():
+        pairs = _pairs(1)
+        g = _tensors(eng, pairs)
+        graph = EdgeGraph(eng.spec)
+        res = edge_scores(eng, pairs, method="eap")
+        ref = run_senders(eng, g.corrupted)
+        def slope(s, r, eps):  # central difference
+            one = torch.zeros(1, graph.n_senders, graph.n_receivers)
+            one[0, s, r] = eps
+            up, down = (patched_rows(eng, graph, g.ids, ref, sign * one, g.target, g.distractor)
+                        for sign in (1.0, -1.0))
+            return float((up - down)[0]) / (2 * eps)
+        for name, score in res.ranked(6):
+            s, r = graph.parse_edge(name)
+            fd = (4 * slope(s, r, 0.05) - slope(s, r, 0.1)) / 3  # Richardson: the ε² term cancels
+            assert fd == pytest.approx(score, rel=5e-3, abs=1e-2 * abs(res.ranked(1)[0][1])), (fam, name)
+
+
+def test_families_without_an_exact_read_back_are_refused(tiny_dirs):
+    eng = Engine.load(tiny_dirs["gemma2"])  # post-norms, 1 + w gains: not decomposed by reads.py
+    with pytest.raises(TdbError, match="edge methods .* support the model types"):
+        edge_scores(eng, _pairs(1))

@@ -1,0 +1,133 @@
+"""Benchmark edge attribution against one forward pass and against exact edge patching.
+
+    python tools/bench_edges.py [--threads 1] [--device auto] [--small] [--pairs 8] [--out FILE]
+
+In one process, on (a) the bundled model with IOI prompt pairs of one length and (b) with
+--small, a GPT-2-small-shaped random model (12 layers, 12 heads, d_model 768; the project's
+word-level vocabulary) at 128 tokens:
+
+  forward        one batched forward pass of the clean prompts (no hooks)      = 1×
+  eap            edge_scores(method="eap")                                     (target ≤ 3.5×)
+  eap_ig         edge_scores(method="eap-ig", steps=m)                         (target ≤ (m + 3)×)
+  naive          exact patching one edge at a time: one patched forward per edge, timed on a
+                 sample of edges and multiplied by the number of edges (what EAP approximates)
+  curve          one faithfulness curve at the MIB budgets (batched edge sets)
+  curve_naive    the same budgets, one patched pass per budget
+Times are medians of --repeats after a warm-up (bench_ops.timed); ratios are to `forward` measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench_ops import gpt2_small_random, timed  # tools/ is on the path when run as a script
+
+from tdb_agent.engine import Engine
+from tdb_agent.ops.edges.capture import group_pairs, run_senders
+from tdb_agent.ops.edges.eap import edge_scores
+from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, faithfulness_curve, keep_masks
+from tdb_agent.ops.edges.graph import EdgeGraph
+from tdb_agent.ops.edges.patch import patched_metrics
+from tdb_agent.tasks import task_examples
+
+
+def ioi_pairs(engine: Engine, n: int):
+    by_len: dict[int, list] = {}
+    for p in task_examples("ioi", 8 * n, seed=0):
+        by_len.setdefault(engine.to_tokens(p.prompt).shape[1], []).append(p)
+    return max(by_len.values(), key=len)[:n]
+
+
+def small_model(folder: Path, device: str) -> Engine:
+    """bench_ops' GPT-2-small-shaped random model (vocabulary 50,257, the project's tokenizer)."""
+    return Engine.load(gpt2_small_random(folder), device=device)
+
+
+def random_pairs(engine: Engine, n: int, length: int):
+    """Pairs of `length` tokens (BOS + words) whose corrupted prompt changes three words."""
+    from tdb_agent.circuits.pairs import PromptPair
+    vocab = [w for w in engine.tokenizer.get_vocab() if w.isalpha()][:400]
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        words = [vocab[i] for i in torch.randint(len(vocab), (length - 1,), generator=g).tolist()]
+        corrupted = list(words)
+        for i in torch.randint(length - 1, (3,), generator=g).tolist():
+            corrupted[i] = vocab[(vocab.index(words[i]) + 1) % len(vocab)]
+        out.append(PromptPair(prompt=" ".join(words), corrupted_prompt=" ".join(corrupted), target=vocab[0],
+                              distractor=vocab[1]))
+    return out
+
+
+def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, curve: bool = True) -> dict:
+    graph = EdgeGraph(engine.spec)
+    (group,), _ = group_pairs(engine, pairs, True)
+    with torch.no_grad():
+        t_fwd = timed(lambda: engine.forward(group.ids, logit_positions=[-1]), repeats)
+    t_eap = timed(lambda: edge_scores(engine, pairs, method="eap", batch_size=len(pairs)), repeats)
+    t_ig = timed(lambda: edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs)), repeats)
+    scores = edge_scores(engine, pairs, method="eap", batch_size=len(pairs)).scores
+    ref = run_senders(engine, group.corrupted)
+    flat = graph.valid.flatten().nonzero()[:, 0]
+    sample = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:naive_sample]]
+
+    def naive():
+        for i in sample.tolist():
+            keep = torch.ones(1, graph.n_senders, graph.n_receivers, dtype=torch.bool)
+            keep.view(1, -1)[0, i] = False
+            patched_metrics(engine, graph, group, ref, keep, batch_size=len(pairs))
+    t_naive = timed(naive, 1) / len(sample) * graph.n_edges
+    counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
+
+    def curve_naive():
+        ref_c = run_senders(engine, group.corrupted)
+        for keep in keep_masks(graph, scores, [graph.n_edges, 0] + counts):
+            patched_metrics(engine, graph, group, ref_c, keep[None], batch_size=len(pairs))
+    t_curve = timed(lambda: faithfulness_curve(engine, pairs, scores, batch_size=64), repeats) if curve else None
+    t_curve_naive = timed(curve_naive, repeats) if curve else None
+    return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
+            "device": str(engine.device), "steps": steps, "seconds": {
+                "forward": t_fwd, "eap": t_eap, "eap_ig": t_ig, "naive_extrapolated": t_naive, "curve": t_curve,
+                "curve_naive": t_curve_naive},
+            "ratios": {"eap_over_forward": t_eap / t_fwd, "eap_ig_over_forward": t_ig / t_fwd,
+                       "naive_over_eap": t_naive / t_eap,
+                       "curve_naive_over_curve": t_curve_naive / t_curve if curve else None},
+            "naive_sample": int(len(sample))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--naive-sample", type=int, default=200)
+    ap.add_argument("--small", action="store_true", help="also the GPT-2-small-shaped model at 128 tokens")
+    ap.add_argument("--small-only", action="store_true", help="only the GPT-2-small-shaped model")
+    ap.add_argument("--no-small-curve", action="store_true", help="skip the curve timings on the small model")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    if not args.small_only:
+        engine = Engine.load(device=args.device)
+        rows.append(bench(engine, ioi_pairs(engine, args.pairs), args.steps, args.repeats, args.naive_sample))
+        print(json.dumps(rows[-1], indent=1), flush=True)
+    if args.small or args.small_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            small = small_model(Path(tmp), args.device)
+            rows.append(bench(small, random_pairs(small, args.pairs, 128), args.steps, args.repeats,
+                              min(args.naive_sample, 12), curve=not args.no_small_curve))
+            print(json.dumps(rows[-1], indent=1), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
