@@ -18,15 +18,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from tdb_agent.engine.component_sites import EMBED_SITE, SAE_SITES, kind_site, sae_site
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.errors import UnknownComponent
 
 Kind = Literal["emb", "head", "attn", "mlp", "neuron", "sae", "transcoder", "logits"]
 TC_SITE = "tc"  # sae_sizes key (layer, "tc") holds a transcoder's feature count (engine/transcoder.py)
-SAE_SITES = ("resid", "mlp", "attn")
 
-GRAMMAR = ("EMB | L{l}.H{h} | L{l}.ATTN | L{l}.MLP | L{l}.N{n} | L{l}.{resid|mlp|attn}.F{i} | L{l}.tc.F{i} | LOGITS, "
-           "optionally with @t for a token position (e.g. L1.H3@7)")
+GRAMMAR = ("EMB | L{l}.H{h} | L{l}.ATTN | L{l}.MLP | L{l}.N{n} | L{l}.{" + "|".join(SAE_SITES) + "}.F{i} | "
+           "L{l}.tc.F{i} | LOGITS, optionally with @t for a token position (e.g. L1.H3@7)")
 
 _PATTERNS: list[tuple[Kind, re.Pattern]] = [
     ("emb", re.compile(r"EMB")),
@@ -35,7 +35,7 @@ _PATTERNS: list[tuple[Kind, re.Pattern]] = [
     ("attn", re.compile(r"L(?P<layer>[0-9]+)\.ATTN")),
     ("mlp", re.compile(r"L(?P<layer>[0-9]+)\.MLP")),
     ("neuron", re.compile(r"L(?P<layer>[0-9]+)\.N(?P<index>[0-9]+)")),
-    ("sae", re.compile(r"L(?P<layer>[0-9]+)\.(?P<site>resid|mlp|attn)\.F(?P<index>[0-9]+)")),
+    ("sae", re.compile(r"L(?P<layer>[0-9]+)\.(?P<site>" + "|".join(SAE_SITES) + r")\.F(?P<index>[0-9]+)")),
     ("transcoder", re.compile(r"L(?P<layer>[0-9]+)\.tc\.F(?P<index>[0-9]+)")),
 ]
 
@@ -128,18 +128,13 @@ def _check_ranges(c: Component, raw: str, spec: ModelSpec, n_positions: int | No
 def hook_site(c: Component) -> tuple[str, int | None]:
     """The engine site a component reads and writes, and its unit index there."""
     if c.kind == "emb":
-        return "blocks.0.hook_resid_pre", None
-    if c.kind == "head":
-        return f"blocks.{c.layer}.attn.hook_z", c.index
-    if c.kind == "attn":
-        return f"blocks.{c.layer}.hook_attn_out", None
-    if c.kind == "mlp":
-        return f"blocks.{c.layer}.hook_mlp_out", None
-    if c.kind == "neuron":
-        return f"blocks.{c.layer}.mlp.hook_post", c.index
+        return EMBED_SITE, None
+    if c.kind in ("head", "neuron"):
+        return kind_site(c.kind, c.layer), c.index
+    if c.kind in ("attn", "mlp"):
+        return kind_site(c.kind, c.layer), None
     if c.kind == "sae":  # the SAE's site; the unit is the latent (spliced, see engine/sae.py)
-        return f"blocks.{c.layer}." + {"resid": "hook_resid_post", "mlp": "hook_mlp_out",
-                                       "attn": "hook_attn_out"}[c.sae_site], c.index
+        return sae_site(c.layer, c.sae_site), c.index
     if c.kind == "transcoder":  # where the feature writes (its own layer's MLP output)
-        return f"blocks.{c.layer}.hook_mlp_out", c.index
+        return kind_site("mlp", c.layer), c.index
     raise UnknownComponent(f"{c.id} has no hook site of its own")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.engine import Engine
-from tdb_agent.engine.transcoder import tc_sizes
+from tdb_agent.ops import sae_ops
 from tdb_agent.ops.runs import RunCache
 from tdb_agent.ops.weights import WeightStats, weight_stats
 
@@ -104,16 +104,11 @@ class ComponentPage(BaseModel):
     sections: dict[str, Any] = Field({}, description="explanation, top examples, ... as registered on the workbench")
 
 
-def sae_sizes(bench: Workbench) -> dict[tuple[int, str], int]:
-    saes = getattr(bench.engine, "saes", None)
-    return (saes.sizes() if saes is not None else {}) | tc_sizes(bench.engine)
-
-
 def component_page(bench: Workbench, text: str) -> ComponentPage:
     """A component's page (`tdb://component/{id}`, the viewer's component page): the id's
     parts, the hook site it reads, its weight statistics and the registered sections."""
     engine = bench.engine
-    c = parse_component(text, engine.spec, sae_sizes=sae_sizes(bench))
+    c = parse_component(text, engine.spec, sae_sizes=sae_ops.sae_sizes(engine))
     site = None
     if c.kind != "logits":
         s, unit = hook_site(c)

@@ -171,3 +171,55 @@ def test_resume_gives_the_same_dataset(eng, tmp_path, built):
     again = ActivationDataset.open(tmp_path / "r", eng)
     for name, arr in ds.a.items():
         assert np.array_equal(arr, again.a[name]), name
+
+
+def test_a_tokenizer_without_bos_builds_a_dataset(tmp_path, capsys):
+    """Qwen2-style tokenizers declare no BOS token (`bos_token: null`): nothing is prepended to
+    prompts or corpus documents, and `tdb-agent build-dataset` completes (it crashed on
+    `[None] + ids`). The stored maxima are checked against a plain transformers forward."""
+    from transformers import AutoModelForCausalLM
+
+    from tdb_agent.cli import main
+    from tdb_agent.datasets.command import DATASET_SEED
+    from tdb_agent.engine import Engine
+    from tdb_agent.tasks import corpus_documents
+    from tdb_agent.tasks.tokenizer import build_tokenizer
+    from tests.tiny_models import build_tiny
+
+    folder = build_tiny("llama", tmp_path / "llama-no-bos")
+    tok = build_tokenizer()
+    tok.bos_token = None
+    tok.save_pretrained(folder)
+    engine = Engine.load(folder, device="cpu")
+    assert engine.tokenizer.bos_token_id is None
+    text = "the cat sat on the mat"
+    assert engine.to_tokens(text)[0].tolist() == tok(text, add_special_tokens=False)["input_ids"]
+
+    out = tmp_path / "ds"
+    n_docs = 24
+    assert main(["build-dataset", "--model", str(folder), "--device", "cpu", "--no-bundled-saes", "--corpus-docs",
+                 str(n_docs), "--batch-size", "8", "--top-k", "3", "--n-random", "2", "--window", "8", "--lead", "4",
+                 "--out", str(out)]) == 0
+    assert '"n_documents": ' in capsys.readouterr().out
+    ds = ActivationDataset.open(out, engine)
+    lens = ds.a["doc_lengths"]
+    stored = [d.tolist() for d in np.split(ds.a["tokens"].astype(np.int64), np.cumsum(lens)[:-1])]
+    docs = [tok(t, add_special_tokens=False)["input_ids"][:engine.spec.n_ctx]
+            for t in corpus_documents(n_docs, seed=DATASET_SEED)]
+    assert sorted(map(tuple, stored)) == sorted(tuple(d) for d in docs if len(d) >= 2)  # nothing prepended
+
+    # every layer-0 neuron's top value = its largest post-activation over the documents
+    # (position 0 left out), read from the input of a plain transformers model's down_proj
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    seen = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][0, 1:]))
+    try:
+        with torch.no_grad():
+            for d in stored:
+                model(torch.tensor([d]))
+    finally:
+        handle.remove()
+    expect = torch.cat(seen).max(0).values.numpy()
+    cols = [ds.column(f"L0.N{n}") for n in range(engine.spec.d_mlp)]
+    got = ds.a["top.value"][cols, 0].astype(np.float32)
+    np.testing.assert_allclose(got, expect, rtol=2e-3, atol=1e-4)  # stored as float16

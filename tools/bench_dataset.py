@@ -19,7 +19,10 @@ import time
 
 import torch
 
-from tdb_agent.datasets.builder import BuildConfig, DatasetBuilder, _activations, _batched, documents_from_corpus
+from tdb_agent.datasets import BuildConfig, documents_from_corpus
+from tdb_agent.datasets.builder import DatasetBuilder
+from tdb_agent.datasets.components import component_activations
+from tdb_agent.datasets.corpus import batched
 from tdb_agent.datasets.command import DATASET_SEED
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import attach_saes
@@ -48,7 +51,7 @@ def main() -> None:
     engine = Engine.load(args.model, device=args.device)
     attach_saes(engine, args.sae)
     docs = list(documents_from_corpus(args.docs, DATASET_SEED + 7, engine.tokenizer, engine.spec.n_ctx))
-    batches = list(_batched(docs, args.batch_size))
+    batches = list(batched(docs, args.batch_size))
     id_batches = [_ids(engine, b) for b in batches]
     n_tokens = sum(len(d) for d in docs if len(d) >= 2)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
@@ -65,7 +68,7 @@ def main() -> None:
             engine.forward(ids)
             sync()
             t1 = time.perf_counter()
-            _activations(engine, ids)
+            component_activations(engine, ids)
             sync()
             t2 = time.perf_counter()
             builder.add_batch(batch)

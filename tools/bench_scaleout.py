@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from tdb_agent.datasets import builder as B
+from tdb_agent.datasets import BuildConfig, build, documents_from_corpus
+from tdb_agent.datasets.builder import DatasetBuilder
 from tdb_agent.datasets.command import DATASET_SEED
 from tdb_agent.datasets.store import DATA
 from tdb_agent.scaleout import EngineSpec
@@ -41,27 +42,27 @@ def main() -> None:
     torch.set_num_threads(1)
     spec = EngineSpec(model=args.model, device="cpu", threads=1)
     engine = spec.load()
-    docs = list(B.documents_from_corpus(args.docs, DATASET_SEED + 11, engine.tokenizer, engine.spec.n_ctx))
-    cfg = B.BuildConfig(batch_size=args.batch_size, checkpoint_every=args.chunk_batches, window=20, lead=16,
+    docs = list(documents_from_corpus(args.docs, DATASET_SEED + 11, engine.tokenizer, engine.spec.n_ctx))
+    cfg = BuildConfig(batch_size=args.batch_size, checkpoint_every=args.chunk_batches, window=20, lead=16,
                         n_random=8)
     n_tokens = sum(len(d) for d in docs if len(d) >= 2)
     tmp = Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
 
     # the driver's merge time: wrap DatasetBuilder.merge
     merge_s = [0.0]
-    orig_merge = B.DatasetBuilder.merge
+    orig_merge = DatasetBuilder.merge
 
     def timed_merge(self, other):
         t = time.perf_counter()
         orig_merge(self, other)
         merge_s[0] += time.perf_counter() - t
-    B.DatasetBuilder.merge = timed_merge
+    DatasetBuilder.merge = timed_merge
 
     def run(name, runner=None):
         merge_s[0] = 0.0
         cpu0 = ray.get([a.cpu_seconds.remote() for a in runner.actors]) if runner else [time.process_time()]
         t = time.perf_counter()
-        B.build(engine, iter(docs), tmp / name, cfg, progress=False, runner=runner)
+        build(engine, iter(docs), tmp / name, cfg, progress=False, runner=runner)
         dt = time.perf_counter() - t
         cpu1 = ray.get([a.cpu_seconds.remote() for a in runner.actors]) if runner else [time.process_time()]
         # cores the build's workers actually got (other load on the machine shows here)
@@ -87,7 +88,7 @@ def main() -> None:
         if name.startswith("ray"):
             r[f"vs_ray_x{args.workers[0]}"] = round(r["tok_s"] / base, 2)
     chunks = -(-(-(-len(docs) // args.batch_size)) // args.chunk_batches)
-    print(json.dumps({"model": engine.name, "components": B.DatasetBuilder(engine).C, "tokens": n_tokens,
+    print(json.dumps({"model": engine.name, "components": DatasetBuilder(engine).C, "tokens": n_tokens,
                       "documents": len(docs), "chunks": chunks, "cpu_threads_per_worker": 1, "runs": rows}, indent=2))
 
 

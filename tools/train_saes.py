@@ -28,6 +28,7 @@ import torch
 from tdb_agent.datasets.components import model_fingerprint
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import SAE, SAEConfig
+from tdb_agent.engine.tokens import with_bos
 from tdb_agent.tasks import corpus_documents
 
 TRAIN_SEED = 910_000_000  # corpus seeds far from the model's training blocks (seed * 100003 + block)
@@ -42,10 +43,10 @@ def token_batches(engine: Engine, seed: int, docs_per_batch: int):
     while True:
         docs = corpus_documents(docs_per_batch, seed=seed + block)
         block += 1
-        toks = [[bos] + engine.tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+        toks = [with_bos(engine.tokenizer, engine.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs]
         toks = [t[: engine.spec.n_ctx] for t in toks]
         s = max(map(len, toks))
-        ids = torch.full((len(toks), s), bos, dtype=torch.long)
+        ids = torch.full((len(toks), s), bos if bos is not None else 0, dtype=torch.long)
         mask = torch.zeros(len(toks), s, dtype=torch.bool)
         for i, t in enumerate(toks):
             ids[i, : len(t)] = torch.tensor(t)

@@ -139,68 +139,115 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
     `n_validate` pairs (or `pairs` when there is no task). `modes` (default: just `mode`) are
     the ablations the circuit must reach the threshold under, growing and pruning; the first
     is the primary one its recorded validation uses."""
-    modes = list(dict.fromkeys(modes or [mode]))
-    mode = modes[0]
-    notes: list[str] = []
-    rejected: list[str] = []
-    ex = pairs[0]
-    P, C, T, D = ex["prompt"], ex["corrupted_prompt"], ex["target"], ex["distractor"]
-    pred = await tb("predict", prompt=P, target=T, distractor=D, top_k=5)
-    notes.append(f"clean metric {pred['metric']['name']} = {pred['metric']['value']:.3f}, "
-                 f"p(target) = {pred['metric']['target_prob']:.3f}")
+    run = _Discovery(tb, task, pairs, circuit, threshold, max_nodes, n_validate, list(dict.fromkeys(modes or [mode])))
+    await run.behaviour()
+    await run.candidates()
+    await run.redundancy()
+    await run.structure()
+    faithfulness = await run.grow()
+    pruned_by_mode = await run.prune(faithfulness)
+    faithfulness_other = await run.other_modes(pruned_by_mode)
+    heldout, heldout_other = await run.heldout()
+    return await run.finish(faithfulness_other, heldout, heldout_other)
 
-    de = await tb("attribute", prompt=P, target=T, distractor=D, kinds=["head", "mlp"], top_k=16)
-    axg = await tb("attribute", prompt=P, target=T, distractor=D, method="act_times_grad", corrupted_prompt=C,
-                   kinds=["head", "mlp"], top_k=16)
-    sweep_h = await tb("ablation_sweep", prompt=P, kind="head", target=T, distractor=D, mode="resample",
-                       corrupted_prompt=C, top_k=16)
-    sweep_m = await tb("ablation_sweep", prompt=P, kind="mlp", target=T, distractor=D, mode="resample",
-                       corrupted_prompt=C, top_k=16)
-    direct = {r["id"]: r["effect"] for r in de["rows"]}
-    total = {r["id"]: r["effect"] for r in axg["rows"]}
-    single = {r["id"]: r["delta"] for r in sweep_h["rows"] + sweep_m["rows"]}
-    scores = _score_table(list(direct.items()), list(total.items()), list(single.items()))
 
-    # redundancy: groups that matter far more together than their single ablations add up to
-    info = await tb("model_info")
-    group_evidence = await _redundant_groups(tb, ex, total, single, pred["metric"]["value"],
-                                             info["spec"]["n_layers"], info["spec"]["n_heads"], notes)
-    protected = list(group_evidence)  # backups: kept, and never pruned away
-    for h in protected:
-        scores[h] = max(scores.get(h, 0.0), 0.5)
+class _Discovery:
+    """One run of the procedure, step by step (the numbered steps of the module docstring);
+    each step reads what the earlier ones measured. Every order it produces is deterministic
+    (no set order): ranks break ties in the order the tools reported the rows, and each
+    `circuit_add`'s edges are sorted, so a resumed run (`--resume`) asks the same questions in
+    the same order as the run it continues, whatever the process's hash seed."""
 
-    # structure: trace the strongest heads' attention and values upstream; one edge per pair
+    def __init__(self, tb: Toolbox, task: str | None, pairs: list[dict], circuit: str, threshold: float,
+                 max_nodes: int, n_validate: int, modes: list[AblationMode]):
+        self.tb, self.task, self.pairs, self.circuit = tb, task, pairs, circuit
+        self.threshold, self.max_nodes, self.n_validate = threshold, max_nodes, n_validate
+        self.modes, self.mode = modes, modes[0]
+        self.notes: list[str] = []
+        self.rejected: list[str] = []
+        self.ex = pairs[0]
+        self.direct: dict[str, float] = {}  # direct effect into the logits
+        self.total: dict[str, float] = {}  # act x grad against the corrupted prompt
+        self.single: dict[str, float] = {}  # single-component resample ablation
+        self.scores: dict[str, float] = {}
+        self.group_evidence: dict[str, list[dict]] = {}
+        self.protected: list[str] = []
+        self.edges: list[dict] = []  # traced upstream edges, one per pair of nodes
+        self.kept: list[str] = []
+        self.added: set[tuple[str, str]] = set()  # (source, target) of the edges added (membership only)
+
+    def _ask(self) -> dict:
+        """The analysed pair's prompt arguments."""
+        ex = self.ex
+        return {"prompt": ex["prompt"], "target": ex["target"], "distractor": ex["distractor"]}
+
+    # 1. behaviour
+    async def behaviour(self) -> None:
+        self.pred = await self.tb("predict", **self._ask(), top_k=5)
+        m = self.pred["metric"]
+        self.notes.append(f"clean metric {m['name']} = {m['value']:.3f}, p(target) = {m['target_prob']:.3f}")
+
+    # 2. candidates
+    async def candidates(self) -> None:
+        tb, C = self.tb, self.ex["corrupted_prompt"]
+        de = await tb("attribute", **self._ask(), kinds=["head", "mlp"], top_k=16)
+        axg = await tb("attribute", **self._ask(), method="act_times_grad", corrupted_prompt=C,
+                       kinds=["head", "mlp"], top_k=16)
+        sweep_h = await tb("ablation_sweep", prompt=self.ex["prompt"], kind="head", target=self.ex["target"],
+                           distractor=self.ex["distractor"], mode="resample", corrupted_prompt=C, top_k=16)
+        sweep_m = await tb("ablation_sweep", prompt=self.ex["prompt"], kind="mlp", target=self.ex["target"],
+                           distractor=self.ex["distractor"], mode="resample", corrupted_prompt=C, top_k=16)
+        self.direct = {r["id"]: r["effect"] for r in de["rows"]}
+        self.total = {r["id"]: r["effect"] for r in axg["rows"]}
+        self.single = {r["id"]: r["delta"] for r in sweep_h["rows"] + sweep_m["rows"]}
+        self.scores = _score_table(list(self.direct.items()), list(self.total.items()), list(self.single.items()))
+
+    # 3. redundancy: groups that matter far more together than their single ablations add up to
+    async def redundancy(self) -> None:
+        info = await self.tb("model_info")
+        self.group_evidence = await _redundant_groups(self.tb, self.ex, self.total, self.single,
+                                                      self.pred["metric"]["value"], info["spec"]["n_layers"],
+                                                      info["spec"]["n_heads"], self.notes)
+        self.protected = list(self.group_evidence)  # backups: kept, and never pruned away
+        for h in self.protected:
+            self.scores[h] = max(self.scores.get(h, 0.0), 0.5)
+
+    # 4. structure: trace the strongest heads' attention and values upstream; one edge per pair
     # of nodes (the strongest of its q/k/v traces), the others kept as evidence
-    traced: dict[tuple[str, str], dict] = {}
-    strongest = [cid for cid, _ in sorted(scores.items(), key=lambda kv: -kv[1]) if ".H" in cid][:3]
-    for head in strongest:
-        for via in ("q", "k", "v"):
-            tr = await tb("trace_upstream", prompt=P, component=head, via=via, target=T if via == "v" else None,
-                          distractor=D if via == "v" else None, top_k=8)
-            top_w = max((abs(e["weight"]) for e in tr["edges"]), default=0.0) or 1.0
-            for e in tr["edges"]:
-                src = e["source"].split("@")[0]
-                if ".H" not in src or abs(e["weight"]) < 0.3 * top_w:
-                    continue
-                ev = {"tool": "trace_upstream", "args": {"component": head, "via": via, "source": e["source"]},
-                      "value": round(e["weight"], 4)}
-                key = (src, head)
-                if key not in traced or abs(e["weight"]) > abs(traced[key]["weight"]):
-                    traced[key] = {"source": src, "target": head, "weight": e["weight"], "via": via,
-                                   "evidence": (traced.get(key, {}).get("evidence", [])) + [ev]}
-                else:
-                    traced[key]["evidence"].append(ev)
-                scores[src] = max(scores.get(src, 0.0), 0.3)
-    edges = list(traced.values())
+    async def structure(self) -> None:
+        traced: dict[tuple[str, str], dict] = {}
+        for head in [cid for cid in self._ranked() if ".H" in cid][:3]:
+            for via in ("q", "k", "v"):
+                tr = await self.tb("trace_upstream", prompt=self.ex["prompt"], component=head, via=via,
+                                   target=self.ex["target"] if via == "v" else None,
+                                   distractor=self.ex["distractor"] if via == "v" else None, top_k=8)
+                self._keep_traced(traced, head, via, tr["edges"])
+        self.edges = list(traced.values())
 
-    ranked = [cid for cid, _ in sorted(scores.items(), key=lambda kv: -kv[1])]
+    def _keep_traced(self, traced: dict[tuple[str, str], dict], head: str, via: str, found: list[dict]) -> None:
+        """Fold one trace's strong upstream head edges into `traced` (strongest weight wins)."""
+        top_w = max((abs(e["weight"]) for e in found), default=0.0) or 1.0
+        for e in found:
+            src = e["source"].split("@")[0]
+            if ".H" not in src or abs(e["weight"]) < 0.3 * top_w:
+                continue
+            ev = {"tool": "trace_upstream", "args": {"component": head, "via": via, "source": e["source"]},
+                  "value": round(e["weight"], 4)}
+            key = (src, head)
+            if key not in traced or abs(e["weight"]) > abs(traced[key]["weight"]):
+                traced[key] = {"source": src, "target": head, "weight": e["weight"], "via": via,
+                               "evidence": (traced.get(key, {}).get("evidence", [])) + [ev]}
+            else:
+                traced[key]["evidence"].append(ev)
+            self.scores[src] = max(self.scores.get(src, 0.0), 0.3)
 
-    # the graph: create it, add the first candidates with their evidence, then grow and prune
-    await tb("circuit_create", name=circuit, task=task, n_pairs=n_validate if task else None,
-             pairs=None if task else pairs, overwrite=True,
-             description=f"scripted planner; behaviour: {task or 'given prompt pairs'}")
+    def _ranked(self) -> list[str]:
+        """Candidates by score, best first (ties: in the order they were scored)."""
+        return [cid for cid, _ in sorted(self.scores.items(), key=lambda kv: -kv[1])]
 
-    def node_in(cid: str) -> dict:
+    # 5. the graph: create it, add the first candidates with their evidence, then grow
+    def _node(self, cid: str) -> dict:
+        direct, total, single = self.direct, self.total, self.single
         ev = []
         if cid in direct:
             ev.append({"tool": "attribute", "args": {"method": "direct_effect"}, "value": round(direct[cid], 4)})
@@ -209,87 +256,110 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
                        "value": round(total[cid], 4)})
         if cid in single:
             ev.append({"tool": "ablation_sweep", "args": {"mode": "resample"}, "value": round(single[cid], 4)})
-        ev += group_evidence.get(cid, [])
+        ev += self.group_evidence.get(cid, [])
         role = "writes to the logits" if abs(direct.get(cid, 0.0)) >= 0.3 * max(
             (abs(v) for v in direct.values()), default=1.0) else "upstream"
         effect = total.get(cid, direct.get(cid, single.get(cid)))
         return {"id": cid, "role": role, "effect": effect, "evidence": ev}
 
-    added: set[tuple[str, str]] = set()
-
-    def edges_for(nodes: set[str]) -> list[dict]:
-        """Edges among `nodes` not added yet: direct effects into LOGITS and traced edges."""
-        out = [{"source": cid, "target": "LOGITS", "weight": direct[cid], "via": "direct",
-                "evidence": [{"tool": "attribute", "args": {"method": "direct_effect"}, "value": direct[cid]}]}
-               for cid in sorted(nodes) if cid in direct]  # sorted: a set's order differs between
-        # processes, and a resumed run replays only while its calls match the transcript's
-        out += [e for e in edges if e["source"] in nodes and e["target"] in nodes]
-        out = [e for e in out if (e["source"], e["target"]) not in added]
-        added.update((e["source"], e["target"]) for e in out)
+    def _new_edges(self) -> list[dict]:
+        """Edges among the kept nodes not added yet: direct effects into LOGITS and traced
+        edges, sorted by (source, target)."""
+        kept = set(self.kept)
+        out = [{"source": cid, "target": "LOGITS", "weight": self.direct[cid], "via": "direct",
+                "evidence": [{"tool": "attribute", "args": {"method": "direct_effect"}, "value": self.direct[cid]}]}
+               for cid in self.kept if cid in self.direct]
+        out += [e for e in self.edges if e["source"] in kept and e["target"] in kept]
+        out = sorted((e for e in out if (e["source"], e["target"]) not in self.added),
+                     key=lambda e: (e["source"], e["target"]))
+        self.added.update((e["source"], e["target"]) for e in out)
         return out
 
-    # grow in two steps (the top max_nodes + 1 candidates, then every candidate), validating
-    # once per step: validation is the expensive call
-    kept: list[str] = []
-    faithfulness = None  # the minimum over the required modes
+    async def _validate(self, among: Sequence[str] | None = None, **kw) -> dict[str, float]:
+        """Faithfulness under each of `among` (default: the required modes)."""
+        return {m: (await self.tb("circuit_validate", name=self.circuit, mode=m, necessity=False, **kw))["faithfulness"]
+                for m in (self.modes if among is None else among)}
 
-    async def validate_all(among: Sequence[str] = modes, **kw) -> dict[str, float]:
-        return {m: (await tb("circuit_validate", name=circuit, mode=m, necessity=False, **kw))["faithfulness"]
-                for m in among}
+    async def grow(self) -> float | None:
+        """Grow in two steps (the top max_nodes + 1 candidates, then every candidate),
+        validating once per step: validation is the expensive call. Returns the faithfulness
+        (the minimum over the required modes) of the last step."""
+        task, pairs = self.task, self.pairs
+        await self.tb("circuit_create", name=self.circuit, task=task, n_pairs=self.n_validate if task else None,
+                      pairs=None if task else pairs, overwrite=True,
+                      description=f"scripted planner; behaviour: {task or 'given prompt pairs'}")
+        ranked = self._ranked()
+        faithfulness = None
+        for size in dict.fromkeys((min(self.max_nodes + 1, len(ranked)), len(ranked))):
+            batch = ranked[len(self.kept):size]
+            self.kept += batch
+            await self.tb("circuit_add", name=self.circuit, nodes=[self._node(c) for c in batch],
+                          edges=self._new_edges())
+            fs = await self._validate()
+            faithfulness = min(fs.values())
+            self.notes.append(f"{len(self.kept)} nodes: faithfulness {_show(fs)}")
+            if faithfulness >= self.threshold:
+                break
+        return faithfulness
 
-    def show(fs: dict[str, float]) -> str:
-        return ", ".join(f"{f:.3f} ({m} ablation)" for m, f in fs.items())
-
-    for size in dict.fromkeys((min(max_nodes + 1, len(ranked)), len(ranked))):
-        batch = ranked[len(kept):size]
-        kept += batch
-        await tb("circuit_add", name=circuit, nodes=[node_in(c) for c in batch], edges=edges_for(set(kept)))
-        fs = await validate_all()
-        faithfulness = min(fs.values())
-        notes.append(f"{len(kept)} nodes: faithfulness {show(fs)}")
-        if faithfulness >= threshold:
-            break
-    pruned_by_mode: dict[str, float] = {}
-    if faithfulness is not None and faithfulness >= threshold:
+    # 6. check: prune to the smallest set above the threshold, then the other modes, held-out pairs
+    async def prune(self, faithfulness: float | None) -> dict[str, float]:
+        """Prune when the threshold was reached; returns pruning's faithfulness by mode."""
+        modes, threshold, kept = self.modes, self.threshold, self.kept
+        if faithfulness is None or faithfulness < threshold:
+            self.notes.append(f"faithfulness stayed below {threshold} with every candidate ({len(kept)} nodes"
+                              + (f"; under each of {modes}" if len(modes) > 1 else "") + ")")
+            return {}
         both = {"modes": modes} if len(modes) > 1 else {}  # single mode: the call as before
-        pr = await tb("circuit_prune", name=circuit, threshold=threshold, mode=mode, into=circuit,
-                      protect=[h for h in protected if h in kept], **both)
-        pruned_by_mode = pr.get("faithfulness_by_mode") or {}
+        pr = await self.tb("circuit_prune", name=self.circuit, threshold=threshold, mode=self.mode, into=self.circuit,
+                           protect=[h for h in self.protected if h in kept], **both)
         removed = [n for n in kept if n not in pr.get("kept", kept)]
-        rejected += removed
+        self.rejected += removed
         if removed:
-            notes.append(f"pruning removed {removed}" + (f" (faithfulness >= {threshold} under each of {modes})"
-                                                         if both else ""))
-    else:
-        notes.append(f"faithfulness stayed below {threshold} with every candidate ({len(kept)} nodes"
-                     + (f"; under each of {modes}" if len(modes) > 1 else "") + ")")
-    # the other ablation, reported beside the claim: a circuit pruned under one ablation can
-    # fall apart under the other (evals/RESULTS.md shows it on the bundled tasks)
-    faithfulness_other: dict[str, float] = {}
-    if len(modes) > 1:  # pruning measured every required mode on the kept nodes already
-        faithfulness_other = ({m: pruned_by_mode[m] for m in modes[1:]} if set(modes) <= set(pruned_by_mode)
-                              else await validate_all(modes[1:]))
-        notes.append("the circuit under the other required ablation: faithfulness " + show(faithfulness_other))
-    else:
-        other = "resample" if mode == "mean" else "mean"
+            self.notes.append(f"pruning removed {removed}" + (f" (faithfulness >= {threshold} under each of {modes})"
+                                                              if both else ""))
+        return pr.get("faithfulness_by_mode") or {}
+
+    async def other_modes(self, pruned_by_mode: dict[str, float]) -> dict[str, float]:
+        """The other ablation, reported beside the claim: a circuit pruned under one ablation
+        can fall apart under the other (evals/RESULTS.md shows it on the bundled tasks)."""
+        modes, mode, threshold = self.modes, self.mode, self.threshold
+        if len(modes) > 1:  # pruning measured every required mode on the kept nodes already
+            other = ({m: pruned_by_mode[m] for m in modes[1:]} if set(modes) <= set(pruned_by_mode)
+                     else await self._validate(modes[1:]))
+            self.notes.append("the circuit under the other required ablation: faithfulness " + _show(other))
+            return other
+        other_mode = "resample" if mode == "mean" else "mean"
         try:
-            f_other = (await tb("circuit_validate", name=circuit, mode=other, necessity=False))["faithfulness"]
-            faithfulness_other = {other: f_other}
-            notes.append(f"the same circuit under {other} ablation: faithfulness {f_other:.3f}"
-                         + ("" if f_other >= threshold else
-                            f" (below {threshold}: the claim holds under {mode} ablation only)"))
+            f_other = (await self.tb("circuit_validate", name=self.circuit, mode=other_mode,
+                                     necessity=False))["faithfulness"]
         except ToolCallFailed as e:
-            notes.append(f"no {other}-ablation check: {e}")
-    faithfulness_heldout, heldout_other = None, {}
-    if task:  # pruning chose nodes on these pairs: the claim is checked on pairs it never saw
-        held = await validate_all(heldout_seed=HELDOUT_SEED)
-        faithfulness_heldout = held[mode]
-        heldout_other = {m: f for m, f in held.items() if m != mode}
-        notes.append(f"held-out pairs (seed {HELDOUT_SEED}, {n_validate} pairs): faithfulness {show(held)}")
-    final = await tb("circuit_validate", name=circuit, mode=mode, necessity=True)
-    nodes = list(final["nodes"])
-    await _explain(tb, circuit, nodes, notes)
-    return DiscoveryResult(circuit=circuit, nodes=nodes, faithfulness=final["faithfulness"],
-                           faithfulness_other=faithfulness_other, faithfulness_heldout=faithfulness_heldout,
-                           faithfulness_heldout_other=heldout_other, modes=modes,
-                           tool_calls=tb.calls, rejected=rejected, notes=notes)
+            self.notes.append(f"no {other_mode}-ablation check: {e}")
+            return {}
+        self.notes.append(f"the same circuit under {other_mode} ablation: faithfulness {f_other:.3f}"
+                          + ("" if f_other >= threshold else
+                             f" (below {threshold}: the claim holds under {mode} ablation only)"))
+        return {other_mode: f_other}
+
+    async def heldout(self) -> tuple[float | None, dict[str, float]]:
+        """Pruning chose nodes on the task's pairs: the claim is also checked on pairs it never saw."""
+        if not self.task:
+            return None, {}
+        held = await self._validate(heldout_seed=HELDOUT_SEED)
+        self.notes.append(f"held-out pairs (seed {HELDOUT_SEED}, {self.n_validate} pairs): faithfulness {_show(held)}")
+        return held[self.mode], {m: f for m, f in held.items() if m != self.mode}
+
+    # 7. explain, and the result
+    async def finish(self, faithfulness_other: dict[str, float], heldout: float | None,
+                     heldout_other: dict[str, float]) -> DiscoveryResult:
+        final = await self.tb("circuit_validate", name=self.circuit, mode=self.mode, necessity=True)
+        nodes = list(final["nodes"])
+        await _explain(self.tb, self.circuit, nodes, self.notes)
+        return DiscoveryResult(circuit=self.circuit, nodes=nodes, faithfulness=final["faithfulness"],
+                               faithfulness_other=faithfulness_other, faithfulness_heldout=heldout,
+                               faithfulness_heldout_other=heldout_other, modes=self.modes,
+                               tool_calls=self.tb.calls, rejected=self.rejected, notes=self.notes)
+
+
+def _show(fs: dict[str, float]) -> str:
+    return ", ".join(f"{f:.3f} ({m} ablation)" for m, f in fs.items())

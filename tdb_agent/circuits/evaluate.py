@@ -19,6 +19,7 @@ from tdb_agent.circuits.pairs import PromptPair
 from tdb_agent.circuits.universe import KeepSet, ablation_masks, check_positions, full_set, neuron_layers
 from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.metrics import Metric, MetricName, make_metric
 from tdb_agent.ops.runs import RunCache, reference_means
@@ -39,7 +40,7 @@ class _Group:
 def _sites(engine: Engine) -> list[str]:
     out = []
     for l in range(engine.spec.n_layers):
-        out += [f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out", f"blocks.{l}.mlp.hook_post"]
+        out += [kind_site("head", l), kind_site("mlp", l), kind_site("neuron", l)]
     return out
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import torch
 
 from tdb_agent.components import parse_component
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.errors import TdbError
 
@@ -119,11 +120,11 @@ def ablation_masks(keeps: list[KeepSet], spec: ModelSpec, n_tokens: int,
                 neuron_rows[unit[1]][i] = True
     masks: dict[str, torch.Tensor] = {}
     for l in range(L):
-        masks[f"blocks.{l}.attn.hook_z"] = ~head_keep[:, :, l, :, None]
+        masks[kind_site("head", l)] = ~head_keep[:, :, l, :, None]
         out_ablate = ~mlp_keep[:, :, l, None]
         if l in post_layers:
             rows = neuron_rows[l]
             out_ablate = out_ablate & ~rows[:, None, None]  # those rows ablate neuron by neuron
-            masks[f"blocks.{l}.mlp.hook_post"] = ~post_keep[l] & rows[:, None, None]
-        masks[f"blocks.{l}.hook_mlp_out"] = out_ablate
+            masks[kind_site("neuron", l)] = ~post_keep[l] & rows[:, None, None]
+        masks[kind_site("mlp", l)] = out_ablate
     return masks

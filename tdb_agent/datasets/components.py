@@ -1,5 +1,6 @@
 """The flat component table of an activation dataset: every MLP neuron, every attention
-head and every latent of every attached SAE, each with one column index."""
+head and every latent of every attached SAE, each with one column index; and the
+activations of those columns on a batch of documents."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel
 
 from tdb_agent.components import Component, parse_component
 from tdb_agent.engine import Engine
+from tdb_agent.engine.component_sites import kind_site, sae_site
 from tdb_agent.errors import UnknownComponent
 
 
@@ -78,3 +80,26 @@ def model_fingerprint(engine: Engine) -> str:
 
 def sae_fingerprints(engine: Engine) -> dict[str, str]:
     return {f"L{l}.{s}": sae.fingerprint() for (l, s), sae in engine.saes.items()}
+
+
+def component_activations(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token activations of every column of `component_blocks` [b, s, C] (float32):
+    neurons post-activation, heads the norm of their write z_h·W_O[h], SAE latents; and, for
+    every head, the most attended key position [b, s, n_layers * n_heads]."""
+    spec = engine.spec
+    sites = []
+    for layer in range(spec.n_layers):
+        sites += [kind_site("neuron", layer), kind_site("head", layer), f"blocks.{layer}.attn.hook_pattern"]
+    sites += [sae_site(layer, site) for (layer, site), _ in engine.saes.items()]
+    _, acts = engine.run_with_cache(ids, list(dict.fromkeys(sites)), logit_positions=[-1], logit_ids=[0])
+    parts, keys = [], []
+    for layer in range(spec.n_layers):
+        parts.append(acts[kind_site("neuron", layer)].float())
+        z = acts[kind_site("head", layer)].float()  # [b, s, h, dh]
+        W_O = engine.adapter.W_O(layer).float()  # [h, dh, d]
+        gram = W_O @ W_O.transpose(1, 2)  # ||z_h W_O[h]||^2 = z_h G_h z_h: d_head^2 instead of d_head x d_model
+        parts.append(torch.einsum("bshk,hkl,bshl->bsh", z, gram, z).clamp(min=0).sqrt())
+        keys.append(acts[f"blocks.{layer}.attn.hook_pattern"].argmax(-1).transpose(1, 2))  # [b, q, h]
+    for (layer, site), sae in engine.saes.items():
+        parts.append(sae.encode(acts[sae_site(layer, site)]).float())
+    return torch.cat(parts, -1), torch.cat(keys, -1)

@@ -1,9 +1,9 @@
 """Dataset builds sharded over Ray workers: `build(..., runner=RayRunner(spec))`.
 
-The driver cuts the corpus into chunks (`builder.plan_chunks`) and merges their states in
+The driver cuts the corpus into chunks (`corpus.plan_chunks`) and merges their states in
 chunk order; workers (actors, each holding an engine) build chunks alone and return their
 state: kept examples per component and the statistics, a few MB each. Chunk states merge
-exactly (see builder.py), so the dataset is the single-process one, bit for bit, for the
+exactly (see builder.py and kept.py), so the dataset is the single-process one, bit for bit, for the
 same settings and the same torch thread count per worker.
 
 A chunk whose worker dies (killed, out of memory, node lost) or raises is sent again to a
@@ -18,7 +18,9 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-from tdb_agent.datasets.builder import BuildConfig, Chunk, run_chunk
+from tdb_agent.datasets.config import BuildConfig
+from tdb_agent.datasets.corpus import Chunk
+from tdb_agent.datasets.pipeline import run_chunk
 from tdb_agent.errors import TdbError
 from tdb_agent.scaleout import EngineSpec, check_fits, connect, default_workers
 

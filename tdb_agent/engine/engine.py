@@ -41,12 +41,13 @@ from transformers.utils import logging as hf_logging
 from tdb_agent.engine import attention
 from tdb_agent.engine.adapters import Adapter, adapter_for, check_checkpoint
 from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
-from tdb_agent.engine.placement import Placement, execution_device, param, parse_device_map, parse_max_memory, plan, \
+from tdb_agent.engine.placement import Devices, Placement, param, parse_device_map, parse_max_memory, plan, \
     placement, to_device
 from tdb_agent.engine.sae import SAESet
 from tdb_agent.engine.sites import install_hook
 from tdb_agent.engine.precision import cast_block_inputs, describe
 from tdb_agent.engine.spec import ModelSpec
+from tdb_agent.engine.tokens import with_bos
 from tdb_agent.engine.weights import load_weights
 from tdb_agent.errors import ModelNotFound, PromptTooLong, TokenizationError, UnknownSite
 
@@ -135,14 +136,10 @@ class Engine:
         self._cast_handles = cast_block_inputs(self.adapter.blocks(), self.dtype)
         # a dispatched model (accelerate device map) spans devices: the loop moves the
         # residual stream between blocks and hands results out on the home device
-        self.dispatched = bool(getattr(model, "hf_device_map", None))
-        if self.dispatched:
-            cpu = torch.device("cpu")
-            emb = next(iter(self.adapter.embed_modules().values()))
-            self._home = execution_device(emb, cpu)
-            self._layer_devices = [execution_device(b, self._home) for b in self.adapter.blocks()]
-            self._out_device = execution_device(self.adapter.final_norm(), self._home)
-            self.adapter.home = self._home
+        self.devices = Devices.of(model, next(iter(self.adapter.embed_modules().values())), self.adapter.blocks(),
+                                  self.adapter.final_norm())
+        if self.devices.dispatched:
+            self.adapter.home = self.devices.home
         self._computed_sites = {"hook_resid_final", "ln_final.hook_scale", "ln_final.hook_normalized",
                                 "hook_logits"} | {
             f"blocks.{l}.attn.{s}" for l in range(self.spec.n_layers) for s in attention.INTERNAL_SITES}
@@ -190,15 +187,20 @@ class Engine:
     @property
     def device(self) -> torch.device:
         """The home device: inputs go here; results and captured activations come back here."""
-        return self._home if self.dispatched else next(self.model.parameters()).device
+        return self.devices.home
+
+    @property
+    def dispatched(self) -> bool:
+        """Spread over devices by an accelerate device map."""
+        return self.devices.dispatched
 
     def layer_device(self, layer: int) -> torch.device:
         """Where block `layer` computes (its hook sites' tensors live there)."""
-        return self._layer_devices[layer] if self.dispatched else self.device
+        return self.devices.layers[layer]
 
     def placement(self) -> Placement:
         """Device map, execution device of each block, parameter bytes per device."""
-        return placement(self.model, self.device, [self.layer_device(l) for l in range(self.spec.n_layers)])
+        return placement(self.model, self.device, list(self.devices.layers))
 
     def param(self, module: torch.nn.Module, name: str = "weight") -> torch.Tensor | None:
         """A weight of `module` on the home device (materialised if accelerate offloaded it)."""
@@ -211,13 +213,12 @@ class Engine:
 
     # ------------------------------------------------------------------ tokens
     def to_tokens(self, text: str, prepend_bos: bool = True, truncate: bool = False) -> torch.Tensor:
-        """Token ids [1, s], BOS first (as the bundled model was trained, and as
-        TransformerLens does by default). Longer than the context: an error, or with
-        `truncate` (reference text, corpora) the first n_ctx tokens."""
+        """Token ids [1, s], BOS first where the tokenizer has one (as the bundled model was
+        trained, and as TransformerLens does by default). Longer than the context: an error,
+        or with `truncate` (reference text, corpora) the first n_ctx tokens."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        if prepend_bos and bos is not None:
-            ids = [bos] + ids
+        if prepend_bos:  # a tokenizer without a BOS token (Qwen2) gets none
+            ids = with_bos(self.tokenizer, ids)
         if not ids:
             raise TokenizationError("the prompt is empty")
         if truncate:
@@ -332,27 +333,18 @@ class Engine:
                 x = resid
             end = n_layers if stop_layer is None else stop_layer
             blocks = self.adapter.blocks()
-            kwargs = self.adapter.block_kwargs(x.to(self.dtype), pos)  # rotary tables in the blocks' dtype
+            enter = self.devices.entering(self.adapter.block_kwargs(x.to(self.dtype), pos))  # rotary tables in the blocks' dtype
             x = x.float() if self._cast_handles else x
-            moved = {}  # block kwargs per device (dispatched models)
             try:
                 for layer in range(start_layer, end):
-                    if self.dispatched:  # the residual stream crosses to this block's device
-                        dev = self._layer_devices[layer]
-                        x = to_device(x, dev)
-                        if dev not in moved:
-                            moved[dev] = to_device(kwargs, dev)
-                        x = blocks[layer](x, **self.adapter.layer_kwargs(layer, moved[dev]))
-                    else:
-                        x = blocks[layer](x, **self.adapter.layer_kwargs(layer, kwargs))
+                    x, kwargs = enter(layer, x)  # the residual stream crosses to the block's device
+                    x = blocks[layer](x, **self.adapter.layer_kwargs(layer, kwargs))
                     x = x[0] if isinstance(x, tuple) else x  # blocks that also return weights (Falcon)
             except StopForward:
                 return ForwardOutput(logits=None, resid_final=None)
             if stop_layer is not None and stop_layer < n_layers:
-                return ForwardOutput(logits=None, resid_final=to_device(x, self.device) if self.dispatched else x)
-            if self.dispatched:
-                x = to_device(x, self._out_device)
-            x = self._state.apply("hook_resid_final", x)
+                return ForwardOutput(logits=None, resid_final=self.devices.to_home(x))
+            x = self._state.apply("hook_resid_final", self.devices.to_out(x))
             if "ln_final.hook_scale" in self._state.hooks:
                 self._state.apply("ln_final.hook_scale", self.final_norm_scale(x))
             if logit_positions is None:
@@ -364,9 +356,7 @@ class Engine:
             normed = self._state.apply("ln_final.hook_normalized", self.final_norm(sel))
             logits = self.unembed(normed, logit_ids)
             logits = self._state.apply("hook_logits", logits)
-            if self.dispatched:
-                logits, x = to_device(logits, self.device), to_device(x, self.device)
-            return ForwardOutput(logits=logits, resid_final=x)
+            return ForwardOutput(logits=self.devices.to_home(logits), resid_final=self.devices.to_home(x))
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm; in float32 when the model runs in half precision (logits and the

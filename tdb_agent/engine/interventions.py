@@ -29,27 +29,25 @@ def selection_mask(x: torch.Tensor, site: str, units: Sequence[int] | None,
                    positions: Sequence[int] | None) -> torch.Tensor:
     """Boolean mask broadcastable to `x` that is True on the chosen units and positions."""
     pos_dim, unit_dim = site_layout(site)
-    shape = [1] * x.dim()
-    mask = torch.ones(shape, dtype=torch.bool, device=x.device)
+    mask = torch.ones([1] * x.dim(), dtype=torch.bool, device=x.device)
     if positions is not None:
-        shape_p = [1] * x.dim()
-        shape_p[pos_dim] = x.shape[pos_dim]
-        m = torch.zeros(shape_p, dtype=torch.bool, device=x.device)
-        idx = [slice(None)] * x.dim()
-        idx[pos_dim] = torch.as_tensor(list(positions), device=x.device)
-        m[tuple(idx)] = True
-        mask = mask & m
+        mask = mask & _chosen(x, pos_dim, positions)
     if units is not None:
         if unit_dim is None:
             raise ValueError(f"site {site} has no units (heads/neurons) to select")
-        shape_u = [1] * x.dim()
-        shape_u[unit_dim] = x.shape[unit_dim]
-        m = torch.zeros(shape_u, dtype=torch.bool, device=x.device)
-        idx = [slice(None)] * x.dim()
-        idx[unit_dim] = torch.as_tensor(list(units), device=x.device)
-        m[tuple(idx)] = True
-        mask = mask & m
+        mask = mask & _chosen(x, unit_dim, units)
     return mask
+
+
+def _chosen(x: torch.Tensor, dim: int, indices: Sequence[int]) -> torch.Tensor:
+    """A boolean mask of size 1 in every dim of x but `dim`: True at `indices` along `dim`."""
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    m = torch.zeros(shape, dtype=torch.bool, device=x.device)
+    idx = [slice(None)] * x.dim()
+    idx[dim] = torch.as_tensor(list(indices), device=x.device)
+    m[tuple(idx)] = True
+    return m
 
 
 def intervention(kind: Kind, site: str, *, units: Sequence[int] | None = None,

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, Field
@@ -221,6 +222,50 @@ def to_device(obj, device: torch.device):
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     return obj
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Where the engine's loop computes: the home device (token ids in; logits, residual
+    streams and captured activations out), each block's execution device and the final
+    norm's. One device for an ordinary model; a model spread by a device map (`dispatched`)
+    crosses devices at block boundaries. Every move is a no-op where the tensor already is."""
+
+    home: torch.device
+    layers: tuple[torch.device, ...]
+    out: torch.device
+    dispatched: bool = False
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, embed: torch.nn.Module, blocks: list[torch.nn.Module],
+           final_norm: torch.nn.Module) -> "Devices":
+        """The devices of a loaded model: its parameters' device, or where accelerate runs
+        each part (the home device is the embedding's)."""
+        if not getattr(model, "hf_device_map", None):
+            dev = next(model.parameters()).device
+            return cls(dev, (dev,) * len(blocks), dev)
+        home = execution_device(embed, torch.device("cpu"))
+        return cls(home, tuple(execution_device(b, home) for b in blocks), execution_device(final_norm, home),
+                   dispatched=True)
+
+    def to_home(self, obj):
+        return to_device(obj, self.home)
+
+    def to_out(self, obj):
+        """To the final norm's device, where the logits are computed."""
+        return to_device(obj, self.out)
+
+    def entering(self, block_kwargs: dict) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, dict]]:
+        """enter(layer, x) -> (x, block kwargs) on that block's device; the kwargs are moved
+        once per device."""
+        moved: dict[torch.device, dict] = {}
+
+        def enter(layer: int, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            dev = self.layers[layer]
+            if dev not in moved:
+                moved[dev] = to_device(block_kwargs, dev)
+            return to_device(x, dev), moved[dev]
+        return enter
 
 
 def placement(model: torch.nn.Module, home: torch.device, layer_devices: list[torch.device]) -> Placement:

@@ -30,14 +30,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from tdb_agent.engine.component_sites import SAE_HOOKS, sae_site
 from tdb_agent.errors import TdbError
 
 Architecture = Literal["standard", "topk", "jumprelu"]
 LatentFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
-_SITE_RE = re.compile(r"blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out)")
-_SITE_NAMES = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
-_SITE_KIND = {"hook_resid_post": "resid", "hook_mlp_out": "mlp", "hook_attn_out": "attn"}
+_SITE_RE = re.compile(r"blocks\.(\d+)\.(" + "|".join([*SAE_HOOKS.values(), "hook_resid_pre"]) + ")")
+_SITE_KIND = {hook: site for site, hook in SAE_HOOKS.items()}
 
 
 class SAEError(TdbError):
@@ -94,9 +94,9 @@ def site_of(hook_name: str, n_layers: int | None = None) -> tuple[int, str]:
     return layer, _SITE_KIND[name]
 
 
-def engine_site(layer: int, site: str) -> str:
-    """The engine hook site an SAE at (layer, site) reads and writes."""
-    return f"blocks.{layer}.{_SITE_NAMES[site]}"
+#: the hook site an SAE at (layer, site) reads and writes: the name explain/ imports (the
+#: table itself is engine/component_sites.py)
+engine_site = sae_site
 
 
 class SAE(torch.nn.Module):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.basic import TokenPrediction
 from tdb_agent.ops.metrics import MetricName, make_metric
@@ -184,11 +185,6 @@ def ablate(engine: Engine, prompt: str, components: Sequence[str], target: str, 
                         before=before, after=after, delta=after - before, top_after=_top(engine, logits))
 
 
-def _sweep_site(kind: SweepKind, layer: int) -> str:
-    return {"head": f"blocks.{layer}.attn.hook_z", "neuron": f"blocks.{layer}.mlp.hook_post",
-            "attn": f"blocks.{layer}.hook_attn_out", "mlp": f"blocks.{layer}.hook_mlp_out"}[kind]
-
-
 def _n_units(engine: Engine, kind: SweepKind) -> int:
     return {"head": engine.spec.n_heads, "neuron": engine.spec.d_mlp, "attn": 1, "mlp": 1}[kind]
 
@@ -262,10 +258,10 @@ def ablation_sweep(engine: Engine, prompt: str, kind: SweepKind, target: str, di
         done = 0
         passes = 0
         deltas = torch.empty(spec.n_layers, units, device=engine.device)
-        means = get_means(engine, [_sweep_site(kind, l) for l in range(spec.n_layers)], cache) \
+        means = get_means(engine, [kind_site(kind, l) for l in range(spec.n_layers)], cache) \
             if mode == "mean" else {}
         for layer in range(spec.n_layers):
-            site = _sweep_site(kind, layer)
+            site = kind_site(kind, layer)
             value = replacement_value(site, mode, source, means)
             if value is not None and last_only and source is not None:
                 value = value[:, -1:]

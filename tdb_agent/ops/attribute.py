@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from tdb_agent.engine import Engine
+from tdb_agent.engine.component_sites import EMBED_SITE, kind_site
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import decompose, frozen_norm
 from tdb_agent.ops.metrics import Metric, MetricName, make_metric
@@ -212,17 +213,11 @@ def _pid(base: str, pos: int | None) -> str:
 def _sites_for(engine: Engine, kinds) -> dict[str, tuple[str, int]]:
     """site -> (kind, layer) for the act x grad capture."""
     out: dict[str, tuple[str, int]] = {}
-    for layer in range(engine.spec.n_layers):
-        if "head" in kinds:
-            out[f"blocks.{layer}.attn.hook_z"] = ("head", layer)
-        if "neuron" in kinds:
-            out[f"blocks.{layer}.mlp.hook_post"] = ("neuron", layer)
-        if "attn" in kinds:
-            out[f"blocks.{layer}.hook_attn_out"] = ("attn", layer)
-        if "mlp" in kinds:
-            out[f"blocks.{layer}.hook_mlp_out"] = ("mlp", layer)
+    for kind in ("head", "neuron", "attn", "mlp"):  # kind by kind, layers in order
+        if kind in kinds:
+            out |= {kind_site(kind, layer): (kind, layer) for layer in range(engine.spec.n_layers)}
     if "emb" in kinds:
-        out["blocks.0.hook_resid_pre"] = ("emb", 0)
+        out[EMBED_SITE] = ("emb", 0)
     return out
 
 
@@ -233,7 +228,7 @@ def metric_gradients(engine: Engine, ids: torch.Tensor, metric: Metric,
         return x.detach().requires_grad_(True)
 
     with torch.enable_grad():
-        out, acts = engine.run_with_cache(ids, sites, hooks={"blocks.0.hook_resid_pre": make_leaf},
+        out, acts = engine.run_with_cache(ids, sites, hooks={EMBED_SITE: make_leaf},
                                           logit_positions=[-1], logit_ids=metric.logit_ids())
         value = metric.from_logits(out.logits[:, -1])[0]
         grads = torch.autograd.grad(value, [acts[s] for s in sites], allow_unused=True)
@@ -254,10 +249,9 @@ def _act_times_grad(engine, prompt, m, kinds, top_k, per_position, reference, co
                            f"{n_tokens}; patching needs prompts of the same length")
     site_kinds = _sites_for(engine, kinds)
     # the full set of fine components, for the total: heads, neurons, embedding
-    fine = {f"blocks.{l}.attn.hook_z": ("head", l) for l in range(spec.n_layers)}
-    fine |= {f"blocks.{l}.mlp.hook_post": ("neuron", l) for l in range(spec.n_layers)}
-    fine["blocks.0.hook_resid_pre"] = ("emb", 0)
-    sites = list(dict.fromkeys(list(site_kinds) + list(fine)))
+    fine = _sites_for(engine, ("head", "neuron", "emb"))
+    kind_of = fine | site_kinds
+    sites = list(kind_of)
     value, acts, grads = metric_gradients(engine, ids, m, sites)
 
     def effect(site: str) -> torch.Tensor:
@@ -270,9 +264,10 @@ def _act_times_grad(engine, prompt, m, kinds, top_k, per_position, reference, co
             ref = corrupted.acts[site]
         e = (a.float() - ref.float()) * grads[site].float()  # [1, s, ...], accumulated in float32
         # per position and unit: heads sum over d_head, whole-vector sites over d_model
-        if site.endswith("hook_z"):
+        kind = kind_of[site][0]
+        if kind == "head":
             return e[0].sum(-1)  # [s, h]
-        if site.endswith("mlp.hook_post"):
+        if kind == "neuron":
             return e[0]  # [s, d_mlp]
         return e[0].sum(-1, keepdim=True)  # [s, 1]
 

@@ -23,6 +23,7 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.ops.runs import CleanRun
 
 
@@ -55,7 +56,7 @@ def decompose(engine: Engine, run: CleanRun, positions: list[int], g: torch.Tens
     for layer in range(attn_layers):
         f = write_factor(engine, run, "attn", layer, positions)
         gl = g if f is None else g * f  # through the frozen post-norm (Gemma-2/3, OLMo-2)
-        z = run.acts[f"blocks.{layer}.attn.hook_z"][0, pos].float()  # [P, h, dh]
+        z = run.acts[kind_site("head", layer)][0, pos].float()  # [P, h, dh]
         heads.append(torch.einsum(eq_head, z, a.W_O(layer).float(), gl))
         b = a.b_O(layer)
         bias = (gl @ b.float()) if b is not None else g.new_zeros(len(positions))
@@ -63,7 +64,7 @@ def decompose(engine: Engine, run: CleanRun, positions: list[int], g: torch.Tens
     for layer in range(mlp_layers):
         f = write_factor(engine, run, "mlp", layer, positions)
         gl = g if f is None else g * f
-        post = run.acts[f"blocks.{layer}.mlp.hook_post"][0, pos].float()  # [P, d_mlp]
+        post = run.acts[kind_site("neuron", layer)][0, pos].float()  # [P, d_mlp]
         contrib = post * (gl @ a.W_out(layer).float().T)  # [P, d_mlp]
         neurons.append(contrib if per_position else contrib.sum(0))
         b = a.b_out(layer)
@@ -97,7 +98,7 @@ def write_factor(engine: Engine, run: CleanRun, kind: str, layer: int, positions
     multiplies its raw output by, frozen at the clean run: gain / rms(raw) [P, d_model] in
     float32; None where the family has no post-norm."""
     pos = torch.as_tensor(positions, device=engine.device)
-    site = f"blocks.{layer}.attn.hook_z" if kind == "attn" else f"blocks.{layer}.mlp.hook_post"
+    site = kind_site("head", layer) if kind == "attn" else kind_site("neuron", layer)
     return post_norm_factor(engine, kind, layer, run.acts[site][0, pos])
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from tdb_agent.components import Component, parse_component
 from tdb_agent.engine import Engine
-from tdb_agent.engine.sae import engine_site
+from tdb_agent.engine.component_sites import sae_site
 from tdb_agent.errors import TdbError
 from tdb_agent.ops import sae_ops
 from tdb_agent.ops.runs import CleanRun, RunCache, get_run
@@ -158,7 +158,7 @@ def component_write(engine: Engine, run: CleanRun, c: Component) -> torch.Tensor
         return acts["blocks.0.hook_resid_pre"][0].float()
     if c.kind == "sae":
         sae = engine.saes.get(c.layer, c.sae_site)
-        x = acts[engine_site(c.layer, c.sae_site)][0].float()
+        x = acts[sae_site(c.layer, c.sae_site)][0].float()
         return sae.encode(x)[:, c.index, None] * sae.W_dec[c.index].float()
     raise TdbError(f"{c.id} writes nothing to the residual stream; give a head, neuron, block, EMB or SAE latent")
 

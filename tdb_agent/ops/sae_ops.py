@@ -18,16 +18,17 @@ import torch
 
 from tdb_agent.components import Component, hook_site
 from tdb_agent.engine import Engine
-from tdb_agent.engine.sae import SAE, engine_site, splice_hook
+from tdb_agent.engine.sae import SAE, splice_hook
+from tdb_agent.engine.component_sites import sae_site
 from tdb_agent.engine.transcoder import tc_sizes
 from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.runs import CleanRun, reference_documents
 
 
 def sae_sizes(engine: Engine) -> dict[tuple[int, str], int]:
-    """SAE sizes by (layer, site), plus transcoder feature counts by (layer, "tc")."""
-    saes = getattr(engine, "saes", None)
-    return (saes.sizes() if saes is not None else {}) | tc_sizes(engine)
+    """SAE sizes by (layer, site), plus transcoder feature counts by (layer, "tc"): what
+    `parse_component` range-checks latents and features against (the one definition)."""
+    return engine.saes.sizes() | tc_sizes(engine)
 
 
 def sae_for(engine: Engine, c: Component) -> SAE:
@@ -38,7 +39,7 @@ def latent_acts(engine: Engine, run: CleanRun, layer: int, site: str) -> torch.T
     """Latent activations of the SAE at (layer, site) on a clean run: [s, d_sae]."""
     sae = engine.saes.get(layer, site)
     with torch.no_grad():
-        return sae.encode(run.acts[engine_site(layer, site)][0])
+        return sae.encode(run.acts[sae_site(layer, site)][0])
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def latent_mean(engine: Engine, layer: int, site: str, prompts: list[str] | None
     if prompts is None and key in means:
         return means[key]
     sae = engine.saes.get(layer, site)
-    s_name = engine_site(layer, site)
+    s_name = sae_site(layer, site)
     total, count = None, 0
     for text in prompts or reference_documents(engine):
         ids = engine.to_tokens(text, truncate=True)
@@ -117,7 +118,7 @@ def act_times_grad(engine: Engine, ids: torch.Tensor, metric, reference: str, co
         def leaf(f, key=key):
             leaves[key] = f.detach().requires_grad_(True)
             return leaves[key]
-        hooks.setdefault(engine_site(*key), []).append(splice_hook(sae, [leaf]))
+        hooks.setdefault(sae_site(*key), []).append(splice_hook(sae, [leaf]))
     if not hooks:
         raise TdbError("kind 'sae' needs an SAE loaded (tdb-agent serve --sae PATH)")
     with torch.enable_grad():
@@ -189,7 +190,7 @@ def sweep(engine: Engine, run: CleanRun, metric, before: float, mode: str, sourc
                 return torch.where(mask, new, f)
 
             out = engine.forward(run.ids.expand(b, -1), start_layer=layer, resid=resid.expand(b, -1, -1),
-                                 hooks={engine_site(layer, site): splice_hook(sae, [rewrite])},
+                                 hooks={sae_site(layer, site): splice_hook(sae, [rewrite])},
                                  logit_ids=metric.logit_ids())
             deltas = (metric.from_logits(out.logits[:, -1]) - before).tolist()
             rows += [(f"L{layer}.{site}.F{i}", layer, i, d) for i, d in zip(chunk, deltas)]

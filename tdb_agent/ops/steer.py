@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 from tdb_agent.components import parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import post_norm_factor
 from tdb_agent.ops.runs import RunCache, get_mean, reference_documents
@@ -41,13 +42,13 @@ def steering_vector(engine: Engine, component: str, cache: RunCache | None = Non
     if c.kind not in ("neuron", "head"):
         raise TdbError(f"steer takes a neuron (L{{l}}.N{{n}}) or a head (L{{l}}.H{{h}}), not {c.id}")
     head = c.kind == "head"
-    site = f"blocks.{c.layer}.hook_attn_out" if head else f"blocks.{c.layer}.hook_mlp_out"
+    site = kind_site("attn", c.layer) if head else kind_site("mlp", c.layer)
     a = engine.adapter
     if (a.post_attn_norm(c.layer) if head else a.post_mlp_norm(c.layer)) is not None:
         return site, post_norm_mean_write(engine, c.layer, c.index, head).to(engine.dtype)
     if not head:
         return site, a.W_out(c.layer)[c.index]
-    z_mean = get_mean(engine, f"blocks.{c.layer}.attn.hook_z", cache)[c.index]  # [d_head]
+    z_mean = get_mean(engine, kind_site("head", c.layer), cache)[c.index]  # [d_head]
     return site, z_mean @ a.W_O(c.layer)[c.index]
 
 
@@ -56,7 +57,7 @@ def post_norm_mean_write(engine: Engine, layer: int, index: int, head: bool) -> 
     """Mean over every reference token of what head/neuron `index` of `layer` writes into
     the residual stream through the post-norm frozen at that token (float32 [d_model]): a
     head's z_h W_O[h] times the factor, a neuron's W_out[n] (activation 1) times it."""
-    kind, site = ("attn", f"blocks.{layer}.attn.hook_z") if head else ("mlp", f"blocks.{layer}.mlp.hook_post")
+    kind, site = ("attn", kind_site("head", layer)) if head else ("mlp", kind_site("neuron", layer))
     unit = engine.adapter.W_O(layer)[index].float() if head else engine.adapter.W_out(layer)[index].float()
     total, count = None, 0
     for text in reference_documents(engine):

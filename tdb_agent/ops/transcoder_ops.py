@@ -16,6 +16,7 @@ import torch
 
 from tdb_agent.components import Component
 from tdb_agent.engine import Engine
+from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.runs import CleanRun, reference_documents
 
@@ -82,7 +83,7 @@ def component_hooks(engine: Engine, comps: list[Component], mode: str, source: C
 def steering_vector(engine: Engine, c: Component) -> tuple[str, torch.Tensor]:
     """A feature's decoder row into its own layer's MLP output."""
     tc = _tcs(engine).get(c.layer)
-    return f"blocks.{c.layer}.hook_mlp_out", tc.W_dec[c.index, 0].to(engine.dtype)
+    return kind_site("mlp", c.layer), tc.W_dec[c.index, 0].to(engine.dtype)
 
 
 def direct_effects(engine: Engine, run: CleanRun, g: torch.Tensor) -> dict[str, torch.Tensor]:

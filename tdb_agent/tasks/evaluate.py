@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel
 
+from tdb_agent.engine.tokens import with_bos
 from tdb_agent.tasks.generators import task_examples
 
 
@@ -31,7 +32,7 @@ def last_token_logits(model, tokenizer, prompts: list[str], batch_size: int = 64
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]
+        ids = [with_bos(tokenizer, tokenizer(p, add_special_tokens=False)["input_ids"])
                for p in prompts[i:i + batch_size]]
         width = max(len(x) for x in ids)
         batch = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
