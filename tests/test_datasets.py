@@ -223,3 +223,29 @@ def test_a_tokenizer_without_bos_builds_a_dataset(tmp_path, capsys):
     cols = [ds.column(f"L0.N{n}") for n in range(engine.spec.d_mlp)]
     got = ds.a["top.value"][cols, 0].astype(np.float32)
     np.testing.assert_allclose(got, expect, rtol=2e-3, atol=1e-4)  # stored as float16
+
+
+def test_prompt_limit_counts_tokens_as_the_engine_reads_them(tmp_path):
+    """The max_prompt_tokens check counts the BOS token only where the tokenizer has one: a
+    prompt of exactly the limit is accepted on a BOS-less model (it was refused, counted +1)."""
+    import pytest
+
+    from tdb_agent.engine import Engine
+    from tdb_agent.service.limits import LimitChecks, LimitExceeded
+    from tdb_agent.tasks.tokenizer import build_tokenizer
+    from tdb_agent.workbench import Limits, Workbench
+    from tests.tiny_models import build_tiny
+
+    text = "the cat sat on the mat"
+    for bos in (True, False):
+        folder = build_tiny("llama", tmp_path / f"llama-{bos}")
+        tok = build_tokenizer()
+        if not bos:
+            tok.bos_token = None
+        tok.save_pretrained(folder)
+        engine = Engine.load(folder, device="cpu")
+        n = engine.to_tokens(text).shape[-1]  # what the engine reads
+        assert n == len(tok(text, add_special_tokens=False)["input_ids"]) + bos
+        LimitChecks(Workbench(engine, Limits(max_prompt_tokens=n))).text(text)
+        with pytest.raises(LimitExceeded, match="max_prompt_tokens"):
+            LimitChecks(Workbench(engine, Limits(max_prompt_tokens=n - 1))).text(text)

@@ -89,13 +89,14 @@ def parse_max_memory(text: str | Mapping | None) -> dict | None:
     if text is None or isinstance(text, Mapping):
         return dict(text) if text is not None else None
     if text.strip().startswith("{"):  # JSON, as discover passes a dict on to `serve`
-        return {int(k) if k.isdigit() else k: v for k, v in json.loads(text).items()}
+        return {int(k) if k.isascii() and k.isdigit() else k: v for k, v in json.loads(text).items()}
     out: dict = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
             raise PlacementError(f"--max-memory entries are DEVICE=SIZE (e.g. 0=70GiB,cpu=100GiB), not {part!r}")
         dev, size = (s.strip() for s in part.split("=", 1))
-        out[int(dev) if dev.isdigit() else dev] = int(size) if size.isdigit() else size
+        out[int(dev) if dev.isascii() and dev.isdigit() else dev] = (
+            int(size) if size.isascii() and size.isdigit() else size)
     return out
 
 

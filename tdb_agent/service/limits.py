@@ -3,6 +3,7 @@ the flag that sets it, so a model knows it hit a server limit rather than a bad 
 
 from __future__ import annotations
 
+from tdb_agent.engine.tokens import with_bos
 from tdb_agent.errors import TdbError
 from tdb_agent.workbench import Limits, Workbench
 
@@ -33,7 +34,8 @@ class LimitChecks:
                 continue
             if len(text) > lim.max_prompt_chars:
                 raise _exceeded(f"the {field} ({len(text)} characters)", "max_prompt_chars", len(text), lim)
-            n = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + BOS
+            ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+            n = len(with_bos(self.engine.tokenizer, ids))  # as the engine will read it
             if n > lim.max_prompt_tokens:
                 raise _exceeded(f"the {field} ({n} tokens)", "max_prompt_tokens", n, lim)
 

@@ -34,7 +34,7 @@ class TokenizeArgs(ToolArgs):
 
 
 def tokenize(bench: Workbench, args: TokenizeArgs, job: Job) -> TokenizeResult:
-    """Positions are 0-based, the BOS token first, with ids. Use it to find the position t for
+    """Positions are 0-based (the BOS token first, where the tokenizer has one), with ids. Use it to find the position t for
     ids like L1.H3@t, and to check that a target is one token. Example:
     tokenize(text="The capital of Zorvia is")"""
     return ops.tokenize(bench.engine, args.text)
