@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tdb_agent.agent import planner
+from tdb_agent.agent.edge_step import EdgeFindings, report_lines
 from tdb_agent.agent.llm import Budgets, LLMSettings, run_llm_loop
 from tdb_agent.agent.runstore import RunConfig, RunStore
 from tdb_agent.agent.summary import RunSummary
@@ -95,7 +96,7 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
                 echo(f"resuming: {store.n_events()} events in the transcript")
             result = await planner.discover(tb, cfg.task, pairs, name, modes=ABLATION_MODES[cfg.ablation])
             stopped, calls, notes, heldout = "done", tb.calls, result.notes, result.faithfulness_heldout
-            other = result.faithfulness_other
+            other, edges = result.faithfulness_other, result.edges
         else:
             tb = Toolbox(client, store)
             await _restore_circuits(client, store, tools)
@@ -110,8 +111,8 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
             outcome = await run_llm_loop(client, store, goal, llm or LLMSettings.from_env(),
                                          Budgets(max_steps=cfg.max_steps), on_tool_result=on_result)
             stopped, calls, notes = outcome.stopped_because, outcome.steps, [outcome.final_message or ""]
-            heldout, other = None, {}
-        summary = await _finish(client, store, name, notes, calls, time.time() - t0, stopped)
+            heldout, other, edges = None, {}, None
+        summary = await _finish(client, store, name, notes, calls, time.time() - t0, stopped, edges)
         summary.faithfulness_heldout, summary.faithfulness_other = heldout, other
         summary.task, summary.planner = cfg.task, cfg.planner
     echo(f"run folder: {out}\ncircuit {summary.circuit}: {len(summary.nodes)} nodes {summary.nodes}, "
@@ -135,7 +136,7 @@ async def _restore_circuits(client, store: RunStore, tools: dict) -> None:
 
 
 async def _finish(client, store: RunStore, name: str, notes: list[str], calls: int, seconds: float,
-                  stopped: str) -> RunSummary:
+                  stopped: str, edges: EdgeFindings | None = None) -> RunSummary:
     show = await client.call_tool("circuit_show", {"name": name})
     if show.is_error:
         store.write("report.md", f"# Discovery run\n\nNo circuit named {name!r} was created.\n\n"
@@ -150,13 +151,14 @@ async def _finish(client, store: RunStore, name: str, notes: list[str], calls: i
                 store.write(file, r.structured_content["content"])
             else:
                 store.save_graph(json.loads(r.structured_content["content"]))
-    store.write("report.md", report_markdown(info, notes, calls, seconds, stopped))
+    store.write("report.md", report_markdown(info, notes, calls, seconds, stopped, edges))
     nodes = [n["id"] for n in info["nodes"] if n["id"] != "LOGITS"]
     return RunSummary(run_dir=str(store.dir), circuit=name, nodes=nodes, faithfulness=info.get("faithfulness"),
                       tool_calls=calls, seconds=seconds, stopped_because=stopped)
 
 
-def report_markdown(info: dict, notes: list[str], calls: int, seconds: float, stopped: str) -> str:
+def report_markdown(info: dict, notes: list[str], calls: int, seconds: float, stopped: str,
+                    edges: EdgeFindings | None = None) -> str:
     v = info.get("validation") or {}
     lines = [f"# Circuit `{info['name']}`", ""]
     b = info.get("behaviour") or {}
@@ -181,6 +183,7 @@ def report_markdown(info: dict, notes: list[str], calls: int, seconds: float, st
         ev = "; ".join(f"{x['tool']} {x.get('args', {})}: {x.get('value')}" for x in e.get("evidence", []))
         w = f"{e['weight']:.3f}" if e.get("weight") is not None else ""
         lines.append(f"| {e['source']} | {e['target']} | {e['via']} | {w} | {ev} |")
+    lines += report_lines(edges)
     lines += ["", "## What was tried", ""] + [f"- {n}" for n in notes if n]
     lines += ["", f"{calls} tool calls, {seconds:.1f} s, stopped: {stopped}. Transcript: `transcript.jsonl`; "
               "graph: `graph.json`, `graph.svg`, `graph.html`.", ""]

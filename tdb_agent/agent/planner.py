@@ -16,7 +16,11 @@ A fixed, systematic procedure that an LLM agent is compared with:
    faithfulness under the other ablation mode beside it. With `modes=("mean", "resample")`
    the threshold must hold under both ablations while growing and pruning (a circuit chosen
    under one can fall apart under the other);
-7. explain: attach each kept head's or neuron's explanation (with its detection, fuzzing and
+7. edges: score every edge of the model's edge graph with EAP-IG (corrupted reference, over
+   the task's pairs), keep the fewest that reach the threshold as an edge circuit, measure
+   its faithfulness curve (CPR, CMD), and state the edges between the circuit's components
+   with those measurements (`edge_step`); a family the edge methods refuse gets a note;
+8. explain: attach each kept head's or neuron's explanation (with its detection, fuzzing and
    simulation scores, and its note when they are at chance).
 """
 
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
+from tdb_agent.agent.edge_step import EdgeFindings, edge_step
 from tdb_agent.agent.toolbox import Toolbox, ToolCallFailed
 from tdb_agent.circuits.evaluate import AblationMode
 
@@ -38,6 +43,7 @@ class DiscoveryResult(BaseModel):
     faithfulness_heldout: float | None = None  # on pairs of the task that pruning never saw
     faithfulness_heldout_other: dict[str, float] = {}  # held out, under the other required modes
     modes: list[str] = ["mean"]  # the ablations the threshold had to hold under; the first is the claim's
+    edges: EdgeFindings | None = None  # the edge-level measurement (None: the edge tools refused or are absent)
     tool_calls: int
     rejected: list[str]
     notes: list[str]
@@ -349,15 +355,16 @@ class _Discovery:
         self.notes.append(f"held-out pairs (seed {HELDOUT_SEED}, {self.n_validate} pairs): faithfulness {_show(held)}")
         return held[self.mode], {m: f for m, f in held.items() if m != self.mode}
 
-    # 7. explain, and the result
+    # 7. edges, 8. explain, and the result
     async def finish(self, faithfulness_other: dict[str, float], heldout: float | None,
                      heldout_other: dict[str, float]) -> DiscoveryResult:
         final = await self.tb("circuit_validate", name=self.circuit, mode=self.mode, necessity=True)
         nodes = list(final["nodes"])
+        edges = await edge_step(self.tb, self.task, self.pairs, self.circuit, nodes, self.threshold, self.notes)
         await _explain(self.tb, self.circuit, nodes, self.notes)
         return DiscoveryResult(circuit=self.circuit, nodes=nodes, faithfulness=final["faithfulness"],
                                faithfulness_other=faithfulness_other, faithfulness_heldout=heldout,
-                               faithfulness_heldout_other=heldout_other, modes=self.modes,
+                               faithfulness_heldout_other=heldout_other, modes=self.modes, edges=edges,
                                tool_calls=self.tb.calls, rejected=self.rejected, notes=self.notes)
 
 
