@@ -148,3 +148,88 @@ def test_graph_page_draws_and_clicks(graph_server):
             assert not tab.problems, tab.problems
         finally:
             b.close()
+
+
+# Neuronpedia's published graph schema (apps/webapp/app/api/graph/graph-schema.json in
+# hijohnnylin/neuronpedia), its constraints written out here as a JSON Schema for the
+# `jsonschema` library: an independent check of `validate`, which implements them by hand.
+def _obj(required, props):
+    return {"type": "object", "required": required, "properties": props}
+
+
+NUM, INT, STR, ARR = {"type": "number"}, {"type": "integer"}, {"type": "string"}, {"type": "array"}
+SCHEMA = _obj(["metadata", "qParams", "nodes", "links"], {
+    "metadata": _obj(["slug", "scan", "prompt_tokens", "prompt"], {
+        "slug": STR, "scan": STR, "prompt": STR, "prompt_tokens": {"type": "array", "items": STR},
+        "node_threshold": NUM, "feature_details": {"type": "object"}, "info": {"type": "object"},
+        "generation_settings": {"type": "object"}, "pruning_settings": {"type": "object"}}),
+    "qParams": _obj([], {"pinnedIds": {"type": "array", "items": STR}, "supernodes": ARR, "linkType": STR,
+                         "clickedId": STR, "sg_pos": STR}),
+    "nodes": {"type": "array", "items": _obj(
+        ["node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp"],
+        {"node_id": STR, "feature": {"type": ["integer", "null"]}, "layer": {"type": ["string", "integer"]},
+         "ctx_idx": INT, "feature_type": STR, "jsNodeId": STR, "clerp": STR,
+         "influence": {"type": ["number", "null"]}, "activation": {"type": ["number", "null"]}})},
+    "links": {"type": "array", "items": _obj(["source", "target", "weight"], {"source": STR, "target": STR,
+                                                                            "weight": NUM})}})
+
+
+def schema_ok(d) -> bool:
+    import jsonschema
+    return jsonschema.Draft7Validator(SCHEMA).is_valid(d)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_export_round_trips_and_follows_neuronpedias_schema(tiny_engines, family):
+    from tdb_agent import jsonsafe
+    from tdb_agent.ops.graph import build_graph
+    from tdb_agent.ops.graph.build import GraphTarget
+    from tdb_agent.ops.graph.export import to_json
+    from tdb_agent.ops.graph.influence import prune, scores, square
+
+    e = tiny_engines[family]
+    with attached(e, random_transcoders(e, n=12, cross_layer=family == "llama")):
+        g = build_graph(e, P, GraphTarget(kind="logit_diff", token="Mary", distractor="John"))
+    sq = square(g)
+    for pruned in (None, prune(sq, 0.8, 0.98)):
+        data = to_json(g, sq, pruned, slug="rt", scan=e.name, scores=scores(sq), explanations={})
+        back = json.loads(jsonsafe.dumps(data))
+        assert back == data  # every field survives strict JSON exactly (floats by repr)
+        assert validate(back) == [] and schema_ok(back)
+        ids = {n["node_id"] for n in back["nodes"]}
+        assert len(ids) == len(back["nodes"]) and all({ln["source"], ln["target"]} <= ids for ln in back["links"])
+        assert {n["feature_type"] for n in back["nodes"]} >= {"embedding", "logit", "cross layer transcoder"}
+
+    # each schema rule broken once: validate and the JSON Schema agree, and name the field
+    def broken(edit):
+        d = json.loads(json.dumps(data))
+        edit(d)
+        return d
+
+    node, link = 0, 0
+    cases = {
+        "lacks 'clerp'": lambda d: d["nodes"][node].pop("clerp"),
+        "lacks 'jsNodeId'": lambda d: d["nodes"][node].pop("jsNodeId"),
+        "'feature' is string": lambda d: d["nodes"][node].update(feature="7"),
+        "'layer' is number": lambda d: d["nodes"][node].update(layer=1.5),
+        "'ctx_idx' is null": lambda d: d["nodes"][node].update(ctx_idx=None),
+        "'influence' is string": lambda d: d["nodes"][node].update(influence="high"),
+        "metadata lacks 'scan'": lambda d: d["metadata"].pop("scan"),
+        "'node_threshold' is null": lambda d: d["metadata"].update(node_threshold=None),
+        "prompt_tokens are not all strings": lambda d: d["metadata"]["prompt_tokens"].append(3),
+        "'linkType' is integer": lambda d: d["qParams"].update(linkType=1),
+        "'weight' is string": lambda d: d["links"][link].update(weight="0.5"),
+        "lacks 'target'": lambda d: d["links"][link].pop("target"),
+        "graph lacks 'qParams'": lambda d: d.pop("qParams"),
+    }
+    for what, edit in cases.items():
+        d = broken(edit)
+        problems = validate(d)
+        assert problems and not schema_ok(d), what
+        assert any(what in x for x in problems), (what, problems)
+    # what the schema allows: a null feature, an integer layer, integer weights, absent optional fields
+    for edit in (lambda d: d["nodes"][node].update(feature=None), lambda d: d["nodes"][node].update(layer=3),
+                 lambda d: d["links"][link].update(weight=2), lambda d: d["nodes"][node].pop("influence"),
+                 lambda d: d["metadata"].update(node_threshold=0.8), lambda d: d.update(qParams={})):
+        d = broken(edit)
+        assert validate(d) == [] and schema_ok(d)
