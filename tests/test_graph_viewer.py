@@ -5,11 +5,6 @@ draws it in a real browser (layers x positions, a click shows a node's edges).""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 from starlette.testclient import TestClient
@@ -25,6 +20,7 @@ from tdb_agent.workbench import Workbench
 from tests.test_graph import attached, random_transcoders
 from tests.test_server_tools import P
 from tests.test_viewer_browser import BROWSER_ARGS, Page, find_chromium
+from tests.viewer_fixtures import viewer_process
 
 BASE = "http://127.0.0.1:8765"
 
@@ -79,32 +75,8 @@ def graph_server(tmp_path_factory):
     r = build(bench, "ioi")
     saved = json.loads((bench.workspace / r.export_path).read_text())
     (root / "empty").mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "server.log", "w+")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TDB_WORKSPACE": str(root / "ws"),
-           "OMP_NUM_THREADS": os.environ.get("TDB_TEST_THREADS", "2")}
-    proc = subprocess.Popen([sys.executable, "-m", "tdb_agent.cli", "view", str(root / "empty"), "--port", str(port),
-                             "--no-browser"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.time() + 90
-        while True:
-            log.seek(0)
-            text = log.read()
-            if f"http://127.0.0.1:{port}/" in text:
-                break
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"tdb-agent view did not start: {text[-2000:]}")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}", saved
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with viewer_process(root / "empty", root / "server.log", env={"TDB_WORKSPACE": str(root / "ws")}) as base:
+        yield base, saved
 
 
 def test_graph_page_draws_and_clicks(graph_server):
