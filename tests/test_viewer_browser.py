@@ -5,10 +5,6 @@ $TDB_ARTIFACTS/viewer/)."""
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -16,7 +12,7 @@ import pytest
 
 from tdb_agent import ops
 from tdb_agent.engine import DEFAULT_MODEL, Engine
-from tests.viewer_fixtures import ioi_example, make_run
+from tests.viewer_fixtures import ioi_example, make_run, viewer_process
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("TDB_ARTIFACTS", REPO / "artifacts")) / "viewer"
@@ -41,34 +37,8 @@ def engine():
 def server(engine, tmp_path_factory):
     """`tdb-agent view RUN_DIR` on a free loopback port; yields its base URL."""
     run = make_run(engine, tmp_path_factory.mktemp("view") / "ioi-test")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(run.parent / "server.log", "w+")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("TDB_TEST_THREADS", "2")}
-    proc = subprocess.Popen([sys.executable, "-m", "tdb_agent.cli", "view", str(run), "--port", str(port),
-                             "--no-browser"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}/run/ioi-test"  # what it tells the user to open, once listening
-        deadline = time.time() + 90
-        while True:
-            log.seek(0)
-            text = log.read()
-            if url in text:
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(f"tdb-agent view exited ({proc.returncode}): {text[-2000:]}")
-            if time.time() > deadline:
-                raise TimeoutError(f"tdb-agent view did not start within 90 s: {text[-2000:]}")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with viewer_process(run, run.parent / "server.log", "/run/ioi-test") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,12 @@ seconds instead of a whole discovery run."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tdb_agent import ops
@@ -12,6 +17,40 @@ from tdb_agent.agent.runstore import RunConfig, RunStore
 from tdb_agent.circuits import Behaviour, Evidence, add_edge, add_node, new_circuit, to_json, validate
 from tdb_agent.engine import Engine
 from tdb_agent.tasks import task_examples
+
+
+@contextmanager
+def viewer_process(target: Path, log_path: Path, path: str = "/", env: dict | None = None):
+    """`tdb-agent view TARGET` on a free loopback port, until it says it serves `path`;
+    yields its base URL, and stops it afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "w+")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("TDB_TEST_THREADS", "2"), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "tdb_agent.cli", "view", str(target), "--port", str(port),
+                             "--no-browser"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}{path}"  # what it tells the user to open, once listening
+        deadline = time.time() + 90
+        while True:
+            log.seek(0)
+            text = log.read()
+            if url in text:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"tdb-agent view exited ({proc.returncode}): {text[-2000:]}")
+            if time.time() > deadline:
+                raise TimeoutError(f"tdb-agent view did not start within 90 s: {text[-2000:]}")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def ioi_example():

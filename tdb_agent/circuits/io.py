@@ -227,7 +227,7 @@ def to_circuit_tracer(g: nx.DiGraph, prompt_tokens: list[str] | None = None, pro
         prompt = behaviour["pairs"][0]["prompt"]
     meta = {"slug": g.graph.get("name") or "circuit", "scan": g.graph.get("model") or "tdb-agent",
             "transcoder_list": [], "prompt_tokens": prompt_tokens or [], "prompt": prompt or "",
-            "node_threshold": None, "schema_version": 1, "faithfulness": g.graph.get("faithfulness")}
+            "schema_version": 1, "faithfulness": g.graph.get("faithfulness")}  # node_threshold: a number or absent
     qparams = {"pinnedIds": [ids[n] for n in g.nodes if n != SINK], "supernodes": [], "linkType": "both",
                "clickedId": "", "sg_pos": ""}
     return {"metadata": meta, "qParams": qparams, "nodes": nodes, "links": links}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ class ModelPage(BaseModel):
     tasks: TaskList
     runs: list[RunSummary]
     circuits: list[CircuitSummary]
+    graphs: list[str] = Field(default_factory=list, description="attribution graphs built or saved in the workspace")
     limits: Limits = Field(description="the server's per-call limits (the page keeps its requests within them)")
 
 
@@ -88,7 +90,7 @@ def model_page(bench: Workbench, runs: RunIndex | None = None) -> ModelPage:
     circuits = [CircuitSummary(name=n, nodes=g.number_of_nodes(), edges=g.number_of_edges())
                 for n, g in ((n, store.get(n)) for n in store.names())]
     return ModelPage(info=info, tasks=tool("list_tasks").run(bench, NoArgs()), runs=runs.summaries() if runs else [], circuits=circuits,
-                     limits=bench.limits)
+                     graphs=graph_names(bench), limits=bench.limits)
 
 
 def example_text(bench: Workbench, token_ids: list[int]) -> str:
@@ -151,6 +153,51 @@ def circuit_view(bench: Workbench, name: str) -> CircuitView:
         raise NotFound(str(e)) from e
     data = json.loads(json.dumps(to_json(graph), default=str))
     return CircuitView(name=name, graph=data, rows=graph_rows(data))
+
+
+# ------------------------------------------------------------------ attribution graphs
+GRAPH_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # the graph tools' GraphName
+
+
+class GraphView(BaseModel):
+    name: str
+    path: str = Field(description="the file shown, relative to the workspace")
+    graph: dict[str, Any] = Field(description="circuit-tracer / Neuronpedia graph JSON, as saved by the graph tools")
+
+
+def _graph_file(bench: Workbench, name: str) -> Path | None:
+    """The saved JSON of graph `name` (pruned if saved, else the full one), unless it is
+    missing or links out of the workspace's graph exports."""
+    root = bench.workspace / "exports" / "graphs"
+    if not GRAPH_NAME.match(name) or name in (".", ".."):
+        return None
+    for f in (f"{name}.json", f"{name}-full.json"):
+        path = root / name / f
+        if path.is_file() and inside(path, root):
+            return path
+    return None
+
+
+def graph_names(bench: Workbench) -> list[str]:
+    """Graphs the viewer can show: saved under `exports/graphs/<name>/` (by this or an earlier
+    server); built but not saved ones have no file to show."""
+    root = bench.workspace / "exports" / "graphs"
+    saved = [d.name for d in sorted(root.iterdir())] if root.is_dir() else []
+    return [n for n in dict.fromkeys([*bench.graphs, *saved]) if _graph_file(bench, n) is not None]
+
+
+def graph_view(bench: Workbench, name: str) -> GraphView:
+    """A stored attribution graph by name, read from the file the graph tools wrote, never
+    from a path the request gives."""
+    path = _graph_file(bench, name)
+    if path is None:
+        raise NotFound(f"no saved attribution graph named {name!r}; graphs: {', '.join(graph_names(bench)) or 'none'}"
+                       " (build one with attribution_graph)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise TdbError(f"graph {name!r}: {path.name} is not JSON ({e})") from e
+    return GraphView(name=name, path=path.relative_to(bench.workspace).as_posix(), graph=data)
 
 
 # ------------------------------------------------------------------ run folders

@@ -40,7 +40,7 @@ from tdb_agent.workbench import Workbench
 log = logging.getLogger(__name__)
 
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
-PAGES = ["/", "/prompt", "/component/{id}", "/run/{name}", "/circuit/{name}"]
+PAGES = ["/", "/prompt", "/component/{id}", "/run/{name}", "/circuit/{name}", "/graph/{name}"]
 MAX_BODY = 1 << 20
 #: the MCP tools the viewer's pages call, each at POST /api/{name}
 TOOL_ROUTES = ("predict", "attribute", "ablate", "attention_pattern")
@@ -129,6 +129,7 @@ def add_viewer_routes(mcp: MCPServer, bench: Workbench, runs: api.RunIndex | Non
     endpoint("GET", "/api/component/{id}", lambda rq, _: api.component_view(bench, rq.path_params["id"]))
     endpoint("GET", "/api/run/{name}", lambda rq, _: runs.view(rq.path_params["name"]))
     endpoint("GET", "/api/circuit/{name}", lambda rq, _: api.circuit_view(bench, rq.path_params["name"]))
+    endpoint("GET", "/api/graph/{name}", lambda rq, _: api.graph_view(bench, rq.path_params["name"]))
     for name in TOOL_ROUTES:
         t: Tool = tool(name)
         endpoint("POST", f"/api/{name}", lambda rq, args, t=t: t.run(bench, args), tool_body(t, bench))

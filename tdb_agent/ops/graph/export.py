@@ -10,6 +10,7 @@ also carries `tdb_id`, our component-style id: `L{l}.tc.F{i}@p` (transcoder feat
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,11 +20,20 @@ from tdb_agent.ops.graph.influence import Pruned, SquareGraph
 from tdb_agent.ops.graph.query import col_tid
 
 FORMAT = "tdb-attribution-graph/1"
-NODE_FIELDS = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "jsNodeId": str,
-               "clerp": str, "is_target_logit": bool, "token_prob": float, "influence": (float, type(None)),
-               "activation": (float, type(None))}
-FEATURE_TYPES = {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit", "sae latent",
-                 "sae reconstruction error"}
+
+# Neuronpedia's published graph schema (hijohnnylin/neuronpedia, apps/webapp/app/api/graph/
+# graph-schema.json, JSON Schema draft-07), its required fields and their JSON types. Extra
+# fields are allowed there (we add tdb_id, is_target_logit, token_prob, ...).
+NUMBER, INTEGER, STRING, NULL = "number", "integer", "string", "null"
+META_REQUIRED = {"slug": (STRING,), "scan": (STRING,), "prompt_tokens": ("array",), "prompt": (STRING,)}
+META_OPTIONAL = {"node_threshold": (NUMBER,), "feature_details": ("object",), "info": ("object",),
+                 "generation_settings": ("object",), "pruning_settings": ("object",)}
+QPARAMS_OPTIONAL = {"pinnedIds": ("array",), "supernodes": ("array",), "linkType": (STRING,), "clickedId": (STRING,),
+                    "sg_pos": (STRING,)}
+NODE_REQUIRED = {"node_id": (STRING,), "feature": (INTEGER, NULL), "layer": (STRING, INTEGER), "ctx_idx": (INTEGER,),
+                 "feature_type": (STRING,), "jsNodeId": (STRING,), "clerp": (STRING,)}
+NODE_OPTIONAL = {"influence": (NUMBER, NULL), "activation": (NUMBER, NULL)}
+LINK_REQUIRED = {"source": (STRING,), "target": (STRING,), "weight": (NUMBER,)}
 
 
 def node_info(graph: AttributionGraph, sq: SquareGraph, k: int) -> dict[str, Any]:
@@ -83,47 +93,78 @@ def to_json(graph: AttributionGraph, sq: SquareGraph, pruned: Pruned | None = No
     w = sq.A[dst, srcs].tolist()
     links = [{"source": ids[s], "target": ids[t], "weight": x} for s, t, x in zip(srcs.tolist(), dst.tolist(), w)]
     meta = {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": graph.tokens, "prompt": graph.prompt,
-            "node_threshold": None, "schema_version": 1, "format": FORMAT, "mode": graph.mode}
+            "schema_version": 1, "format": FORMAT, "mode": graph.mode}  # node_threshold: a number or absent
     if scores is not None:
         meta["replacement_score"], meta["completeness_score"] = scores
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": meta, "qParams": qparams, "nodes": nodes, "links": links}
 
 
-def validate(d: dict) -> list[str]:
-    """Problems with a graph JSON against the fields Neuronpedia's graph viewer reads (empty
-    list: valid): top-level keys, node fields and types, unique node ids, links between
-    existing nodes with finite float weights, prompt tokens covering every ctx_idx."""
+def json_type(x: Any) -> str:
+    """The JSON Schema type of a parsed JSON value ("integer" for whole numbers, as draft-07 has it)."""
+    if x is None:
+        return NULL
+    if isinstance(x, bool):
+        return "boolean"
+    if isinstance(x, int) or (isinstance(x, float) and x.is_integer()):
+        return INTEGER
+    return {float: NUMBER, str: STRING, list: "array", dict: "object"}.get(type(x), type(x).__name__)
+
+
+def _check(obj: Any, where: str, required: dict, optional: dict | None = None) -> list[str]:
+    """Problems of one object against its required and optional fields' JSON types."""
+    if not isinstance(obj, dict):
+        return [f"{where} is {json_type(obj)}, not an object"]
     problems = []
-    for key in ("metadata", "qParams", "nodes", "links"):
-        if key not in d:
-            problems.append(f"missing top-level key {key!r}")
+    for fields, needed in ((required, True), (optional or {}, False)):
+        for f, types in fields.items():
+            if f not in obj:
+                if needed:
+                    problems.append(f"{where} lacks {f!r}")
+                continue
+            got = json_type(obj[f])
+            if got not in types and not (got == INTEGER and NUMBER in types):  # an integer is a number
+                problems.append(f"{where} field {f!r} is {got}, not {' or '.join(types)}")
+    return problems
+
+
+def validate(d: Any) -> list[str]:
+    """Problems with a graph JSON (empty list: valid): Neuronpedia's published graph schema
+    (required fields and JSON types of metadata, qParams, nodes, links), then what its viewer
+    needs beyond the schema: unique node ids, links between existing nodes with finite
+    weights, string prompt tokens covering every ctx_idx."""
+    problems = _check(d, "graph", {k: ("object",) for k in ("metadata", "qParams")}
+                      | {k: ("array",) for k in ("nodes", "links")})
     if problems:
         return problems
     meta = d["metadata"]
-    for key in ("slug", "scan", "prompt_tokens", "prompt"):
-        if key not in meta:
-            problems.append(f"metadata lacks {key!r}")
-    n_tok = len(meta.get("prompt_tokens") or [])
+    problems += _check(meta, "metadata", META_REQUIRED, META_OPTIONAL)
+    problems += _check(d["qParams"], "qParams", {}, QPARAMS_OPTIONAL)
+    tokens = meta.get("prompt_tokens") if isinstance(meta.get("prompt_tokens"), list) else []
+    if not all(isinstance(x, str) for x in tokens):
+        problems.append("metadata prompt_tokens are not all strings")
+    pinned = d["qParams"].get("pinnedIds")
+    if isinstance(pinned, list) and not all(isinstance(x, str) for x in pinned):
+        problems.append("qParams pinnedIds are not all strings")
     seen = set()
     for i, n in enumerate(d["nodes"]):
-        for f, t in NODE_FIELDS.items():
-            if f not in n:
-                problems.append(f"node {i} lacks {f!r}")
-            elif not isinstance(n[f], t) or (t is int and isinstance(n[f], bool)):
-                problems.append(f"node {i} field {f!r} has type {type(n[f]).__name__}")
-        if n.get("feature_type") not in FEATURE_TYPES:
-            problems.append(f"node {i} has feature_type {n.get('feature_type')!r}")
-        if isinstance(n.get("ctx_idx"), int) and not 0 <= n["ctx_idx"] < max(n_tok, 1):
-            problems.append(f"node {i} ctx_idx {n['ctx_idx']} is outside the {n_tok} prompt tokens")
+        problems += _check(n, f"node {i}", NODE_REQUIRED, NODE_OPTIONAL)
+        if not isinstance(n, dict):
+            continue
+        ctx = n.get("ctx_idx")
+        if json_type(ctx) == INTEGER and not 0 <= ctx < max(len(tokens), 1):
+            problems.append(f"node {i} ctx_idx {ctx} is outside the {len(tokens)} prompt tokens")
         if n.get("node_id") in seen:
             problems.append(f"duplicate node_id {n.get('node_id')!r}")
         seen.add(n.get("node_id"))
     for i, ln in enumerate(d["links"]):
+        problems += _check(ln, f"link {i}", LINK_REQUIRED)
+        if not isinstance(ln, dict):
+            continue
         for f in ("source", "target"):
-            if ln.get(f) not in seen:
-                problems.append(f"link {i} {f} {ln.get(f)!r} is not a node")
+            if f in ln and ln[f] not in seen:
+                problems.append(f"link {i} {f} {ln[f]!r} is not a node")
         w = ln.get("weight")
-        if not isinstance(w, float) or w != w or w in (float("inf"), float("-inf")):
-            problems.append(f"link {i} weight {w!r} is not a finite float")
+        if isinstance(w, float) and not math.isfinite(w):
+            problems.append(f"link {i} weight {w!r} is not finite")
     return problems

@@ -256,6 +256,8 @@ async function modelPage(app) {
     d.circuits.length ? h("div", {}, h("h2", {}, "Circuits of this session"),
       h("ul", {}, d.circuits.map((c) => h("li", {}, h("a", {href: "/circuit/" + encodeURIComponent(c.name)}, c.name),
         ` ${c.nodes} nodes, ${c.edges} edges`)))) : null,
+    d.graphs && d.graphs.length ? h("div", {}, h("h2", {}, "Attribution graphs"),
+      h("ul", {}, d.graphs.map((n) => h("li", {}, h("a", {href: "/graph/" + encodeURIComponent(n)}, n))))) : null,
     h("h2", {}, "Tasks"),
     ...d.tasks.tasks.map((t) => h("div", {class: "card"}, h("b", {}, t.name), ` (${t.metric}) `,
       h("span", {class: "muted"}, t.description),
@@ -666,6 +668,144 @@ async function circuitPage(app, kind, name) {
   );
 }
 
+// ------------------------------------------------------------------ attribution graphs
+// Layers × positions: one row per layer (embeddings at the bottom, the targets on top), one
+// column per prompt token; nodes sharing a (layer, position) cell sit side by side.
+const AG = {cell: 18, pad: 14, rowH: 46, left: 90, top: 18, bottom: 70};
+const isFeature = (n) => n.feature_type === "cross layer transcoder" || n.feature_type === "sae latent";
+// circuit-tracer puts the targets at layer n_layers + 1: right above the last layer (row n_layers)
+const agRow = (n) => n.layer === "E" ? 0 : n.feature_type === "logit" ? Number(n.layer) : Number(n.layer) + 1;
+const agLabel = (n) => n.tdb_id || n.node_id;
+const agKind = (n) => isFeature(n) ? "feature" : n.feature_type === "embedding" ? "embedding"
+  : n.feature_type === "logit" ? "logit" : "error";
+
+function layoutAttributionGraph(g) {
+  const nodes = g.nodes, tokens = (g.metadata && g.metadata.prompt_tokens) || [];
+  const nPos = Math.max(tokens.length, 1 + Math.max(0, ...nodes.map((n) => n.ctx_idx)));
+  const cells = new Map();
+  for (const n of nodes) {
+    const key = `${agRow(n)},${n.ctx_idx}`;
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(n);
+  }
+  const width = new Array(nPos).fill(1);
+  for (const [key, ns] of cells) {
+    const p = Number(key.split(",")[1]);
+    width[p] = Math.max(width[p], ns.length);
+  }
+  const x0 = [AG.left];
+  for (let p = 0; p < nPos; p++) x0.push(x0[p] + width[p] * AG.cell + AG.pad);
+  const maxRow = Math.max(1, ...nodes.map(agRow));
+  const y = (r) => AG.top + (maxRow - r) * AG.rowH + AG.cell / 2;
+  const pos = {};
+  for (const [key, ns] of cells) {
+    const [r, p] = key.split(",").map(Number);
+    ns.sort((a, b) => (b.influence || 0) - (a.influence || 0) || agLabel(a).localeCompare(agLabel(b)));
+    const start = x0[p] + (width[p] - ns.length) * AG.cell / 2 + AG.cell / 2;
+    ns.forEach((n, i) => { pos[n.node_id] = [start + i * AG.cell, y(r)]; });
+  }
+  return {pos, x0, width, maxRow, y, nPos, tokens, W: x0[nPos] + AG.pad, H: y(0) + AG.bottom};
+}
+
+function drawAttributionGraph(g, onSelect) {
+  const L = layoutAttributionGraph(g), links = g.links || [];
+  const svg = s("svg", {class: "graph agraph", width: L.W, height: L.H, viewBox: `0 0 ${L.W} ${L.H}`, id: "agraph"});
+  for (let r = 0; r <= L.maxRow; r++) {
+    const lab = r === 0 ? "embed" : r === L.maxRow && g.nodes.some((n) => agRow(n) === r && n.feature_type === "logit")
+      ? "target" : `L${r - 1}`;
+    svg.append(s("line", {x1: AG.left - 4, x2: L.W - 4, y1: L.y(r), y2: L.y(r), class: "row-line"}));
+    svg.append(s("text", {x: 8, y: L.y(r) + 4, "font-size": 11, fill: "#6b7280"}, lab));
+  }
+  for (let p = 0; p < L.nPos; p++) {
+    const cx = (L.x0[p] + L.x0[p + 1] - AG.pad) / 2, tok = L.tokens[p] === undefined ? "" : String(L.tokens[p]);
+    svg.append(s("text", {x: cx, y: L.y(0) + 22, "font-size": 11, "text-anchor": "end", class: "mono",
+      transform: `rotate(-40 ${cx} ${L.y(0) + 22})`, "data-tip": `position ${p}: ${JSON.stringify(tok)}`},
+      tok.length > 12 ? tok.slice(0, 11) + "…" : tok));
+  }
+  const wmax = Math.max(1e-12, ...links.map((e) => Math.abs(e.weight)));
+  const edgeEls = [];
+  for (const e of links) {
+    if (!L.pos[e.source] || !L.pos[e.target]) continue;
+    const [x1, y1] = L.pos[e.source], [x2, y2] = L.pos[e.target];
+    const el = s("line", {x1, y1, x2, y2, class: "edge", stroke: e.weight >= 0 ? "#2b6cb0" : "#c53030",
+      "stroke-width": (0.4 + 4 * Math.abs(e.weight) / wmax).toFixed(2), "data-source": e.source, "data-target": e.target});
+    edgeEls.push(el);
+    svg.append(el);
+  }
+  const nodeEls = {};
+  for (const n of g.nodes) {
+    const [x, y] = L.pos[n.node_id], k = agKind(n), r = AG.cell / 2 - 2;
+    const shape = k === "feature" ? s("circle", {cx: x, cy: y, r})
+      : s("rect", {x: x - r, y: y - r, width: 2 * r, height: 2 * r, rx: k === "error" ? 1 : 4});
+    const el = s("g", {class: `node ag-${k}`, "data-id": n.node_id,
+      "data-tip": [agLabel(n), n.clerp, n.influence != null ? `influence ${fmt(n.influence)}` : null].filter(Boolean).join("\n"),
+      onclick: () => onSelect(n)}, shape);
+    nodeEls[n.node_id] = el;
+    svg.append(el);
+  }
+  const legend = h("div", {class: "legend"},
+    [["feature", "circle: feature"], ["error", "square: error node"], ["embedding", "embedding"], ["logit", "target"]]
+      .map(([k, t]) => h("span", {}, h("i", {class: `ag-${k}`}), t)),
+    h("span", {class: "muted"}, "edges: width ∝ |weight|, blue positive, red negative; rows = layers, columns = token positions"));
+  return {svg, legend, nodeEls, edgeEls};
+}
+
+function showGraphNode(detail, n, g, select) {
+  const byId = Object.fromEntries(g.nodes.map((x) => [x.node_id, x]));
+  const links = g.links || [];
+  const sorted = (es) => es.slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
+  const edgeTable = (es, end, title) => [h("h3", {}, `${title} (${es.length})`), es.length
+    ? h("table", {class: `edges-${title.toLowerCase().replace(/ /g, "-")}`},
+      h("tr", {}, h("th", {}, end === "source" ? "from" : "to"), h("th", {}, "weight")),
+      sorted(es).map((e) => {
+        const other = byId[e[end]];
+        return h("tr", {}, h("td", {}, h("a", {href: "#", class: "mono", onclick: (ev) => { ev.preventDefault(); select(other); }},
+          agLabel(other))), h("td", {class: "num"}, fmt(e.weight, 4)));
+      }))
+    : h("p", {class: "muted"}, "none")];
+  const tokens = (g.metadata && g.metadata.prompt_tokens) || [];
+  const comp = isFeature(n) && n.tdb_id ? n.tdb_id.split("@")[0] : null;
+  fill(detail,
+    h("h2", {}, h("span", {class: "mono", id: "detail-id"}, agLabel(n))),
+    kvTable([["node", h("span", {class: "mono"}, n.node_id)], ["type", n.feature_type], ["layer", n.layer],
+      ["position", `${n.ctx_idx} ${JSON.stringify(tokens[n.ctx_idx] === undefined ? "" : tokens[n.ctx_idx])}`],
+      ["activation", n.activation == null ? null : fmt(n.activation, 4)],
+      ["influence", n.influence == null ? null : fmt(n.influence, 4)],
+      ["probability", n.feature_type === "logit" ? fmt(n.token_prob, 4) : null], ["label", n.clerp],
+      ["explanation, top examples", comp ? h("a", {href: componentHref(comp), class: "open-page"}, `${comp} component page →`) : null]]),
+    ...edgeTable(links.filter((e) => e.target === n.node_id), "source", "Edges in"),
+    ...edgeTable(links.filter((e) => e.source === n.node_id), "target", "Edges out"));
+}
+
+async function graphPage(app, name) {
+  const d = await api("/api/graph/" + encodeURIComponent(name));
+  const g = d.graph, meta = g.metadata || {};
+  document.title = `graph ${name} — tdb-agent`;
+  const detail = h("div", {id: "detail"}, h("p", {class: "muted"}, "Click a node for its incoming and outgoing edges."));
+  let selected = null, drawn;
+  const select = (n) => {
+    if (!n) return;
+    if (selected) selected.classList.remove("selected");
+    selected = drawn.nodeEls[n.node_id];
+    selected.classList.add("selected");
+    for (const el of drawn.edgeEls) {
+      const on = el.dataset.source === n.node_id || el.dataset.target === n.node_id;
+      el.classList.toggle("on", on);
+      el.classList.toggle("off", !on);
+    }
+    showGraphNode(detail, n, g, select);
+  };
+  drawn = drawAttributionGraph(g, select);
+  fill(app,
+    h("h1", {}, `Attribution graph ${name}`),
+    h("p", {class: "muted"}, [meta.scan ? `model ${meta.scan}` : null, meta.mode, `${g.nodes.length} nodes`,
+      `${(g.links || []).length} edges`, d.path].filter(Boolean).join(" · ")),
+    meta.prompt ? h("p", {}, "Prompt: ", h("span", {class: "mono"}, JSON.stringify(meta.prompt))) : null,
+    kvTable([["replacement score", meta.replacement_score == null ? null : fmt(meta.replacement_score)],
+      ["completeness score", meta.completeness_score == null ? null : fmt(meta.completeness_score)]]),
+    drawn.legend, h("div", {class: "graphwrap"}, h("div", {class: "agraph-scroll"}, drawn.svg), detail));
+}
+
 // ------------------------------------------------------------------ router
 async function route() {
   const app = $("#app");
@@ -677,6 +817,7 @@ async function route() {
     else if ((m = path.match(/^\/component\/(.+)$/))) await componentPage(app, decodeURIComponent(m[1]));
     else if ((m = path.match(/^\/run\/(.+)$/))) await circuitPage(app, "run", decodeURIComponent(m[1]));
     else if ((m = path.match(/^\/circuit\/(.+)$/))) await circuitPage(app, "circuit", decodeURIComponent(m[1]));
+    else if ((m = path.match(/^\/graph\/(.+)$/))) await graphPage(app, decodeURIComponent(m[1]));
     else fill(app, h("p", {}, "No such page. ", h("a", {href: "/"}, "Back to the model.")));
   } catch (e) {
     fill(app, errorBox(e));
