@@ -14,7 +14,7 @@ from pydantic import Field
 
 from tdb_agent import ops
 from tdb_agent.ops.attention import AttentionPatternResult, head_pattern, pattern_png
-from tdb_agent.ops.attribute import AttributionResult
+from tdb_agent.ops.attribute import AttributionResult, Reference
 from tdb_agent.ops.basic import ModelInfo, PredictResult, TaskList, TokenizeResult
 from tdb_agent.ops.steer import SteerResult
 from tdb_agent.service.annotations import READ_ONLY
@@ -73,7 +73,7 @@ class AttributeArgs(ToolArgs):
                     "there (exact, sums to the metric); act_times_grad: (activation - reference) x gradient, "
                     "includes indirect paths")] = "direct_effect"
     corrupted_prompt: Corrupted = None
-    reference: Annotated[Literal["zero", "mean", "corrupted"] | None, Field(
+    reference: Annotated[Reference | None, Field(
         description="act_times_grad reference activation (default: corrupted if a corrupted_prompt is given, "
                     "else zero)")] = None
     kinds: Annotated[list[Literal["head", "neuron", "attn", "mlp", "emb", "sae", "transcoder"]] | None, Field(
