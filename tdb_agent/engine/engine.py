@@ -113,6 +113,13 @@ def _load_tokenizer(src: str, folder: Path | None, allow_download: bool):
     return AutoTokenizer.from_pretrained(src, local_files_only=not allow_download)
 
 
+
+def _transformers_own(fn) -> bool:
+    """transformers 5.x installs inert output-capturing hooks the first time a model is called
+    with output_hidden_states/attentions (they act only inside its own collector, never in the
+    engine's loop); they are the model's, not ours, and stay."""
+    return getattr(fn, "__module__", "") == "transformers.utils.output_capturing"
+
 class Engine:
     def __init__(self, model, tokenizer, name: str = "model"):
         self.model = model.eval()
@@ -302,7 +309,7 @@ class Engine:
         """Hooks installed right now (0 outside a `hooks` block): for tests and health checks."""
         n = sum(len(v) for v in self._state.hooks.values()) - len(self._cast_handles)  # those stay
         for mod in self.model.modules():
-            n += len(mod._forward_hooks) + len(mod._forward_pre_hooks)
+            n += sum(not _transformers_own(fn) for fn in [*mod._forward_hooks.values(), *mod._forward_pre_hooks.values()])
         return n
 
     # ------------------------------------------------------------------ forward
