@@ -18,6 +18,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from tdb_agent.server.http import HttpSettings, InsecureBind, check_bind
 from tests.test_server_tools import CALLS, C, P, check_conformance
+from tests.viewer_fixtures import stop_process
 
 TOKEN = "s3cret-token-for-the-tests-0123456789"
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
@@ -60,11 +61,7 @@ def http_server(model_dir, tmp_path, *flags, env=None):
                 time.sleep(0.2)
         yield port, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         out.seek(0)
         assert out.read() == "", "the server wrote to stdout: logs must go to stderr"
         out.close()
