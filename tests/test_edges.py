@@ -5,6 +5,7 @@ hand in plain PyTorch with a separate input per receiver (tests/edge_reference.p
 import pytest
 import torch
 
+from evals.cost import count_passes
 from tdb_agent.engine import Engine
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.errors import TdbError
@@ -80,10 +81,11 @@ def test_eap_equals_autograd_on_separate_receiver_inputs(sharp, fam):
     eng = sharp[fam]
     pairs = _pairs()
     g = _tensors(eng, pairs)
-    res = edge_scores(eng, pairs, method="eap")
+    with count_passes() as cost:
+        res = edge_scores(eng, pairs, method="eap")
     ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor)
     _close(res.scores, ref)
-    assert res.forward_passes == 2 and res.backward_passes == 1
+    assert (res.forward_passes, res.backward_passes) == (cost.forward_passes, cost.backward_passes) == (2, 1)
     # each head's q, k and v inputs are receivers of their own: their scores differ
     gr = res.graph
     q, k, v = (gr.receiver_index[n] for n in ("L1.H0.q", "L1.H0.k" if fam == "gpt2" else "L1.KV0.k",
@@ -97,10 +99,17 @@ def test_eap_ig_equals_reference_integrated_gradients(sharp, fam):
     eng = sharp[fam]
     pairs = _pairs(2)
     g = _tensors(eng, pairs)
-    res = edge_scores(eng, pairs, method="eap-ig", steps=3)
+    with count_passes() as cost:
+        res = edge_scores(eng, pairs, method="eap-ig", steps=3)
     ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor, ig_steps=3)
     _close(res.scores, ref)
-    assert res.forward_passes == 4 and res.backward_passes == 3
+    # the corrupted run, then the 3 steps stacked in the batch of one forward and one backward
+    assert (res.forward_passes, res.backward_passes) == (cost.forward_passes, cost.backward_passes) == (2, 1)
+    assert cost.forward_rows == 2 + 3 * 2
+    with count_passes() as cost:  # one step per pass: the same numbers
+        apart = edge_scores(eng, pairs, method="eap-ig", steps=3, steps_per_pass=2)
+    assert (apart.forward_passes, apart.backward_passes) == (cost.forward_passes, cost.backward_passes) == (3, 2)
+    assert torch.allclose(apart.scores, res.scores, atol=1e-6 * float(ref.abs().max()))
     one = edge_scores(eng, pairs, method="eap-ig", steps=1)  # one step at the clean input is EAP
     assert torch.allclose(one.scores, edge_scores(eng, pairs, method="eap").scores, atol=1e-7)
 

@@ -1,7 +1,8 @@
-"""What edge methods read from a run: the prompt pairs batched by length, every sender's
-output, and the gradient of the metric at every receiver's own input.
+"""What edge methods read from a run: the prompt pairs batched by length and every sender's
+output (the gradient at every receiver's input is grads.py's).
 
-Sender outputs [b, s, n_senders, d]: EMB is the residual stream entering block 0 (token and
+Sender outputs [b, s, n_senders, d] (or kept in parts, `SenderActs`, until a chunk of
+positions needs them): EMB is the residual stream entering block 0 (token and
 position embeddings), a head's output is z_h · W_O[h] (its bias-free write), an MLP's is the
 block's output. Biases are the same in every run, so they cancel in every difference.
 """
@@ -9,7 +10,6 @@ block's output. Biases are the same in every run, so they cancel in every differ
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,9 +17,7 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
-from tdb_agent.ops.decompose import frozen_norms
-from tdb_agent.ops.edges.graph import EdgeGraph, check_supported
-from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp, rotary_tables, rotate
+from tdb_agent.ops.edges.graph import check_supported
 from tdb_agent.ops.metrics import MetricName, make_metric
 from tdb_agent.ops.runs import RunCache, get_means
 
@@ -84,6 +82,28 @@ def metric_rows(logits: torch.Tensor, target: torch.Tensor, distractor: torch.Te
     return t.float() - torch.logsumexp(logits.float(), dim=-1)
 
 
+@dataclass
+class SenderActs:
+    """What sender outputs are made of: the residual stream entering block 0 [.., d], each
+    layer's z [.., H, d_head] (a head's output is z_h · W_O[h]) and MLP output [.., d]. From a
+    run ([b, s, ..]) or corpus means (no batch and position axes)."""
+
+    emb: torch.Tensor
+    z: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+
+    def __sub__(self, other: "SenderActs") -> SenderActs:
+        return SenderActs(self.emb - other.emb, [a - b for a, b in zip(self.z, other.z)],
+                          [a - b for a, b in zip(self.mlp, other.mlp)])
+
+    @classmethod
+    def from_acts(cls, engine: Engine, acts: dict[str, torch.Tensor], rows: slice = slice(None)) -> SenderActs:
+        L = engine.spec.n_layers
+        return cls(acts["blocks.0.hook_resid_pre"][rows].detach(),
+                   [acts[f"blocks.{l}.attn.hook_z"][rows].detach() for l in range(L)],
+                   [acts[f"blocks.{l}.hook_mlp_out"][rows].detach() for l in range(L)])
+
+
 def sender_sites(engine: Engine) -> list[str]:
     sites = ["blocks.0.hook_resid_pre"]
     for l in range(engine.spec.n_layers):
@@ -112,6 +132,18 @@ def run_senders(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
     return senders_from(engine, acts)
 
 
+@torch.no_grad()
+def reference_acts(engine: Engine, ids: torch.Tensor) -> SenderActs:
+    """The sender parts of a plain run of `ids` [b, s] (what EAP's reference run keeps)."""
+    _, acts = engine.run_with_cache(ids, sender_sites(engine), logit_positions=[-1], logit_ids=[0])
+    return SenderActs.from_acts(engine, acts)
+
+
+def mean_acts(engine: Engine, cache: RunCache | None) -> SenderActs:
+    """The sender parts averaged over the reference corpus (ops/runs.py)."""
+    return SenderActs.from_acts(engine, get_means(engine, sender_sites(engine), cache))
+
+
 def mean_senders(engine: Engine, cache: RunCache | None) -> torch.Tensor:
     """Sender outputs averaged over the reference corpus (ops/runs.py): [n_senders, d]."""
     return senders_from(engine, get_means(engine, sender_sites(engine), cache))
@@ -120,92 +152,3 @@ def mean_senders(engine: Engine, cache: RunCache | None) -> torch.Tensor:
 def mean_embedding(engine: Engine, cache: RunCache | None) -> torch.Tensor:
     """The mean token embedding (`hook_embed`) over the reference corpus: [d]."""
     return get_means(engine, ["hook_embed"], cache)["hook_embed"]
-
-
-def _norms(engine: Engine) -> list[torch.nn.Module]:
-    a = engine.adapter
-    return [m for l in range(engine.spec.n_layers) for m in (a.ln1(l), a.ln2(l))] + [a.final_norm()]
-
-
-def head_grads(engine: Engine, layer: int, x: torch.Tensor, g: list[torch.Tensor], out: torch.Tensor,
-               norm: NormMode) -> None:
-    """Write into out [H + 2KV, b, s, d] the gradient at each q, k and v receiver's own copy of
-    the residual stream x [b, s, d], from the gradients g at its (un-rotated) q, k, v
-    [b, s, heads, d_head]: the closed form of reads.py with the norm folded into the weights,
-
-        G_h = inv · ( g_h · W̄_h − x̂ · mean_d(g_h · W̄_h ⊙ x̂) ),  W̄_h = centre_d(γ ⊙ W_hᵀ)
-
-    (centring only for LayerNorm; the x̂ term only with the norm unfrozen): one matrix product
-    and one rank-one update per head instead of elementwise passes over [b, s, heads, d]."""
-    module = engine.adapter.ln1(layer)
-    gamma, eps = norm_params(engine, module)
-    xf = x.float()
-    if engine.spec.norm == "layernorm":
-        xf = xf - xf.mean(-1, keepdim=True)
-    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [b, s, 1]
-    xh = (xf * inv).to(out.dtype)
-    b, s, d = x.shape
-    start = 0
-    for gi, W in zip(g, engine.adapter.W_QKV(layer)):
-        n = W.shape[0]
-        Wb = W.transpose(-1, -2).to(out.dtype)  # [n, dh, d]
-        if gamma is not None:
-            Wb = Wb * gamma.to(out.dtype)
-        if engine.spec.norm == "layernorm":
-            Wb = Wb - Wb.mean(-1, keepdim=True)
-        gs = (gi.to(out.dtype) * inv.to(out.dtype).unsqueeze(-1)).permute(2, 0, 1, 3).reshape(n, b * s, -1)
-        dst = out[start:start + n].view(n, b * s, d)
-        torch.bmm(gs, Wb, out=dst)
-        if norm == "unfrozen":
-            c = torch.einsum("nbsd,bsd->nbs", out[start:start + n], xh) / d
-            out[start:start + n] -= c.unsqueeze(-1) * xh
-        start += n
-
-
-def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: torch.Tensor | None = None,
-                   norm: NormMode = "unfrozen", want_senders: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One forward and one backward: ∂(sum of the rows' metrics)/∂(each receiver's input).
-
-    embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs). Returns
-    (G [n_receivers, b, s, d] (receiver first, so that scores are plain matrix products),
-    metric per row [b], the run's sender outputs if asked).
-    With norm="frozen" every norm's scale is held at this run's value (detached)."""
-    spec, a = engine.spec, engine.adapter
-    L = spec.n_layers
-    sites = []
-    for l in range(L):
-        p = f"blocks.{l}."
-        sites += [p + "hook_resid_pre", p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v", p + "ln2.hook_normalized"]
-        if not spec.parallel_residual:
-            sites.append(p + "hook_resid_mid")
-    if want_senders:
-        sites += sender_sites(engine)
-    sites.append("hook_resid_final")
-
-    def leaf(x, site):
-        x = embed.to(x.dtype) if embed is not None else x
-        return x.detach().requires_grad_(True)
-
-    frozen = frozen_norms(engine, _norms(engine)) if norm == "frozen" else nullcontext()
-    with torch.enable_grad(), frozen:
-        out, acts = engine.run_with_cache(group.ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf},
-                                          logit_positions=[-1])
-        m = metric_rows(out.logits[:, -1], group.target, group.distractor)
-        reads = [acts[f"blocks.{l}.attn.hook_{k}"] for l in range(L) for k in "qkv"]
-        reads += [acts[f"blocks.{l}.ln2.hook_normalized"] for l in range(L)] + [acts["hook_resid_final"]]
-        grads = torch.autograd.grad(m.sum(), reads)
-    acts = {k: v.detach() for k, v in acts.items()}
-    b, s = group.ids.shape
-    G = grads[-1].new_empty(graph.n_receivers, b, s, spec.d_model)
-    tables = rotary_tables(engine, acts["blocks.0.hook_resid_pre"])
-    for l in range(L):
-        x = acts[f"blocks.{l}.hook_resid_pre"]
-        sl = graph.layer_receivers(l)
-        head_grads(engine, l, x, [rotate(grads[3 * l], tables, inverse=True), rotate(grads[3 * l + 1], tables,
-                                  inverse=True), grads[3 * l + 2]], G[sl.start:sl.stop - 1], norm)
-        x2 = x if spec.parallel_residual else acts[f"blocks.{l}.hook_resid_mid"]
-        G[sl.stop - 1] = norm_vjp(engine, a.ln2(l), x2, grads[3 * L + l], norm)
-    G[-1] = grads[-1]
-    senders = senders_from(engine, acts) if want_senders else None
-    return G, m.detach(), senders

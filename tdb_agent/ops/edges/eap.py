@@ -10,7 +10,12 @@ EAP: one clean forward with one backward, plus one forward of the corrupted prom
 EAP-IG: the gradient is averaged over m inputs whose token embeddings run from the reference
 (corrupted prompt's embeddings, or the mean embedding) to the clean ones, α = k/m, k = 1..m
 (the last is the clean run, whose sender outputs it also gives): m forwards and backwards plus
-the corrupted forward.
+the corrupted forward, the steps stacked in the batch of one pass as far as `batch_size`
+rows allow (`steps_per_pass`).
+
+Nothing of size [receivers or senders, batch, positions, d_model] is kept whole: gradients
+stay in head space, summed over the steps (grads.py), sender outputs as z and MLP outputs,
+and contract.py builds both a chunk of positions at a time as it reduces them into the scores.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
-from tdb_agent.ops.edges.capture import Pair, PairGroup, group_pairs, mean_embedding, mean_senders, \
-    receiver_grads, run_senders
+from tdb_agent.ops.edges.capture import Pair, PairGroup, SenderActs, group_pairs, mean_acts, mean_embedding, \
+    reference_acts
+from tdb_agent.ops.edges.contract import contract
+from tdb_agent.ops.edges.grads import receiver_grads
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.reads import NormMode
 from tdb_agent.ops.metrics import MetricName
@@ -73,29 +80,10 @@ def _embed(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
     return engine.adapter.embed_modules()["hook_embed"](ids)
 
 
-def _contract(graph: EdgeGraph, D: torch.Tensor, G: torch.Tensor, out: torch.Tensor, per_position: bool) -> None:
-    """out[(s,) u, r] += Σ_b (Σ_s) D[b, s, u] · G[r, b, s], layer by layer over the senders each
-    reads. D [b, s, U, d] or [U, d] (means); G [R, b, s, d]."""
-    L = graph.spec.n_layers
-    if D.dim() == 2:
-        D = D.expand(G.shape[1], G.shape[2], -1, -1)
-    if per_position:
-        Dp, Gp = D.permute(1, 2, 0, 3), G.permute(2, 0, 1, 3)  # [s, U, b, d], [s, R, b, d]
-    else:
-        Dp = D.permute(2, 0, 1, 3).reshape(D.shape[2], -1)  # [U, b·s·d], one copy
-        Gp = G.reshape(G.shape[0], -1)  # [R, b·s·d], no copy
-    for l in range(L + 1):
-        sl = graph.layer_receivers(l) if l < L else slice(graph.n_receivers - 1, graph.n_receivers)
-        n_up = graph.n_upstream[sl.stop - 1]
-        if per_position:
-            out[:, :n_up, sl] += torch.einsum("subd,srbd->sur", Dp[:, :n_up], Gp[:, sl]).to(out.dtype)
-        else:
-            out[:n_up, sl] += (Dp[:n_up] @ Gp[sl].T).to(out.dtype)
-
-
 def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", steps: int = 5,
                 reference: Reference = "corrupted", norm: NormMode = "unfrozen", per_position: bool = False,
-                metric: MetricName | None = None, batch_size: int = 16, cache: RunCache | None = None) -> EdgeScores:
+                metric: MetricName | None = None, batch_size: int = 16, cache: RunCache | None = None,
+                steps_per_pass: int | None = None) -> EdgeScores:
     """Score every edge of the model's edge graph (senders EMB, heads, MLPs -> each head's q, k
     and v input, each MLP, LOGITS) by EAP or EAP-IG: the estimated change of the metric when
     that edge alone carries its reference value, averaged over the prompt pairs.
@@ -104,7 +92,9 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
     "eap-ig": the gradient averaged over `steps` inputs between the reference and clean token
     embeddings. reference: the corrupted prompts' sender outputs, or their corpus means.
     norm: "unfrozen" (the true gradient) or "frozen" (every norm's scale held).
-    per_position: keep a position axis (prompts of one length). Batched over pairs by length."""
+    per_position: keep a position axis (prompts of one length). Batched over pairs by length,
+    `batch_size` pairs a batch; EAP-IG stacks `steps_per_pass` steps of a batch in one forward
+    and backward (default: as many as keep a pass within `batch_size` rows)."""
     if method not in ("eap", "eap-ig"):
         raise TdbError(f"method must be 'eap' or 'eap-ig', not {method!r}")
     if reference not in ("corrupted", "mean"):
@@ -122,13 +112,14 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
         total = torch.zeros(shape, device=engine.device, dtype=torch.float32)
         res = EdgeScores(graph=graph, scores=total, method=method, reference=reference, metric_name=name,
                          n_pairs=len(pairs), per_position=per_position)
-        mean_ref = mean_senders(engine, cache) if reference == "mean" else None
+        mean_ref = mean_acts(engine, cache) if reference == "mean" else None
         mean_emb = mean_embedding(engine, cache) if reference == "mean" and method == "eap-ig" else None
         m_sum = 0.0
         for group in groups:
             for i in range(0, len(group.index), batch_size):
                 chunk = _slice(group, i, i + batch_size)
-                m_sum += _score_chunk(engine, graph, chunk, res, mean_ref, mean_emb, steps, norm)
+                per_pass = steps_per_pass or max(1, batch_size // len(chunk.index))  # rows ≤ batch_size
+                m_sum += _score_chunk(engine, graph, chunk, res, mean_ref, mean_emb, steps, norm, per_pass)
         total /= len(pairs)
         total *= graph.valid.to(total.device)
         res.metric_clean = m_sum / len(pairs)
@@ -140,29 +131,22 @@ def _slice(g: PairGroup, a: int, b: int) -> PairGroup:
                      target=g.target[a:b], distractor=None if g.distractor is None else g.distractor[a:b])
 
 
-def _score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeScores, mean_ref, mean_emb,
-                 steps: int, norm: NormMode) -> float:
+def _score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeScores, mean_ref: SenderActs | None,
+                 mean_emb, steps: int, norm: NormMode, steps_per_pass: int) -> float:
     if mean_ref is None:
-        ref = run_senders(engine, chunk.corrupted)
+        ref = reference_acts(engine, chunk.corrupted)
         res.forward_passes += 1
     else:
         ref = mean_ref
     if res.method == "eap":
-        G, m, clean = receiver_grads(engine, graph, chunk, norm=norm, want_senders=True)
-        res.forward_passes += 1
-        res.backward_passes += 1
+        embeds = [None]
     else:
         with torch.no_grad():
             e_clean = _embed(engine, chunk.ids)
             e_ref = _embed(engine, chunk.corrupted) if mean_emb is None else mean_emb.expand_as(e_clean)
-        G = None
-        for k in range(1, steps + 1):
-            alpha = k / steps
-            Gk, m, clean = receiver_grads(engine, graph, chunk, embed=e_clean if k == steps else e_ref + alpha * (e_clean - e_ref), norm=norm,
-                                          want_senders=k == steps)
-            G = Gk if G is None else G.add_(Gk)
-            res.forward_passes += 1
-            res.backward_passes += 1
-        G /= steps
-    _contract(graph, ref - clean, G, res.scores, res.per_position)
-    return float(m.sum())
+            embeds = [e_ref + (k / steps) * (e_clean - e_ref) for k in range(1, steps)] + [e_clean]
+    grads, passes = receiver_grads(engine, chunk.ids, chunk.target, chunk.distractor, embeds, norm, steps_per_pass)
+    res.forward_passes += passes
+    res.backward_passes += passes
+    contract(engine, graph, ref - grads.clean, grads, res.scores, res.per_position)
+    return float(grads.metric.sum())

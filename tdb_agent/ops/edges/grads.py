@@ -1,0 +1,184 @@
+"""The gradient of the metric at every receiver's own input, kept in the small form the
+backward gives it and summed over EAP-IG's steps as each pass arrives; eap.py builds the
+[receivers, positions, d] gradient a chunk of positions at a time, never whole.
+
+For the q, k or v receiver r (head h of block l), with x the residual stream entering the
+block, x̂ = normalised x, inv = 1/σ (or 1/rms) and g̃_r the gradient at its un-rotated q/k/v
+[d_head] (reads.py's closed form, the norm folded into the weights):
+
+    G_r = inv · g̃_r W̄_r − inv · c_r · x̂,     W̄_r = centre_d(γ ⊙ W_rᵀ)  (centring: LayerNorm only)
+    c_r = mean_d(g̃_r W̄_r ⊙ x̂) = g̃_r · (q_r − q_r⁰) / d
+
+since W̄_r x̂ = x̂ (γ ⊙ W_r) is the head's own un-rotated q (k, v) less its value q_r⁰ at
+x̂ = 0 (bias and norm shift; the same at every position, read off one position). So:
+
+* the first term is linear in inv · g̃, which is summed over the steps of EAP-IG (and the
+  rows of a batch) in head space [b, s, n, d_head]: one matrix product per head in all;
+* the second is rank one per position: its weight inv · c costs a dot product in head space
+  (kept per step, [m, b, s, n]) and its direction x̂ is kept per step ([m, b, s, d]);
+* with frozen norms (inv held, a constant) the second term is absent.
+
+An MLP receiver's gradient (norm_vjp of the gradient at the MLP's normalised input) and the
+logits' (the gradient at the final residual stream) are [b, s, d] each, summed over steps.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from tdb_agent.engine import Engine
+from tdb_agent.ops.decompose import frozen_norms
+from tdb_agent.ops.edges.capture import SenderActs, metric_rows, sender_sites
+from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp, rotary_tables, rotate
+
+
+@dataclass
+class ReceiverGrads:
+    """∂(sum of the rows' metrics)/∂(each receiver's input), averaged over the steps, in parts
+    (see the module docstring). n = H + 2·KV receivers per block (q heads, then k, then v)."""
+
+    b: int
+    s: int
+    head: list[torch.Tensor]  # per block [b, s, n, d_head]: mean over steps of inv · g̃
+    weight: list[list[torch.Tensor]] = field(default_factory=list)  # per block, per step [b, s, n]: inv · c / m
+    xhat: list[list[torch.Tensor]] = field(default_factory=list)  # per block, per step [b, s, d]
+    mlp: list[torch.Tensor] = field(default_factory=list)  # per block [b, s, d]
+    logits: torch.Tensor | None = None  # [b, s, d]
+    steps: int = 1
+    metric: torch.Tensor | None = None  # [b] at the clean input
+    clean: SenderActs | None = None  # sender parts of the clean run
+
+
+def _norms(engine: Engine) -> list[torch.nn.Module]:
+    a = engine.adapter
+    return [m for l in range(engine.spec.n_layers) for m in (a.ln1(l), a.ln2(l))] + [a.final_norm()]
+
+
+def qkv_weights(engine: Engine, layer: int) -> torch.Tensor:
+    """W_Q, W_K, W_V of a block, heads stacked: [n, d, d_head]."""
+    return torch.cat(engine.adapter.W_QKV(layer), dim=0)
+
+
+def folded_weights(engine: Engine, layer: int) -> torch.Tensor:
+    """W̄ [n, d_head, d]: each q/k/v head's weights with the input norm's gain folded in (and
+    centred over d for LayerNorm): inv · g̃ W̄ is the gradient at the head's copy of x."""
+    gamma, _ = norm_params(engine, engine.adapter.ln1(layer))
+    W = qkv_weights(engine, layer).transpose(-1, -2).float()
+    if gamma is not None:
+        W = W * gamma.float()
+    if engine.spec.norm == "layernorm":
+        W = W - W.mean(-1, keepdim=True)
+    return W
+
+
+def normalise(engine: Engine, x: torch.Tensor, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂ [.., d], inv [.., 1]) of the norm `module` at x, in float32."""
+    _, eps = norm_params(engine, module)
+    xf = x.float()
+    if engine.spec.norm == "layernorm":
+        xf = xf - xf.mean(-1, keepdim=True)
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf * inv, inv
+
+
+def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None,
+              embed: torch.Tensor | None, norm: NormMode, want_senders: bool):
+    """One forward and one backward of rows `ids` [R, s] (token embeddings replaced by `embed`
+    [R, s, d] if given): (activations, gradients at the reads, metric per row)."""
+    spec = engine.spec
+    L = spec.n_layers
+    sites = []
+    for l in range(L):
+        p = f"blocks.{l}."
+        sites += [p + "hook_resid_pre", p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v",
+                  p + "ln2.hook_normalized"]
+        if not spec.parallel_residual:
+            sites.append(p + "hook_resid_mid")
+    if want_senders:
+        sites += sender_sites(engine)
+    sites.append("hook_resid_final")
+
+    def leaf(x, site):
+        x = embed.to(x.dtype) if embed is not None else x
+        return x.detach().requires_grad_(True)
+
+    frozen = frozen_norms(engine, _norms(engine)) if norm == "frozen" else nullcontext()
+    with torch.enable_grad(), frozen:
+        out, acts = engine.run_with_cache(ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf},
+                                          logit_positions=[-1])
+        m = metric_rows(out.logits[:, -1], target, distractor)
+        reads = [acts[f"blocks.{l}.attn.hook_{k}"] for l in range(L) for k in "qkv"]
+        reads += [acts[f"blocks.{l}.ln2.hook_normalized"] for l in range(L)] + [acts["hook_resid_final"]]
+        grads = torch.autograd.grad(m.sum(), reads)
+    return {k: v.detach() for k, v in acts.items()}, grads, m.detach()
+
+
+def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: int, norm: NormMode,
+               scale: float) -> ReceiverGrads:
+    """Add one pass of k steps × b rows (step-major) to `acc` (each step weighted `scale`)."""
+    spec, a = engine.spec, engine.adapter
+    L = spec.n_layers
+    R, s = grads[-1].shape[:2]
+    b = R // k
+    if acc is None:
+        acc = ReceiverGrads(b=b, s=s, head=[None] * L, weight=[[] for _ in range(L)],
+                            xhat=[[] for _ in range(L)], mlp=[None] * L)
+    tables = rotary_tables(engine, acts["blocks.0.hook_resid_pre"])
+
+    def fold(t):  # [k·b, ...] -> sum over the steps, scaled: [b, ...]
+        return t.view(k, b, *t.shape[1:]).sum(0).mul_(scale)
+
+    def add(old, new):
+        return new if old is None else old.add_(new)
+
+    for l in range(L):
+        x = acts[f"blocks.{l}.hook_resid_pre"]
+        xh, inv = normalise(engine, x, a.ln1(l))
+        gq, gk, gv = grads[3 * l: 3 * l + 3]
+        g = torch.cat([rotate(gq, tables, inverse=True), rotate(gk, tables, inverse=True), gv], dim=2).float()
+        acc.head[l] = add(acc.head[l], fold(g * inv.unsqueeze(-1)))
+        if norm == "unfrozen":
+            qkv = torch.cat([rotate(acts[f"blocks.{l}.attn.hook_{n}"], tables, inverse=True) if n != "v"
+                             else acts[f"blocks.{l}.attn.hook_v"] for n in "qkv"], dim=2).float()
+            gamma, _ = norm_params(engine, a.ln1(l))
+            W = qkv_weights(engine, l).float()
+            x0 = xh[0, 0] * gamma.float() if gamma is not None else xh[0, 0]
+            q0 = qkv[0, 0] - torch.einsum("d,ndk->nk", x0, W)  # q at x̂ = 0
+            c = torch.einsum("rsnk,rsnk->rsn", g, qkv - q0) / spec.d_model
+            w = (c * inv).mul_(scale).view(k, b, s, -1)
+            acc.weight[l] += list(w.unbind(0))
+            acc.xhat[l] += list(xh.view(k, b, s, -1).unbind(0))
+        x2 = x if spec.parallel_residual else acts[f"blocks.{l}.hook_resid_mid"]
+        acc.mlp[l] = add(acc.mlp[l], fold(norm_vjp(engine, a.ln2(l), x2, grads[3 * L + l], norm).float()))
+    acc.logits = add(acc.logits, fold(grads[-1].float()))
+    return acc
+
+
+def receiver_grads(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None,
+                   embeds: list[torch.Tensor | None], norm: NormMode, steps_per_pass: int
+                   ) -> tuple[ReceiverGrads, int]:
+    """The gradients at every receiver, averaged over `embeds` (one per step, the last the
+    clean input: None for the model's own embeddings), `steps_per_pass` steps stacked in the
+    batch of one forward and backward. Returns (the gradients, the passes run)."""
+    acc = None
+    m = len(embeds)
+    b = ids.shape[0]
+    passes = 0
+    for i in range(0, m, steps_per_pass):
+        part = embeds[i:i + steps_per_pass]
+        k = len(part)
+        last = i + k == m
+        embed = None if part[0] is None else torch.cat(part)  # None: EAP's single clean step
+        rep = (lambda t: t.repeat(k, *([1] * (t.dim() - 1)))) if k > 1 else (lambda t: t)
+        acts, grads, metric = grad_pass(engine, rep(ids), rep(target), None if distractor is None else rep(distractor),
+                                        embed, norm, want_senders=last)
+        passes += 1
+        acc = accumulate(engine, acc, acts, grads, k, norm, 1.0 / m)
+        if last:
+            acc.metric = metric[-b:]
+            acc.clean = SenderActs.from_acts(engine, acts, slice((k - 1) * b, k * b))
+    acc.steps = m
+    return acc, passes
