@@ -139,6 +139,26 @@ def test_per_position_scores_sum_to_summed_scores(sharp):
 
 
 @pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_scores_built_a_few_positions_at_a_time_are_the_same(sharp, monkeypatch, method):
+    """contract.py builds D and G a chunk of positions at a time (one chunk on these tiny
+    models): chunks of one or two positions give the reference model's scores too."""
+    from tdb_agent.ops.edges import contract
+    eng = sharp["llama"]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    whole = edge_scores(eng, pairs, method=method, steps=3)
+    pos_whole = edge_scores(eng, pairs, method=method, steps=3, per_position=True)
+    for n_pos in (1, 2):
+        monkeypatch.setattr(contract, "CHUNK_BYTES", n_pos * eng.spec.d_model * 4 * 2 * EdgeGraph(eng.spec).n_senders)
+        res = edge_scores(eng, pairs, method=method, steps=3)
+        ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor, ig_steps=3 if method == "eap-ig" else 0)
+        _close(res.scores, ref)
+        assert torch.allclose(res.scores, whole.scores, atol=1e-6 * float(ref.abs().max()))
+        pos = edge_scores(eng, pairs, method=method, steps=3, per_position=True)
+        assert torch.allclose(pos.scores, pos_whole.scores, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
 def test_mean_reference_scores_equal_reference_model(sharp, method):
     """reference="mean": senders' corpus means (and, for EAP-IG, the mean token embedding as
     the path's start) instead of the corrupted prompt, against the hand-written model."""

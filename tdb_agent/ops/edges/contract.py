@@ -20,7 +20,7 @@ from tdb_agent.ops.edges.grads import ReceiverGrads, folded_weights
 from tdb_agent.ops.edges.graph import EdgeGraph
 
 #: bytes of the sender chunk D [n_senders, b, positions, d] (float32)
-CHUNK_BYTES = 1 << 27
+CHUNK_BYTES = 1 << 25
 
 
 def _sender_chunk(engine: Engine, delta: SenderActs, W_O: list[torch.Tensor], b: int, P: slice, n: int) -> torch.Tensor:
@@ -76,7 +76,7 @@ def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: Receive
                 G = _receiver_chunk(grads, l, folded_weights(engine, l), P, n)
             else:
                 sl = slice(graph.n_receivers - 1, graph.n_receivers)
-                G = grads.logits[:, P].unsqueeze(0)
+                G = grads.logits[:, P].unsqueeze(0).contiguous()
             up = graph.n_upstream[sl.stop - 1]
             if per_position:  # [n, U, b·d] @ [n, b·d, R] -> [n, U, R]
                 Dp = D[:up].permute(2, 0, 1, 3).reshape(n, up, -1)
