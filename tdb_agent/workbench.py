@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tdb_agent.components import Component, hook_site, parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.ops import sae_ops
+from tdb_agent.ops.edges.cache import EdgeScoreCache
 from tdb_agent.ops.runs import RunCache
 from tdb_agent.ops.weights import WeightStats, weight_stats
 
@@ -35,6 +36,7 @@ class Limits(BaseModel):
     max_new_tokens: int = Field(64, ge=1, description="longest generation (steer)")
     batch_size: int = Field(64, ge=1, description="rows per forward pass in batched sweeps")
     cached_runs: int = Field(8, ge=1, description="clean runs kept in the LRU activation cache")
+    cached_edge_scores: int = Field(8, ge=0, description="edge score sets (EAP, EAP-IG) kept in their LRU cache")
     max_circuit_nodes: int = Field(512, ge=1, description="most nodes (components) in one circuit")
     max_circuit_edges: int = Field(2048, ge=1, description="most edges in one circuit")
     max_evidence: int = Field(16, ge=1, description="evidence items kept per circuit node or edge (repeats "
@@ -53,6 +55,7 @@ class Workbench:
         self.engine = engine
         self.limits = limits or Limits()
         self.cache = RunCache(engine, max_runs=self.limits.cached_runs)
+        self.edge_scores = EdgeScoreCache(self.limits.cached_edge_scores)  # per behaviour and method
         # named circuit hypotheses (networkx DiGraphs, tdb_agent.circuits), saved under workspace/circuits
         self.circuits: dict[str, Any] = {}
         self.graphs: dict[str, Any] = {}  # attribution graphs by name (tdb_agent.ops.graph), kept in memory

@@ -86,3 +86,41 @@ def test_edge_tools_session(gpt2_tiny, tmp_path):
                              ok=False)
             assert "corrupted_prompt" in err
     asyncio.run(go())
+
+
+def test_edge_scores_are_computed_once_per_behaviour_and_model(gpt2_tiny, tmp_path):
+    """edge_circuit then edge_faithfulness (and edge_attribution again) on one behaviour score
+    the edges once: the second scoring runs no forward or backward pass and gives the same
+    numbers; another behaviour or method misses; a weight edited in place empties the cache."""
+    import torch
+
+    from evals.cost import count_passes
+    from tdb_agent.service.edge_tools import (EdgeAttributionArgs, EdgeCircuitArgs, EdgeFaithfulnessArgs,
+                                              edge_attribution, edge_circuit_tool, edge_faithfulness)
+    from tdb_agent.service.tool import Job
+    bench = Workbench(gpt2_tiny, workspace=tmp_path)
+    ig = {"task": "ioi", "n_pairs": 3, "method": "eap-ig", "steps": 3}
+    with count_passes() as first:
+        made = edge_circuit_tool(bench, EdgeCircuitArgs(name="c", n_edges=10, **ig), Job())
+    with count_passes() as scoring:
+        again = EdgeFaithfulnessArgs(**ig).scores(bench)
+    assert scoring.forward_passes == scoring.backward_passes == 0 and again.cached
+    direct = edge_scores(gpt2_tiny, C.Behaviour(task="ioi", n=3).resolve(), method="eap-ig", steps=3)
+    assert torch.equal(again.scores, direct.scores)  # identical, not merely close
+    with count_passes() as curve:
+        f = edge_faithfulness(bench, EdgeFaithfulnessArgs(circuit="c", **ig), Job())
+    assert curve.backward_passes == 0 and curve.forward_passes == f.forward_passes  # the curve's patched runs only
+    assert f.circuit_faithfulness == pytest.approx(made.faithfulness, abs=1e-6)
+    with count_passes() as listed:
+        a = edge_attribution(bench, EdgeAttributionArgs(top_k=5, **ig), Job())
+    assert listed.forward_passes == 0 and a.forward_passes == 0
+    assert [r.edge for r in a.edges] == [e for e, _ in direct.ranked(5)]
+    with count_passes() as other:  # another method is another entry
+        EdgeAttributionArgs(task="ioi", n_pairs=3, method="eap").scores(bench)
+    assert other.forward_passes == 2
+    with torch.no_grad():  # the model changes: nothing cached is served
+        p = next(gpt2_tiny.model.parameters())
+        p.add_(0.0)
+    with count_passes() as after:
+        EdgeFaithfulnessArgs(**ig).scores(bench)
+    assert after.forward_passes == 2 and len(bench.edge_scores) == 1

@@ -12,6 +12,7 @@ from tdb_agent import circuits as C
 from tdb_agent.circuits.edges import circuit_edges, edge_circuit, keep_mask
 from tdb_agent.circuits.store import check_name
 from tdb_agent.errors import TdbError
+from tdb_agent.ops.edges.cache import pairs_key
 from tdb_agent.ops.edges.eap import EdgeScores, edge_scores
 from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, EdgeEvaluator, FaithfulnessCurve, faithfulness_curve, \
     keep_masks, smallest_circuit
@@ -52,9 +53,15 @@ class EdgeMethodArgs(ToolArgs):
             raise TdbError(str(e)) from e
 
     def scores(self, bench: Workbench, per_position: bool = False) -> EdgeScores:
-        return edge_scores(bench.engine, self.behaviour().resolve(), method=self.method, steps=self.steps,
-                           reference=self.reference, metric=self.metric, batch_size=min(16, bench.limits.batch_size),
-                           per_position=per_position, cache=bench.cache)
+        """The edge scores of this behaviour, from the workbench's cache when a tool already
+        computed them for the same pairs, method, steps, reference and model."""
+        pairs = self.behaviour().resolve()
+        batch = min(16, bench.limits.batch_size)
+        key = (pairs_key(pairs), self.method, self.steps if self.method == "eap-ig" else None, self.reference,
+               self.metric, per_position, batch)
+        return bench.edge_scores.get(bench.engine, key, lambda: edge_scores(
+            bench.engine, pairs, method=self.method, steps=self.steps, reference=self.reference, metric=self.metric,
+            batch_size=batch, per_position=per_position, cache=bench.cache))
 
     def method_record(self) -> dict:
         return {"method": self.method, "steps": self.steps if self.method == "eap-ig" else None,

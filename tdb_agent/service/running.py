@@ -37,8 +37,9 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 def free_memory(bench: Workbench) -> None:
-    """Drop the activation cache and return cached CUDA blocks to the driver."""
+    """Drop the activation and edge score caches and return cached CUDA blocks to the driver."""
     bench.cache.clear()
+    bench.edge_scores.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -53,6 +53,7 @@ class EdgeScores:
     backward_passes: int = 0
     metric_clean: float = 0.0
     per_position: bool = False
+    cached: bool = False  # taken from the workbench's cache (ops/edges/cache.py): no pass was run
 
     def summed(self) -> torch.Tensor:
         """Scores summed over positions: [n_senders, n_receivers]."""
