@@ -9,18 +9,28 @@ word-level vocabulary) at 128 tokens:
   forward        one batched forward pass of the clean prompts (no hooks)      = 1×
   eap            edge_scores(method="eap")                                     (target ≤ 3.5×)
   eap_ig         edge_scores(method="eap-ig", steps=m)                         (target ≤ (m + 3)×)
+                 one step per pass (the default at batch_size = the pairs); eap_ig_stacked:
+                 the m steps stacked in the batch of one forward and backward
   naive          exact patching one edge at a time: one patched forward per edge, timed on a
                  sample of edges and multiplied by the number of edges (what EAP approximates)
   curve          one faithfulness curve at the MIB budgets (batched edge sets)
   curve_naive    the same budgets, one patched pass per budget
-Times are medians of --repeats after a warm-up (bench_ops.timed); ratios are to `forward` measured in the same run.
+Times are medians of --repeats after a warm-up (bench_ops.timed); ratios are to one forward
+measured in the same run (the mean of its medians before and after the edge methods).
+Peak memory: the most extra memory each of forward / eap / eap_ig holds at once (CUDA: the
+allocator's peak; CPU: resident memory sampled every millisecond, with glibc told to return
+freed blocks at once so that the resident size follows the live tensors).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -64,13 +74,68 @@ def random_pairs(engine: Engine, n: int, length: int):
     return out
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_mb(fn, device: torch.device) -> float:
+    """Extra memory at the peak of fn() over what was held before, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    base = _rss()
+    top, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            top[0] = max(top[0], _rss())
+            time.sleep(0.001)
+    th = threading.Thread(target=sample)
+    th.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        th.join()
+    return (top[0] - base) / 2 ** 20
+
+
+def _return_freed_memory() -> None:
+    """glibc: serve blocks over 64 KiB by mmap, so a freed tensor leaves the resident size."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+
 def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, curve: bool = True) -> dict:
     graph = EdgeGraph(engine.spec)
     (group,), _ = group_pairs(engine, pairs, True)
-    with torch.no_grad():
-        t_fwd = timed(lambda: engine.forward(group.ids, logit_positions=[-1]), repeats)
-    t_eap = timed(lambda: edge_scores(engine, pairs, method="eap", batch_size=len(pairs)), repeats)
-    t_ig = timed(lambda: edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs)), repeats)
+
+    def fwd():
+        with torch.no_grad():
+            engine.forward(group.ids, logit_positions=[-1])
+
+    def eap():
+        edge_scores(engine, pairs, method="eap", batch_size=len(pairs))
+
+    def ig():
+        edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs))
+    def ig_stacked():  # every step in the batch of one forward and backward
+        edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs), steps_per_pass=steps)
+    t_fwd = timed(fwd, repeats)
+    t_eap = timed(eap, repeats)
+    t_ig = timed(ig, repeats)
+    t_ig_stacked = timed(ig_stacked, repeats)
+    t_fwd_after = timed(fwd, repeats)  # the machine's load drifts: the forward again, after
+    t_one = (t_fwd + t_fwd_after) / 2  # the unit of the ratios
+    mem = {name: round(peak_mb(fn, engine.device), 1) for name, fn in (("forward", fwd), ("eap", eap), ("eap_ig", ig),
+                                                                       ("eap_ig_stacked", ig_stacked))}
     scores = edge_scores(engine, pairs, method="eap", batch_size=len(pairs)).scores
     ref = run_senders(engine, group.corrupted)
     flat = graph.valid.flatten().nonzero()[:, 0]
@@ -91,10 +156,13 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
     t_curve = timed(lambda: faithfulness_curve(engine, pairs, scores, batch_size=64), repeats) if curve else None
     t_curve_naive = timed(curve_naive, repeats) if curve else None
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
-            "device": str(engine.device), "steps": steps, "seconds": {
-                "forward": t_fwd, "eap": t_eap, "eap_ig": t_ig, "naive_extrapolated": t_naive, "curve": t_curve,
-                "curve_naive": t_curve_naive},
-            "ratios": {"eap_over_forward": t_eap / t_fwd, "eap_ig_over_forward": t_ig / t_fwd,
+            "device": str(engine.device), "steps": steps, "threads": torch.get_num_threads(),
+            "peak_mb": mem, "seconds": {
+                "forward": t_fwd, "forward_after": t_fwd_after, "eap": t_eap, "eap_ig": t_ig, "eap_ig_stacked": t_ig_stacked,
+                "naive_extrapolated": t_naive, "curve": t_curve, "curve_naive": t_curve_naive},
+            "ratios": {"eap_over_forward": t_eap / t_one, "eap_ig_over_forward": t_ig / t_one,
+                       "eap_ig_stacked_over_forward": t_ig_stacked / t_one,
+                       "curve_over_forward": t_curve / t_one if curve else None,
                        "naive_over_eap": t_naive / t_eap,
                        "curve_naive_over_curve": t_curve_naive / t_curve if curve else None},
             "naive_sample": int(len(sample))}
@@ -114,6 +182,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    _return_freed_memory()
     rows = []
     if not args.small_only:
         engine = Engine.load(device=args.device)
