@@ -64,7 +64,7 @@ def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: Receive
     spec = engine.spec
     L, U = spec.n_layers, graph.n_senders
     b, s = grads.b, grads.s
-    W_O = [engine.adapter.W_O(l).float() for l in range(L)]
+    W_O = [engine.adapter.W_O(l).to(engine.device, torch.float32) for l in range(L)]
     step = max(1, CHUNK_BYTES // (U * b * spec.d_model * 4))
     for t0 in range(0, s, step):
         P = slice(t0, min(s, t0 + step))

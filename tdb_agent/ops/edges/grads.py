@@ -58,17 +58,17 @@ def _norms(engine: Engine) -> list[torch.nn.Module]:
 
 
 def qkv_weights(engine: Engine, layer: int) -> torch.Tensor:
-    """W_Q, W_K, W_V of a block, heads stacked: [n, d, d_head]."""
-    return torch.cat(engine.adapter.W_QKV(layer), dim=0)
+    """W_Q, W_K, W_V of a block, heads stacked: [n, d, d_head] (float32, on the engine's device)."""
+    return torch.cat([w.to(engine.device, torch.float32) for w in engine.adapter.W_QKV(layer)], dim=0)
 
 
 def folded_weights(engine: Engine, layer: int) -> torch.Tensor:
     """W̄ [n, d_head, d]: each q/k/v head's weights with the input norm's gain folded in (and
     centred over d for LayerNorm): inv · g̃ W̄ is the gradient at the head's copy of x."""
     gamma, _ = norm_params(engine, engine.adapter.ln1(layer))
-    W = qkv_weights(engine, layer).transpose(-1, -2).float()
+    W = qkv_weights(engine, layer).transpose(-1, -2)
     if gamma is not None:
-        W = W * gamma.float()
+        W = W * gamma.to(W)
     if engine.spec.norm == "layernorm":
         W = W - W.mean(-1, keepdim=True)
     return W
@@ -144,8 +144,8 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
             qkv = torch.cat([rotate(acts[f"blocks.{l}.attn.hook_{n}"], tables, inverse=True) if n != "v"
                              else acts[f"blocks.{l}.attn.hook_v"] for n in "qkv"], dim=2).float()
             gamma, _ = norm_params(engine, a.ln1(l))
-            W = qkv_weights(engine, l).float()
-            x0 = xh[0, 0] * gamma.float() if gamma is not None else xh[0, 0]
+            W = qkv_weights(engine, l)
+            x0 = xh[0, 0] * gamma.to(xh) if gamma is not None else xh[0, 0]
             q0 = qkv[0, 0] - torch.einsum("d,ndk->nk", x0, W)  # q at x̂ = 0
             c = torch.einsum("rsnk,rsnk->rsn", g, qkv - q0) / spec.d_model
             w = (c * inv).mul_(scale).view(k, b, s, -1)
