@@ -17,7 +17,7 @@ from tdb_agent.ops.edges.patch import patched_metrics
 from tdb_agent.tasks import task_examples
 from tests import edge_reference
 from tests.edge_reference import RefModel
-from tests.tiny_models import build_tiny
+from tests.tiny_models import ALL_FAMILIES, build_tiny
 
 
 def _spec(L, H, KV=None, parallel=False):
@@ -186,8 +186,10 @@ def test_edge_patching_equals_brute_force(sharp, fam):
     assert (ours[-3:] - clean).abs().max() > 1e-5
 
 
-def test_keep_none_is_the_reference_run_on_every_family(tiny_engines):
-    for fam, eng in tiny_engines.items():
+@pytest.mark.parametrize("fam", ALL_FAMILIES)
+def test_keep_none_is_the_reference_run_on_every_family(tiny_engines, fam):
+    eng = tiny_engines[fam]
+    if True:
         pairs = _pairs(2)
         g = _tensors(eng, pairs)
         graph = EdgeGraph(eng.spec)
@@ -251,11 +253,13 @@ def test_smallest_circuit_reaches_threshold_and_one_fewer_does_not(sharp):
     assert faith[0] < 0.8
 
 
-def test_eap_is_the_derivative_of_exact_edge_patching_on_every_family(tiny_engines):
+@pytest.mark.parametrize("fam", ALL_FAMILIES)
+def test_eap_is_the_derivative_of_exact_edge_patching_on_every_family(tiny_engines, fam):
     """Independent of the gradient code: moving one edge's sender a fraction ε of the way to its
     reference (exact patching with a fractional mask) changes the metric by ε · EAP score."""
     from tdb_agent.ops.edges.patch import patched_rows
-    for fam, eng in tiny_engines.items():
+    eng = tiny_engines[fam]
+    if True:
         pairs = _pairs(1)
         g = _tensors(eng, pairs)
         graph = EdgeGraph(eng.spec)

@@ -88,6 +88,12 @@ class OPTAdapter(Adapter):
     def embed(self, ids, position_ids):
         return self.base.embed_tokens(ids) + self.base.embed_positions(None, 0, position_ids=position_ids)
 
+    def module_sites(self, n_layers):
+        sites = super().module_sites(n_layers)
+        for layer, block in enumerate(self.blocks()):  # the MLP's input is fc1's (MLP names fc2, its output)
+            sites[f"blocks.{layer}.ln2.hook_normalized"] = (block.fc1, "input")
+        return sites
+
     def block_kwargs(self, hidden, position_ids):
         return {"position_ids": position_ids}
 

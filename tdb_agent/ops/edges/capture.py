@@ -220,7 +220,11 @@ def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: to
 
     frozen = frozen_norms(engine, _norms(engine)) if norm == "frozen" else nullcontext()
     with torch.enable_grad(), frozen:
-        out, acts = engine.run_with_cache(group.ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf},
+        # the MLP reads a copy of its input, so that the gradient there is its own: in blocks whose
+        # attention and MLP share one norm (GPT-J, Falcon, Cohere, parallel StableLM) or whose MLP
+        # reads the raw stream (OLMo-2), the tensor also feeds attention or the residual add
+        own = {receiver_site("mlp", l): (lambda h, site: h.clone()) for l in range(L)}
+        out, acts = engine.run_with_cache(group.ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf} | own,
                                           logit_positions=[-1])
         m = metric_rows(out.logits[:, -1], group.target, group.distractor)
         reads = [acts[receiver_site(k, l)] for l in range(L) for k in "qkv"]
