@@ -7,6 +7,7 @@ head makes of it, as the engine's hook_q / hook_k / hook_v carry it, is
 
 * ln1: the block's input norm (gain 1 + w in Gemma, LayerNorm bias where it has one); none
   in OLMo-2, whose attention reads the raw stream.
+* OPT scales q by 1/sqrt(d_head) here (its attention function then does not).
 * qk_norm: Qwen3 / Gemma-3 (RMSNorm over d_head, shared by the heads), StableLM (one
   LayerNorm per head), Cohere with use_qk_norm (per-head weights), OLMo-2 (one RMSNorm over
   all heads' outputs together: head h's q is then that norm over the whole projection of
@@ -32,6 +33,8 @@ from tdb_agent.engine.norms import apply_norm
 
 #: families whose rotary rotates interleaved pairs (d0, d1), (d2, d3), ... (not halves)
 INTERLEAVED = ("gptj", "cohere")
+#: families that scale q by the attention's `scaling` before the attention function (hook_q carries it)
+Q_SCALED = ("opt",)
 
 
 @dataclass
@@ -94,7 +97,8 @@ def closed_form(engine: Engine) -> bool:
     """Whether capture.head_grads' closed form gives the receivers' gradients: an input
     norm, no q/k norm, rotate-half rotary or none."""
     family = engine.model.config.model_type
-    return engine.adapter.ln1(0) is not None and qk_norms(engine, 0)[0] is None and family not in INTERLEAVED
+    return (engine.adapter.ln1(0) is not None and qk_norms(engine, 0)[0] is None
+            and family not in INTERLEAVED + Q_SCALED)
 
 
 def read_norm(engine: Engine, module: torch.nn.Module | None, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
@@ -145,4 +149,6 @@ def head_read(engine: Engine, layer: int, kind: int, x: torch.Tensor, xs: torch.
         return rotate(_normed(engine, qk, attn.q_proj if kind == 0 else attn.k_proj, xn), rot).to(run.dtype)
     dxn = xn - read_norm(engine, norm, x, frozen).unsqueeze(2)
     d = torch.einsum("bshd,hdk->bshk", dxn, a.W_QKV(layer)[kind].to(dxn.dtype))
+    if kind == 0 and engine.model.config.model_type in Q_SCALED:
+        d = d * a.attn(layer).scaling
     return run + (rotate(d, rot) if kind < 2 else d).to(run.dtype)
