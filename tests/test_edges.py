@@ -277,7 +277,46 @@ def test_eap_is_the_derivative_of_exact_edge_patching_on_every_family(tiny_engin
             assert fd == pytest.approx(score, rel=5e-3, abs=1e-2 * abs(res.ranked(1)[0][1])), (fam, name)
 
 
-def test_families_without_an_exact_read_back_are_refused(tiny_dirs):
-    eng = Engine.load(tiny_dirs["gemma2"])  # post-norms, 1 + w gains: not decomposed by reads.py
-    with pytest.raises(TdbError, match="edge methods .* support the model types"):
-        edge_scores(eng, _pairs(1))
+def test_post_norm_with_an_attention_output_bias_is_refused(tmp_path):
+    """Through a post-norm, the bias's share of the block's write scales with the norm from run
+    to run: the heads' edges would not add up, so the edge methods refuse it by name."""
+    from tdb_agent.tasks.tokenizer import build_tokenizer
+    from tests.tiny_models import _config
+    tok = build_tokenizer()
+    cls, cfg = _config("gemma2", len(tok))
+    cfg.attention_bias = True
+    cls(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(TdbError, match="attention output bias before its post-norm"):
+        edge_scores(Engine.load(tmp_path), _pairs(1))
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "llama", "gemma", "falcon:new"])
+@pytest.mark.parametrize("norm", ["unfrozen", "frozen"])
+def test_autograd_head_grads_equal_the_closed_form(tiny_engines, monkeypatch, fam, norm):
+    """The vector-Jacobian product of heads.head_read (used where the closed form does not
+    apply: q/k norms, interleaved rotary, no input norm) equals capture.head_grads' closed form
+    where both apply, with the norms live or frozen."""
+    from tdb_agent.ops.edges import capture
+    eng = tiny_engines[fam]
+    pairs = _pairs(2)
+    closed = edge_scores(eng, pairs, norm=norm).scores
+    monkeypatch.setattr(capture, "closed_form", lambda engine: False)
+    auto = edge_scores(eng, pairs, norm=norm).scores
+    assert closed.abs().max() > 1e-5
+    assert (closed - auto).abs().max() <= 1e-5 * float(closed.abs().max())
+
+
+def test_post_norm_mean_senders_are_per_token_writes(tiny_engines):
+    """Under a post-norm the heads' mean senders are means of their per-token writes: summed over
+    a layer's heads they give the mean of what attention writes (hook_attn_out), which a plain
+    mean of z through W_O would not."""
+    from tdb_agent.ops.edges.capture import mean_senders
+    from tdb_agent.ops.runs import reference_means
+    eng = tiny_engines["gemma2"]
+    H = eng.spec.n_heads
+    means = mean_senders(eng, None)
+    want = reference_means(eng, ["blocks.0.hook_attn_out", "blocks.1.hook_attn_out"])
+    for l in range(2):
+        got = means[1 + l * (H + 1):1 + l * (H + 1) + H].sum(0)
+        assert torch.allclose(got, want[f"blocks.{l}.hook_attn_out"], atol=1e-5)
