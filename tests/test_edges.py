@@ -280,15 +280,9 @@ def test_eap_is_the_derivative_of_exact_edge_patching_on_every_family(tiny_engin
 def test_post_norm_with_an_attention_output_bias_is_refused(tmp_path):
     """Through a post-norm, the bias's share of the block's write scales with the norm from run
     to run: the heads' edges would not add up, so the edge methods refuse it by name."""
-    from tdb_agent.tasks.tokenizer import build_tokenizer
-    from tests.tiny_models import _config
-    tok = build_tokenizer()
-    cls, cfg = _config("gemma2", len(tok))
-    cfg.attention_bias = True
-    cls(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    eng = Engine.load(build_tiny("gemma2", tmp_path, overrides={"attention_bias": True}))
     with pytest.raises(TdbError, match="attention output bias before its post-norm"):
-        edge_scores(Engine.load(tmp_path), _pairs(1))
+        edge_scores(eng, _pairs(1))
 
 
 @pytest.mark.parametrize("fam", ["gpt2", "llama", "gemma", "falcon:new"])
