@@ -26,7 +26,8 @@ from contextlib import ExitStack
 
 import torch
 
-from tests.test_families import GEMMA, POST_NORMS, attn_module, blocks, final_norm, model_type, out_proj
+from tests.test_families import GEMMA, POST_NORMS, attn_module, blocks, final_norm, model_type, out_proj, \
+    token_embedding
 
 LN1 = ("ln_1", "input_layernorm", "self_attn_layer_norm", "ln_attn")
 
@@ -113,9 +114,10 @@ class HookedEdges:
         return 1 + l * (self.H + 1) + (self.H if kind == "mlp" and not self.par else 0)
 
     # ---- the run -----------------------------------------------------------------------
-    def run(self, ids, target, distractor, ref=None, removed=None, probes=None):
+    def run(self, ids, target, distractor, ref=None, removed=None, probes=None, embed=None):
         """(metric per row [b], this run's sender values [b, s, U, d]). removed: set of
-        (sender, receiver index); probes: {receiver index: [b, s, d]} added to its input."""
+        (sender, receiver index); probes: {receiver index: [b, s, d]} added to its input;
+        embed [b, s, d]: the token embedding module's output instead of its own."""
         if self.KV is None:
             self.KV = self._kv_heads(ids)
         removed, probes = removed or set(), probes or {}
@@ -224,6 +226,8 @@ class HookedEdges:
                 hooks.append(mlp_in(self.model, blk).register_forward_pre_hook(mlp_pre(l)))
                 hooks.append(mlp_writer(self.model, blk).register_forward_hook(mlp_write))
             hooks.append(final_norm(self.model).register_forward_pre_hook(final_pre))
+            if embed is not None:
+                hooks.append(token_embedding(self.model).register_forward_hook(lambda mod, args, out: embed))
             stack.callback(lambda: [h.remove() for h in hooks])
             logits = self.model(ids, use_cache=False).logits[:, -1]
         rows = torch.arange(b)
@@ -268,17 +272,28 @@ class HookedEdges:
         return seen[0]
 
     # ---- EAP by autograd -----------------------------------------------------------------
-    def eap(self, ids, cids, target, distractor):
-        """[U, R]: (corrupted − clean sender) · ∂m/∂(receiver's own input), averaged over rows."""
+    def eap(self, ids, cids, target, distractor, ig_steps=0):
+        """[U, R]: (corrupted − clean sender) · ∂m/∂(receiver's own input), averaged over rows;
+        with ig_steps, the gradient averaged over token embeddings k / ig_steps of the way from
+        the corrupted prompt's to the clean one's (k = 1..ig_steps)."""
         with torch.no_grad():
             _, corr = self.run(cids, target, distractor)
         R = len(self.receivers())
         b, s = ids.shape
         d = corr.shape[-1]
-        probes = {r: torch.zeros(b, s, d, requires_grad=True) for r in range(R)}
-        with torch.enable_grad():
-            m, clean = self.run(ids, target, distractor, probes=probes)
-            grads = torch.autograd.grad(m.sum(), [probes[r] for r in range(R)])
+
+        def grads_at(embed):
+            probes = {r: torch.zeros(b, s, d, requires_grad=True) for r in range(R)}
+            with torch.enable_grad():
+                m, senders = self.run(ids, target, distractor, probes=probes, embed=embed)
+                return torch.autograd.grad(m.sum(), [probes[r] for r in range(R)]), senders.detach()
+        grads, clean = grads_at(None)
+        if ig_steps:
+            emb = token_embedding(self.model)
+            with torch.no_grad():
+                e1, e0 = emb(ids), emb(cids)
+            steps = [grads_at(e0 + k / ig_steps * (e1 - e0))[0] for k in range(1, ig_steps + 1)]
+            grads = [sum(g[r] for g in steps) / ig_steps for r in range(R)]
         out = torch.zeros(corr.shape[2], R)
         for r, (kind, l, _) in enumerate(self.receivers()):
             for u in range(self.n_up(kind, l)):

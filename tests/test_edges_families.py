@@ -59,6 +59,18 @@ def test_eap_equals_autograd_on_hooked_plain_model(fam, models):
     assert (ours - ref).abs().max() <= 1e-5 * max(1.0, scale), float((ours - ref).abs().max())
 
 
+@pytest.mark.parametrize("fam", ["gpt2", "gemma", "gemma2", "qwen3", "olmo2", "opt", "gptj", "falcon:new"])
+def test_eap_ig_equals_integrated_gradients_on_hooked_plain_model(fam, models):
+    eng, model = models(fam)
+    pairs = _pairs(2)
+    g = _group(eng, pairs)
+    ours = edge_scores(eng, pairs, method="eap-ig", steps=2).scores
+    ref = HookedEdges(model).eap(g.ids, g.corrupted, g.target, g.distractor, ig_steps=2)
+    scale = float(ref.abs().max())
+    assert scale > 1e-3
+    assert (ours - ref).abs().max() <= 1e-5 * max(1.0, scale), float((ours - ref).abs().max())
+
+
 @pytest.mark.parametrize("fam", ALL_FAMILIES)
 def test_edge_patching_equals_hooked_brute_force(fam, models):
     eng, model = models(fam)
