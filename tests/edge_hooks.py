@@ -26,6 +26,7 @@ from contextlib import ExitStack
 
 import torch
 
+from tests.edge_reference import GraphOrder
 from tests.test_families import GEMMA, POST_NORMS, attn_module, blocks, final_norm, model_type, out_proj, \
     token_embedding
 
@@ -90,7 +91,7 @@ def self_attention(block):
     return getattr(a, "attention", a)  # GPT-Neo wraps its self-attention
 
 
-class HookedEdges:
+class HookedEdges(GraphOrder):
     def __init__(self, model):
         self.model, c = model, model.config
         self.family = c.model_type
@@ -99,19 +100,6 @@ class HookedEdges:
         self.layer_of = {id(self_attention(b)): l for l, b in enumerate(self.blocks)}
         self.par = parallel(model)
         self.KV = None  # learned from the first run
-
-    # ---- the graph's order -------------------------------------------------------------
-    def receivers(self):
-        out = []
-        for l in range(self.L):
-            out += [("q", l, h) for h in range(self.H)] + [("k", l, g) for g in range(self.KV)]
-            out += [("v", l, g) for g in range(self.KV)] + [("mlp", l, 0)]
-        return out + [("logits", self.L, 0)]
-
-    def n_up(self, kind, l):
-        if kind == "logits":
-            return 1 + self.L * (self.H + 1)
-        return 1 + l * (self.H + 1) + (self.H if kind == "mlp" and not self.par else 0)
 
     # ---- the run -----------------------------------------------------------------------
     def run(self, ids, target, distractor, ref=None, removed=None, probes=None, embed=None):
