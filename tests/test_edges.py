@@ -314,3 +314,27 @@ def test_post_norm_mean_senders_are_per_token_writes(tiny_engines):
     for l in range(2):
         got = means[1 + l * (H + 1):1 + l * (H + 1) + H].sum(0)
         assert torch.allclose(got, want[f"blocks.{l}.hook_attn_out"], atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", ["olmo2", "qwen3", "gptj"])
+def test_half_precision_edges_on_the_per_family_reads(tmp_path, fam):
+    """bf16 blocks with a float32 stream (engine/precision.py) through heads.head_read and
+    OLMo-2's raw MLP read: keep-all / keep-none are the bf16 runs, EAP within 5 % of float32."""
+    d = build_tiny(fam, tmp_path / fam, seed=3, dtype=torch.bfloat16)
+    e32, e16 = Engine.load(d), Engine.load(d, dtype="bfloat16")
+    _sharpen = lambda eng: [p.mul_(2.0) for p in eng.model.parameters() if p.dim() == 2]  # noqa: E731
+    with torch.no_grad():
+        _sharpen(e32), _sharpen(e16)
+    pairs = _pairs(2)
+    g = _tensors(e16, pairs)
+    graph = EdgeGraph(e16.spec)
+    keeps = torch.zeros(2, graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    keeps[0] = True
+    ours, _ = patched_metrics(e16, graph, g, run_senders(e16, g.corrupted), keeps)
+    with torch.no_grad():
+        for row, ids in ((0, g.ids), (1, g.corrupted)):
+            logits = e16.forward(ids).logits[:, -1]
+            want = logits.gather(1, g.target[:, None])[:, 0] - logits.gather(1, g.distractor[:, None])[:, 0]
+            assert torch.allclose(ours[row], want, atol=2e-2), (row, ours[row], want)
+    a, b = edge_scores(e32, pairs).scores, edge_scores(e16, pairs).scores
+    assert b.dtype == torch.float32 and (a - b).abs().max() <= 0.05 * a.abs().max()

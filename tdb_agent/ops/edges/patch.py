@@ -108,7 +108,7 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
             if not m.any():
                 return None
             x = state["x"] if spec.parallel_residual else state["mid"]
-            return read_norm(engine, a.ln2(l), x + _delta(D(n_up), m)[:, :, 0])
+            return read_norm(engine, a.ln2(l), x + _delta(D(n_up), m)[:, :, 0]).to(h.dtype)
         return fn
 
     def mlp_out(x, site):
