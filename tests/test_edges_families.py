@@ -1,7 +1,10 @@
 """The edge methods on every family the engine runs, against hand-written hooks on the plain
 `transformers` model (tests/edge_hooks.py): EAP scores equal autograd gradients at each
-receiver's own input, and edge patching equals brute force (keep-all = clean, keep-none =
-corrupted, random edge sets, single edges into a key, an MLP and the logits)."""
+receiver's own input (EAP-IG: integrated gradients there), and edge patching equals brute
+force (keep-all = clean, keep-none = corrupted, random edge sets, single edges into a key, a
+query, an MLP and the logits); on every variant of tests/tiny_models.py and on configurations
+with code paths of their own (Cohere's q/k norms, Phi-3's partial rotary, q/k biases under a
+q/k norm, OLMo-2 with one key/value head)."""
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.patch import patched_metrics
 from tests.edge_hooks import HookedEdges
 from tests.test_edges import _pairs
-from tests.tiny_models import ALL_FAMILIES
+from tests.tiny_models import ALL_FAMILIES, build_tiny
 
 
 def _sharpen(model):
@@ -32,12 +35,7 @@ def models(tiny_dirs):
 
     def get(fam):
         if fam not in cache:
-            eng = Engine.load(tiny_dirs[fam])
-            model = AutoModelForCausalLM.from_pretrained(tiny_dirs[fam], dtype=torch.float32,
-                                                         attn_implementation="eager").eval()
-            _sharpen(eng.model)
-            _sharpen(model)
-            cache[fam] = eng, model
+            cache[fam] = _load(tiny_dirs[fam])
         return cache[fam]
     return get
 
@@ -47,9 +45,32 @@ def _group(eng, pairs):
     return g
 
 
+def _load(folder):
+    eng = Engine.load(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    _sharpen(eng.model)
+    _sharpen(model)
+    return eng, model
+
+
 @pytest.mark.parametrize("fam", ALL_FAMILIES)
 def test_eap_equals_autograd_on_hooked_plain_model(fam, models):
-    eng, model = models(fam)
+    _check_eap(*models(fam))
+
+
+# configurations with code paths of their own in ops/edges/heads.py beyond tests/tiny_models.py's
+MORE = [("cohere", {"use_qk_norm": True}), ("phi3", {"partial_rotary_factor": 0.5}),
+        ("qwen3", {"attention_bias": True}), ("olmo2", {"num_key_value_heads": 1})]
+
+
+@pytest.mark.parametrize(("fam", "overrides"), MORE, ids=[f for f, _ in MORE])
+def test_edge_methods_on_more_configurations(fam, overrides, tmp_path):
+    eng, model = _load(build_tiny(fam, tmp_path / fam, overrides=overrides))
+    _check_eap(eng, model)
+    _check_patching(eng, model)
+
+
+def _check_eap(eng, model):
     pairs = _pairs(2)
     g = _group(eng, pairs)
     ours = edge_scores(eng, pairs, method="eap").scores
@@ -73,7 +94,10 @@ def test_eap_ig_equals_integrated_gradients_on_hooked_plain_model(fam, models):
 
 @pytest.mark.parametrize("fam", ALL_FAMILIES)
 def test_edge_patching_equals_hooked_brute_force(fam, models):
-    eng, model = models(fam)
+    _check_patching(*models(fam))
+
+
+def _check_patching(eng, model):
     pairs = _pairs(2)
     g = _group(eng, pairs)
     graph = EdgeGraph(eng.spec)
