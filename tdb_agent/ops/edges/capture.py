@@ -181,7 +181,7 @@ def autograd_head_grads(engine: Engine, layer: int, x: torch.Tensor, run: list[t
                         g: list[torch.Tensor], rot, norm: NormMode) -> torch.Tensor:
     """[H + 2KV, b, s, d]: the gradient at each q, k and v receiver's own copy of x, as the
     vector-Jacobian product of heads.head_read (families outside head_grads' closed form:
-    q/k norms, no input norm, interleaved rotary)."""
+    q/k norms, no input norm, interleaved rotary, a pre-scaled q)."""
     n = sum(t.shape[2] for t in run)
     xs = x.detach().unsqueeze(2).expand(-1, -1, n, -1).clone().requires_grad_(True)
     outs, start = [], 0

@@ -18,8 +18,9 @@ head makes of it, as the engine's hook_q / hook_k / hook_v carry it, is
 
 `head_read` computes the values for per-receiver copies of x: exact edge patching (patch.py)
 rebuilds removed receivers with it, and where the closed form of capture.head_grads does not
-apply (q/k norms, no input norm, interleaved rotary) the receivers' gradients are its
-vector-Jacobian product (capture.py).
+apply (q/k norms, no input norm, interleaved rotary, OPT's q scale) the receivers' gradients
+are its vector-Jacobian product (capture.py). OLMo-2's norm over all heads makes each
+receiver project onto every head: that read costs n_heads times a per-head one.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def qk_norms(engine: Engine, layer: int) -> tuple[torch.nn.Module | None, torch.
 
 def closed_form(engine: Engine) -> bool:
     """Whether capture.head_grads' closed form gives the receivers' gradients: an input
-    norm, no q/k norm, rotate-half rotary or none."""
+    norm, no q/k norm, rotate-half rotary or none, q not pre-scaled."""
     family = engine.model.config.model_type
     return (engine.adapter.ln1(0) is not None and qk_norms(engine, 0)[0] is None
             and family not in INTERLEAVED + Q_SCALED)
