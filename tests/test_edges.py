@@ -285,12 +285,12 @@ def test_post_norm_with_an_attention_output_bias_is_refused(tmp_path):
         edge_scores(eng, _pairs(1))
 
 
-@pytest.mark.parametrize("fam", ["gpt2", "llama", "gemma", "falcon:new"])
+@pytest.mark.parametrize("fam", ["gpt2", "llama", "gemma", "falcon:new", "gptj", "cohere", "opt"])
 @pytest.mark.parametrize("norm", ["unfrozen", "frozen"])
 def test_autograd_head_grads_equal_the_closed_form(tiny_engines, monkeypatch, fam, norm):
     """The vector-Jacobian product of heads.head_read (used where the closed form does not
-    apply: q/k norms, interleaved rotary, no input norm) equals capture.head_grads' closed form
-    where both apply, with the norms live or frozen."""
+    apply: q/k norms, no input norm) equals capture.head_grads' closed form (with the rotary's
+    transpose, halves or interleaved, and OPT's q scale) where both apply, norms live or frozen."""
     from tdb_agent.ops.edges import capture
     eng = tiny_engines[fam]
     pairs = _pairs(2)

@@ -23,7 +23,7 @@ from tdb_agent.engine.component_sites import EMBED_SITE, kind_site, receiver_sit
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import frozen_norms, post_norm_factor
 from tdb_agent.ops.edges.graph import EdgeGraph, check_supported
-from tdb_agent.ops.edges.heads import closed_form, head_read, layer_rotary, rotary_block_tables, rotate
+from tdb_agent.ops.edges.heads import closed_form, head_read, layer_rotary, q_scale, rotary_block_tables, rotate
 from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp
 from tdb_agent.ops.metrics import MetricName, make_metric
 from tdb_agent.ops.runs import RunCache, get_means, reference_documents
@@ -181,7 +181,7 @@ def autograd_head_grads(engine: Engine, layer: int, x: torch.Tensor, run: list[t
                         g: list[torch.Tensor], rot, norm: NormMode) -> torch.Tensor:
     """[H + 2KV, b, s, d]: the gradient at each q, k and v receiver's own copy of x, as the
     vector-Jacobian product of heads.head_read (families outside head_grads' closed form:
-    q/k norms, no input norm, interleaved rotary, a pre-scaled q)."""
+    q/k norms, no input norm)."""
     n = sum(t.shape[2] for t in run)
     xs = x.detach().unsqueeze(2).expand(-1, -1, n, -1).clone().requires_grad_(True)
     outs, start = [], 0
@@ -241,8 +241,8 @@ def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: to
         rot = layer_rotary(engine, l, kw, x.dtype)
         g = grads[3 * l:3 * l + 3]
         if exact_form:
-            head_grads(engine, l, x, [rotate(g[0], rot, inverse=True), rotate(g[1], rot, inverse=True), g[2]],
-                       G[sl.start:sl.stop - 1], norm)
+            gq = rotate(g[0], rot, inverse=True) * q_scale(engine, l)
+            head_grads(engine, l, x, [gq, rotate(g[1], rot, inverse=True), g[2]], G[sl.start:sl.stop - 1], norm)
         else:
             G[sl.start:sl.stop - 1] = autograd_head_grads(engine, l, x, [acts[receiver_site(k, l)] for k in "qkv"],
                                                           g, rot, norm)

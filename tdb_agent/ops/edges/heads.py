@@ -18,8 +18,8 @@ head makes of it, as the engine's hook_q / hook_k / hook_v carry it, is
 
 `head_read` computes the values for per-receiver copies of x: exact edge patching (patch.py)
 rebuilds removed receivers with it, and where the closed form of capture.head_grads does not
-apply (q/k norms, no input norm, interleaved rotary, OPT's q scale) the receivers' gradients
-are its vector-Jacobian product (capture.py). OLMo-2's norm over all heads makes each
+apply (q/k norms, no input norm) the receivers' gradients are its vector-Jacobian product
+(capture.py). OLMo-2's norm over all heads makes each
 receiver project onto every head: that read costs n_heads times a per-head one.
 """
 
@@ -96,10 +96,13 @@ def qk_norms(engine: Engine, layer: int) -> tuple[torch.nn.Module | None, torch.
 
 def closed_form(engine: Engine) -> bool:
     """Whether capture.head_grads' closed form gives the receivers' gradients: an input
-    norm, no q/k norm, rotate-half rotary or none, q not pre-scaled."""
-    family = engine.model.config.model_type
-    return (engine.adapter.ln1(0) is not None and qk_norms(engine, 0)[0] is None
-            and family not in INTERLEAVED + Q_SCALED)
+    norm and no q/k norm (the rotary's transpose and `q_scale` are applied before it)."""
+    return engine.adapter.ln1(0) is not None and qk_norms(engine, 0)[0] is None
+
+
+def q_scale(engine: Engine, layer: int) -> float:
+    """What the family multiplies q by before hook_q (OPT's 1/sqrt(d_head); 1 elsewhere)."""
+    return engine.adapter.attn(layer).scaling if engine.model.config.model_type in Q_SCALED else 1.0
 
 
 def read_norm(engine: Engine, module: torch.nn.Module | None, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
@@ -150,6 +153,6 @@ def head_read(engine: Engine, layer: int, kind: int, x: torch.Tensor, xs: torch.
         return rotate(_normed(engine, qk, attn.q_proj if kind == 0 else attn.k_proj, xn), rot).to(run.dtype)
     dxn = xn - read_norm(engine, norm, x, frozen).unsqueeze(2)
     d = torch.einsum("bshd,hdk->bshk", dxn, a.W_QKV(layer)[kind].to(dxn.dtype))
-    if kind == 0 and engine.model.config.model_type in Q_SCALED:
-        d = d * a.attn(layer).scaling
+    if kind == 0:
+        d = d * q_scale(engine, layer)
     return run + (rotate(d, rot) if kind < 2 else d).to(run.dtype)

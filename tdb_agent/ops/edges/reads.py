@@ -7,9 +7,10 @@ A head's query input is the residual stream x entering its block; the head reads
 (rotary only in rotary families, on the first `rot` dimensions; γ is Gemma's 1 + w). Keys
 and values likewise with W_K / W_V (one per key/value head). An MLP block reads norm2 of
 the residual stream entering it (OLMo-2: the stream itself); the logits read the final
-residual stream (their norm is part of the metric). Families whose heads read more than
-this (q/k norms, interleaved rotary, no input norm, a pre-scaled q) are written out in
-heads.py, whose vector-Jacobian product capture.py takes instead.
+residual stream (their norm is part of the metric). The rotary's layout (halves or
+interleaved pairs, per layer type) and OPT's q scale are in heads.py; families whose heads
+read more than this (q/k norms, no input norm) are written out there too, and capture.py
+takes the vector-Jacobian product of that read instead.
 
 The engine runs the model's own fused modules, so the gradient it gives is the one at the
 rotated q/k/v (hook sites). `receiver_grad` turns it into the gradient at the receiver's own
