@@ -186,21 +186,23 @@ def test_edge_patching_equals_brute_force(sharp, fam):
     assert (ours[-3:] - clean).abs().max() > 1e-5
 
 
+def _check_ends(eng, pairs, atol):
+    """Keeping every edge is the engine's clean run, keeping none its corrupted run."""
+    g = _tensors(eng, pairs)
+    graph = EdgeGraph(eng.spec)
+    keeps = torch.zeros(2, graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    keeps[0] = True
+    ours, _ = patched_metrics(eng, graph, g, run_senders(eng, g.corrupted), keeps)
+    with torch.no_grad():
+        for row, ids in ((0, g.ids), (1, g.corrupted)):
+            logits = eng.forward(ids).logits[:, -1]
+            want = logits.gather(1, g.target[:, None])[:, 0] - logits.gather(1, g.distractor[:, None])[:, 0]
+            assert torch.allclose(ours[row], want, atol=atol), (row, ours[row], want)
+
+
 @pytest.mark.parametrize("fam", ALL_FAMILIES)
 def test_keep_none_is_the_reference_run_on_every_family(tiny_engines, fam):
-    eng = tiny_engines[fam]
-    if True:
-        pairs = _pairs(2)
-        g = _tensors(eng, pairs)
-        graph = EdgeGraph(eng.spec)
-        keeps = torch.zeros(2, graph.n_senders, graph.n_receivers, dtype=torch.bool)
-        keeps[0] = True
-        ours, _ = patched_metrics(eng, graph, g, run_senders(eng, g.corrupted), keeps)
-        with torch.no_grad():
-            for row, ids in ((0, g.ids), (1, g.corrupted)):
-                logits = eng.forward(ids).logits[:, -1]
-                want = logits.gather(1, g.target[:, None])[:, 0] - logits.gather(1, g.distractor[:, None])[:, 0]
-                assert torch.allclose(ours[row], want, atol=1e-5), fam
+    _check_ends(tiny_engines[fam], _pairs(2), 1e-5)
 
 
 def test_position_aware_mask_matches_summed_mask(sharp):
@@ -259,22 +261,22 @@ def test_eap_is_the_derivative_of_exact_edge_patching_on_every_family(tiny_engin
     reference (exact patching with a fractional mask) changes the metric by ε · EAP score."""
     from tdb_agent.ops.edges.patch import patched_rows
     eng = tiny_engines[fam]
-    if True:
-        pairs = _pairs(1)
-        g = _tensors(eng, pairs)
-        graph = EdgeGraph(eng.spec)
-        res = edge_scores(eng, pairs, method="eap")
-        ref = run_senders(eng, g.corrupted)
-        def slope(s, r, eps):  # central difference
-            one = torch.zeros(1, graph.n_senders, graph.n_receivers)
-            one[0, s, r] = eps
-            up, down = (patched_rows(eng, graph, g.ids, ref, sign * one, g.target, g.distractor)
-                        for sign in (1.0, -1.0))
-            return float((up - down)[0]) / (2 * eps)
-        for name, score in res.ranked(6):
-            s, r = graph.parse_edge(name)
-            fd = (4 * slope(s, r, 0.05) - slope(s, r, 0.1)) / 3  # Richardson: the ε² term cancels
-            assert fd == pytest.approx(score, rel=5e-3, abs=1e-2 * abs(res.ranked(1)[0][1])), (fam, name)
+    pairs = _pairs(1)
+    g = _tensors(eng, pairs)
+    graph = EdgeGraph(eng.spec)
+    res = edge_scores(eng, pairs, method="eap")
+    ref = run_senders(eng, g.corrupted)
+
+    def slope(s, r, eps):  # central difference
+        one = torch.zeros(1, graph.n_senders, graph.n_receivers)
+        one[0, s, r] = eps
+        up, down = (patched_rows(eng, graph, g.ids, ref, sign * one, g.target, g.distractor)
+                    for sign in (1.0, -1.0))
+        return float((up - down)[0]) / (2 * eps)
+    for name, score in res.ranked(6):
+        s, r = graph.parse_edge(name)
+        fd = (4 * slope(s, r, 0.05) - slope(s, r, 0.1)) / 3  # Richardson: the ε² term cancels
+        assert fd == pytest.approx(score, rel=5e-3, abs=1e-2 * abs(res.ranked(1)[0][1])), (fam, name)
 
 
 def test_post_norm_with_an_attention_output_bias_is_refused(tmp_path):
@@ -326,15 +328,6 @@ def test_half_precision_edges_on_the_per_family_reads(tmp_path, fam):
     with torch.no_grad():
         _sharpen(e32), _sharpen(e16)
     pairs = _pairs(2)
-    g = _tensors(e16, pairs)
-    graph = EdgeGraph(e16.spec)
-    keeps = torch.zeros(2, graph.n_senders, graph.n_receivers, dtype=torch.bool)
-    keeps[0] = True
-    ours, _ = patched_metrics(e16, graph, g, run_senders(e16, g.corrupted), keeps)
-    with torch.no_grad():
-        for row, ids in ((0, g.ids), (1, g.corrupted)):
-            logits = e16.forward(ids).logits[:, -1]
-            want = logits.gather(1, g.target[:, None])[:, 0] - logits.gather(1, g.distractor[:, None])[:, 0]
-            assert torch.allclose(ours[row], want, atol=2e-2), (row, ours[row], want)
+    _check_ends(e16, pairs, 2e-2)
     a, b = edge_scores(e32, pairs).scores, edge_scores(e16, pairs).scores
     assert b.dtype == torch.float32 and (a - b).abs().max() <= 0.05 * a.abs().max()
