@@ -1,10 +1,12 @@
 """What edge methods read from a run: the prompt pairs batched by length and every sender's
-output (the gradient at every receiver's input is grads.py's).
+output (the gradient at every receiver's own input is grads.py's).
 
-Sender outputs [b, s, n_senders, d] (or kept in parts, `SenderActs`, until a chunk of
-positions needs them): EMB is the residual stream entering block 0 (token and
-position embeddings), a head's output is z_h · W_O[h] (its bias-free write), an MLP's is the
-block's output. Biases are the same in every run, so they cancel in every difference.
+Sender outputs [b, s, n_senders, d]: EMB is the residual stream entering block 0 (token and
+position embeddings, Gemma's sqrt(d_model) scale included), a head's output is z_h · W_O[h]
+(its bias-free write; through a post-norm, times the norm's gain / rms of the block's raw
+attention output in the same run: heads' shares of hook_attn_out), an MLP's is the block's
+output (after its post-norm). Biases are the same in every run, so they cancel in every
+difference.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from typing import Protocol
 import torch
 
 from tdb_agent.engine import Engine
+from tdb_agent.engine.component_sites import EMBED_SITE, kind_site
 from tdb_agent.errors import TdbError
+from tdb_agent.ops.decompose import post_norm_factor
 from tdb_agent.ops.edges.graph import check_supported
+from tdb_agent.ops.edges.heads import head_read
+from tdb_agent.ops.edges.reads import NormMode
 from tdb_agent.ops.metrics import MetricName, make_metric
-from tdb_agent.ops.runs import RunCache, get_means
+from tdb_agent.ops.runs import RunCache, get_means, reference_documents
 
 
 class Pair(Protocol):
@@ -86,42 +92,56 @@ def metric_rows(logits: torch.Tensor, target: torch.Tensor, distractor: torch.Te
 class SenderActs:
     """What sender outputs are made of: the residual stream entering block 0 [.., d], each
     layer's z [.., H, d_head] (a head's output is z_h · W_O[h]) and MLP output [.., d]. From a
-    run ([b, s, ..]) or corpus means (no batch and position axes)."""
+    run ([b, s, ..]) or corpus means (no batch and position axes). Where a post-norm follows
+    attention (a head's write is not linear in z), the sender outputs themselves instead:
+    `full` [b, s, n_senders, d] or [n_senders, d]."""
 
-    emb: torch.Tensor
-    z: list[torch.Tensor]
-    mlp: list[torch.Tensor]
+    emb: torch.Tensor | None = None
+    z: list[torch.Tensor] | None = None
+    mlp: list[torch.Tensor] | None = None
+    full: torch.Tensor | None = None
 
-    def __sub__(self, other: "SenderActs") -> SenderActs:
+    def __sub__(self, other: "SenderActs") -> "SenderActs":
+        if self.full is not None:
+            return SenderActs(full=self.full - other.full)
         return SenderActs(self.emb - other.emb, [a - b for a, b in zip(self.z, other.z)],
                           [a - b for a, b in zip(self.mlp, other.mlp)])
 
     @classmethod
-    def from_acts(cls, engine: Engine, acts: dict[str, torch.Tensor], rows: slice = slice(None)) -> SenderActs:
+    def from_acts(cls, engine: Engine, acts: dict[str, torch.Tensor], rows: slice = slice(None)) -> "SenderActs":
+        acts = {k: acts[k][rows].detach() for k in sender_sites(engine)}
+        if post_norm_heads(engine):
+            return cls(full=senders_from(engine, acts))
         L = engine.spec.n_layers
-        return cls(acts["blocks.0.hook_resid_pre"][rows].detach(),
-                   [acts[f"blocks.{l}.attn.hook_z"][rows].detach() for l in range(L)],
-                   [acts[f"blocks.{l}.hook_mlp_out"][rows].detach() for l in range(L)])
+        return cls(acts[EMBED_SITE], [acts[kind_site("head", l)] for l in range(L)],
+                   [acts[kind_site("mlp", l)] for l in range(L)])
+
+
+def post_norm_heads(engine: Engine) -> bool:
+    """Whether a post-norm follows attention (head writes are then not linear in z)."""
+    return engine.adapter.post_attn_norm(0) is not None
 
 
 def sender_sites(engine: Engine) -> list[str]:
-    sites = ["blocks.0.hook_resid_pre"]
+    sites = [EMBED_SITE]
     for l in range(engine.spec.n_layers):
-        sites += [f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out"]
+        sites += [kind_site("head", l), kind_site("mlp", l)]
     return sites
 
 
 def head_outputs(engine: Engine, layer: int, z: torch.Tensor) -> torch.Tensor:
-    """Each head's write z_h · W_O[h]: [..., heads, d_head] -> [..., heads, d_model]."""
-    return torch.einsum("...hk,hkd->...hd", z, engine.adapter.W_O(layer).to(z.dtype))
+    """Each head's write z_h · W_O[h]: [..., heads, d_head] -> [..., heads, d_model]; through a
+    post-norm, times its gain / rms(raw attention output of this z) (so they sum to hook_attn_out)."""
+    out = torch.einsum("...hk,hkd->...hd", z, engine.adapter.W_O(layer).to(z.dtype))
+    f = post_norm_factor(engine, "attn", layer, z.reshape(-1, *z.shape[-2:]))
+    return out if f is None else out * f.view(*z.shape[:-2], 1, -1).to(out.dtype)
 
 
 def senders_from(engine: Engine, acts: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sender outputs [b, s, n_senders, d] (or [n_senders, d] from means) from captured sites."""
-    parts = [acts["blocks.0.hook_resid_pre"].unsqueeze(-2)]
+    parts = [acts[EMBED_SITE].unsqueeze(-2)]
     for l in range(engine.spec.n_layers):
-        parts += [head_outputs(engine, l, acts[f"blocks.{l}.attn.hook_z"]),
-                  acts[f"blocks.{l}.hook_mlp_out"].unsqueeze(-2)]
+        parts += [head_outputs(engine, l, acts[kind_site("head", l)]), acts[kind_site("mlp", l)].unsqueeze(-2)]
     return torch.cat(parts, dim=-2)
 
 
@@ -141,14 +161,46 @@ def reference_acts(engine: Engine, ids: torch.Tensor) -> SenderActs:
 
 def mean_acts(engine: Engine, cache: RunCache | None) -> SenderActs:
     """The sender parts averaged over the reference corpus (ops/runs.py)."""
+    if post_norm_heads(engine):
+        return SenderActs(full=mean_senders(engine, cache))
     return SenderActs.from_acts(engine, get_means(engine, sender_sites(engine), cache))
 
 
 def mean_senders(engine: Engine, cache: RunCache | None) -> torch.Tensor:
-    """Sender outputs averaged over the reference corpus (ops/runs.py): [n_senders, d]."""
-    return senders_from(engine, get_means(engine, sender_sites(engine), cache))
+    """Sender outputs averaged over the reference corpus (ops/runs.py): [n_senders, d]. Through
+    a post-norm a head's write is not linear in z (its scale is per token): the writes
+    themselves are averaged, token by token."""
+    if not post_norm_heads(engine):
+        return senders_from(engine, get_means(engine, sender_sites(engine), cache))
+    total, n = 0.0, 0
+    for text in reference_documents(engine):
+        s = run_senders(engine, engine.to_tokens(text, truncate=True))
+        total, n = total + s.sum((0, 1)), n + s.shape[0] * s.shape[1]
+    return total / n
 
 
 def mean_embedding(engine: Engine, cache: RunCache | None) -> torch.Tensor:
     """The mean token embedding (`hook_embed`) over the reference corpus: [d]."""
     return get_means(engine, ["hook_embed"], cache)["hook_embed"]
+
+
+def _norms(engine: Engine) -> list[torch.nn.Module]:
+    a = engine.adapter
+    return [m for l in range(engine.spec.n_layers) for m in (a.ln1(l), a.ln2(l))] + [a.final_norm()]
+
+
+def autograd_head_grads(engine: Engine, layer: int, x: torch.Tensor, run: list[torch.Tensor],
+                        g: list[torch.Tensor], rot, norm: NormMode) -> torch.Tensor:
+    """[H + 2KV, b, s, d]: the gradient at each q, k and v receiver's own copy of x, as the
+    vector-Jacobian product of heads.head_read (families outside grads.py's closed form:
+    q/k norms, no input norm)."""
+    n = sum(t.shape[2] for t in run)
+    xs = x.detach().unsqueeze(2).expand(-1, -1, n, -1).clone().requires_grad_(True)
+    outs, start = [], 0
+    with torch.enable_grad():
+        for i, t in enumerate(run):
+            k = t.shape[2]
+            outs.append(head_read(engine, layer, i, x, xs[:, :, start:start + k], t, rot, norm == "frozen"))
+            start += k
+        (gx,) = torch.autograd.grad(outs, [xs], grad_outputs=[gi.to(o.dtype) for gi, o in zip(g, outs)])
+    return gx.permute(2, 0, 1, 3)

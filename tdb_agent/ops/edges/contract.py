@@ -32,6 +32,9 @@ def _sender_chunk(engine: Engine, delta: SenderActs, W_O: list[torch.Tensor], b:
         return (t[:, P] if t.dim() > tail else t).float().expand(b, n, *t.shape[-tail:])
 
     D = torch.empty(1 + spec.n_layers * (H + 1), b, n, d, device=engine.device)
+    if delta.full is not None:  # [b, s, U, d] or means [U, d]
+        D.copy_(rows(delta.full, 2).permute(2, 0, 1, 3))
+        return D
     D[0] = rows(delta.emb, 1)
     for l in range(spec.n_layers):
         base = 1 + l * (H + 1)
@@ -41,9 +44,14 @@ def _sender_chunk(engine: Engine, delta: SenderActs, W_O: list[torch.Tensor], b:
     return D
 
 
-def _receiver_chunk(grads: ReceiverGrads, l: int, Wbar: torch.Tensor, P: slice, n: int) -> torch.Tensor:
+def _receiver_chunk(grads: ReceiverGrads, l: int, Wbar: torch.Tensor | None, P: slice, n: int) -> torch.Tensor:
     """G [n_qkv + 1, b, n, d] at positions P: block l's q, k, v receivers, then its MLP."""
     b = grads.b
+    if grads.full[l] is not None:  # outside the closed form: kept whole
+        G = torch.empty(grads.full[l].shape[0] + 1, b, n, grads.full[l].shape[-1], device=grads.full[l].device)
+        G[:-1] = grads.full[l][:, :, P]
+        G[-1] = grads.mlp[l][:, P]
+        return G
     head = grads.head[l][:, P]  # [b, n, k, dh]
     k = head.shape[2]
     G = torch.empty(k + 1, b, n, Wbar.shape[-1], device=head.device)
@@ -64,7 +72,7 @@ def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: Receive
     spec = engine.spec
     L, U = spec.n_layers, graph.n_senders
     b, s = grads.b, grads.s
-    W_O = [engine.adapter.W_O(l).to(engine.device, torch.float32) for l in range(L)]
+    W_O = [engine.adapter.W_O(l).to(engine.device, torch.float32) for l in range(L)] if delta.full is None else []
     step = max(1, CHUNK_BYTES // (U * b * spec.d_model * 4))
     for t0 in range(0, s, step):
         P = slice(t0, min(s, t0 + step))
@@ -73,7 +81,8 @@ def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: Receive
         for l in range(L + 1):
             if l < L:
                 sl = graph.layer_receivers(l)
-                G = _receiver_chunk(grads, l, folded_weights(engine, l), P, n)
+                Wbar = folded_weights(engine, l) if grads.full[l] is None else None
+                G = _receiver_chunk(grads, l, Wbar, P, n)
             else:
                 sl = slice(graph.n_receivers - 1, graph.n_receivers)
                 G = grads.logits[:, P].unsqueeze(0).contiguous()

@@ -18,6 +18,10 @@ x̂ = 0 (bias and norm shift; the same at every position, read off one position)
   (kept per step, [m, b, s, n]) and its direction x̂ is kept per step ([m, b, s, d]);
 * with frozen norms (inv held, a constant) the second term is absent.
 
+Families outside that closed form (q/k norms, no input norm: heads.closed_form) keep each
+q/k/v receiver's gradient whole, [n, b, s, d] per block (the vector-Jacobian product of
+heads.head_read, capture.autograd_head_grads), summed over the steps.
+
 An MLP receiver's gradient (norm_vjp of the gradient at the MLP's normalised input) and the
 logits' (the gradient at the final residual stream) are [b, s, d] each, summed over steps.
 """
@@ -30,9 +34,11 @@ from dataclasses import dataclass, field
 import torch
 
 from tdb_agent.engine import Engine
+from tdb_agent.engine.component_sites import EMBED_SITE, receiver_site, resid_site
 from tdb_agent.ops.decompose import frozen_norms
-from tdb_agent.ops.edges.capture import SenderActs, metric_rows, sender_sites
-from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp, rotary_tables, rotate
+from tdb_agent.ops.edges.capture import SenderActs, _norms, autograd_head_grads, metric_rows, sender_sites
+from tdb_agent.ops.edges.heads import closed_form, layer_rotary, q_scale, rotary_block_tables, rotate
+from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp
 
 
 @dataclass
@@ -42,7 +48,8 @@ class ReceiverGrads:
 
     b: int
     s: int
-    head: list[torch.Tensor]  # per block [b, s, n, d_head]: mean over steps of inv · g̃
+    head: list[torch.Tensor | None]  # per block [b, s, n, d_head]: mean over steps of inv · g̃
+    full: list[torch.Tensor | None] = field(default_factory=list)  # per block [n, b, s, d] outside the closed form
     weight: list[list[torch.Tensor]] = field(default_factory=list)  # per block, per step [b, s, n]: inv · c / m
     xhat: list[list[torch.Tensor]] = field(default_factory=list)  # per block, per step [b, s, d]
     mlp: list[torch.Tensor] = field(default_factory=list)  # per block [b, s, d]
@@ -50,11 +57,6 @@ class ReceiverGrads:
     steps: int = 1
     metric: torch.Tensor | None = None  # [b] at the clean input
     clean: SenderActs | None = None  # sender parts of the clean run
-
-
-def _norms(engine: Engine) -> list[torch.nn.Module]:
-    a = engine.adapter
-    return [m for l in range(engine.spec.n_layers) for m in (a.ln1(l), a.ln2(l))] + [a.final_norm()]
 
 
 def qkv_weights(engine: Engine, layer: int) -> torch.Tensor:
@@ -92,11 +94,9 @@ def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distracto
     L = spec.n_layers
     sites = []
     for l in range(L):
-        p = f"blocks.{l}."
-        sites += [p + "hook_resid_pre", p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v",
-                  p + "ln2.hook_normalized"]
+        sites += [resid_site("pre", l)] + [receiver_site(k, l) for k in ("q", "k", "v", "mlp")]
         if not spec.parallel_residual:
-            sites.append(p + "hook_resid_mid")
+            sites.append(resid_site("mid", l))
     if want_senders:
         sites += sender_sites(engine)
     sites.append("hook_resid_final")
@@ -107,11 +107,15 @@ def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distracto
 
     frozen = frozen_norms(engine, _norms(engine)) if norm == "frozen" else nullcontext()
     with torch.enable_grad(), frozen:
-        out, acts = engine.run_with_cache(ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf},
+        # the MLP reads a copy of its input, so that the gradient there is its own: in blocks whose
+        # attention and MLP share one norm (GPT-J, Falcon, Cohere, parallel StableLM) or whose MLP
+        # reads the raw stream (OLMo-2), the tensor also feeds attention or the residual add
+        own = {receiver_site("mlp", l): (lambda h, site: h.clone()) for l in range(L)}
+        out, acts = engine.run_with_cache(ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf} | own,
                                           logit_positions=[-1])
         m = metric_rows(out.logits[:, -1], target, distractor)
-        reads = [acts[f"blocks.{l}.attn.hook_{k}"] for l in range(L) for k in "qkv"]
-        reads += [acts[f"blocks.{l}.ln2.hook_normalized"] for l in range(L)] + [acts["hook_resid_final"]]
+        reads = [acts[receiver_site(k, l)] for l in range(L) for k in "qkv"]
+        reads += [acts[receiver_site("mlp", l)] for l in range(L)] + [acts["hook_resid_final"]]
         grads = torch.autograd.grad(m.sum(), reads)
     return {k: v.detach() for k, v in acts.items()}, grads, m.detach()
 
@@ -124,9 +128,10 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
     R, s = grads[-1].shape[:2]
     b = R // k
     if acc is None:
-        acc = ReceiverGrads(b=b, s=s, head=[None] * L, weight=[[] for _ in range(L)],
+        acc = ReceiverGrads(b=b, s=s, head=[None] * L, full=[None] * L, weight=[[] for _ in range(L)],
                             xhat=[[] for _ in range(L)], mlp=[None] * L)
-    tables = rotary_tables(engine, acts["blocks.0.hook_resid_pre"])
+    kw = rotary_block_tables(engine, acts[EMBED_SITE])
+    exact_form = closed_form(engine)
 
     def fold(t):  # [k·b, ...] -> sum over the steps, scaled: [b, ...]
         return t.view(k, b, *t.shape[1:]).sum(0).mul_(scale)
@@ -135,23 +140,31 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
         return new if old is None else old.add_(new)
 
     for l in range(L):
-        x = acts[f"blocks.{l}.hook_resid_pre"]
-        xh, inv = normalise(engine, x, a.ln1(l))
+        x = acts[resid_site("pre", l)]
+        rot = layer_rotary(engine, l, kw, x.dtype)
         gq, gk, gv = grads[3 * l: 3 * l + 3]
-        g = torch.cat([rotate(gq, tables, inverse=True), rotate(gk, tables, inverse=True), gv], dim=2).float()
-        acc.head[l] = add(acc.head[l], fold(g * inv.unsqueeze(-1)))
-        if norm == "unfrozen":
-            qkv = torch.cat([rotate(acts[f"blocks.{l}.attn.hook_{n}"], tables, inverse=True) if n != "v"
-                             else acts[f"blocks.{l}.attn.hook_v"] for n in "qkv"], dim=2).float()
-            gamma, _ = norm_params(engine, a.ln1(l))
-            W = qkv_weights(engine, l)
-            x0 = xh[0, 0] * gamma.to(xh) if gamma is not None else xh[0, 0]
-            q0 = qkv[0, 0] - torch.einsum("d,ndk->nk", x0, W)  # q at x̂ = 0
-            c = torch.einsum("rsnk,rsnk->rsn", g, qkv - q0) / spec.d_model
-            w = (c * inv).mul_(scale).view(k, b, s, -1)
-            acc.weight[l] += list(w.unbind(0))
-            acc.xhat[l] += list(xh.view(k, b, s, -1).unbind(0))
-        x2 = x if spec.parallel_residual else acts[f"blocks.{l}.hook_resid_mid"]
+        if not exact_form:
+            full = autograd_head_grads(engine, l, x, [acts[receiver_site(n, l)] for n in "qkv"], [gq, gk, gv], rot,
+                                       norm).float()  # [n, k·b, s, d]
+            acc.full[l] = add(acc.full[l], full.view(full.shape[0], k, b, s, -1).sum(1).mul_(scale))
+        else:
+            xh, inv = normalise(engine, x, a.ln1(l))
+            qs = q_scale(engine, l)
+            g = torch.cat([rotate(gq, rot, inverse=True) * qs, rotate(gk, rot, inverse=True), gv], dim=2).float()
+            acc.head[l] = add(acc.head[l], fold(g * inv.unsqueeze(-1)))
+            if norm == "unfrozen":  # q, k, v before rotary and OPT's q scale: norm(x) · W + b
+                qkv = torch.cat([rotate(acts[receiver_site("q", l)], rot, inverse=True) / qs,
+                                 rotate(acts[receiver_site("k", l)], rot, inverse=True),
+                                 acts[receiver_site("v", l)]], dim=2).float()
+                gamma, _ = norm_params(engine, a.ln1(l))
+                W = qkv_weights(engine, l)
+                x0 = xh[0, 0] * gamma.to(xh) if gamma is not None else xh[0, 0]
+                q0 = qkv[0, 0] - torch.einsum("d,ndk->nk", x0, W)  # q at x̂ = 0
+                c = torch.einsum("rsnk,rsnk->rsn", g, qkv - q0) / spec.d_model
+                w = (c * inv).mul_(scale).view(k, b, s, -1)
+                acc.weight[l] += list(w.unbind(0))
+                acc.xhat[l] += list(xh.view(k, b, s, -1).unbind(0))
+        x2 = x if spec.parallel_residual else acts[resid_site("mid", l)]
         acc.mlp[l] = add(acc.mlp[l], fold(norm_vjp(engine, a.ln2(l), x2, grads[3 * L + l], norm).float()))
     acc.logits = add(acc.logits, fold(grads[-1].float()))
     return acc
