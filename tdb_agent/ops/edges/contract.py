@@ -19,8 +19,9 @@ from tdb_agent.ops.edges.capture import SenderActs
 from tdb_agent.ops.edges.grads import ReceiverGrads, folded_weights
 from tdb_agent.ops.edges.graph import EdgeGraph
 
-#: bytes of the sender chunk D [n_senders, b, positions, d] (float32)
-CHUNK_BYTES = 1 << 25
+#: bytes of the sender chunk D [n_senders, b, positions, d] (float32); the folded q/k/v weights
+#: of every block are kept across chunks when they fit in as much (else made again per chunk)
+CHUNK_BYTES = 1 << 27
 
 
 def _sender_chunk(engine: Engine, delta: SenderActs, W_O: list[torch.Tensor], b: int, P: slice, n: int) -> torch.Tensor:
@@ -74,6 +75,10 @@ def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: Receive
     b, s = grads.b, grads.s
     W_O = [engine.adapter.W_O(l).to(engine.device, torch.float32) for l in range(L)] if delta.full is None else []
     step = max(1, CHUNK_BYTES // (U * b * spec.d_model * 4))
+    closed = [l for l in range(L) if grads.full[l] is None]
+    keep = step < s and len(closed) * grads.head[closed[0]].shape[2] * grads.head[closed[0]].shape[3] * \
+        spec.d_model * 4 <= CHUNK_BYTES if closed else False
+    kept = {l: folded_weights(engine, l) for l in closed} if keep else {}
     for t0 in range(0, s, step):
         P = slice(t0, min(s, t0 + step))
         n = P.stop - P.start
@@ -81,7 +86,7 @@ def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: Receive
         for l in range(L + 1):
             if l < L:
                 sl = graph.layer_receivers(l)
-                Wbar = folded_weights(engine, l) if grads.full[l] is None else None
+                Wbar = None if grads.full[l] is not None else kept[l] if keep else folded_weights(engine, l)
                 G = _receiver_chunk(grads, l, Wbar, P, n)
             else:
                 sl = slice(graph.n_receivers - 1, graph.n_receivers)
