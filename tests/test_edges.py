@@ -151,7 +151,8 @@ def test_scores_built_a_few_positions_at_a_time_are_the_same(sharp, monkeypatch,
     for n_pos in (1, 2):
         monkeypatch.setattr(contract, "CHUNK_BYTES", n_pos * eng.spec.d_model * 4 * 2 * EdgeGraph(eng.spec).n_senders)
         res = edge_scores(eng, pairs, method=method, steps=3)
-        ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor, ig_steps=3 if method == "eap-ig" else 0)
+        ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor,
+                                      ig_steps=3 if method == "eap-ig" else 0)
         _close(res.scores, ref)
         assert torch.allclose(res.scores, whole.scores, atol=1e-6 * float(ref.abs().max()))
         pos = edge_scores(eng, pairs, method=method, steps=3, per_position=True)

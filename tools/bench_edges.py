@@ -158,7 +158,8 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
             "device": str(engine.device), "steps": steps, "threads": torch.get_num_threads(),
             "peak_mb": mem, "seconds": {
-                "forward": t_fwd, "forward_after": t_fwd_after, "eap": t_eap, "eap_ig": t_ig, "eap_ig_stacked": t_ig_stacked,
+                "forward": t_fwd, "forward_after": t_fwd_after, "eap": t_eap, "eap_ig": t_ig,
+                "eap_ig_stacked": t_ig_stacked,
                 "naive_extrapolated": t_naive, "curve": t_curve, "curve_naive": t_curve_naive},
             "ratios": {"eap_over_forward": t_eap / t_one, "eap_ig_over_forward": t_ig / t_one,
                        "eap_ig_stacked_over_forward": t_ig_stacked / t_one,
