@@ -163,11 +163,12 @@ def head_grads(engine: Engine, layer: int, x: torch.Tensor, g: list[torch.Tensor
 
 
 def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: torch.Tensor | None = None,
-                   norm: NormMode = "unfrozen", want_senders: bool = False
+                   norm: NormMode = "unfrozen", want_senders: bool = False, hooks: dict | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One forward and one backward: ∂(sum of the rows' metrics)/∂(each receiver's input).
 
-    embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs). Returns
+    embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs); `hooks`
+    {site: fn} run too (EAP-IG over activations sets a sender group's output). Returns
     (G [n_receivers, b, s, d] (receiver first, so that scores are plain matrix products),
     metric per row [b], the run's sender outputs if asked).
     With norm="frozen" every norm's scale is held at this run's value (detached)."""
@@ -189,7 +190,7 @@ def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: to
 
     frozen = frozen_norms(engine, _norms(engine)) if norm == "frozen" else nullcontext()
     with torch.enable_grad(), frozen:
-        out, acts = engine.run_with_cache(group.ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf},
+        out, acts = engine.run_with_cache(group.ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf, **(hooks or {})},
                                           logit_positions=[-1])
         m = metric_rows(out.logits[:, -1], group.target, group.distractor)
         reads = [acts[f"blocks.{l}.attn.hook_{k}"] for l in range(L) for k in "qkv"]
