@@ -70,7 +70,8 @@ class RefModel:
 
         probes: {receiver index: [b, s, d]} added to that receiver's input.
         ref: sender reference values [b, s, U, d]; removed: set of (sender, receiver index)
-        edges whose receiver reads ref instead of this run's sender value; embed [b, s, d]
+        edges whose receiver reads ref instead of this run's sender value (or (sender,
+        receiver, position): at that position only); embed [b, s, d]
         replaces the token embeddings; override {sender index: [b, s, d]}: that sender's output
         is this value instead of its own (every receiver reads it)."""
         probes, removed, override = probes or {}, removed or set(), override or {}
@@ -89,11 +90,19 @@ class RefModel:
         senders.append(tok + m.wpe.weight[torch.arange(s)][None] if self.family == "gpt2" else tok)
         bias = torch.zeros(self.d)
 
+        at = {}  # (sender, receiver) -> positions where that edge alone reads ref: (u, r, t) in removed
+        for e in removed:
+            if len(e) == 3:
+                at.setdefault(e[:2], torch.zeros(s, dtype=torch.bool))[e[2]] = True
+
         def read(kind, l, i):
             r = ridx[(kind, l, i)]
             x = bias.expand(b, s, self.d).clone()
             for u in range(self.n_up(kind, l)):
-                x = x + (ref[:, :, u] if (u, r) in removed else senders[u])
+                if (u, r) in at:
+                    x = x + torch.where(at[(u, r)][None, :, None], ref[:, :, u], senders[u])
+                else:
+                    x = x + (ref[:, :, u] if (u, r) in removed else senders[u])
             return x + probes[r] if r in probes else x
 
         for l in range(self.L):
