@@ -298,3 +298,20 @@ def test_tracr_program_runs_exactly_as_a_gpt2_folder(tmp_path, program):
     if program == "hist":
         effects, _, _ = node_effects(engine, tracr_models.program_pairs(program, 8, seed=10))
         assert {e.node: round(e.noising, 2) for e in effects} == {"L0.H0": -1.0, "L0.MLP": -1.0}
+
+
+def test_tracr_edges_read_off_the_weights(tmp_path):
+    """The Tracr truth edges (the dataflow between compiled blocks, from which residual labels
+    each block writes and reads): hist = selector width (head -> MLP -> logits), reverse =
+    length (L0.H0, L0.MLP) -> opposite index (L1.MLP, L2.MLP) -> the reversing head -> logits;
+    on hist, path patching (evals.reference.edge_effects) finds exactly those edges."""
+    from evals import tracr_models
+    from evals.reference import edge_effects
+    assert tracr_models.ground_truth_edges("hist") == [("L0.H0", "L0.MLP"), ("L0.MLP", "LOGITS")]
+    assert tracr_models.ground_truth_edges("reverse") == [("L0.H0", "L0.MLP"), ("L0.MLP", "L1.MLP"),
+                                                          ("L1.MLP", "L2.MLP"), ("L2.MLP", "L3.H0"),
+                                                          ("L3.H0", "LOGITS")]
+    engine = Engine.load(tracr_models.build("hist", tmp_path / "hist"), device="cpu")
+    effects = edge_effects(engine, tracr_models.program_pairs("hist", 8, seed=8), tracr_models.ground_truth("hist"))
+    strong = {(e.source, e.target) for e in effects if abs(e.noising) > 0.5}
+    assert strong == set(tracr_models.ground_truth_edges("hist"))
