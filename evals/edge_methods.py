@@ -34,9 +34,7 @@ from tdb_agent.ops.edges.faithfulness import EdgeEvaluator, faithfulness_curve, 
 EDGE_METHODS = ("eap", "eap_ig")
 THRESHOLD = 0.8
 REFERENCE = {"mean": "mean", "resample": "corrupted"}
-#: an edge is unneeded below this change of faithfulness: the bundled references' own rule for
-#: an edge that matters (evals/reference.py EDGE_THRESHOLD, path patching ≥ 0.05 of the gap)
-PRUNE_EPS = 0.05
+
 
 
 def _pair_scores(res) -> dict[tuple[str, str], float]:
@@ -81,7 +79,7 @@ def score_edges(engine: Engine, case, curves, method: str):
     top = scores.ranked(n)
     g = scores.graph
     prefix_pairs = _collapse(g, top)
-    keep, f, dropped = prune_unneeded(select, keep_masks(g, scores.scores, [n])[0], eps=PRUNE_EPS)
+    keep, f, dropped = prune_unneeded(select, keep_masks(g, scores.scores, [n])[0])
     top = [(name, v) for name, v in top if keep[g.parse_edge(name)]]
     n = len(top)
     res.detail["pruned"] = dropped

@@ -63,7 +63,7 @@ def test_pruning_drops_only_edges_that_do_nothing(cases):
     n, _, _ = smallest_circuit(eng, pairs, s.scores, 0.8, evaluator=ev)
     keep = keep_masks(g, s.scores, [close_ties(g, s.scores, n)])[0]
     assert _pairs_of(g, keep) > set(case.edges)  # the prefix has extra edges
-    pruned, f, dropped = prune_unneeded(ev, keep, eps=0.05)
+    pruned, f, dropped = prune_unneeded(ev, keep)
     assert dropped > 0 and _pairs_of(g, pruned) == set(case.edges)
     m_full, m_empty = _brute_mean(eng, pairs, torch.ones_like(keep)), _brute_mean(eng, pairs, torch.zeros_like(keep))
     assert abs(ev.m_full - m_full) < 1e-4 and abs(ev.m_empty - m_empty) < 1e-4
@@ -87,7 +87,7 @@ def test_tied_backups_are_kept_together(cases):
     n2 = close_ties(g, s.scores, n)
     assert n2 >= n
     keep = keep_masks(g, s.scores, [n2])[0]
-    pruned, f, _ = prune_unneeded(ev, keep, eps=0.05)
+    pruned, f, _ = prune_unneeded(ev, keep)
     assert _pairs_of(g, pruned) == set(case.edges) and f >= 0.8
     both = [g.parse_edge(e) for e in ("L0.H0->L1.H1.k", "L0.H3->L1.H1.k")]
     for u, r in both:

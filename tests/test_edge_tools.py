@@ -74,6 +74,14 @@ def test_edge_tools_session(gpt2_tiny, tmp_path):
             thr = await call(c, tools, "edge_circuit", {"name": "ioi_t", "task": "ioi", "n_pairs": 3,
                                                         "method": "eap", "threshold": 0.7})
             assert thr["faithfulness"] >= 0.7 and 1 <= thr["n_edges"] <= thr["n_edges_total"]
+            pr = await call(c, tools, "edge_circuit", {"name": "ioi_p", "task": "ioi", "n_pairs": 3,
+                                                       "method": "eap", "threshold": 0.7, "prune": True})
+            kept = [r["edge"] for r in pr["edges"]]
+            assert set(kept) <= {r["edge"] for r in thr["edges"]} and pr["n_edges"] == len(kept)
+            (m,), full, empty, _, _ = evaluate_keeps(gpt2_tiny, pairs, keep_mask(gpt2_tiny, kept))
+            f_kept = float((m - empty) / (full - empty))
+            assert pr["faithfulness"] == pytest.approx(f_kept, abs=1e-4)
+            assert abs(f_kept - thr["faithfulness"]) < 0.05
 
             err = await call(c, tools, "edge_circuit", {"name": "x", "task": "ioi", "budget": 0.1,
                                                         "threshold": 0.5}, ok=False)

@@ -3,7 +3,8 @@ behaviour, and how faithful an edge circuit is.
 
 After the node circuit is found, the planner scores every edge of the model's edge graph
 with EAP-IG against the corrupted prompts over the task's pairs (`edge_circuit`, which keeps
-the fewest top edges that reach the threshold and stores them as their own circuit), then
+the fewest top edges that reach the threshold, ties at the cut taken whole, then drops the
+jointly unneeded ones by exact patching, and stores them as their own circuit), then
 measures that edge circuit's faithfulness curve over the MIB edge budgets
 (`edge_faithfulness`: CPR, CMD). The node circuit gains the top edges that join two of its
 components (or one of them and the logits), each with its score and the curve behind it as
@@ -36,7 +37,7 @@ class EdgeFindings(BaseModel):
     circuit: str  # the edge circuit's name (stored beside the node circuit)
     method: dict
     n_pairs: int
-    n_edges: int  # the fewest top edges whose faithfulness reaches the threshold (or all of them)
+    n_edges: int  # the fewest top edges reaching the threshold (or all of them), less the unneeded ones
     n_edges_total: int
     threshold: float
     faithfulness: float  # of exactly those edges, by exact edge patching
@@ -64,7 +65,8 @@ async def edge_step(tb: Toolbox, task: str | None, pairs: list[dict], circuit: s
     name = f"{circuit}-edges"[:64]
     behaviour = _behaviour(task, pairs)
     try:
-        ec = await tb("edge_circuit", name=name, **behaviour, **METHOD, threshold=threshold, overwrite=True)
+        ec = await tb("edge_circuit", name=name, **behaviour, **METHOD, threshold=threshold, prune=True,
+                      overwrite=True)
         curve = await tb("edge_faithfulness", circuit=name, **behaviour, **METHOD)
     except ToolCallFailed as e:
         notes.append(f"no edge-level analysis: {e}")

@@ -183,7 +183,12 @@ def smallest_circuit(engine: Engine, pairs: Sequence[Pair], scores: torch.Tensor
     return hi, f_hi, ev.forward_passes - before
 
 
-def prune_unneeded(ev: EdgeEvaluator, keep: torch.Tensor, eps: float = 0.01) -> tuple[torch.Tensor, float, int]:
+#: the change of faithfulness under which an edge is unneeded: the bundled reference circuits'
+#: bar for an edge that matters (path patching ≥ 0.05 of the gap, evals/reference.py)
+PRUNE_EPS = 0.05
+
+
+def prune_unneeded(ev: EdgeEvaluator, keep: torch.Tensor, eps: float = PRUNE_EPS) -> tuple[torch.Tensor, float, int]:
     """Drop the edges of a circuit that are jointly unneeded: Z = the edges whose single
     removal moves faithfulness by less than `eps`; Z goes only if removing all of Z together
     also moves it by less than `eps` (else Z's edges back each other up, as redundant heads
