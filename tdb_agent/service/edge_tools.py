@@ -36,8 +36,8 @@ class EdgeMethodArgs(ToolArgs):
     pairs: Pairs = None
     method: Annotated[Literal["eap", "eap-ig"], Field(
         description="eap: (reference − clean sender output) · gradient at the receiver's input (2 forwards + 1 "
-                    "backward); eap-ig: the gradient averaged along inputs from the reference to the clean "
-                    "embeddings (steps forwards and backwards), the MIB benchmark's recommended method")] = "eap-ig"
+                    "backward); eap-ig: the gradient averaged along a path from the reference to the clean run "
+                    "(see ig), the MIB benchmark's recommended method")] = "eap-ig"
     steps: Annotated[int, Field(ge=1, le=64, description="eap-ig interpolation steps")] = 5
     reference: Annotated[Literal["corrupted", "mean"], Field(
         description="what a removed edge carries: the sender's output on the corrupted prompt, or its mean over "

@@ -10,7 +10,8 @@ EAP: one clean forward with one backward, plus one forward of the corrupted prom
 EAP-IG: the gradient is averaged over m inputs whose token embeddings run from the reference
 (corrupted prompt's embeddings, or the mean embedding) to the clean ones, α = k/m, k = 1..m
 (the last is the clean run, whose sender outputs it also gives): m forwards and backwards plus
-the corrupted forward.
+the corrupted forward. EAP-IG over activations (ig_activations.py) moves each sender group's
+output instead; it is the default against the mean.
 """
 
 from __future__ import annotations
