@@ -34,10 +34,11 @@ from tdb_agent.ops.edges.reads import NormMode
 def sender_groups(engine: Engine) -> list[tuple[str, list[int]]]:
     """(hook site, sender indices) of each group whose output is interpolated as one."""
     H = engine.spec.n_heads
-    out = [("blocks.0.hook_resid_pre", [0])]
+    sites = sender_sites(engine)  # EMB, then each layer's heads and MLP
+    out = [(sites[0], [0])]
     for l in range(engine.spec.n_layers):
         first = 1 + l * (H + 1)
-        out += [(f"blocks.{l}.attn.hook_z", list(range(first, first + H))), (f"blocks.{l}.hook_mlp_out", [first + H])]
+        out += [(sites[1 + 2 * l], list(range(first, first + H))), (sites[2 + 2 * l], [first + H])]
     return out
 
 
