@@ -18,7 +18,8 @@ gradient at each receiver is averaged over the m runs of the sender's own group:
 α = 1 is the clean run, shared by every group: 1 + n_groups · (m − 1) forwards and backwards,
 plus the corrupted forward. By completeness of the integral, a group's scores summed over its
 edges tend (m → ∞) to m(group set to its reference) − m(clean): exactly mean (or resample)
-patching of that group's output.
+patching of that group's output. A layer's heads are moved at z (their outputs are linear in
+it, except through a post-norm, where the path runs in z rather than in the outputs).
 """
 
 from __future__ import annotations
