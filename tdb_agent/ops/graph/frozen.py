@@ -8,8 +8,8 @@ exit):
 * every attention pattern is its clean pattern, so attention is affine in its input (values).
   The graph's own forward (`Replacement.forward`) does not hook the pattern: it takes the
   values and replaces the head outputs with clean pattern @ values, one [heads, T, T] matmul
-  for all copies of the batch, so nothing of size T x T is made per copy (the engine's fused
-  kernel computes the discarded output without keeping a pattern);
+  for all copies of the batch, so nothing of size T x T is made per copy; the engine's own
+  attention then gets no queries and the replaced MLPs no positions (nothing wasted);
 * `blocks.0.hook_resid_pre` (the embeddings) is a leaf;
 * `blocks.{o}.hook_mlp_out` is b_dec[o] + skip_o(x_o) + a leaf: the leaf's clean value is the
   sum of the transcoder feature writes and the error (the whole MLP output where no
@@ -237,6 +237,11 @@ class Replacement:
                 lambda x, s, l=l: leaves[("res", l)] + self.out_bias(l))
         for site, fns in (extra_hooks or {}).items():
             hooks.setdefault(site, []).extend(fns if isinstance(fns, list) else [fns])
+        for l in range(e.spec.n_layers):  # last in line, after every hook that reads them:
+            # each MLP's output is replaced by its leaf, so the MLP runs on no positions, and
+            # attention outputs are clean pattern @ values, so the kernel gets no queries
+            hooks.setdefault(f"blocks.{l}.ln2.hook_normalized", []).append(lambda x, s: x[:, :0])
+            hooks.setdefault(f"blocks.{l}.attn.hook_q", []).append(lambda x, s: x[:, :0])
         ids = c.ids.expand(batch, -1)
         with module_hooks(norms):
             out = e.forward(ids, hooks=hooks, logit_positions=[-1], logit_ids=logit_ids)
