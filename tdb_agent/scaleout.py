@@ -15,7 +15,7 @@ from tdb_agent.session import EngineSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineSpec", "check_fits", "connect", "default_workers", "require_ray"]
+__all__ = ["EngineSpec", "check_fits", "connect", "default_workers", "map_on_actors", "require_ray"]
 
 
 def require_ray():
@@ -58,3 +58,30 @@ def check_fits(spec: EngineSpec, workers: int) -> None:
         if need > res.get(name, 0):
             log.warning("%d workers need %s %s but the cluster has %s: some will wait for resources",
                         workers, need, name, res.get(name, 0))
+
+
+def map_on_actors(worker_cls, spec: EngineSpec, jobs: list[tuple], method: str, ray_address: str | None,
+                  workers: int | None, on_result=None) -> tuple[list, int]:
+    """Run job i as `actor.<method>(i, *job)`, which returns (i, result), on engine actors of
+    `worker_cls` (built from `spec.model_dump()`), in any order; `on_result` sees each
+    result as it comes. Returns the results in job order and the number of actors; the
+    actors are ended afterwards."""
+    ray = connect(ray_address)
+    n_workers = min(workers or default_workers(spec), max(len(jobs), 1))
+    check_fits(spec, n_workers)
+    cls = ray.remote(worker_cls).options(**spec.actor_options())
+    actors = [cls.remote(spec.model_dump()) for _ in range(n_workers)]
+    try:
+        from ray.util import ActorPool
+
+        pool = ActorPool(actors)
+        tagged = list(enumerate(jobs))
+        out: list = [None] * len(jobs)
+        for i, r in pool.map_unordered(lambda a, j: getattr(a, method).remote(j[0], *j[1]), tagged):
+            out[i] = r
+            if on_result is not None:
+                on_result(r)
+        return out, n_workers
+    finally:
+        for a in actors:
+            ray.kill(a)

@@ -113,8 +113,8 @@ class DiscoverWorker:
     def __init__(self, spec: dict):
         self.engine = EngineSpec(**spec).load(set_threads=True)
 
-    def run(self, name: str, cfg: dict, out: str, llm: dict | None) -> dict:
-        return _run_one(self.engine, name, RunConfig(**cfg), Path(out), llm).model_dump()
+    def run(self, i: int, name: str, cfg: dict, out: str, llm: dict | None) -> tuple[int, dict]:
+        return i, _run_one(self.engine, name, RunConfig(**cfg), Path(out), llm).model_dump()
 
 
 def run_batch(runs: list[tuple[str, RunConfig, Path]], spec: EngineSpec, root: Path, llm: dict | None = None,
@@ -131,27 +131,12 @@ def run_batch(runs: list[tuple[str, RunConfig, Path]], spec: EngineSpec, root: P
             echo(_row_line(rows[-1]))
         n_workers = 1
     else:
-        from tdb_agent.scaleout import check_fits, connect, default_workers
+        from tdb_agent.scaleout import map_on_actors
 
-        ray = connect(ray_address)
-        n_workers = min(workers or default_workers(spec), max(len(runs), 1))
-        check_fits(spec, n_workers)
-        cls = ray.remote(DiscoverWorker).options(**spec.actor_options())
-        actors = [cls.remote(spec.model_dump()) for _ in range(n_workers)]
-        try:
-            from ray.util import ActorPool
-
-            pool = ActorPool(actors)
-            jobs = [(name, cfg.model_dump(), str(out)) for name, cfg, out in runs]
-            by_name = {}
-            for r in pool.map_unordered(lambda a, j: a.run.remote(j[0], j[1], j[2], llm), jobs):
-                row = RunRow(**r)
-                by_name[row.name] = row
-                echo(_row_line(row))
-            rows = [by_name[name] for name, _, _ in runs]
-        finally:
-            for a in actors:
-                ray.kill(a)
+        jobs = [(name, cfg.model_dump(), str(out), llm) for name, cfg, out in runs]
+        results, n_workers = map_on_actors(DiscoverWorker, spec, jobs, "run", ray_address, workers,
+                                           on_result=lambda r: echo(_row_line(RunRow(**r))))
+        rows = [RunRow(**r) for r in results]
     summary = BatchSummary(runs=rows, workers=n_workers, seconds=round(time.time() - t0, 2))
     (root / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
     (root / "summary.md").write_text(summary_table(summary))
