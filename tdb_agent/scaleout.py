@@ -9,13 +9,16 @@ engine goes to CUDA, otherwise one per `threads` CPUs.
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 from tdb_agent.errors import TdbError
 from tdb_agent.session import EngineSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineSpec", "check_fits", "connect", "default_workers", "map_on_actors", "require_ray"]
+__all__ = ["EngineSpec", "check_fits", "connect", "default_workers", "map_on_actors", "read_batch_lines",
+           "require_ray", "run_jobs", "unique_names"]
 
 
 def require_ray():
@@ -85,3 +88,41 @@ def map_on_actors(worker_cls, spec: EngineSpec, jobs: list[tuple], method: str, 
     finally:
         for a in actors:
             ray.kill(a)
+
+
+def run_jobs(spec: EngineSpec, jobs: list[tuple], run, worker_cls, method: str, ray_address: str | None,
+             workers: int | None, on_result) -> tuple[list, int]:
+    """Every job: one after another on one engine here (`run(engine, *job)`), or, with
+    `ray_address`, on Ray actors (`map_on_actors`). Returns (results in job order, workers)."""
+    if ray_address is not None:
+        return map_on_actors(worker_cls, spec, jobs, method, ray_address, workers, on_result)
+    engine = spec.load()
+    out = []
+    for job in jobs:
+        out.append(run(engine, *job))
+        on_result(out[-1])
+    return out, 1
+
+
+def read_batch_lines(path: str | Path, model) -> list:
+    """The items of a batch file: JSON lines, each validated as `model` (a pydantic model);
+    blank lines and lines starting with # are skipped."""
+    items = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                items.append(model.model_validate_json(line))
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: not a batch item ({e})") from None
+    return items
+
+
+def unique_names(bases: list[str]) -> list[str]:
+    """File-safe names, numbered from the second use of a name on (a, a-2, a-3, ...)."""
+    seen: dict[str, int] = {}
+    out = []
+    for b in bases:
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", b)
+        seen[base] = seen.get(base, 0) + 1
+        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return out

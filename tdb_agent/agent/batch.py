@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from tdb_agent.agent.runstore import RunConfig
+from tdb_agent.scaleout import read_batch_lines, run_jobs, unique_names
 from tdb_agent.session import EngineSpec
 
 log = logging.getLogger(__name__)
@@ -57,26 +57,17 @@ class BatchSummary(BaseModel):
 
 
 def read_batch_file(path: str | Path) -> list[BatchItem]:
-    items = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            try:
-                items.append(BatchItem.model_validate_json(line))
-            except ValueError as e:
-                raise ValueError(f"{path}:{i}: not a batch item ({e})") from None
-    return items
+    return read_batch_lines(path, BatchItem)
 
 
 def plan_runs(items: list[BatchItem], template: RunConfig, root: Path) -> list[tuple[str, RunConfig, Path]]:
     """(name, config, run folder) per item; folder names are unique in the batch."""
-    seen: dict[str, int] = {}
-    out = []
     for it in items:
         if not it.task and not (it.prompt and it.target):
             raise ValueError(f"a batch item needs a task, or a prompt and a target: {it.model_dump(exclude_none=True)}")
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", it.name or it.task or "prompt")
-        seen[base] = seen.get(base, 0) + 1
-        name = base if seen[base] == 1 else f"{base}-{seen[base]}"
+    names = unique_names([it.name or it.task or "prompt" for it in items])
+    out = []
+    for name, it in zip(names, items):
         cfg = template.model_copy(update={k: v for k, v in it.model_dump().items() if k != "name"})
         out.append((name, cfg, root / name))
     return out
@@ -107,6 +98,10 @@ def _run_one(engine, name: str, cfg: RunConfig, out: Path, llm: dict | None) -> 
                       error=f"{type(e).__name__}: {e}", worker=who)
 
 
+def _run_job(engine, name: str, cfg: dict, out: str, llm: dict | None) -> dict:
+    return _run_one(engine, name, RunConfig(**cfg), Path(out), llm).model_dump()
+
+
 class DiscoverWorker:
     """A Ray actor holding one engine; each `run` call is one discovery run."""
 
@@ -114,7 +109,7 @@ class DiscoverWorker:
         self.engine = EngineSpec(**spec).load(set_threads=True)
 
     def run(self, i: int, name: str, cfg: dict, out: str, llm: dict | None) -> tuple[int, dict]:
-        return i, _run_one(self.engine, name, RunConfig(**cfg), Path(out), llm).model_dump()
+        return i, _run_job(self.engine, name, cfg, out, llm)
 
 
 def run_batch(runs: list[tuple[str, RunConfig, Path]], spec: EngineSpec, root: Path, llm: dict | None = None,
@@ -123,20 +118,10 @@ def run_batch(runs: list[tuple[str, RunConfig, Path]], spec: EngineSpec, root: P
     over Ray actors, else one after another here. Writes root/summary.json and summary.md."""
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rows: list[RunRow] = []
-    if ray_address is None:
-        engine = spec.load()
-        for name, cfg, out in runs:
-            rows.append(_run_one(engine, name, cfg, out, llm))
-            echo(_row_line(rows[-1]))
-        n_workers = 1
-    else:
-        from tdb_agent.scaleout import map_on_actors
-
-        jobs = [(name, cfg.model_dump(), str(out), llm) for name, cfg, out in runs]
-        results, n_workers = map_on_actors(DiscoverWorker, spec, jobs, "run", ray_address, workers,
-                                           on_result=lambda r: echo(_row_line(RunRow(**r))))
-        rows = [RunRow(**r) for r in results]
+    jobs = [(name, cfg.model_dump(), str(out), llm) for name, cfg, out in runs]
+    results, n_workers = run_jobs(spec, jobs, _run_job, DiscoverWorker, "run", ray_address, workers,
+                                  on_result=lambda r: echo(_row_line(RunRow(**r))))
+    rows = [RunRow(**r) for r in results]
     summary = BatchSummary(runs=rows, workers=n_workers, seconds=round(time.time() - t0, 2))
     (root / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
     (root / "summary.md").write_text(summary_table(summary))

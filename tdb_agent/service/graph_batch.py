@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import sys
 import time
@@ -25,6 +24,7 @@ from tdb_agent import jsonsafe
 from tdb_agent.ops.graph import GraphTarget, build_graph
 from tdb_agent.ops.graph.export import to_json, validate
 from tdb_agent.ops.graph.influence import prune, scores, square
+from tdb_agent.scaleout import read_batch_lines, run_jobs, unique_names
 from tdb_agent.session import EngineSpec
 
 
@@ -70,24 +70,7 @@ class GraphBatchSummary(BaseModel):
 
 
 def read_graph_batch(path: str | Path) -> list[GraphItem]:
-    items = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            try:
-                items.append(GraphItem.model_validate_json(line))
-            except ValueError as e:
-                raise ValueError(f"{path}:{i}: not a graph batch item ({e})") from None
-    return items
-
-
-def unique_names(items: list[GraphItem]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for it in items:
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", it.name or "graph")
-        seen[base] = seen.get(base, 0) + 1
-        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
-    return out
+    return read_batch_lines(path, GraphItem)
 
 
 def build_one(engine, name: str, item: GraphItem, settings: GraphSettings, out: Path) -> GraphRow:
@@ -121,6 +104,10 @@ def build_one(engine, name: str, item: GraphItem, settings: GraphSettings, out: 
                         error=f"{type(e).__name__}: {e}", worker=who)
 
 
+def _build_job(engine, name: str, item: dict, settings: dict, out: str) -> dict:
+    return build_one(engine, name, GraphItem(**item), GraphSettings(**settings), Path(out)).model_dump()
+
+
 class GraphWorker:
     """A Ray actor holding one engine; each `build` call is one graph."""
 
@@ -128,7 +115,7 @@ class GraphWorker:
         self.engine = EngineSpec(**spec).load(set_threads=True)
 
     def build(self, i: int, name: str, item: dict, settings: dict, out: str) -> tuple[int, dict]:
-        return i, build_one(self.engine, name, GraphItem(**item), GraphSettings(**settings), Path(out)).model_dump()
+        return i, _build_job(self.engine, name, item, settings, out)
 
 
 def run_graph_batch(items: list[GraphItem], spec: EngineSpec, root: Path, settings: GraphSettings | None = None,
@@ -138,21 +125,11 @@ def run_graph_batch(items: list[GraphItem], spec: EngineSpec, root: Path, settin
     settings = settings or GraphSettings()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    names = unique_names(items)
-    if ray_address is None:
-        engine = spec.load()
-        rows = []
-        for name, it in zip(names, items):
-            rows.append(build_one(engine, name, it, settings, root))
-            echo(_row_line(rows[-1]))
-        n_workers = 1
-    else:
-        from tdb_agent.scaleout import map_on_actors
-
-        jobs = [(name, it.model_dump(), settings.model_dump(), str(root)) for name, it in zip(names, items)]
-        results, n_workers = map_on_actors(GraphWorker, spec, jobs, "build", ray_address, workers,
-                                           on_result=lambda r: echo(_row_line(GraphRow(**r))))
-        rows = [GraphRow(**r) for r in results]
+    names = unique_names([it.name or "graph" for it in items])
+    jobs = [(name, it.model_dump(), settings.model_dump(), str(root)) for name, it in zip(names, items)]
+    results, n_workers = run_jobs(spec, jobs, _build_job, GraphWorker, "build", ray_address, workers,
+                                  on_result=lambda r: echo(_row_line(GraphRow(**r))))
+    rows = [GraphRow(**r) for r in results]
     summary = GraphBatchSummary(graphs=rows, workers=n_workers, seconds=round(time.time() - t0, 2))
     (root / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
     (root / "summary.md").write_text(summary_table(summary))
