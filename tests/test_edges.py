@@ -167,10 +167,54 @@ def test_mean_reference_scores_equal_reference_model(sharp, method):
     eng = sharp["llama"]
     pairs = _pairs(2)
     g = _tensors(eng, pairs)
-    res = edge_scores(eng, pairs, method=method, steps=3, reference="mean")
+    res = edge_scores(eng, pairs, method=method, steps=3, reference="mean", ig="inputs")
     ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor, ig_steps=3 if method == "eap-ig" else 0,
                                   ref=mean_senders(eng, None), ref_embed=mean_embedding(eng, None))
     _close(res.scores, ref)
+
+
+@pytest.mark.parametrize("fam,reference", [("gpt2", "corrupted"), ("llama", "corrupted"), ("gpt2", "mean")])
+def test_eap_ig_over_activations_equals_reference_integrated_gradients(sharp, fam, reference):
+    """ig="activations": each sender group's output interpolated (the rest recomputed), against
+    the hand-written model with that group's outputs overridden and autograd at every receiver."""
+    from tdb_agent.ops.edges.capture import mean_senders
+    eng = sharp[fam]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    res = edge_scores(eng, pairs, method="eap-ig", steps=3, reference=reference, ig="activations")
+    ref = RefModel(eng.model).ig_activations(g.ids, g.corrupted, g.target, g.distractor, 3,
+                                             ref=mean_senders(eng, None) if reference == "mean" else None)
+    _close(res.scores, ref)
+    groups = 1 + 2 * eng.spec.n_layers
+    assert res.ig == "activations" and res.backward_passes == 1 + groups * 2
+    assert res.forward_passes == res.backward_passes + (reference == "corrupted")
+    # inputs and activations differ (the mean path), and EAP-IG over the mean defaults to activations
+    other = edge_scores(eng, pairs, method="eap-ig", steps=3, reference=reference, ig="inputs").scores
+    assert (res.scores - other).abs().max() > 1e-3 * res.scores.abs().max()
+    if reference == "mean":
+        assert edge_scores(eng, pairs, method="eap-ig", steps=3, reference="mean").ig == "activations"
+
+
+def test_eap_ig_over_activations_is_complete_per_group(sharp):
+    """Completeness: a group's scores summed over all its edges tend to the exact effect of
+    setting the group's outputs to their reference (patching every edge out of it), computed
+    by the hand-written model."""
+    from tdb_agent.ops.edges.ig_activations import sender_groups
+    eng = sharp["gpt2"]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    res = edge_scores(eng, pairs, method="eap-ig", steps=32, ig="activations")
+    ref_model = RefModel(eng.model)
+    m_clean, _ = ref_model.run(g.ids, g.target, g.distractor)
+    corr = ref_model.run(g.corrupted, g.target, g.distractor)[1]
+    exact = []
+    for _, us in sender_groups(eng):
+        with torch.no_grad():
+            m_patched, _ = ref_model.run(g.ids, g.target, g.distractor, override={u: corr[:, :, u] for u in us})
+        exact.append(float((m_patched - m_clean).mean()))
+        total = float(res.scores[us].sum())
+        assert abs(total - exact[-1]) <= 0.01 * abs(exact[-1]) + 1e-6, (us, total, exact[-1])
+    assert max(abs(e) for e in exact) > 1e-2
 
 
 def test_mean_reference_scores_use_corpus_means(sharp):

@@ -51,6 +51,11 @@ def test_the_circuit_states_its_edges_with_their_measurements(induction_run):
     # the known mechanism's edges, found by EAP-IG and stated on the node circuit
     assert {("L0.H0", "L1.H1"), ("L1.H1", "LOGITS")} <= set(stated)
     assert stated[("L0.H0", "L1.H1")]["via"] == "k"
+    # the previous-token head's direct effect is no edge the faithful edge circuit needs: dropped
+    links = {(e["source"], e["target"]) for e in graph["links"]}
+    assert ec["result"]["faithfulness"] >= 0.8 and ("L0.H0", "LOGITS") not in links
+    assert not any(r["source"] == "L0.H0" and r["target"] == "LOGITS" for r in ec["result"]["edges"])
+    assert "L0.H0->LOGITS" in (out / "report.md").read_text()
     stated = list(stated.values())
     for e in stated:
         for x in e["evidence"]:

@@ -1,5 +1,6 @@
 """What edge methods read from a run: the prompt pairs batched by length and every sender's
-output (the gradient at every receiver's own input is grads.py's).
+output; the gradient at every receiver's own input whole (`receiver_grads`, used by EAP-IG over
+activations; EAP and EAP-IG over inputs keep it in parts: grads.py).
 
 Sender outputs [b, s, n_senders, d]: EMB is the residual stream entering block 0 (token and
 position embeddings, Gemma's sqrt(d_model) scale included), a head's output is z_h · W_O[h]
@@ -12,18 +13,19 @@ difference.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from tdb_agent.engine import Engine
-from tdb_agent.engine.component_sites import EMBED_SITE, kind_site
+from tdb_agent.engine.component_sites import EMBED_SITE, kind_site, receiver_site, resid_site
 from tdb_agent.errors import TdbError
-from tdb_agent.ops.decompose import post_norm_factor
-from tdb_agent.ops.edges.graph import check_supported
-from tdb_agent.ops.edges.heads import head_read
-from tdb_agent.ops.edges.reads import NormMode
+from tdb_agent.ops.decompose import frozen_norms, post_norm_factor
+from tdb_agent.ops.edges.graph import EdgeGraph, check_supported
+from tdb_agent.ops.edges.heads import closed_form, head_read, layer_rotary, q_scale, rotary_block_tables, rotate
+from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp
 from tdb_agent.ops.metrics import MetricName, make_metric
 from tdb_agent.ops.runs import RunCache, get_means, reference_documents
 
@@ -189,6 +191,41 @@ def _norms(engine: Engine) -> list[torch.nn.Module]:
     return [m for l in range(engine.spec.n_layers) for m in (a.ln1(l), a.ln2(l))] + [a.final_norm()]
 
 
+def head_grads(engine: Engine, layer: int, x: torch.Tensor, g: list[torch.Tensor], out: torch.Tensor,
+               norm: NormMode) -> None:
+    """Write into out [H + 2KV, b, s, d] the gradient at each q, k and v receiver's own copy of
+    the residual stream x [b, s, d], from the gradients g at its (un-rotated) q, k, v
+    [b, s, heads, d_head]: the closed form of reads.py with the norm folded into the weights,
+
+        G_h = inv · ( g_h · W̄_h − x̂ · mean_d(g_h · W̄_h ⊙ x̂) ),  W̄_h = centre_d(γ ⊙ W_hᵀ)
+
+    (centring only for LayerNorm; the x̂ term only with the norm unfrozen): one matrix product
+    and one rank-one update per head instead of elementwise passes over [b, s, heads, d]."""
+    module = engine.adapter.ln1(layer)
+    gamma, eps = norm_params(engine, module)
+    xf = x.float()
+    if engine.spec.norm == "layernorm":
+        xf = xf - xf.mean(-1, keepdim=True)
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [b, s, 1]
+    xh = (xf * inv).to(out.dtype)
+    b, s, d = x.shape
+    start = 0
+    for gi, W in zip(g, engine.adapter.W_QKV(layer)):
+        n = W.shape[0]
+        Wb = W.transpose(-1, -2).to(out.dtype)  # [n, dh, d]
+        if gamma is not None:
+            Wb = Wb * gamma.to(out.dtype)
+        if engine.spec.norm == "layernorm":
+            Wb = Wb - Wb.mean(-1, keepdim=True)
+        gs = (gi.to(out.dtype) * inv.to(out.dtype).unsqueeze(-1)).permute(2, 0, 1, 3).reshape(n, b * s, -1)
+        dst = out[start:start + n].view(n, b * s, d)
+        torch.bmm(gs, Wb, out=dst)
+        if norm == "unfrozen":
+            c = torch.einsum("nbsd,bsd->nbs", out[start:start + n], xh) / d
+            out[start:start + n] -= c.unsqueeze(-1) * xh
+        start += n
+
+
 def autograd_head_grads(engine: Engine, layer: int, x: torch.Tensor, run: list[torch.Tensor],
                         g: list[torch.Tensor], rot, norm: NormMode) -> torch.Tensor:
     """[H + 2KV, b, s, d]: the gradient at each q, k and v receiver's own copy of x, as the
@@ -204,3 +241,64 @@ def autograd_head_grads(engine: Engine, layer: int, x: torch.Tensor, run: list[t
             start += k
         (gx,) = torch.autograd.grad(outs, [xs], grad_outputs=[gi.to(o.dtype) for gi, o in zip(g, outs)])
     return gx.permute(2, 0, 1, 3)
+
+
+def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: torch.Tensor | None = None,
+                   norm: NormMode = "unfrozen", want_senders: bool = False, hooks: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One forward and one backward: ∂(sum of the rows' metrics)/∂(each receiver's input).
+
+    embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs); `hooks`
+    {site: fn} run too (EAP-IG over activations sets a sender group's output). Returns
+    (G [n_receivers, b, s, d] (receiver first, so that scores are plain matrix products),
+    metric per row [b], the run's sender outputs if asked).
+    With norm="frozen" every norm's scale is held at this run's value (detached)."""
+    spec, a = engine.spec, engine.adapter
+    L = spec.n_layers
+    sites = []
+    for l in range(L):
+        sites += [resid_site("pre", l)] + [receiver_site(k, l) for k in ("q", "k", "v", "mlp")]
+        if not spec.parallel_residual:
+            sites.append(resid_site("mid", l))
+    if want_senders:
+        sites += sender_sites(engine)
+    sites.append("hook_resid_final")
+
+    def leaf(x, site):
+        x = embed.to(x.dtype) if embed is not None else x
+        return x.detach().requires_grad_(True)
+
+    frozen = frozen_norms(engine, _norms(engine)) if norm == "frozen" else nullcontext()
+    with torch.enable_grad(), frozen:
+        # the MLP reads a copy of its input, so that the gradient there is its own: in blocks whose
+        # attention and MLP share one norm (GPT-J, Falcon, Cohere, parallel StableLM) or whose MLP
+        # reads the raw stream (OLMo-2), the tensor also feeds attention or the residual add
+        own = {receiver_site("mlp", l): (lambda h, site: h.clone()) for l in range(L)}
+        out, acts = engine.run_with_cache(group.ids, list(dict.fromkeys(sites)),
+                                          hooks={"hook_embed": leaf} | own | (hooks or {}),
+                                          logit_positions=[-1])
+        m = metric_rows(out.logits[:, -1], group.target, group.distractor)
+        reads = [acts[receiver_site(k, l)] for l in range(L) for k in "qkv"]
+        reads += [acts[receiver_site("mlp", l)] for l in range(L)] + [acts["hook_resid_final"]]
+        grads = torch.autograd.grad(m.sum(), reads)
+    acts = {k: v.detach() for k, v in acts.items()}
+    b, s = group.ids.shape
+    G = grads[-1].new_empty(graph.n_receivers, b, s, spec.d_model)
+    kw = rotary_block_tables(engine, acts[EMBED_SITE])
+    exact_form = closed_form(engine)
+    for l in range(L):
+        x = acts[resid_site("pre", l)]
+        sl = graph.layer_receivers(l)
+        rot = layer_rotary(engine, l, kw, x.dtype)
+        g = grads[3 * l:3 * l + 3]
+        if exact_form:
+            gq = rotate(g[0], rot, inverse=True) * q_scale(engine, l)
+            head_grads(engine, l, x, [gq, rotate(g[1], rot, inverse=True), g[2]], G[sl.start:sl.stop - 1], norm)
+        else:
+            G[sl.start:sl.stop - 1] = autograd_head_grads(engine, l, x, [acts[receiver_site(k, l)] for k in "qkv"],
+                                                          g, rot, norm)
+        x2 = x if spec.parallel_residual else acts[resid_site("mid", l)]
+        G[sl.stop - 1] = norm_vjp(engine, a.ln2(l), x2, grads[3 * L + l], norm)
+    G[-1] = grads[-1]
+    senders = senders_from(engine, acts) if want_senders else None
+    return G, m.detach(), senders
