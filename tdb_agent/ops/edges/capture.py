@@ -243,17 +243,11 @@ def autograd_head_grads(engine: Engine, layer: int, x: torch.Tensor, run: list[t
     return gx.permute(2, 0, 1, 3)
 
 
-def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: torch.Tensor | None = None,
-                   norm: NormMode = "unfrozen", want_senders: bool = False, hooks: dict | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One forward and one backward: ∂(sum of the rows' metrics)/∂(each receiver's input).
-
-    embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs); `hooks`
-    {site: fn} run too (EAP-IG over activations sets a sender group's output). Returns
-    (G [n_receivers, b, s, d] (receiver first, so that scores are plain matrix products),
-    metric per row [b], the run's sender outputs if asked).
-    With norm="frozen" every norm's scale is held at this run's value (detached)."""
-    spec, a = engine.spec, engine.adapter
+def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None,
+              embed: torch.Tensor | None, norm: NormMode, want_senders: bool, hooks: dict | None = None):
+    """One forward and one backward of rows `ids` [R, s] (token embeddings replaced by `embed`
+    [R, s, d] if given): (activations, gradients at the reads, metric per row)."""
+    spec = engine.spec
     L = spec.n_layers
     sites = []
     for l in range(L):
@@ -274,14 +268,28 @@ def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: to
         # attention and MLP share one norm (GPT-J, Falcon, Cohere, parallel StableLM) or whose MLP
         # reads the raw stream (OLMo-2), the tensor also feeds attention or the residual add
         own = {receiver_site("mlp", l): (lambda h, site: h.clone()) for l in range(L)}
-        out, acts = engine.run_with_cache(group.ids, list(dict.fromkeys(sites)),
-                                          hooks={"hook_embed": leaf} | own | (hooks or {}),
+        out, acts = engine.run_with_cache(ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf} | own | (hooks or {}),
                                           logit_positions=[-1])
-        m = metric_rows(out.logits[:, -1], group.target, group.distractor)
+        m = metric_rows(out.logits[:, -1], target, distractor)
         reads = [acts[receiver_site(k, l)] for l in range(L) for k in "qkv"]
         reads += [acts[receiver_site("mlp", l)] for l in range(L)] + [acts["hook_resid_final"]]
         grads = torch.autograd.grad(m.sum(), reads)
-    acts = {k: v.detach() for k, v in acts.items()}
+    return {k: v.detach() for k, v in acts.items()}, grads, m.detach()
+
+
+def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: torch.Tensor | None = None,
+                   norm: NormMode = "unfrozen", want_senders: bool = False, hooks: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One forward and one backward: ∂(sum of the rows' metrics)/∂(each receiver's input).
+
+    embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs); `hooks`
+    {site: fn} run too (EAP-IG over activations sets a sender group's output). Returns
+    (G [n_receivers, b, s, d] (receiver first, so that scores are plain matrix products),
+    metric per row [b], the run's sender outputs if asked).
+    With norm="frozen" every norm's scale is held at this run's value (detached)."""
+    spec, a = engine.spec, engine.adapter
+    L = spec.n_layers
+    acts, grads, m = grad_pass(engine, group.ids, group.target, group.distractor, embed, norm, want_senders, hooks)
     b, s = group.ids.shape
     G = grads[-1].new_empty(graph.n_receivers, b, s, spec.d_model)
     kw = rotary_block_tables(engine, acts[EMBED_SITE])

@@ -28,15 +28,13 @@ logits' (the gradient at the final residual stream) are [b, s, d] each, summed o
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.engine.component_sites import EMBED_SITE, receiver_site, resid_site
-from tdb_agent.ops.decompose import frozen_norms
-from tdb_agent.ops.edges.capture import SenderActs, _norms, autograd_head_grads, metric_rows, sender_sites
+from tdb_agent.ops.edges.capture import SenderActs, autograd_head_grads, grad_pass
 from tdb_agent.ops.edges.heads import closed_form, layer_rotary, q_scale, rotary_block_tables, rotate
 from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp
 
@@ -84,40 +82,6 @@ def normalise(engine: Engine, x: torch.Tensor, module: torch.nn.Module) -> tuple
         xf = xf - xf.mean(-1, keepdim=True)
     inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return xf * inv, inv
-
-
-def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None,
-              embed: torch.Tensor | None, norm: NormMode, want_senders: bool):
-    """One forward and one backward of rows `ids` [R, s] (token embeddings replaced by `embed`
-    [R, s, d] if given): (activations, gradients at the reads, metric per row)."""
-    spec = engine.spec
-    L = spec.n_layers
-    sites = []
-    for l in range(L):
-        sites += [resid_site("pre", l)] + [receiver_site(k, l) for k in ("q", "k", "v", "mlp")]
-        if not spec.parallel_residual:
-            sites.append(resid_site("mid", l))
-    if want_senders:
-        sites += sender_sites(engine)
-    sites.append("hook_resid_final")
-
-    def leaf(x, site):
-        x = embed.to(x.dtype) if embed is not None else x
-        return x.detach().requires_grad_(True)
-
-    frozen = frozen_norms(engine, _norms(engine)) if norm == "frozen" else nullcontext()
-    with torch.enable_grad(), frozen:
-        # the MLP reads a copy of its input, so that the gradient there is its own: in blocks whose
-        # attention and MLP share one norm (GPT-J, Falcon, Cohere, parallel StableLM) or whose MLP
-        # reads the raw stream (OLMo-2), the tensor also feeds attention or the residual add
-        own = {receiver_site("mlp", l): (lambda h, site: h.clone()) for l in range(L)}
-        out, acts = engine.run_with_cache(ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf} | own,
-                                          logit_positions=[-1])
-        m = metric_rows(out.logits[:, -1], target, distractor)
-        reads = [acts[receiver_site(k, l)] for l in range(L) for k in "qkv"]
-        reads += [acts[receiver_site("mlp", l)] for l in range(L)] + [acts["hook_resid_final"]]
-        grads = torch.autograd.grad(m.sum(), reads)
-    return {k: v.detach() for k, v in acts.items()}, grads, m.detach()
 
 
 def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: int, norm: NormMode,
