@@ -47,6 +47,9 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     assert s.low == pytest.approx(0.681, abs=0.015) and s.high == pytest.approx(0.819, abs=0.015)
     again = classification_score("detection", pred, truth, "offline")
     assert (again.low, again.high) == (s.low, s.high)  # fixed seed: the same interval
+    # one class alone has no balanced accuracy (its accuracy would pass for one, chance unknown)
+    lone = classification_score("detection", [0, 0, 1], [0, 0, 0], "offline")
+    assert lone.value is None and "only negative" in lone.note and lone.n_negative == 3 and lone.n_positive == 0
     perfect = classification_score("detection", truth, truth, "offline")
     assert (perfect.value, perfect.low, perfect.high) == (1.0, 1.0, 1.0)
     assert perfect.above_chance and not classification_score("fuzzing", [0] * 100, truth, "offline").above_chance
@@ -135,16 +138,25 @@ def test_contexts_are_labelled_by_the_components_own_activations(setup, cid):  #
     scale = float(ds.a["scale"][ds.column(cid)])
     assert got.tolist() == pytest.approx(ex.activations, abs=scale * 0.6 + 1e-6)
     text = f"fires on the token '{ex.tokens[ex.position].strip()}'"
-    sset = draw_contexts(e, ds, cid, text, top[1::2], n_hard=4, n_corpus=4)
+    sset = draw_contexts(e, ds, cid, text, top[1::2], n_hard=4, n_negative=4)
     stats = ds.stats(cid)
     assert sset.threshold == pytest.approx(stats.mean + 0.4 * (stats.max - stats.mean))
     for c in sset.contexts:
         assert c.fires == (max(c.activations) >= sset.threshold) and len(c.tokens) == len(c.activations)
-    fresh = [c for c in sset.contexts if c.source in ("hard_negative", "corpus")]
+    fresh = [c for c in sset.contexts if c.source in ("hard_negative", "same_document", "similar_document")]
     assert fresh and not any(c.fires for c in fresh) and sset.forward_passes >= len(fresh)
+    # negatives come from the activating windows' own documents, else from other documents
+    firing_docs = {c.document for c in sset.contexts if c.fires}
+    assert all(c.fires for c in sset.contexts if c.source in ("top", "quantile", "random"))
+    for c in sset.contexts:
+        if c.source == "same_document":
+            assert c.document in firing_docs
+        elif c.source == "similar_document":
+            assert c.document not in firing_docs
+    assert sum(c.source in ("same_document", "similar_document") for c in sset.contexts) == 4
     for c in (c for c in fresh if c.source == "hard_negative"):
         assert ex.tokens[ex.position].strip() in [t.strip() for t in c.tokens]
-    plain = draw_contexts(e, ds, cid, text, top[1::2], n_hard=0, n_corpus=2)  # no hard negatives asked
+    plain = draw_contexts(e, ds, cid, text, top[1::2], n_hard=0, n_negative=2)  # no hard negatives asked
     assert not any(c.source == "hard_negative" for c in plain.contexts)
 
 
@@ -187,3 +199,12 @@ def test_llm_reader_over_http_and_malformed_replies():
     assert parse_labels("[1, 0, 1]", 3) == [True, False, True]
     assert parse_labels("[1, 0]", 3) is None and parse_labels("[1, 2, 0]", 3) is None
     assert parse_labels("no list here", 1) is None
+
+
+def test_random_label_controls_pair_explanations_that_name_different_tokens():
+    from evals.explanation_scores import control_pairs
+
+    texts = ["fires on names (e.g. 'Mary')", "fires on names (e.g. 'John')", "fires on the token 'red'",
+             "fires on the token 'blue'"]
+    pairs = dict(control_pairs(texts))
+    assert pairs == {0: 2, 1: 2, 2: 3, 3: 0}  # never a twin naming the same tokens (0 and 1: names)
