@@ -140,6 +140,9 @@ class Explainer:
             if hit is not None:
                 return Explanation(**hit, cached=True)
         result = self._compute(cid, how, model)
+        settle = getattr(model, "settle", None)  # a model answering in rounds: every prompt answered?
+        if how == "llm" and settle is not None:
+            settle()
         with self._lock:
             self._cache[key] = result.model_dump(exclude={"cached"})
             if self.cache_file is not None:

@@ -65,15 +65,15 @@ class LLMReader:
         return simulate_with(self.model, explanation, tokens)
 
     def _batched(self, name: str, explanation: str, blocks: list[str]) -> list[bool] | None:
-        out: list[bool] = []
+        """Every batch is asked (no batch depends on another's answer, so a model answering
+        in rounds gets them all at once); None when any answer is malformed."""
+        out: list[bool] | None = []
         for i in range(0, len(blocks), BATCH):
             part = blocks[i: i + BATCH]
             listing = "\n\n".join(f"Context {j + 1}:\n{b}" for j, b in enumerate(part))
             labels = parse_labels(self._ask(template(name).format(explanation=explanation, n=len(part),
                                                                   contexts=listing)), len(part))
-            if labels is None:
-                return None
-            out += labels
+            out = None if labels is None or out is None else out + labels
         return out
 
     def detect(self, explanation: str, contexts: list[list[str]]) -> list[bool] | None:

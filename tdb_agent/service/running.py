@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from tdb_agent import jsonsafe
 from tdb_agent.errors import TdbError
+from tdb_agent.explain.llm import AnswersPending
 from tdb_agent.workbench import Workbench
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
                             "or infinite (usually a ratio whose denominator is zero, e.g. identical clean and "
                             "corrupted prompts, or a metric of exactly 0)")
         return result
-    except ToolError:
+    except (ToolError, AnswersPending):  # AnswersPending: the caller asks them and calls again
         raise
     except TdbError as e:
         raise ToolError(str(e)) from e
