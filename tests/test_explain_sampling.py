@@ -231,3 +231,40 @@ def test_newest_protocol_state_is_sealed(setup, tmp_path):  # noqa: F811
                 await c.session.call_tool("explain_component", args, input_responses=answer,
                                           request_state=second.request_state[:-6] + "AAAAAA", allow_input_required=True)
     asyncio.run(go())
+
+
+def test_other_calls_run_while_the_clients_model_thinks(setup, tmp_path):  # noqa: F811
+    """The engine lock is held for engine work only: while explain_component waits on the
+    client's model (a sampling callback that blocks until told), predict completes."""
+    from tdb_agent.service.model_tools import TOOLS as MODEL_TOOLS
+    from tdb_agent.server.tools import add_tools
+    from tdb_agent.workbench import Workbench
+
+    e, _, folder, _ = setup
+    mcp = MCPServer("t")
+    bench = Workbench(e, workspace=tmp_path / "ws")
+    add_tools(mcp, bench, [t for t in MODEL_TOOLS if t.name == "predict"])
+    register_sae_tools(mcp, bench, dataset=folder, cache_dir=tmp_path, llm=OFF)
+
+    async def go():
+        asked, release = asyncio.Event(), asyncio.Event()
+        cb, _ = scripted()
+
+        async def waits(context, params):
+            asked.set()
+            await release.wait()  # the client's model is thinking
+            return await cb(context, params)
+
+        async with Client(mcp, sampling_callback=waits, mode="legacy") as c:
+            explaining = asyncio.create_task(c.call_tool("explain_component", {"component": "L0.N5",
+                                                                                "method": "llm"}))
+            await asyncio.wait_for(asked.wait(), 60)
+            assert e.lock.acquire(timeout=5)  # the explainer let go of the engine while it waits
+            e.lock.release()
+            predicted = await asyncio.wait_for(c.call_tool("predict", {"prompt": "John and Mary went"}), 60)
+            assert not predicted.is_error and not explaining.done()
+            release.set()
+            explained = await asyncio.wait_for(explaining, 120)
+        return explained
+    out = asyncio.run(go())
+    assert not out.is_error and out.structured_content["writer"] == "llm:scripted-model-1 (MCP client)"
