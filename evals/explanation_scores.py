@@ -22,7 +22,8 @@ from pydantic import BaseModel
 from tdb_agent.datasets import ActivationDataset
 from tdb_agent.datasets.components import component_name
 from tdb_agent.engine import Engine
-from tdb_agent.explain import Explainer, ExplainerLLM, scorers
+from tdb_agent.errors import TdbError
+from tdb_agent.explain import Explainer, ExplainerLLM, Explanation, scorers
 from tdb_agent.explain.contexts import draw_contexts, surface_tokens
 from tdb_agent.explain.readers import OfflineReader
 from tdb_agent.explain.scoring import Score
@@ -49,6 +50,7 @@ class CostRow(BaseModel):
     scorer: str
     forward_passes_per_explanation: float
     reader_calls_per_explanation: float
+    reader: str = "offline"  # who read the explanations: 'offline' or 'llm:<model>'
 
 
 class ScoresEval(BaseModel):
@@ -113,14 +115,56 @@ def run_scores(engine: Engine, ds: ActivationDataset, n: int, seed: int = 0) -> 
         rows.append(ScoreRow(group=f"{label} (an explanation scored on another component)",
                              summaries=[_summary("detection", [d for d, _ in control]),
                                         _summary("fuzzing", [f for _, f in control])]))
-    n_r = max(len(results), 1)
-    passes = sum(r.cost.get("forward_passes", 0) for r in results) / n_r
-    costs = [CostRow(scorer=k, forward_passes_per_explanation=passes if k != "simulation" else 0.0,
-                     reader_calls_per_explanation=sum(r.scores[i].calls for r in results) / n_r)
-             for i, k in enumerate(NAMES)]
-    return ScoresEval(rows=rows, costs=costs,
+    return ScoresEval(rows=rows, costs=costs_of(results, "offline"),
                       refused=sum(r.explanation.startswith("no reading fits") for r in results),
                       at_chance_flagged=sum(bool(r.note and r.note.startswith("at chance")) for r in results))
+
+
+def costs_of(results: list[Explanation], reader: str) -> list[CostRow]:
+    """Forward passes and reader calls per explanation, per scorer (detection and fuzzing
+    share the passes that draw their contexts; the heuristic's background windows count too)."""
+    n_r = max(len(results), 1)
+    passes = sum(r.cost.get("forward_passes", 0) for r in results) / n_r
+    return [CostRow(scorer=k, forward_passes_per_explanation=passes if k != "simulation" else 0.0,
+                    reader_calls_per_explanation=sum(r.scores[i].calls for r in results) / n_r, reader=reader)
+            for i, k in enumerate(NAMES)]
+
+
+def llm_sample(engine: Engine, ds: ActivationDataset, per_kind: int, settings: ExplainerLLM,
+               seed: int = 0) -> tuple[dict[str, list[Explanation]], dict[str, int]]:
+    """LLM explanations (written and read by the endpoint's model) of a seeded sample of
+    each kind of component, with all three scores; per kind, the components whose
+    explanation failed (endpoint errors, unusable replies) are counted, not scored."""
+    explainer = Explainer(engine, ds, llm=settings, cache_dir=None)
+    comps = [component_name(ds.blocks, c) for c in range(ds.manifest["n_components"])]
+    rng = random.Random(seed)
+    done: dict[str, list[Explanation]] = {}
+    failed: dict[str, int] = {}
+    for kind in KINDS:
+        of_kind = [c for c in comps if kind_of(c) == kind]
+        done[kind], failed[kind] = [], 0
+        for c in rng.sample(of_kind, min(per_kind, len(of_kind))):
+            try:
+                done[kind].append(explainer.explain(c, method="llm", refresh=True))
+            except TdbError:  # an endpoint error stays visible as a failure
+                failed[kind] += 1
+    return done, failed
+
+
+def llm_rows(done: dict[str, list[Explanation]], failed: dict[str, int], model: str) -> tuple[list[ScoreRow],
+                                                                                              list[CostRow]]:
+    """The LLM sample's three scores (all kinds together) and its costs per scorer."""
+    results = [r for rs in done.values() for r in rs]
+    group = f"LLM ({model}), seeded sample of {len(results)} components, {sum(failed.values())} failed"
+    rows = [ScoreRow(group=group, summaries=[_summary(k, [r.scores[i] for r in results]) for i, k in enumerate(NAMES)])]
+    return rows, costs_of(results, f"llm:{model}")
+
+
+KINDS = ("head", "neuron", "sae latent")
+
+
+def kind_of(cid: str) -> str:
+    return "sae latent" if ".F" in cid else "head" if ".H" in cid else "neuron"
 
 
 def markdown(s: ScoresEval) -> list[str]:
@@ -137,9 +181,10 @@ def markdown(s: ScoresEval) -> list[str]:
                      f"{f(m.median_high)}] | {m.frac_above_chance:.2f} | {m.median_examples:g} |")
     L += ["", f"Sampled explanations that refuse to claim (no reading fits above chance): {s.refused}; flagged "
               f"'at chance' in their note: {s.at_chance_flagged}.", "",
-          "| scorer | forward passes per explanation | reader calls per explanation |", "|---|---|---|"]
+          "| reader | scorer | forward passes per explanation | reader calls per explanation |", "|---|---|---|---|"]
     for c in s.costs:
-        L.append(f"| {c.scorer} | {c.forward_passes_per_explanation:.1f} | {c.reader_calls_per_explanation:.1f} |")
+        L.append(f"| {c.reader} | {c.scorer} | {c.forward_passes_per_explanation:.1f} | "
+                 f"{c.reader_calls_per_explanation:.1f} |")
     L.append("")
     L.append("Forward passes (document prefixes that draw random and hard-negative windows, and the heuristic's "
              "background windows) are shared by detection and fuzzing; the offline reader makes no calls; an LLM "

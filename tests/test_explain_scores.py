@@ -23,7 +23,7 @@ from tdb_agent.explain.scoring import (
 )
 from tdb_agent.tasks import vocab as V
 from tests.fake_openai import FakeOpenAI, text_response
-from tests.test_explain import setup  # noqa: F401  (the tiny model's dataset fixture)
+from tests.test_explain import fake_llm, setup  # noqa: F401  (fixtures: the fake endpoint, the tiny model's dataset)
 
 
 def test_balanced_accuracy_by_hand():
@@ -208,3 +208,31 @@ def test_random_label_controls_pair_explanations_that_name_different_tokens():
              "fires on the token 'blue'"]
     pairs = dict(control_pairs(texts))
     assert pairs == {0: 2, 1: 2, 2: 3, 3: 0}  # never a twin naming the same tokens (0 and 1: names)
+
+
+def test_llm_rows_in_evals_score_all_three_with_counted_calls(setup, fake_llm):  # noqa: F811
+    """The evals' LLM rows: explanations written and read by an OpenAI-compatible endpoint (a
+    local fake server, the real `openai` client), detection, fuzzing and simulation with
+    intervals, and reader calls per scorer that add up to the requests the server saw."""
+    from evals.explanation_scores import ScoresEval, llm_rows, llm_sample, markdown
+    from tests.test_explain import FakeLLM
+
+    e, ds, _, _ = setup
+    settings = ExplainerLLM(base_url=fake_llm, model="fake-model", api_key="k")
+    done, failed = llm_sample(e, ds, 2, settings)
+    results = [r for rs in done.values() for r in rs]
+    assert len(results) == 6 and sum(failed.values()) == 0  # two heads, neurons and SAE latents
+    assert all(r.writer == "llm:fake-model" and [s.reader for s in r.scores] == ["llm:fake-model"] * 3 for r in results)
+    rows, costs = llm_rows(done, failed, "fake-model")
+    summaries = {m.score: m for m in rows[0].summaries}
+    assert list(summaries) == ["detection", "fuzzing", "simulation"]
+    for m in summaries.values():
+        assert m.n_components > 0 and m.median_low <= m.median <= m.median_high and m.median_examples > 0
+    # the calls counted per scorer are the requests made: one explanation each, plus the readers'
+    per = {c.scorer: c.reader_calls_per_explanation for c in costs}
+    assert len(FakeLLM.prompts) == len(results) * (1 + sum(per.values()))
+    sims = sum("Predict its activation" in p for p in FakeLLM.prompts)
+    assert per["simulation"] * len(results) == sims == sum(r.scored_on["top"] + r.scored_on["random"] for r in results)
+    assert all(c.reader == "llm:fake-model" for c in costs) and per["detection"] >= 1 and per["fuzzing"] >= 1
+    md = "\n".join(markdown(ScoresEval(rows=rows, costs=costs, refused=0, at_chance_flagged=0)))
+    assert "LLM (fake-model)" in md and "| llm:fake-model | detection |" in md
