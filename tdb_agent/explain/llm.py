@@ -180,6 +180,8 @@ class ReplayModel:
     answer; `settle()` then raises AnswersPending with them, and the result of that run is
     discarded."""
 
+    collects = True  # readers ask every independent prompt of a run (explain/readers.py)
+
     def __init__(self, answers: dict[str, str] | None = None, name: str = "MCP client's model"):
         self.answers = dict(answers or {})
         self.name = name
