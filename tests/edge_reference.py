@@ -35,22 +35,14 @@ def _gelu_new(x):
     return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-class RefModel:
-    """Weights of a GPT-2 or Llama-family HF model in per-head form."""
+class GraphOrder:
+    """Receivers and how many senders feed each, in the order of ops.edges.graph, written
+    out for the test's own models (L, H, KV set by the subclass; par: parallel blocks)."""
 
-    def __init__(self, hf):
-        self.cfg = c = hf.config
-        self.family = c.model_type
-        self.L, self.H = c.num_hidden_layers, c.num_attention_heads
-        self.KV = getattr(c, "num_key_value_heads", None) or self.H
-        self.d = c.hidden_size
-        self.dh = self.d // self.H if self.family == "gpt2" else c.head_dim if getattr(c, "head_dim", None) else \
-            self.d // self.H
-        self.hf = hf
-
-    # ---- senders / receivers in the order of ops.edges.graph --------------------------
-    def n_up_head(self, l):
-        return 1 + l * (self.H + 1)
+    L: int
+    H: int
+    KV: int
+    par = False
 
     def receivers(self):
         out = []
@@ -62,7 +54,21 @@ class RefModel:
     def n_up(self, kind, l):
         if kind == "logits":
             return 1 + self.L * (self.H + 1)
-        return self.n_up_head(l) + (self.H if kind == "mlp" else 0)
+        return 1 + l * (self.H + 1) + (self.H if kind == "mlp" and not self.par else 0)
+
+
+class RefModel(GraphOrder):
+    """Weights of a GPT-2 or Llama-family HF model in per-head form."""
+
+    def __init__(self, hf):
+        self.cfg = c = hf.config
+        self.family = c.model_type
+        self.L, self.H = c.num_hidden_layers, c.num_attention_heads
+        self.KV = getattr(c, "num_key_value_heads", None) or self.H
+        self.d = c.hidden_size
+        self.dh = self.d // self.H if self.family == "gpt2" else c.head_dim if getattr(c, "head_dim", None) else \
+            self.d // self.H
+        self.hf = hf
 
     # ---- the run ---------------------------------------------------------------------
     def run(self, ids, target, distractor, probes=None, ref=None, removed=None, embed=None):

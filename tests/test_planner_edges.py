@@ -87,10 +87,13 @@ def test_a_resumed_run_asks_the_same_edge_questions(induction_cfg, induction_run
     assert stated
 
 
-def test_a_family_the_edge_methods_refuse_gets_a_note(tiny_dirs, tmp_path):
+def test_a_model_the_edge_methods_refuse_gets_a_note(tmp_path):
+    """A Gemma-2 with an attention output bias before its post-norm (ops/edges/graph.check_supported)."""
+    from tests.tiny_models import build_tiny
+    model = build_tiny("gemma2", tmp_path / "model", overrides={"attention_bias": True})
     out = tmp_path / "run"
-    summary = _run(RunConfig(task="ioi", planner="scripted", model=str(tiny_dirs["opt"])), out)
+    summary = _run(RunConfig(task="ioi", planner="scripted", model=str(model)), out)
     assert summary.nodes
     report = (out / "report.md").read_text()
-    assert "no edge-level analysis" in report and "support the model types" in report
+    assert "no edge-level analysis" in report and "attention output bias" in report
     assert "## Edge circuit" not in report
