@@ -186,7 +186,9 @@ def markdown(s: ScoresEval) -> list[str]:
         L.append(f"| {c.reader} | {c.scorer} | {c.forward_passes_per_explanation:.1f} | "
                  f"{c.reader_calls_per_explanation:.1f} |")
     L.append("")
-    L.append("Forward passes (document prefixes that draw random and hard-negative windows, and the heuristic's "
-             "background windows) are shared by detection and fuzzing; the offline reader makes no calls; an LLM "
-             "reader makes one call per simulated example and one per 10 contexts for detection and fuzzing.")
+    L.append("Forward passes count documents (and document prefixes) run through the model, batched: the "
+             "documents searched for non-activating windows (the activating windows' own, then the most similar "
+             "others), the prefixes behind hard negatives, and the heuristic's background windows; they are shared "
+             "by detection and fuzzing. The offline reader makes no calls; an LLM reader makes one call per "
+             "simulated example and one per 10 contexts for detection and fuzzing.")
     return L

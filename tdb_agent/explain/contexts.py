@@ -38,7 +38,8 @@ from tdb_agent.tasks import vocab as V
 FIRE_FRACTION = 0.4
 ROUNDS = 4  # batches of candidate windows tried per kind of negative
 Source = Literal["top", "quantile", "random", "corpus", "same_document", "similar_document", "hard_negative"]
-MATCHED = (10, 30)  # fewest and most same-document negatives (as many as there are activating windows)
+MATCHED = (10, 30)  # fewest and most non-activating windows (as many as there are activating ones)
+MAX_SIMILAR = 2048  # most similar documents run to find non-activating windows
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
 _NOT_SURFACE = set(V.FUNCTION_WORDS) | {"fires", "token", "tokens", "after", "before", "such", "attends", "boosts",
                                         "words", "word", "current", "previous", "e.g"}
@@ -55,7 +56,8 @@ class Context(BaseModel):
 class ScoringSet(BaseModel):
     threshold: float = Field(description="firing threshold: mean + FIRE_FRACTION x (max - mean)")
     contexts: list[Context]
-    forward_passes: int = Field(description="document prefixes run through the model to draw fresh windows")
+    forward_passes: int = Field(description="documents and document prefixes run through the model to draw "
+                                            "fresh windows")
 
 
 def surface_tokens(explanation: str) -> set[str]:
@@ -152,18 +154,34 @@ def _draw_negatives(engine: Engine, ds: ActivationDataset, component: str, thres
     return out, passes
 
 
-def same_document_positions(ds: ActivationDataset, documents: list[int], rng: np.random.Generator,
-                            rounds: int = ROUNDS) -> list[int]:
-    """Random token positions (never a document's first) in the given documents, one per
-    listed document in turn, round after round (in a random order of documents, except for a
-    single round, which keeps the given order)."""
-    starts, lens = ds.doc_starts, ds.a["doc_lengths"]
-    docs = [d for d in documents if int(lens[d]) > 1]
-    out: list[int] = []
-    for _ in range(rounds):
-        for d in (rng.permutation(docs).tolist() if rounds > 1 else docs) if docs else []:
-            out.append(int(starts[d]) + int(rng.integers(1, int(lens[d]))))
-    return out
+@torch.no_grad()
+def quiet_windows(engine: Engine, ds: ActivationDataset, component: str, documents: list[int], threshold: float,
+                  source: Source, want: int, width: int, lead: int, rng: np.random.Generator,
+                  per_document: int = 1, batch: int = 64) -> tuple[list[Context], int]:
+    """Up to `want` windows where the component does not fire, cut from whole documents run
+    through the model `batch` at a time, in the order given (at most `per_document` windows,
+    at random quiet positions, from each); also the documents run."""
+    starts, lens, toks, vocab = ds.doc_starts, ds.a["doc_lengths"], ds.a["tokens"], ds.vocab
+    out: list[Context] = []
+    run = 0
+    for i in range(0, len(documents), batch):
+        part = documents[i: i + batch]
+        ids = torch.zeros((len(part), int(max(lens[d] for d in part))), dtype=torch.long)
+        for j, d in enumerate(part):
+            ids[j, : lens[d]] = torch.from_numpy(toks[starts[d]: starts[d] + lens[d]].astype(np.int64))
+        acts = activation_of(engine, component, ids.to(engine.device)).cpu().numpy()
+        run += len(part)
+        for j, d in enumerate(part):
+            n = int(lens[d])
+            spans = {_window(0, n, q, width, lead) for q in range(1, n)}
+            quiet = sorted(w for w in spans if w[1] > w[0] and acts[j, w[0]: w[1]].max() < threshold)
+            for k in rng.permutation(len(quiet))[:per_document].tolist():
+                x, y = quiet[k]
+                out.append(Context(tokens=[vocab[int(t)] for t in toks[starts[d] + x: starts[d] + y]],
+                                   activations=acts[j, x:y].tolist(), source=source, document=d, fires=False))
+        if len(out) >= want:
+            break
+    return out[:want], run
 
 
 def similar_documents(ds: ActivationDataset, documents: list[int]) -> list[int]:
@@ -199,18 +217,17 @@ def draw_contexts(engine: Engine, ds: ActivationDataset, component: str, explana
     width, lead = int(cfg.get("window", 20)), int(cfg.get("lead", 16))
     rng = np.random.default_rng(seed)
     want = n_negative if n_negative is not None else min(max(len(contexts), MATCHED[0]), MATCHED[1])
-    negatives, passes = _draw_negatives(engine, ds, component, threshold, "same_document",
-                                        same_document_positions(ds, [c.document for c in contexts], rng),
-                                        want, width, lead)
+    mine = sorted({c.document for c in contexts})
+    negatives, passes = quiet_windows(engine, ds, component, rng.permutation(mine).tolist(), threshold,
+                                      "same_document", want, width, lead, rng,
+                                      per_document=-(-want // max(len(mine), 1)))
+    if len(negatives) < want:  # the documents fire throughout: the rest from the most similar others
+        more, extra = quiet_windows(engine, ds, component, similar_documents(ds, mine)[:MAX_SIMILAR], threshold,
+                                    "similar_document", want - len(negatives), width, lead, rng)
+        negatives, passes = negatives + more, passes + extra
     toks = ds.a["tokens"]
     first = np.zeros(len(toks), bool)
     first[ds.doc_starts] = True  # BOS positions are never candidates
-    if len(negatives) < want:  # the documents fire throughout: the rest from the most similar others
-        docs = similar_documents(ds, [c.document for c in contexts])[: ROUNDS * want]
-        more, extra = _draw_negatives(engine, ds, component, threshold, "similar_document",
-                                      same_document_positions(ds, docs, rng, rounds=1), want - len(negatives),
-                                      width, lead)
-        negatives, passes = negatives + more, passes + extra
     contexts += negatives
     surface = surface_tokens(explanation)
     ids = [i for i, t in enumerate(ds.vocab) if t.strip() in surface]
