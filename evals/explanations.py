@@ -24,13 +24,13 @@ import torch
 from pydantic import BaseModel
 
 from evals.cost import Cost, count_passes
-from evals.explanation_scores import ScoresEval, run_scores
+from evals.explanation_scores import ScoresEval, kind_of, llm_rows, llm_sample, run_scores
 from tdb_agent.datasets import ActivationDataset, BuildConfig, build, documents_from_corpus
 from tdb_agent.datasets.store import BUNDLED_DATASET
 from tdb_agent.datasets.components import component_name
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import attach_saes
-from tdb_agent.explain import Explainer, ExplainerLLM
+from tdb_agent.explain import Explainer, ExplainerLLM, Explanation
 from tdb_agent.explain.heuristic import CATEGORIES
 from tdb_agent.explain.scoring import Score
 from tdb_agent.tasks import corpus_documents
@@ -75,28 +75,11 @@ def _dist(kind: str, source: str, scores: list[float], diff: float | None = None
                         max_abs_diff_vs_shipped=diff)
 
 
-def _kind(cid: str) -> str:
-    return "sae latent" if ".F" in cid else "head" if ".H" in cid else "neuron"
-
-
-def llm_distributions(engine: Engine, ds: ActivationDataset, per_kind: int, seed: int = 0) -> list[Distribution]:
-    """LLM explanations scored by the LLM simulator (only where an endpoint is configured); a
-    component whose explanation fails scores 0 and is counted in the source column."""
-    explainer = Explainer(engine, ds, llm=ExplainerLLM.from_env(), cache_dir=None)
-    comps = [component_name(ds.blocks, c) for c in range(ds.manifest["n_components"])]
-    rng = random.Random(seed)
-    out = []
-    for kind in ("head", "neuron", "sae latent"):
-        of_kind = [c for c in comps if _kind(c) == kind]
-        scores, failed = [], 0
-        for c in rng.sample(of_kind, min(per_kind, len(of_kind))):
-            try:
-                scores.append(explainer.explain(c, method="llm", refresh=True).score)
-            except Exception:  # an endpoint error stays visible as a failure, scored 0
-                scores.append(0.0)
-                failed += 1
-        out.append(_dist(kind, f"LLM ({explainer.llm_settings.model}), seeded sample, {failed} failed", scores))
-    return out
+def llm_distributions(done: dict[str, list[Explanation]], failed: dict[str, int], model: str) -> list[Distribution]:
+    """Simulation scores of the LLM sample (`explanation_scores.llm_sample`), per kind; a
+    component whose explanation failed scores 0 and is counted in the source column."""
+    return [_dist(kind, f"LLM ({model}), seeded sample, {failed[kind]} failed",
+                  [r.score for r in done[kind]] + [0.0] * failed[kind]) for kind in done]
 
 
 def distributions(engine: Engine, ds: ActivationDataset, per_kind: int, seed: int = 0) -> list[Distribution]:
@@ -106,7 +89,7 @@ def distributions(engine: Engine, ds: ActivationDataset, per_kind: int, seed: in
     rng = random.Random(seed)
     out = []
     for kind in ("head", "neuron", "sae latent"):
-        of_kind = [c for c in comps if _kind(c) == kind]
+        of_kind = [c for c in comps if kind_of(c) == kind]
         every = kind == "head" and len(of_kind) <= per_kind * 4  # all heads; a seeded sample of the rest
         sample = of_kind if every else rng.sample(of_kind, min(per_kind, len(of_kind)))
         scores = [explainer.explain(c, method="heuristic", refresh=True).score for c in sample]
@@ -193,13 +176,20 @@ def run(constructed_class_neuron: str | None, quick: bool) -> ExplanationEval:
         attach_saes(engine, [], bundled=True)
         ds = ActivationDataset.open(BUNDLED_DATASET, engine)
         dists = distributions(engine, ds, per_kind=16 if quick else 96)
-        llm_on = ExplainerLLM.from_env().configured
-        if llm_on:
-            dists += llm_distributions(engine, ds, per_kind=4 if quick else 16)
+        settings = ExplainerLLM.from_env()
+        llm_on = settings.configured
         planted = [] if quick else planted_bundled(engine, ds, n_docs=200)
         scores = run_scores(engine, ds, n=30 if quick else 200)
+        if llm_on:
+            done, failed = llm_sample(engine, ds, 4 if quick else 16, settings)
+            dists += llm_distributions(done, failed, settings.model)
+            rows, costs = llm_rows(done, failed, settings.model)
+            scores.rows += rows
+            scores.costs += costs
         if constructed_class_neuron:
             planted.append(planted_constructed(constructed_class_neuron, n_docs=256))
     llm = ("LLM explanations: not run, no explainer endpoint (TDB_EXPLAINER_BASE_URL / OPENAI_BASE_URL); "
-           "heuristic explanations only" if not llm_on else "LLM explanations scored on a seeded sample (rows 'LLM')")
+           "heuristic explanations only" if not llm_on else
+           f"LLM explanations ({settings.model}) written and read by the endpoint's model on a seeded sample "
+           "(rows 'LLM': simulation below, all three scores and their reader calls in the score tables)")
     return ExplanationEval(distributions=dists, planted=planted, scores=scores, llm=llm, cost=cost)

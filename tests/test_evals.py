@@ -223,16 +223,20 @@ def test_quick_evals_run_and_score_the_constructed_cases(tmp_path):
     assert rows[("tracr", "hist", "ablation_sweep")]["nodes"]["f1"] == 1.0
     assert rows[("tracr", "reverse", "(truth)")]["found"] == ["L0.H0", "L0.MLP", "L1.MLP", "L2.MLP", "L3.H0"]
     assert res["explanations"]["planted"] and res["explanations"]["planted"][0]["names_feature"]
-    # three scores with intervals: a planted feature well above chance; an explanation read on
-    # another component's contexts at chance (without hard negatives), and below the sample
-    det = {s["name"]: s for s in res["explanations"]["planted"][0]["scores"]}["detection"]
-    assert det["low"] > 0.5 and det["n"] > 0
+    # three scores with intervals: the planted name neuron's marks are right (fuzzing above
+    # chance); detection reads windows of its own documents, where names it does not fire on
+    # (it fires on 10 of 109) abound, so 'fires on names' cannot tell them apart: at chance, and
+    # said so. An explanation read on another component's contexts sits at chance (without hard
+    # negatives), and fewer controls than sampled explanations score above it
+    planted = {s["name"]: s for s in res["explanations"]["planted"][0]["scores"]}
+    assert planted["fuzzing"]["low"] > 0.5 and planted["detection"]["n"] > 0
+    assert planted["detection"]["low"] <= 0.5 <= planted["detection"]["high"]
     rows = {r["group"].split(" (")[0]: {m["score"]: m for m in r["summaries"]}
             for r in res["explanations"]["scores"]["rows"]}
     sample = next(v for k, v in rows.items() if k.startswith("heuristic"))
     control = rows["random-label control, no hard negatives"]["detection"]
     assert control["median_low"] <= 0.5 <= control["median_high"] and abs(control["median"] - 0.5) < 0.1
-    assert sample["detection"]["median"] > control["median"] + 0.1
+    assert control["frac_above_chance"] <= 0.1 < sample["detection"]["frac_above_chance"]
     assert "random-label control" in md and "reader calls per explanation" in md
 
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from mcp import Client, types
 from mcp.server import MCPServer
+from mcp.shared.exceptions import MCPError
 
 from tdb_agent.explain import ExplainerLLM
 from tdb_agent.server.sae_tools import register_sae_tools
@@ -110,11 +111,7 @@ def test_clients_without_sampling_get_the_heuristic_and_are_told(setup, tmp_path
     assert "does not offer sampling" in r.structured_content["note"]
     r = call(folder, e, tmp_path, {"component": "L1.N3", "method": "llm"})
     assert r.is_error and "does not offer sampling" in r.content[0].text
-    # the 2026-07-28 protocol has no server-to-client requests: said so, heuristic
     cb, seen = scripted()
-    r = call(folder, e, tmp_path, {"component": "L1.N3"}, cb, mode="auto")
-    assert r.structured_content["method"] == "heuristic" and "cannot carry requests" in r.structured_content["note"]
-    assert not seen
     r = call(folder, e, tmp_path, {"component": "L1.N3", "method": "heuristic"}, cb)
     assert r.structured_content["note"] is None or "fallback" not in r.structured_content["note"]
     assert not seen  # heuristic never asks the client
@@ -149,3 +146,125 @@ def test_explain_component_over_stdio_with_and_without_sampling(bundled, tmp_pat
     assert [s["name"] for s in plain.structured_content["scores"]] == ["detection", "fuzzing", "simulation"]
     assert not sampled.is_error, sampled.content
     assert sampled.structured_content["writer"] == "llm:scripted-model-1 (MCP client)" and seen
+
+
+def rounds_of(seen):
+    """The prompts each sampling round carried (the scripted callback records them in order;
+    a round's requests are dispatched concurrently, so rounds are told apart by content)."""
+    prompts = [p.messages[-1].content.text for p in seen]
+    return [p for p in prompts if p.startswith("We are studying")], [p for p in prompts if not p.startswith("We are")]
+
+
+def test_newest_protocol_asks_in_input_required_rounds(setup, tmp_path):  # noqa: F811
+    """2026-07-28: no mid-call requests; the tool returns InputRequiredResult twice (the
+    explanation, then every scorer prompt at once), the SDK's client answers each round
+    through its sampling callback and calls again; the result says which model wrote and
+    scored it, and matches the older protocol's exactly."""
+    e, ds, folder, _ = setup
+    rounds = []
+
+    cb, seen = scripted()
+
+    async def counting(context, params):
+        rounds.append(params.messages[-1].content.text[:20])
+        return await cb(context, params)
+    r = call(folder, e, tmp_path, {"component": "L0.N5", "method": "auto"}, counting, mode="auto")
+    assert not r.is_error, r.content
+    out = r.structured_content
+    assert out["method"] == "llm" and out["explanation"] == "fires on names of people"
+    assert out["writer"] == out["simulator"] == "llm:scripted-model-1 (MCP client)"
+    explain, scoring = rounds_of(seen)
+    assert len(explain) == 1 and len(scoring) == out["cost"]["reader_calls"]
+    assert rounds[0].startswith("We are studying")  # the explanation first, alone
+    top, rand = ds.examples("L0.N5", "top"), ds.examples("L0.N5", "random")
+    assert sum("Predict its activation" in p for p in scoring) == len(top[1::2]) + len(rand)
+    # the same prompts, answers and scores as over the older protocol (mid-call sampling)
+    cb2, seen2 = scripted()
+    legacy = call(folder, e, tmp_path / "legacy", {"component": "L0.N5", "method": "auto"}, cb2)
+    assert sorted(p.messages[-1].content.text for p in seen2) == sorted(p.messages[-1].content.text for p in seen)
+    assert legacy.structured_content["scores"] == out["scores"]
+
+
+def test_newest_protocol_refusal_and_malformed_answers(setup, tmp_path):  # noqa: F811
+    e, _, folder, _ = setup
+    # a refusal ends the call on the client's side: the SDK's client raises and never calls again
+    refuse, _ = scripted(lambda p: types.ErrorData(code=-1, message="User rejected sampling request"))
+    with pytest.raises(BaseException) as info:
+        call(folder, e, tmp_path, {"component": "L0.N6", "method": "auto"}, refuse, mode="auto")
+    refused = info.value.subgroup(lambda x: isinstance(x, MCPError)) if isinstance(info.value, BaseExceptionGroup) \
+        else info.value
+    assert refused is not None and "User rejected" in repr(refused), info.value
+    # an unusable explanation: auto falls back to the heuristic and says why; llm is an error
+    garbage, seen = scripted(lambda p: "   \n")
+    r = call(folder, e, tmp_path, {"component": "L0.N8", "method": "auto"}, garbage, mode="auto")
+    assert not r.is_error and r.structured_content["method"] == "heuristic"
+    assert "no usable explanation" in r.structured_content["note"] and len(seen) == 1
+    r = call(folder, e, tmp_path, {"component": "L0.N8", "method": "llm"}, garbage, mode="auto")
+    assert r.is_error and "no usable explanation" in r.content[0].text
+    # a reader answering detection and fuzzing in prose: those scores are missing, and say why
+    prose, _ = scripted(lambda p: "I think so." if "Context 1:" in p else names_reader(p))
+    r = call(folder, e, tmp_path, {"component": "L0.N9", "method": "llm"}, prose, mode="auto")
+    det, fuz, sim = r.structured_content["scores"]
+    assert det["value"] is None and "malformed" in det["note"] and fuz["value"] is None
+    assert sim["value"] is not None and r.structured_content["writer"] == "llm:scripted-model-1 (MCP client)"
+
+
+def test_newest_protocol_state_is_sealed(setup, tmp_path):  # noqa: F811
+    """The answers so far ride in requestState sealed by the SDK (not readable, not forgeable)."""
+    e, _, folder, _ = setup
+    mcp = MCPServer("t")
+    register_sae_tools(mcp, SimpleNamespace(engine=e), dataset=folder, cache_dir=tmp_path, llm=OFF)
+    args = {"component": "L0.N5", "method": "llm"}
+
+    async def go():
+        async with Client(mcp, mode="auto", sampling_callback=scripted()[0]) as c:
+            first = await c.session.call_tool("explain_component", args, allow_input_required=True)
+            assert isinstance(first, types.InputRequiredResult) and len(first.input_requests) == 1
+            (key, req), = first.input_requests.items()
+            answer = {key: types.CreateMessageResult(role="assistant", model="m", content=types.TextContent(
+                type="text", text="fires on names of people"))}
+            second = await c.session.call_tool("explain_component", args, input_responses=answer,
+                                               request_state=first.request_state, allow_input_required=True)
+            assert isinstance(second, types.InputRequiredResult) and len(second.input_requests) > 10
+            assert "fires on names" not in second.request_state and "answers" not in second.request_state
+            with pytest.raises(MCPError, match="Invalid or expired requestState"):
+                await c.session.call_tool("explain_component", args, input_responses=answer,
+                                          request_state=second.request_state[:-6] + "AAAAAA", allow_input_required=True)
+    asyncio.run(go())
+
+
+def test_other_calls_run_while_the_clients_model_thinks(setup, tmp_path):  # noqa: F811
+    """The engine lock is held for engine work only: while explain_component waits on the
+    client's model (a sampling callback that blocks until told), predict completes."""
+    from tdb_agent.service.model_tools import TOOLS as MODEL_TOOLS
+    from tdb_agent.server.tools import add_tools
+    from tdb_agent.workbench import Workbench
+
+    e, _, folder, _ = setup
+    mcp = MCPServer("t")
+    bench = Workbench(e, workspace=tmp_path / "ws")
+    add_tools(mcp, bench, [t for t in MODEL_TOOLS if t.name == "predict"])
+    register_sae_tools(mcp, bench, dataset=folder, cache_dir=tmp_path, llm=OFF)
+
+    async def go():
+        asked, release = asyncio.Event(), asyncio.Event()
+        cb, _ = scripted()
+
+        async def waits(context, params):
+            asked.set()
+            await release.wait()  # the client's model is thinking
+            return await cb(context, params)
+
+        async with Client(mcp, sampling_callback=waits, mode="legacy") as c:
+            explaining = asyncio.create_task(c.call_tool("explain_component", {"component": "L0.N5",
+                                                                                "method": "llm"}))
+            await asyncio.wait_for(asked.wait(), 60)
+            assert e.lock.acquire(timeout=5)  # the explainer let go of the engine while it waits
+            e.lock.release()
+            predicted = await asyncio.wait_for(c.call_tool("predict", {"prompt": "John and Mary went"}), 60)
+            assert not predicted.is_error and not explaining.done()
+            release.set()
+            explained = await asyncio.wait_for(explaining, 120)
+        return explained
+    out = asyncio.run(go())
+    assert not out.is_error and out.structured_content["writer"] == "llm:scripted-model-1 (MCP client)"

@@ -23,7 +23,7 @@ from tdb_agent.explain.scoring import (
 )
 from tdb_agent.tasks import vocab as V
 from tests.fake_openai import FakeOpenAI, text_response
-from tests.test_explain import setup  # noqa: F401  (the tiny model's dataset fixture)
+from tests.test_explain import fake_llm, setup  # noqa: F401  (fixtures: the fake endpoint, the tiny model's dataset)
 
 
 def test_balanced_accuracy_by_hand():
@@ -47,6 +47,9 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     assert s.low == pytest.approx(0.681, abs=0.015) and s.high == pytest.approx(0.819, abs=0.015)
     again = classification_score("detection", pred, truth, "offline")
     assert (again.low, again.high) == (s.low, s.high)  # fixed seed: the same interval
+    # one class alone has no balanced accuracy (its accuracy would pass for one, chance unknown)
+    lone = classification_score("detection", [0, 0, 1], [0, 0, 0], "offline")
+    assert lone.value is None and "only negative" in lone.note and lone.n_negative == 3 and lone.n_positive == 0
     perfect = classification_score("detection", truth, truth, "offline")
     assert (perfect.value, perfect.low, perfect.high) == (1.0, 1.0, 1.0)
     assert perfect.above_chance and not classification_score("fuzzing", [0] * 100, truth, "offline").above_chance
@@ -135,16 +138,25 @@ def test_contexts_are_labelled_by_the_components_own_activations(setup, cid):  #
     scale = float(ds.a["scale"][ds.column(cid)])
     assert got.tolist() == pytest.approx(ex.activations, abs=scale * 0.6 + 1e-6)
     text = f"fires on the token '{ex.tokens[ex.position].strip()}'"
-    sset = draw_contexts(e, ds, cid, text, top[1::2], n_hard=4, n_corpus=4)
+    sset = draw_contexts(e, ds, cid, text, top[1::2], n_hard=4, n_negative=4)
     stats = ds.stats(cid)
     assert sset.threshold == pytest.approx(stats.mean + 0.4 * (stats.max - stats.mean))
     for c in sset.contexts:
         assert c.fires == (max(c.activations) >= sset.threshold) and len(c.tokens) == len(c.activations)
-    fresh = [c for c in sset.contexts if c.source in ("hard_negative", "corpus")]
+    fresh = [c for c in sset.contexts if c.source in ("hard_negative", "same_document", "similar_document")]
     assert fresh and not any(c.fires for c in fresh) and sset.forward_passes >= len(fresh)
+    # negatives come from the activating windows' own documents, else from other documents
+    firing_docs = {c.document for c in sset.contexts if c.fires}
+    assert all(c.fires for c in sset.contexts if c.source in ("top", "quantile", "random"))
+    for c in sset.contexts:
+        if c.source == "same_document":
+            assert c.document in firing_docs
+        elif c.source == "similar_document":
+            assert c.document not in firing_docs
+    assert sum(c.source in ("same_document", "similar_document") for c in sset.contexts) == 4
     for c in (c for c in fresh if c.source == "hard_negative"):
         assert ex.tokens[ex.position].strip() in [t.strip() for t in c.tokens]
-    plain = draw_contexts(e, ds, cid, text, top[1::2], n_hard=0, n_corpus=2)  # no hard negatives asked
+    plain = draw_contexts(e, ds, cid, text, top[1::2], n_hard=0, n_negative=2)  # no hard negatives asked
     assert not any(c.source == "hard_negative" for c in plain.contexts)
 
 
@@ -187,3 +199,40 @@ def test_llm_reader_over_http_and_malformed_replies():
     assert parse_labels("[1, 0, 1]", 3) == [True, False, True]
     assert parse_labels("[1, 0]", 3) is None and parse_labels("[1, 2, 0]", 3) is None
     assert parse_labels("no list here", 1) is None
+
+
+def test_random_label_controls_pair_explanations_that_name_different_tokens():
+    from evals.explanation_scores import control_pairs
+
+    texts = ["fires on names (e.g. 'Mary')", "fires on names (e.g. 'John')", "fires on the token 'red'",
+             "fires on the token 'blue'"]
+    pairs = dict(control_pairs(texts))
+    assert pairs == {0: 2, 1: 2, 2: 3, 3: 0}  # never a twin naming the same tokens (0 and 1: names)
+
+
+def test_llm_rows_in_evals_score_all_three_with_counted_calls(setup, fake_llm):  # noqa: F811
+    """The evals' LLM rows: explanations written and read by an OpenAI-compatible endpoint (a
+    local fake server, the real `openai` client), detection, fuzzing and simulation with
+    intervals, and reader calls per scorer that add up to the requests the server saw."""
+    from evals.explanation_scores import ScoresEval, llm_rows, llm_sample, markdown
+    from tests.test_explain import FakeLLM
+
+    e, ds, _, _ = setup
+    settings = ExplainerLLM(base_url=fake_llm, model="fake-model", api_key="k")
+    done, failed = llm_sample(e, ds, 2, settings)
+    results = [r for rs in done.values() for r in rs]
+    assert len(results) == 6 and sum(failed.values()) == 0  # two heads, neurons and SAE latents
+    assert all(r.writer == "llm:fake-model" and [s.reader for s in r.scores] == ["llm:fake-model"] * 3 for r in results)
+    rows, costs = llm_rows(done, failed, "fake-model")
+    summaries = {m.score: m for m in rows[0].summaries}
+    assert list(summaries) == ["detection", "fuzzing", "simulation"]
+    for m in summaries.values():
+        assert m.n_components > 0 and m.median_low <= m.median <= m.median_high and m.median_examples > 0
+    # the calls counted per scorer are the requests made: one explanation each, plus the readers'
+    per = {c.scorer: c.reader_calls_per_explanation for c in costs}
+    assert len(FakeLLM.prompts) == len(results) * (1 + sum(per.values()))
+    sims = sum("Predict its activation" in p for p in FakeLLM.prompts)
+    assert per["simulation"] * len(results) == sims == sum(r.scored_on["top"] + r.scored_on["random"] for r in results)
+    assert all(c.reader == "llm:fake-model" for c in costs) and per["detection"] >= 1 and per["fuzzing"] >= 1
+    md = "\n".join(markdown(ScoresEval(rows=rows, costs=costs, refused=0, at_chance_flagged=0)))
+    assert "LLM (fake-model)" in md and "| llm:fake-model | detection |" in md

@@ -36,6 +36,7 @@ from tdb_agent.ops.lens import top_tokens
 
 Method = Literal["auto", "llm", "heuristic"]
 BACKGROUND = 10  # random corpus windows the heuristic also fits its reading on (not the scoring ones)
+SCORING = 2  # how scores are computed (2: detection negatives matched by document); a change starts a new cache
 SHIPPED = "explanations.json"  # precomputed heuristic explanations next to a dataset (tools/precompute_...)
 
 
@@ -88,7 +89,7 @@ class Explainer:
         self.llm_settings = llm or ExplainerLLM.from_env()
         self._llm: LLMClient | None = None
         m = dataset.manifest
-        tag = hashlib.sha256(json.dumps([m["model_fingerprint"], m["sae_fingerprints"]], sort_keys=True)
+        tag = hashlib.sha256(json.dumps([m["model_fingerprint"], m["sae_fingerprints"], SCORING], sort_keys=True)
                              .encode()).hexdigest()[:16]
         self.cache_file = Path(cache_dir) / f"explanations-{tag}.json" if cache_dir else None
         self._cache: dict[str, dict] = {}
@@ -140,6 +141,9 @@ class Explainer:
             if hit is not None:
                 return Explanation(**hit, cached=True)
         result = self._compute(cid, how, model)
+        settle = getattr(model, "settle", None)  # a model answering in rounds: every prompt answered?
+        if how == "llm" and settle is not None:
+            settle()
         with self._lock:
             self._cache[key] = result.model_dump(exclude={"cached"})
             if self.cache_file is not None:

@@ -10,6 +10,7 @@ and prompts/simulate_activations.md (Bills et al. 2023: activations shown on a 0
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -155,3 +156,49 @@ def parse_labels(text: str, n: int) -> list[bool] | None:
     if len(values) != n or not all(isinstance(v, (int, float, bool)) and v in (0, 1) for v in values):
         return None
     return [bool(v) for v in values]
+
+
+class AnswersPending(Exception):
+    """The prompts a `ReplayModel` could not answer yet (not a TdbError: nothing failed; the
+    caller asks them all at once, e.g. in one MCP input-required round, and runs again)."""
+
+    def __init__(self, prompts: list[str]):
+        super().__init__(f"{len(prompts)} prompts await answers")
+        self.prompts = prompts
+
+
+def prompt_digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:24]
+
+
+class ReplayModel:
+    """A model whose answers arrive in rounds (MCP's multi-round-trip requests): it answers
+    the prompts it has answers for (by digest), and collects the others. The first prompt of
+    a run that has no answer stops the run (AnswersPending): what follows depends on it (the
+    explanation the readers read). Later unanswered prompts are collected and answered with
+    an empty placeholder, so one run gathers every prompt that does not depend on another
+    answer; `settle()` then raises AnswersPending with them, and the result of that run is
+    discarded."""
+
+    collects = True  # readers ask every independent prompt of a run (explain/readers.py)
+
+    def __init__(self, answers: dict[str, str] | None = None, name: str = "MCP client's model"):
+        self.answers = dict(answers or {})
+        self.name = name
+        self.pending: list[str] = []
+        self._answered = 0
+
+    def __call__(self, prompt: str) -> str:
+        known = self.answers.get(prompt_digest(prompt))
+        if known is not None:
+            self._answered += 1
+            return known
+        if not self._answered:
+            raise AnswersPending([prompt])
+        if prompt not in self.pending:
+            self.pending.append(prompt)
+        return ""
+
+    def settle(self) -> None:
+        if self.pending:
+            raise AnswersPending(list(self.pending))

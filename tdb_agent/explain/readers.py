@@ -65,15 +65,18 @@ class LLMReader:
         return simulate_with(self.model, explanation, tokens)
 
     def _batched(self, name: str, explanation: str, blocks: list[str]) -> list[bool] | None:
-        out: list[bool] = []
+        """None when any answer is malformed: a model that answers one prompt at a time is
+        not asked further; one that collects prompts to answer them in rounds
+        (`ReplayModel.collects`) is asked every batch, as none depends on another's answer."""
+        out: list[bool] | None = []
         for i in range(0, len(blocks), BATCH):
             part = blocks[i: i + BATCH]
             listing = "\n\n".join(f"Context {j + 1}:\n{b}" for j, b in enumerate(part))
             labels = parse_labels(self._ask(template(name).format(explanation=explanation, n=len(part),
                                                                   contexts=listing)), len(part))
-            if labels is None:
+            out = None if labels is None or out is None else out + labels
+            if out is None and not getattr(self.model, "collects", False):
                 return None
-            out += labels
         return out
 
     def detect(self, explanation: str, contexts: list[list[str]]) -> list[bool] | None:

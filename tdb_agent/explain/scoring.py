@@ -99,16 +99,19 @@ def correlation_rows(stats: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def classification_score(name: str, predicted: Sequence[bool], truth: Sequence[bool], reader: str, *,
                          hard: Sequence[bool] | None = None, calls: int = 0, note: str | None = None,
                          seed: int = BOOTSTRAP_SEED) -> Score:
-    """Balanced accuracy with a stratified bootstrap interval."""
+    """Balanced accuracy with a stratified bootstrap interval; None (with a note) unless both
+    classes have examples."""
     p, t = np.asarray(predicted, bool), np.asarray(truth, bool)
-    if not len(t):
-        return Score(name=name, value=None, chance=0.5, n=0, reader=reader, calls=calls,
-                     note=note or "no examples to score on")
+    counts = dict(n_positive=int(t.sum()), n_negative=int((~t).sum()),
+                  n_hard_negative=None if hard is None else int(np.asarray(hard, bool).sum()))
+    if not len(t) or t.all() or not t.any():  # one class alone: its accuracy is no balanced accuracy
+        why = "no examples to score on" if not len(t) else \
+            f"only {'positive' if t.all() else 'negative'} examples (a balanced accuracy needs both)"
+        return Score(name=name, value=None, chance=0.5, n=len(t), reader=reader, calls=calls,
+                     note="; ".join(x for x in (note, why) if x), **counts)
     lo, hi = percentile_interval(balanced_accuracy_rows(p == t, t, resample(t.astype(int), seed=seed)))
     return Score(name=name, value=balanced_accuracy(p, t), low=lo, high=hi, chance=0.5, n=len(t),
-                 n_positive=int(t.sum()), n_negative=int((~t).sum()),
-                 n_hard_negative=None if hard is None else int(np.asarray(hard, bool).sum()),
-                 reader=reader, calls=calls, note=note)
+                 reader=reader, calls=calls, note=note, **counts)
 
 
 def simulation_score(simulated: Sequence[Sequence[float]], true: Sequence[Sequence[float]], reader: str, *,

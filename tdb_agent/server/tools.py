@@ -16,7 +16,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult
 from pydantic import ValidationError
 
-from tdb_agent.server.sampling import SamplingModel, sampling_unavailable
+from tdb_agent.explain.llm import AnswersPending
+from tdb_agent.server.sampling import SamplingModel, in_rounds, input_required, replay_model, sampling_unavailable
 from tdb_agent.service.running import readable, run_long_tool, run_tool
 from tdb_agent.service.tool import Job, Tool, specialise, strict_annotation
 from tdb_agent.workbench import Limits, Workbench
@@ -58,9 +59,14 @@ def add_tool(mcp: MCPServer, bench: Workbench, tool: Tool) -> None:
         async def wrapper(ctx: Context | None = None, **kwargs):
             args = parse(kwargs)
             why = sampling_unavailable(ctx)
-            model = None if why else SamplingModel(ctx, timeout_s=getattr(bench, "sampling_timeout_s", 120.0))
+            rounds = why is None and in_rounds(ctx)  # 2026-07-28: asked through InputRequiredResult
+            model = None if why else replay_model(ctx) if rounds else \
+                SamplingModel(ctx, timeout_s=getattr(bench, "sampling_timeout_s", 120.0))
             job = Job(model=model, no_model=why)
-            return await anyio.to_thread.run_sync(lambda: run_tool(bench, tool.name, lambda: body(args, job)))
+            try:
+                return await anyio.to_thread.run_sync(lambda: run_tool(bench, tool.name, lambda: body(args, job)))
+            except AnswersPending as e:
+                return input_required(e.prompts, model)
     else:
         def wrapper(**kwargs):
             args = parse(kwargs)

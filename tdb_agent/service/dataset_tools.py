@@ -17,6 +17,7 @@ from tdb_agent.errors import TdbError, UnknownComponent
 from tdb_agent.explain import Explainer, ExplainerLLM, Explanation
 from tdb_agent.service.annotations import READ_ONLY
 from tdb_agent.service.examples import TopExamplesResult, top_examples_of
+from tdb_agent.service.running import WaitsUnlocked
 from tdb_agent.service.tool import Job, Tool, ToolArgs
 
 CACHE_DIR = Path(os.environ.get("TDB_CACHE_DIR", Path.home() / ".cache" / "tdb-agent"))
@@ -113,6 +114,10 @@ def explain_component(bench, args: ExplainArgs, job: Job) -> Explanation:
                        "(TDB_EXPLAINER_BASE_URL)"
             if args.method == "llm":
                 raise TdbError(f"method 'llm' needs a language model, but {no_model}; use method 'heuristic'")
+    elif args.method != "heuristic":
+        model = x.llm  # the configured endpoint
+    if model is not None:  # other calls use the engine while the model thinks
+        model = WaitsUnlocked(model, bench.engine.lock)
     return x.explain(args.component, args.method, refresh=args.refresh, model=model, no_model=no_model)
 
 

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from tdb_agent import jsonsafe
 from tdb_agent.errors import TdbError
+from tdb_agent.explain.llm import AnswersPending
 from tdb_agent.workbench import Workbench
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def readable(e: ValidationError) -> str:
 
 def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
     """Run one tool body under the engine lock (tools are atomic: no other call's hooks or
-    cache writes interleave with it) and map failures to tool errors."""
+    cache writes interleave with it; a body that waits for a language model lets go of it
+    meanwhile through `WaitsUnlocked`) and map failures to tool errors."""
     try:
         with bench.engine.lock:
             result = fn()
@@ -70,7 +72,7 @@ def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
                             "or infinite (usually a ratio whose denominator is zero, e.g. identical clean and "
                             "corrupted prompts, or a metric of exactly 0)")
         return result
-    except ToolError:
+    except (ToolError, AnswersPending):  # AnswersPending: the caller asks them and calls again
         raise
     except TdbError as e:
         raise ToolError(str(e)) from e
@@ -88,6 +90,32 @@ def run_tool(bench: Workbench, what: str, fn: Callable[[], T]) -> T:
         raise ToolError(f"out of memory in {what} ({type(e).__name__}); the activation cache was freed and the "
                         "server keeps serving: try a shorter prompt, fewer components or a smaller top_k "
                         "(or restart the server with a smaller --batch-size)") from e
+
+
+class WaitsUnlocked:
+    """A language model (explain.llm.TextModel) that lets go of the engine lock while it
+    waits for an answer: a tool body that asks the MCP client's model or an LLM endpoint
+    holds the lock only for its engine work (examples, contexts, activations), so other
+    calls run meanwhile. Called from inside `run_tool` (the lock held once, by this thread);
+    everything else (name, settle) is the wrapped model's."""
+
+    def __init__(self, model: Any, lock: Any):
+        self._model = model
+        self._lock = lock
+
+    @property
+    def name(self) -> str:
+        return self._model.name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._model, attr)
+
+    def __call__(self, prompt: str) -> str:
+        self._lock.release()
+        try:
+            return self._model(prompt)
+        finally:
+            self._lock.acquire()
 
 
 DISCONNECT_POLL_S = 0.25  # how often a long call over HTTP checks that its client is still there
