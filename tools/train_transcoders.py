@@ -63,6 +63,18 @@ class Trainer(torch.nn.Module):
         f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
         return f @ self.W_dec + self.b_dec + x @ self.W_skip, f
 
+    def aux_loss(self, x, err, dead, k_aux: int):
+        """AuxK (Gao et al. 2024): the top `k_aux` dead features' pre-activations must
+        reconstruct the main reconstruction's error, so gradient reaches features that never fire."""
+        n_dead = int(dead.sum())
+        if not n_dead or not k_aux:
+            return torch.zeros((), device=x.device)
+        pre = (x @ self.W_enc + self.b_enc).masked_fill(~dead, float("-inf"))
+        top = pre.topk(min(k_aux, n_dead), dim=-1)
+        fa = torch.zeros_like(pre).scatter(-1, top.indices, top.values)  # no ReLU: dead pre-activations are < 0
+        err = err.detach()
+        return (err - fa @ self.W_dec).pow(2).sum(-1).mean() / err.pow(2).sum(-1).mean().clamp(min=1e-8)
+
     @torch.no_grad()
     def resample(self, dead, x, y, opt, gen) -> int:
         idx = dead.nonzero().squeeze(1)
@@ -119,7 +131,9 @@ Per-layer skip transcoders of every MLP: features read the MLP input
 y = topk(x W_enc + b_enc) W_dec + b_dec + x W_skip. Component ids `L{{l}}.tc.F{{i}}`.
 SAELens `skip_transcoder` folder layout (`cfg.json` + `sae_weights.safetensors`, float16;
 `k` in cfg.json marks TopK). Trained by `tools/train_transcoders.py` on {train_tokens:,}
-tokens of the synthetic corpus, {steps} steps, Adam lr {lr}. Spliced into the model they
+tokens of the synthetic corpus, {steps} steps, Adam lr {lr}, AuxK on features dead for
+{dead_window:,} tokens (k_aux {k_aux}, coefficient {aux_coef:.4g}) and their resampling during
+the first {resample_until:.0%} of training. Spliced into the model they
 keep their error term, so outputs are exact; attribution graphs (`tdb_agent/ops/graph`) use
 them as the replacement model's MLPs.
 
@@ -145,6 +159,8 @@ def main() -> None:
     ap.add_argument("--dead-window", type=int, default=50_000)
     ap.add_argument("--resample-until", type=float, default=0.9, help="resample dead features during this share "
                     "of training")
+    ap.add_argument("--k-aux", type=int, default=128, help="AuxK: dead features that model the error")
+    ap.add_argument("--aux-coef", type=float, default=1 / 32)
     ap.add_argument("--eval-tokens", type=int, default=50_000)
     ap.add_argument("--ckpt", default="/tmp/train_transcoders.ckpt.pt")
     ap.add_argument("--ckpt-every", type=int, default=25)
@@ -192,8 +208,9 @@ def main() -> None:
             x, y = x / sx[l], y / sy[l]
             rec, f = t(x)
             loss = (y - rec).pow(2).sum(-1).mean() / (y - y.mean(0)).pow(2).sum(-1).mean()
+            aux = t.aux_loss(x, y - rec, since[l] >= args.dead_window, args.k_aux)
             opt.zero_grad()
-            loss.backward()
+            (loss + args.aux_coef * aux).backward()
             opt.step()
             fired = (f != 0).any(0)
             since[l] = torch.where(fired, torch.zeros_like(since[l]), since[l] + x.shape[0])
@@ -201,7 +218,7 @@ def main() -> None:
             if seen < args.resample_until * args.tokens and step % 25 == 0 and dead.any():
                 t.resample(dead, x, y, opt, gen)
                 since[l][dead] = 0
-            msg.append(f"L{l} fvu {loss.item():.3f} dead {int(dead.sum())}")
+            msg.append(f"L{l} fvu {loss.item():.3f} aux {aux.item():.2f} dead {int(dead.sum())}")
         if step % 5 == 0:
             print(f"step {step} tokens {seen:,} ({seen / (time.time() - t0):.0f}/s) " + " | ".join(msg), flush=True)
         if step % args.ckpt_every == 0:
@@ -215,7 +232,9 @@ def main() -> None:
     rows = "\n".join(f"| L{l} | {args.features} | {args.k} | {m['fvu']:.3f} | {m['mean_l0']:.1f} | "
                      f"{m['dead_fraction']:.1%} |" for l, m in enumerate(metrics))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "README.md").write_text(CARD.format(train_tokens=seen, steps=step, lr=args.lr,
+    (out / "README.md").write_text(CARD.format(train_tokens=seen, steps=step, lr=args.lr, dead_window=args.dead_window,
+                                               k_aux=args.k_aux, aux_coef=args.aux_coef,
+                                               resample_until=args.resample_until,
                                                eval_tokens=metrics[0]["eval_tokens"], rows=rows))
     print(json.dumps(metrics, indent=2))
 

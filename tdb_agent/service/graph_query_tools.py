@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from tdb_agent.ops.graph.influence import prune, scores, square
 from tdb_agent.ops.graph.paths import strongest_paths_k
-from tdb_agent.explain.explainer import SHIPPED
+from tdb_agent.datasets.store import EXPLANATIONS, read_member
 from tdb_agent.ops.graph.query import find_row, sq_tid
 from tdb_agent.ops.graph.supernodes import agglomerate, profiles
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
@@ -108,10 +108,10 @@ def graph_prune(bench: Workbench, args: PruneArgs, job: Job) -> PruneResult:
 def shipped_explanations(bench: Workbench) -> dict[str, str]:
     """Component id -> explanation text shipped next to the loaded dataset (empty without one)."""
     ds = getattr(bench, "dataset", None)
-    path = Path(ds.folder) / SHIPPED if ds is not None and getattr(ds, "folder", None) else None
-    if path is None or not path.is_file():
+    raw = read_member(ds.folder, EXPLANATIONS) if ds is not None and getattr(ds, "folder", None) else None
+    if raw is None:
         return {}
-    data = json.loads(path.read_text())
+    data = json.loads(raw)
     return {k: v["explanation"] for k, v in data.items() if isinstance(v, dict) and v.get("explanation")}
 
 
