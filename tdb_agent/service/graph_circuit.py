@@ -18,7 +18,8 @@ from pydantic import BaseModel, Field
 from tdb_agent import circuits as C
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.graph.build import AttributionGraph
-from tdb_agent.ops.graph.influence import Pruned, SquareGraph, prune, square
+from tdb_agent.ops.graph.influence import Pruned, SquareGraph
+from tdb_agent.ops.graph.views import pruned_of, square_of
 from tdb_agent.ops.graph.query import find_row, row_tid, sq_tid
 from tdb_agent.service.annotations import WRITES_RESULT
 from tdb_agent.service.circuit_tools import circuit_store
@@ -120,9 +121,9 @@ def graph_to_circuit(bench: Workbench, args: ToCircuitArgs, job: Job) -> ToCircu
     row = find_row(g, args.target)
     if row < len(g.rows):
         raise TdbError("the target of a circuit is one of the graph's targets (LOGIT or LOGIT[label])")
-    sq = square(g)
+    sq = square_of(g)
     s = pruning(g, args)
-    p = prune(sq, s.node_threshold, s.edge_threshold, s.max_feature_nodes)
+    p = pruned_of(g, s.node_threshold, s.edge_threshold, s.max_feature_nodes)
     name = args.circuit or args.name
     circ = graph_to_networkx_circuit(bench.engine, g, sq, p, row, name, args.name)
     store = circuit_store(bench)
