@@ -131,7 +131,7 @@ Per-layer skip transcoders of every MLP: features read the MLP input
 y = topk(x W_enc + b_enc) W_dec + b_dec + x W_skip. Component ids `L{{l}}.tc.F{{i}}`.
 SAELens `skip_transcoder` folder layout (`cfg.json` + `sae_weights.safetensors`, float16;
 `k` in cfg.json marks TopK). Trained by `tools/train_transcoders.py` on {train_tokens:,}
-tokens of the synthetic corpus, {steps} steps, Adam lr {lr}, AuxK on features dead for
+tokens of the synthetic corpus, {steps} steps, Adam lr {lr} (decayed to 0 over the last 20%), AuxK on features dead for
 {dead_window:,} tokens (k_aux {k_aux}, coefficient {aux_coef:.4g}) and their resampling during
 the first {resample_until:.0%} of training. Spliced into the model they
 keep their error term, so outputs are exact; attribution graphs (`tdb_agent/ops/graph`) use
@@ -204,6 +204,10 @@ def main() -> None:
         step += 1
         seen += io[0][0].shape[0]
         msg = []
+        frac = seen / args.tokens
+        for opt in opts:  # linear decay to 0 over the last 20 % (a resampled feature still gets its steps)
+            for grp in opt.param_groups:
+                grp["lr"] = args.lr * min(1.0, 5 * (1 - frac))
         for l, ((x, y), t, opt) in enumerate(zip(io, trainers, opts)):
             x, y = x / sx[l], y / sy[l]
             rec, f = t(x)
