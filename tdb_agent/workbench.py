@@ -87,7 +87,7 @@ RELATED_TOOLS = {
     "mlp": ["ablate", "patch"],
     "emb": ["ablate", "patch"],
     "sae": ["ablate", "patch"],
-    "transcoder": ["top_examples", "explain_component", "ablate", "steer", "attribution_graph"],
+    "transcoder": ["top_examples", "explain_component", "trace_upstream", "ablate", "steer", "attribution_graph"],
     "logits": ["predict", "attribute"],
 }
 

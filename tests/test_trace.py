@@ -87,6 +87,36 @@ def test_neuron_trace_by_hand(gpt2_tiny, plain_gpt2):
     assert any(e.source.startswith(f"L{layer}.H") for e in r.edges)
 
 
+def test_transcoder_feature_trace_by_hand(gpt2_tiny, plain_gpt2):
+    """A transcoder feature's pre-activation (MLP input · W_enc[:, i] + b_enc[i]) traced like a
+    neuron's: its value, its constant part and the linear part the edges carry, by hand."""
+    from tests.test_graph import attached, random_transcoders
+
+    model, eng = plain_gpt2, gpt2_tiny
+    ids = eng.to_tokens(PROMPT)
+    layer, i, t = 1, 5, 9
+    store = {}
+    blk = model.transformer.h[layer]
+    hk = blk.ln_2.register_forward_pre_hook(lambda m, a: store.__setitem__("mid", a[0].detach()))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        hk.remove()
+    tcs = random_transcoders(eng, n=12, seed=9)
+    w, b = tcs.layers[layer].W_enc[:, i], tcs.layers[layer].b_enc[i]
+    lin, const = _frozen_ln_parts(blk.ln_2, store["mid"][0, t])
+    x = blk.ln_2(store["mid"][0, t])
+    with attached(eng, tcs):
+        r = trace_upstream(eng, PROMPT, f"L{layer}.tc.F{i}@{t}", top_k=None)
+    assert r.node == f"L{layer}.tc.F{i}@{t}"
+    assert r.value == pytest.approx((x @ w + b).item(), abs=1e-5)
+    assert r.unattributed["norm_bias_and_input_bias"] == pytest.approx((const @ w + b).item(), abs=1e-5)
+    assert r.sum_of_edges["direct"] + r.unattributed["attn_output_biases"] + r.unattributed[
+        "mlp_output_biases"] == pytest.approx((lin @ w).item(), abs=1e-5)
+    assert any(e.source.startswith(f"L{layer}.H") for e in r.edges) and eng.active_hook_count() == 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_value_trace_sums_to_the_heads_direct_effect(family, tiny_engines):
     eng = tiny_engines[family]
