@@ -131,9 +131,7 @@ Per-layer skip transcoders of every MLP: features read the MLP input
 y = topk(x W_enc + b_enc) W_dec + b_dec + x W_skip. Component ids `L{{l}}.tc.F{{i}}`.
 SAELens `skip_transcoder` folder layout (`cfg.json` + `sae_weights.safetensors`, float16;
 `k` in cfg.json marks TopK). Trained by `tools/train_transcoders.py` on {train_tokens:,}
-tokens of the synthetic corpus, {steps} steps, Adam lr {lr} (decayed to 0 over the last 20%), AuxK on features dead for
-{dead_window:,} tokens (k_aux {k_aux}, coefficient {aux_coef:.4g}) and their resampling during
-the first {resample_until:.0%} of training. Spliced into the model they
+tokens of the synthetic corpus, {steps} steps, Adam lr {lr}{recipe}. Spliced into the model they
 keep their error term, so outputs are exact; attribution graphs (`tdb_agent/ops/graph`) use
 them as the replacement model's MLPs.
 
@@ -148,6 +146,15 @@ Reproduce: `python tools/train_transcoders.py --eval-only`.
 """
 
 
+def recipe(args) -> str:
+    """The card's words for the dead-feature measures that were on."""
+    out = " (decayed to 0 over the last 20%)" if args.lr_decay else ""
+    out += f"; features dead for {args.dead_window:,} tokens resampled during the first {args.resample_until:.0%}"
+    if args.k_aux:
+        out += f", and AuxK on them (k_aux {args.k_aux}, coefficient {args.aux_coef:.4g})"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tdb_agent/assets/transcoders")
@@ -159,8 +166,10 @@ def main() -> None:
     ap.add_argument("--dead-window", type=int, default=50_000)
     ap.add_argument("--resample-until", type=float, default=0.9, help="resample dead features during this share "
                     "of training")
-    ap.add_argument("--k-aux", type=int, default=128, help="AuxK: dead features that model the error")
+    ap.add_argument("--k-aux", type=int, default=0, help="AuxK (off at 0): this many dead features model the "
+                    "error")
     ap.add_argument("--aux-coef", type=float, default=1 / 32)
+    ap.add_argument("--lr-decay", action="store_true", help="decay lr linearly to 0 over the last 20%%")
     ap.add_argument("--eval-tokens", type=int, default=50_000)
     ap.add_argument("--ckpt", default="/tmp/train_transcoders.ckpt.pt")
     ap.add_argument("--ckpt-every", type=int, default=25)
@@ -205,9 +214,9 @@ def main() -> None:
         seen += io[0][0].shape[0]
         msg = []
         frac = seen / args.tokens
-        for opt in opts:  # linear decay to 0 over the last 20 % (a resampled feature still gets its steps)
+        for opt in opts:  # linear decay to 0 over the last 20 %
             for grp in opt.param_groups:
-                grp["lr"] = args.lr * min(1.0, 5 * (1 - frac))
+                grp["lr"] = args.lr * (min(1.0, 5 * (1 - frac)) if args.lr_decay else 1.0)
         for l, ((x, y), t, opt) in enumerate(zip(io, trainers, opts)):
             x, y = x / sx[l], y / sy[l]
             rec, f = t(x)
@@ -236,9 +245,7 @@ def main() -> None:
     rows = "\n".join(f"| L{l} | {args.features} | {args.k} | {m['fvu']:.3f} | {m['mean_l0']:.1f} | "
                      f"{m['dead_fraction']:.1%} |" for l, m in enumerate(metrics))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "README.md").write_text(CARD.format(train_tokens=seen, steps=step, lr=args.lr, dead_window=args.dead_window,
-                                               k_aux=args.k_aux, aux_coef=args.aux_coef,
-                                               resample_until=args.resample_until,
+    (out / "README.md").write_text(CARD.format(train_tokens=seen, steps=step, lr=args.lr, recipe=recipe(args),
                                                eval_tokens=metrics[0]["eval_tokens"], rows=rows))
     print(json.dumps(metrics, indent=2))
 
