@@ -11,7 +11,7 @@ import json
 import pytest
 from mcp import Client
 
-from tdb_agent.datasets.store import BUNDLED_DATASET
+from tdb_agent.datasets.store import BUNDLED_DATASET, EXPLANATIONS, read_member
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import attach_saes
 from tdb_agent.engine.transcoder import BUNDLED_TRANSCODERS, attach_transcoders
@@ -81,7 +81,7 @@ def test_bundled_sae_graph_supernodes_carry_shipped_explanations(bundled, tmp_pa
     over SAE latents and its supernodes are labelled with the shipped explanations."""
     engine = Engine.load()
     attach_saes(engine, [], bundled=True)
-    shipped = json.loads((BUNDLED_DATASET / "explanations.json").read_text())
+    shipped = json.loads(read_member(BUNDLED_DATASET, EXPLANATIONS))
 
     async def go():
         async with Client(build_server(Workbench(engine, workspace=tmp_path))) as c:

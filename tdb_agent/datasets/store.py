@@ -17,7 +17,7 @@ Arrays (C = components, n = examples kept per group, W = window):
 The whole file is read once at open (a few MB); a query slices rows (microseconds). Either
 file may be stored gzipped (`data.safetensors.gz`, `explanations.json.gz`: `compress`), as
 the bundled dataset is: int8 windows of sparse features are mostly zeros (its data shrinks
-from 11.8 to 4.7 MB), and decompressing costs ~0.2 s at open.
+from 11.7 to 4.2 MB, its explanations from 1.4 to 0.25 MB), and decompressing costs ~0.2 s at open.
 """
 
 from __future__ import annotations
