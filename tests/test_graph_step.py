@@ -28,7 +28,6 @@ def test_agreement_rule_by_hand():
     assert not agrees(_check(0.0, 0.0, 0.0))[0]
 
 
-@pytest.mark.slow  # ~30 s on 2 shared cores: graph, intervention, and the feature means for validation
 def test_graph_step_claims_the_checked_ioi_features_on_the_bundled_model(bundled, tmp_path):
     prompt, target, distractor = IOI
     ex = {"prompt": prompt, "target": target, "distractor": distractor}
