@@ -63,6 +63,7 @@ def tracr_cases(root: Path, n_pairs: int) -> list[tuple[Case, dict]]:
         with torch.no_grad():
             needed = {m: exhaustive_truth(engine, pairs, mode=m).nodes for m in ("mean", "resample")}
         out.append((Case(tier="tracr", name=program, model_dir=str(folder), pairs=pairs, truth_nodes=compiled,
+                         truth_edges=tracr_models.ground_truth_edges(program),
                          note=f"compiled blocks {compiled}"),
                     {"compiled_blocks": compiled, "needed": needed}))
     return out

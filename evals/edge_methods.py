@@ -1,11 +1,17 @@
 """Edge-level discovery methods (EAP, EAP-IG over inputs) scored beside the node methods.
 
 Each method scores every edge of the model's edge graph (tdb_agent.ops.edges) on all the
-case's pairs (a handful of batched passes, still fewer than the node methods spend on
-`n_rank` pairs) against the corrupted prompts, as MIB does. Its circuit is the fewest top
-edges whose exact edge-patched faithfulness, against the corrupted prompts, reaches 0.8.
-(Against the corpus mean, an edge circuit must also keep every edge whose mean differs from
-its clean value, which the truth does not list; the mean curves are reported beside.) Scored:
+case's pairs (a handful of batched passes) once per reference, as MIB does: against the
+corrupted prompts (EAP-IG over inputs) and against the corpus means (EAP-IG over activations:
+over inputs the path never visits the mean-patched states). Its circuit comes from the
+corrupted scores: the fewest top edges whose exact edge-patched faithfulness, against the
+corrupted prompts, reaches 0.8 (with every edge tied with the last one's score: a cut
+inside a tie would choose by index), then pruned of its jointly unneeded edges
+(`prune_unneeded`: edges whose removal, one at a time and all together, moves faithfulness
+by < 0.05, the bundled references' threshold for an edge that matters; redundant backups,
+which matter together, stay). (Against the corpus mean, an edge
+circuit must also keep every edge whose mean differs from its clean value, which the truth
+does not list; the mean curves are reported beside.) Scored:
 
 * edge P / R / F1: the circuit's edges collapsed to (sender, receiving component) pairs
   (q, k and v inputs of one head are one pair; EMB senders dropped, as the truth has none)
@@ -13,7 +19,7 @@ its clean value, which the truth does not list; the mean curves are reported bes
 * node P / R / F1 of the components the edges imply, and their node-level faithfulness (the
   same check as the node methods');
 * CPR / CMD of the edge faithfulness curve at the MIB budgets (0.1 % … 100 % of edges), under
-  mean and resample (corrupted) references.
+  mean and resample (corrupted) references, each curve from the scores against that reference.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from evals.cost import count_passes
 from evals.scoring import roc_auc, set_scores
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.eap import edge_scores
-from tdb_agent.ops.edges.faithfulness import EdgeEvaluator, faithfulness_curve, smallest_circuit
+from tdb_agent.ops.edges.faithfulness import EdgeEvaluator, faithfulness_curve, close_ties, keep_masks, \
+    prune_unneeded, smallest_circuit
 
 EDGE_METHODS = ("eap", "eap_ig")
 THRESHOLD = 0.8
 REFERENCE = {"mean": "mean", "resample": "corrupted"}
+
 
 
 def _pair_scores(res) -> dict[tuple[str, str], float]:
@@ -44,19 +52,37 @@ def _pair_scores(res) -> dict[tuple[str, str], float]:
     return out
 
 
+def _collapse(g, top) -> set[tuple[str, str]]:
+    """(sender, receiving component) pairs of ranked edges, EMB senders dropped."""
+    out = set()
+    for name, _ in top:
+        u, r = g.parse_edge(name)
+        out |= {(g.senders[u], node) for node in g.receivers[r].heads if g.senders[u] != "EMB"}
+    return out
+
+
 def score_edges(engine: Engine, case, curves, method: str):
     from evals.methods import MethodResult
     res = MethodResult(tier=case.tier, case=case.name, method=method)
     ref = "corrupted"
     kind = "eap-ig" if method == "eap_ig" else "eap"
+    by_mode = {}
     with count_passes() as cost:
-        scores = edge_scores(engine, case.pairs, method=kind, steps=5, reference=ref)
+        for mode in sorted(set(case.modes) | {"resample"}):
+            by_mode[mode] = edge_scores(engine, case.pairs, method=kind, steps=5, reference=REFERENCE[mode])
     res.cost = cost
+    scores = by_mode["resample"]
     evaluators = {mode: EdgeEvaluator(engine, case.pairs, REFERENCE[mode]) for mode in case.modes}
     select = evaluators.get("resample") or EdgeEvaluator(engine, case.pairs, ref)
     n, f, _ = smallest_circuit(engine, case.pairs, scores.scores, THRESHOLD, evaluator=select)
+    n = close_ties(g := scores.graph, scores.scores, n)
     top = scores.ranked(n)
     g = scores.graph
+    prefix_pairs = _collapse(g, top)
+    keep, f, dropped = prune_unneeded(select, keep_masks(g, scores.scores, [n])[0])
+    top = [(name, v) for name, v in top if keep[g.parse_edge(name)]]
+    n = len(top)
+    res.detail["pruned"] = dropped
     pairs_found = set()
     nodes: list[str] = []
     for name, _ in top:
@@ -72,6 +98,7 @@ def score_edges(engine: Engine, case, curves, method: str):
     if case.truth_edges:
         truth = {tuple(e) for e in case.truth_edges}
         res.edges = set_scores(pairs_found, truth)
+        res.detail["edge_f1_prefix"] = set_scores(prefix_pairs, truth).f1
         keyed = {f"{a}->{b}": v for (a, b), v in ps.items()}
         res.detail["edge_auc"] = roc_auc(keyed, [f"{a}->{b}" for a, b in truth], list(keyed))
     node_score: dict[str, float] = {}
@@ -83,9 +110,38 @@ def score_edges(engine: Engine, case, curves, method: str):
     res.auc = roc_auc(node_score, case.truth_nodes, universe(engine))
     res.faithfulness = {m: c[0] for m, c in curves.of([nodes]).items()}
     res.detail["edge_faithfulness"] = {"resample": f}
+    res.detail["ig"] = {m: s.ig for m, s in by_mode.items()}
     for mode, ev in evaluators.items():
-        curve = faithfulness_curve(engine, case.pairs, scores.scores, evaluator=ev)
+        curve = faithfulness_curve(engine, case.pairs, by_mode[mode].scores, evaluator=ev)
         res.cpr[mode], res.cmd[mode] = curve.cpr, curve.cmd
+    res.detail["edge_axis"] = {mode: [res.cpr[mode], res.cmd[mode]] for mode in evaluators}
     res.detail["n_edges_total"] = g.n_edges
     res.detail["top5"] = [(e, round(s, 4)) for e, s in top[:5]]
     return res
+
+
+def node_ranking_on_edges(engine: Engine, case, order: list[str]) -> dict[str, list[float]]:
+    """A node ranking's curve on the edge axis (apples to apples with the edge methods): the
+    top-k nodes C_k as the edges from C_k ∪ {EMB} into receivers of C_k ∪ {LOGITS} (every
+    node outside C_k has all its outgoing edges patched, which is node patching of C_k's
+    complement), x = those edges / all edges, faithfulness by the same exact edge patching
+    and reference as the edge methods' curves; {mode: [CPR, CMD]} by trapezoids over
+    (0, 0), (x_0, f_0) … (1, 1)."""
+    import torch
+
+    from tdb_agent.ops.edges.faithfulness import cpr_cmd
+    from tdb_agent.ops.edges.graph import EdgeGraph
+    g = EdgeGraph(engine.spec)
+    masks = []
+    for k in range(len(order) + 1):
+        inside = set(order[:k]) | {"EMB", "LOGITS"}
+        send = torch.tensor([s in inside for s in g.senders])
+        recv = torch.tensor([any(h in inside for h in r.heads) for r in g.receivers])
+        masks.append(send[:, None] & recv[None, :] & g.valid)
+    keeps = torch.stack(masks)
+    xs = [float(m.sum()) / g.n_edges for m in masks]
+    out = {}
+    for mode in case.modes:
+        fs = EdgeEvaluator(engine, case.pairs, REFERENCE[mode]).faithfulness(keeps)
+        out[mode] = list(cpr_cmd([0.0] + xs, [0.0] + fs))
+    return out

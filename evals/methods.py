@@ -56,6 +56,7 @@ class Case(BaseModel):
     modes: list[Mode] = ["mean", "resample"]
     select_mode: Mode = "mean"
     note: str = ""
+    edge_axis: bool = True  # also put the node rankings' curves on the edge axis (evals/edge_methods.py)
 
 
 class MethodResult(BaseModel):
@@ -144,6 +145,9 @@ def score_ranking(engine: Engine, case: Case, curves: Curves, method: str) -> Me
         res.faithfulness[m] = c[k]
         res.cpr[m], res.cmd[m] = cpr_cmd(c)
     res.detail["top5"] = [(u, round(scores.get(u, 0.0), 4)) for u in order[:5]]
+    if case.edge_axis:
+        from evals.edge_methods import node_ranking_on_edges
+        res.detail["edge_axis"] = node_ranking_on_edges(engine, case, order)
     if case.truth_neurons:
         with count_passes() as ncost:
             nscores = rank(engine, method, case.pairs[:case.n_rank], neurons=True)

@@ -71,6 +71,37 @@ def ground_truth(program: str) -> list[str]:
     return nodes
 
 
+def ground_truth_edges(program: str) -> list[tuple[str, str]]:
+    """Edges between the compiled blocks (and into LOGITS), read off the weights: u -> v when a
+    residual-space label u writes is one v reads (a head's query, key or value rows; an MLP's
+    first layer; the unembedding's output labels). Tracr gives each value its own labels, so
+    this is the program's dataflow graph."""
+    meta, a = _load(program)
+    labels = meta["residual_labels"]
+    H, ks = meta["num_heads"], meta["key_size"]
+    nodes = ground_truth(program)
+
+    def nz_rows(w):
+        return set(np.nonzero(np.abs(w).max(axis=1) > 0)[0].tolist())
+
+    reads, writes, order = {}, {}, []
+    for l in range(meta["num_layers"]):
+        p = f"transformer/layer_{l}/"
+        for h in range(H):
+            cols = slice(h * ks, (h + 1) * ks)
+            reads[f"L{l}.H{h}"] = set().union(*(nz_rows(a[p + f"attn/{m}/w"][:, cols]) for m in ("query", "key",
+                                                                                                  "value")))
+            writes[f"L{l}.H{h}"] = nz_rows(a[p + "attn/linear/w"][cols].T)
+            order.append(f"L{l}.H{h}")
+        reads[f"L{l}.MLP"] = nz_rows(a[p + "mlp/linear_1/w"])
+        writes[f"L{l}.MLP"] = nz_rows(a[p + "mlp/linear_2/w"].T)
+        order.append(f"L{l}.MLP")
+    reads["LOGITS"] = {labels.index(f"{meta['output']}:{v}") for v in meta["output_values"]}
+    order.append("LOGITS")
+    return [(u, v) for i, u in enumerate(order) if u in nodes for v in order[i + 1:]
+            if (v in nodes or v == "LOGITS") and writes[u] & reads[v]]
+
+
 def build(program: str, folder: str | Path) -> Path:
     """Write the program as a GPT-2 folder (model, tokenizer, reference.txt for mean ablation)."""
     meta, a = _load(program)

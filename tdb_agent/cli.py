@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tdb_agent.datasets.command import add_build_dataset
     add_build_dataset(sub, _model_args)
+    from tdb_agent.service.graph_batch import add_graphs_command
+    add_graphs_command(sub, _model_args)
 
     args = ap.parse_args(argv)
     # logs go to stderr: stdout carries the MCP protocol on the stdio transport

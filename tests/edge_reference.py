@@ -35,7 +35,29 @@ def _gelu_new(x):
     return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-class RefModel:
+class GraphOrder:
+    """Receivers and how many senders feed each, in the order of ops.edges.graph, written
+    out for the test's own models (L, H, KV set by the subclass; par: parallel blocks)."""
+
+    L: int
+    H: int
+    KV: int
+    par = False
+
+    def receivers(self):
+        out = []
+        for l in range(self.L):
+            out += [("q", l, h) for h in range(self.H)] + [("k", l, g) for g in range(self.KV)]
+            out += [("v", l, g) for g in range(self.KV)] + [("mlp", l, 0)]
+        return out + [("logits", self.L, 0)]
+
+    def n_up(self, kind, l):
+        if kind == "logits":
+            return 1 + self.L * (self.H + 1)
+        return 1 + l * (self.H + 1) + (self.H if kind == "mlp" and not self.par else 0)
+
+
+class RefModel(GraphOrder):
     """Weights of a GPT-2 or Llama-family HF model in per-head form."""
 
     def __init__(self, hf):
@@ -48,45 +70,45 @@ class RefModel:
             self.d // self.H
         self.hf = hf
 
-    # ---- senders / receivers in the order of ops.edges.graph --------------------------
-    def n_up_head(self, l):
-        return 1 + l * (self.H + 1)
-
-    def receivers(self):
-        out = []
-        for l in range(self.L):
-            out += [("q", l, h) for h in range(self.H)] + [("k", l, g) for g in range(self.KV)]
-            out += [("v", l, g) for g in range(self.KV)] + [("mlp", l, 0)]
-        return out + [("logits", self.L, 0)]
-
-    def n_up(self, kind, l):
-        if kind == "logits":
-            return 1 + self.L * (self.H + 1)
-        return self.n_up_head(l) + (self.H if kind == "mlp" else 0)
-
     # ---- the run ---------------------------------------------------------------------
-    def run(self, ids, target, distractor, probes=None, ref=None, removed=None, embed=None):
+    def run(self, ids, target, distractor, probes=None, ref=None, removed=None, embed=None, override=None):
         """metric per row [b], sender outputs [b, s, U, d].
 
         probes: {receiver index: [b, s, d]} added to that receiver's input.
         ref: sender reference values [b, s, U, d]; removed: set of (sender, receiver index)
-        edges whose receiver reads ref instead of this run's sender value; embed [b, s, d]
-        replaces the token embeddings."""
-        probes, removed = probes or {}, removed or set()
+        edges whose receiver reads ref instead of this run's sender value (or (sender,
+        receiver, position): at that position only); embed [b, s, d]
+        replaces the token embeddings; override {sender index: [b, s, d]}: that sender's output
+        is this value instead of its own (every receiver reads it)."""
+        probes, removed, override = probes or {}, removed or set(), override or {}
         recv = self.receivers()
         ridx = {r: i for i, r in enumerate(recv)}
         b, s = ids.shape
         m = self.hf.base_model
         senders = []
+
+        class Senders(list):
+            def append(self, v):
+                super().append(override.get(len(self), v))
+
+        senders = Senders()
         tok = (m.wte if self.family == "gpt2" else m.embed_tokens).weight[ids] if embed is None else embed
         senders.append(tok + m.wpe.weight[torch.arange(s)][None] if self.family == "gpt2" else tok)
         bias = torch.zeros(self.d)
+
+        at = {}  # (sender, receiver) -> positions where that edge alone reads ref: (u, r, t) in removed
+        for e in removed:
+            if len(e) == 3:
+                at.setdefault(e[:2], torch.zeros(s, dtype=torch.bool))[e[2]] = True
 
         def read(kind, l, i):
             r = ridx[(kind, l, i)]
             x = bias.expand(b, s, self.d).clone()
             for u in range(self.n_up(kind, l)):
-                x = x + (ref[:, :, u] if (u, r) in removed else senders[u])
+                if (u, r) in at:
+                    x = x + torch.where(at[(u, r)][None, :, None], ref[:, :, u], senders[u])
+                else:
+                    x = x + (ref[:, :, u] if (u, r) in removed else senders[u])
             return x + probes[r] if r in probes else x
 
         for l in range(self.L):
@@ -158,6 +180,37 @@ class RefModel:
             m, clean = self.run(ids, target, distractor, probes=probes, embed=embed)
             grads = torch.autograd.grad(m.sum(), [probes[r] for r in range(R)])
         return grads, clean.detach()
+
+    def ig_activations(self, ids, cids, target, distractor, steps, ref=None):
+        """[U, R] EAP-IG over activations: for each sender group (EMB; the heads of a layer; an
+        MLP) its outputs are set to ref + k/steps · (clean − ref), k = 1..steps, the gradient at
+        each receiver averaged over those runs and dotted with (ref − clean) of the group's
+        senders; ref [U, d]: fixed references (corpus means) instead of the corrupted run."""
+        R = len(self.receivers())
+        b = ids.shape[0]
+        with torch.no_grad():
+            clean = self.run(ids, target, distractor)[1]
+            corr = self.run(cids, target, distractor)[1] if ref is None else ref.expand_as(clean)
+        groups = [[0]]
+        for l in range(self.L):
+            first = 1 + l * (self.H + 1)
+            groups += [list(range(first, first + self.H)), [first + self.H]]
+        out = torch.zeros(clean.shape[2], R)
+        for us in groups:
+            acc = None
+            for k in range(1, steps + 1):
+                over = {u: corr[:, :, u] + k / steps * (clean[:, :, u] - corr[:, :, u]) for u in us}
+                probes = {r: torch.zeros(b, ids.shape[1], self.d, requires_grad=True) for r in range(R)}
+                with torch.enable_grad():
+                    m, _ = self.run(ids, target, distractor, probes=probes, override=over)
+                    g = torch.autograd.grad(m.sum(), [probes[r] for r in range(R)], allow_unused=True)
+                g = [torch.zeros(b, ids.shape[1], self.d) if x is None else x for x in g]
+                acc = g if acc is None else [a + x for a, x in zip(acc, g)]
+            for r, (kind, l, _) in enumerate(self.receivers()):
+                for u in us:
+                    if u < self.n_up(kind, l):
+                        out[u, r] = ((corr[:, :, u] - clean[:, :, u]) * acc[r] / steps).sum() / b
+        return out
 
     def eap(self, ids, cids, target, distractor, ig_steps=0, ref=None, ref_embed=None):
         """[U, R] scores: (corrupted − clean sender) · ∂m/∂(receiver input), averaged over rows;

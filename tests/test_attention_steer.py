@@ -30,6 +30,34 @@ def test_pattern_matches_eager_attentions(family, tiny_dirs, tiny_engines):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tool_picture_reuses_the_computed_pattern(gpt2_tiny):
+    """The MCP tool's PNG is drawn from the pattern the op computed: no second run of the head."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tdb_agent.service.model_tools import AttentionArgs, attention_content
+
+    class Bench:
+        engine, cache = gpt2_tiny, None
+
+    prompt = PROMPT
+    r = attention_pattern(gpt2_tiny, prompt, "L1.H3")
+    calls = []
+    original = gpt2_tiny.run_with_cache
+    gpt2_tiny.run_with_cache = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        out = attention_content(Bench, AttentionArgs(prompt=prompt, component="L1.H3"), r)
+    finally:
+        del gpt2_tiny.run_with_cache
+    assert calls == []
+    image = next(b for b in out.content if b.type == "image")
+    picture = Image.open(io.BytesIO(base64.b64decode(image.data)))
+    expected, _, _ = head_pattern(gpt2_tiny, prompt, "L1.H3")
+    assert picture.size == (expected.shape[1] * 12, expected.shape[0] * 12)
+
+
 def test_steer_matches_plain_generation(gpt2_tiny, tiny_dirs):
     eng = gpt2_tiny
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"], dtype=torch.float32).eval()

@@ -74,6 +74,14 @@ def test_edge_tools_session(gpt2_tiny, tmp_path):
             thr = await call(c, tools, "edge_circuit", {"name": "ioi_t", "task": "ioi", "n_pairs": 3,
                                                         "method": "eap", "threshold": 0.7})
             assert thr["faithfulness"] >= 0.7 and 1 <= thr["n_edges"] <= thr["n_edges_total"]
+            pr = await call(c, tools, "edge_circuit", {"name": "ioi_p", "task": "ioi", "n_pairs": 3,
+                                                       "method": "eap", "threshold": 0.7, "prune": True})
+            kept = [r["edge"] for r in pr["edges"]]
+            assert set(kept) <= {r["edge"] for r in thr["edges"]} and pr["n_edges"] == len(kept)
+            (m,), full, empty, _, _ = evaluate_keeps(gpt2_tiny, pairs, keep_mask(gpt2_tiny, kept))
+            f_kept = float((m - empty) / (full - empty))
+            assert pr["faithfulness"] == pytest.approx(f_kept, abs=1e-4)
+            assert abs(f_kept - thr["faithfulness"]) < 0.05
 
             err = await call(c, tools, "edge_circuit", {"name": "x", "task": "ioi", "budget": 0.1,
                                                         "threshold": 0.5}, ok=False)
@@ -86,3 +94,58 @@ def test_edge_tools_session(gpt2_tiny, tmp_path):
                              ok=False)
             assert "corrupted_prompt" in err
     asyncio.run(go())
+
+
+def test_position_aware_edge_circuit_round_trip(gpt2_tiny, tmp_path):
+    """edge_circuit(per_position=true) stores edges pinned to positions with their scores as
+    evidence; the stored circuit survives a reload and an export, and edge_faithfulness on it
+    reproduces the metric of exact position-wise edge patching, computed here by brute force
+    in the hand-written model (tests/edge_reference.py)."""
+    import torch
+
+    from tests.edge_reference import RefModel
+    from tests.test_edges import _pairs, _tensors
+    bench = Workbench(gpt2_tiny, workspace=tmp_path)
+    server = build_server(bench)
+    pairs = _pairs(2)
+    payload = [p.model_dump() for p in pairs]
+    s = gpt2_tiny.to_tokens(pairs[0].prompt).shape[1]
+
+    async def go():
+        async with Client(server) as c:
+            tools = {t.name: t for t in (await c.list_tools()).tools}
+            made = await call(c, tools, "edge_circuit", {"name": "pos", "pairs": payload, "method": "eap",
+                                                         "per_position": True, "n_edges": 10})
+            want = edge_scores(gpt2_tiny, pairs, method="eap", per_position=True).ranked(10)
+            assert [r["edge"] for r in made["edges"]] == [e for e, _ in want]
+            assert made["n_edges_total"] == s * edge_scores(gpt2_tiny, pairs, method="eap").graph.n_edges
+            g = C.load(tmp_path / "circuits" / "pos.json")
+            assert g.graph["positions"] == s and circuit_edges(g) == [e for e, _ in want]
+            ev = [e for _, _, d in g.edges(data=True) for e in d["evidence"]]
+            assert {(e["args"]["edge"], e["args"]["position"]) for e in ev} == \
+                {(e, int(e.split("@")[1])) for e, _ in want}
+            scores = {e: v for e, v in want}
+            assert all(e["value"] == pytest.approx(scores[e["args"]["edge"]], abs=1e-6) for e in ev)
+            for fmt in ["graphml", "dot", "circuit_tracer"]:
+                await call(c, tools, "circuit_export", {"name": "pos", "format": fmt})
+            f = await call(c, tools, "edge_faithfulness", {"circuit": "pos", "method": "eap"})
+            return made, f, g
+
+    made, f, g = asyncio.run(go())
+    assert f["circuit_faithfulness"] == pytest.approx(made["faithfulness"], abs=1e-6)
+    # brute force: every (edge, position) not kept reads the corrupted run's sender value
+    grp = _tensors(gpt2_tiny, pairs)
+    ref = RefModel(gpt2_tiny.model)
+    from tdb_agent.ops.edges.graph import EdgeGraph
+    graph = EdgeGraph(gpt2_tiny.spec)
+    kept = set()
+    for e in circuit_edges(g):
+        base, t = e.split("@")
+        kept.add(graph.parse_edge(base) + (int(t),))
+    removed = {(u, r, t) for u, r in graph.valid.nonzero().tolist() for t in range(grp.ids.shape[1])
+               if (u, r, t) not in kept}
+    with torch.no_grad():
+        corr = ref.run(grp.corrupted, grp.target, grp.distractor)[1]
+        m = float(ref.run(grp.ids, grp.target, grp.distractor, ref=corr, removed=removed)[0].mean())
+    assert f["circuit_metric"] == pytest.approx(m, abs=1e-4)
+    assert g.graph["validation"]["metric"] == pytest.approx(m, abs=1e-4)

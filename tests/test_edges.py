@@ -17,7 +17,7 @@ from tdb_agent.ops.edges.patch import patched_metrics
 from tdb_agent.tasks import task_examples
 from tests import edge_reference
 from tests.edge_reference import RefModel
-from tests.tiny_models import build_tiny
+from tests.tiny_models import ALL_FAMILIES, build_tiny
 
 
 def _spec(L, H, KV=None, parallel=False):
@@ -137,10 +137,54 @@ def test_mean_reference_scores_equal_reference_model(sharp, method):
     eng = sharp["llama"]
     pairs = _pairs(2)
     g = _tensors(eng, pairs)
-    res = edge_scores(eng, pairs, method=method, steps=3, reference="mean")
+    res = edge_scores(eng, pairs, method=method, steps=3, reference="mean", ig="inputs")
     ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor, ig_steps=3 if method == "eap-ig" else 0,
                                   ref=mean_senders(eng, None), ref_embed=mean_embedding(eng, None))
     _close(res.scores, ref)
+
+
+@pytest.mark.parametrize("fam,reference", [("gpt2", "corrupted"), ("llama", "corrupted"), ("gpt2", "mean")])
+def test_eap_ig_over_activations_equals_reference_integrated_gradients(sharp, fam, reference):
+    """ig="activations": each sender group's output interpolated (the rest recomputed), against
+    the hand-written model with that group's outputs overridden and autograd at every receiver."""
+    from tdb_agent.ops.edges.capture import mean_senders
+    eng = sharp[fam]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    res = edge_scores(eng, pairs, method="eap-ig", steps=3, reference=reference, ig="activations")
+    ref = RefModel(eng.model).ig_activations(g.ids, g.corrupted, g.target, g.distractor, 3,
+                                             ref=mean_senders(eng, None) if reference == "mean" else None)
+    _close(res.scores, ref)
+    groups = 1 + 2 * eng.spec.n_layers
+    assert res.ig == "activations" and res.backward_passes == 1 + groups * 2
+    assert res.forward_passes == res.backward_passes + (reference == "corrupted")
+    # inputs and activations differ (the mean path), and EAP-IG over the mean defaults to activations
+    other = edge_scores(eng, pairs, method="eap-ig", steps=3, reference=reference, ig="inputs").scores
+    assert (res.scores - other).abs().max() > 1e-3 * res.scores.abs().max()
+    if reference == "mean":
+        assert edge_scores(eng, pairs, method="eap-ig", steps=3, reference="mean").ig == "activations"
+
+
+def test_eap_ig_over_activations_is_complete_per_group(sharp):
+    """Completeness: a group's scores summed over all its edges tend to the exact effect of
+    setting the group's outputs to their reference (patching every edge out of it), computed
+    by the hand-written model."""
+    from tdb_agent.ops.edges.ig_activations import sender_groups
+    eng = sharp["gpt2"]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    res = edge_scores(eng, pairs, method="eap-ig", steps=32, ig="activations")
+    ref_model = RefModel(eng.model)
+    m_clean, _ = ref_model.run(g.ids, g.target, g.distractor)
+    corr = ref_model.run(g.corrupted, g.target, g.distractor)[1]
+    exact = []
+    for _, us in sender_groups(eng):
+        with torch.no_grad():
+            m_patched, _ = ref_model.run(g.ids, g.target, g.distractor, override={u: corr[:, :, u] for u in us})
+        exact.append(float((m_patched - m_clean).mean()))
+        total = float(res.scores[us].sum())
+        assert abs(total - exact[-1]) <= 0.01 * abs(exact[-1]) + 1e-6, (us, total, exact[-1])
+    assert max(abs(e) for e in exact) > 1e-2
 
 
 def test_mean_reference_scores_use_corpus_means(sharp):
@@ -186,19 +230,23 @@ def test_edge_patching_equals_brute_force(sharp, fam):
     assert (ours[-3:] - clean).abs().max() > 1e-5
 
 
-def test_keep_none_is_the_reference_run_on_every_family(tiny_engines):
-    for fam, eng in tiny_engines.items():
-        pairs = _pairs(2)
-        g = _tensors(eng, pairs)
-        graph = EdgeGraph(eng.spec)
-        keeps = torch.zeros(2, graph.n_senders, graph.n_receivers, dtype=torch.bool)
-        keeps[0] = True
-        ours, _ = patched_metrics(eng, graph, g, run_senders(eng, g.corrupted), keeps)
-        with torch.no_grad():
-            for row, ids in ((0, g.ids), (1, g.corrupted)):
-                logits = eng.forward(ids).logits[:, -1]
-                want = logits.gather(1, g.target[:, None])[:, 0] - logits.gather(1, g.distractor[:, None])[:, 0]
-                assert torch.allclose(ours[row], want, atol=1e-5), fam
+def _check_ends(eng, pairs, atol):
+    """Keeping every edge is the engine's clean run, keeping none its corrupted run."""
+    g = _tensors(eng, pairs)
+    graph = EdgeGraph(eng.spec)
+    keeps = torch.zeros(2, graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    keeps[0] = True
+    ours, _ = patched_metrics(eng, graph, g, run_senders(eng, g.corrupted), keeps)
+    with torch.no_grad():
+        for row, ids in ((0, g.ids), (1, g.corrupted)):
+            logits = eng.forward(ids).logits[:, -1]
+            want = logits.gather(1, g.target[:, None])[:, 0] - logits.gather(1, g.distractor[:, None])[:, 0]
+            assert torch.allclose(ours[row], want, atol=atol), (row, ours[row], want)
+
+
+@pytest.mark.parametrize("fam", ALL_FAMILIES)
+def test_keep_none_is_the_reference_run_on_every_family(tiny_engines, fam):
+    _check_ends(tiny_engines[fam], _pairs(2), 1e-5)
 
 
 def test_position_aware_mask_matches_summed_mask(sharp):
@@ -251,29 +299,79 @@ def test_smallest_circuit_reaches_threshold_and_one_fewer_does_not(sharp):
     assert faith[0] < 0.8
 
 
-def test_eap_is_the_derivative_of_exact_edge_patching_on_every_family(tiny_engines):
+@pytest.mark.parametrize("fam", ALL_FAMILIES)
+def test_eap_is_the_derivative_of_exact_edge_patching_on_every_family(tiny_engines, fam):
     """Independent of the gradient code: moving one edge's sender a fraction ε of the way to its
     reference (exact patching with a fractional mask) changes the metric by ε · EAP score."""
     from tdb_agent.ops.edges.patch import patched_rows
-    for fam, eng in tiny_engines.items():
-        pairs = _pairs(1)
-        g = _tensors(eng, pairs)
-        graph = EdgeGraph(eng.spec)
-        res = edge_scores(eng, pairs, method="eap")
-        ref = run_senders(eng, g.corrupted)
-        def slope(s, r, eps):  # central difference
-            one = torch.zeros(1, graph.n_senders, graph.n_receivers)
-            one[0, s, r] = eps
-            up, down = (patched_rows(eng, graph, g.ids, ref, sign * one, g.target, g.distractor)
-                        for sign in (1.0, -1.0))
-            return float((up - down)[0]) / (2 * eps)
-        for name, score in res.ranked(6):
-            s, r = graph.parse_edge(name)
-            fd = (4 * slope(s, r, 0.05) - slope(s, r, 0.1)) / 3  # Richardson: the ε² term cancels
-            assert fd == pytest.approx(score, rel=5e-3, abs=1e-2 * abs(res.ranked(1)[0][1])), (fam, name)
+    eng = tiny_engines[fam]
+    pairs = _pairs(1)
+    g = _tensors(eng, pairs)
+    graph = EdgeGraph(eng.spec)
+    res = edge_scores(eng, pairs, method="eap")
+    ref = run_senders(eng, g.corrupted)
+
+    def slope(s, r, eps):  # central difference
+        one = torch.zeros(1, graph.n_senders, graph.n_receivers)
+        one[0, s, r] = eps
+        up, down = (patched_rows(eng, graph, g.ids, ref, sign * one, g.target, g.distractor)
+                    for sign in (1.0, -1.0))
+        return float((up - down)[0]) / (2 * eps)
+    for name, score in res.ranked(6):
+        s, r = graph.parse_edge(name)
+        fd = (4 * slope(s, r, 0.05) - slope(s, r, 0.1)) / 3  # Richardson: the ε² term cancels
+        assert fd == pytest.approx(score, rel=5e-3, abs=1e-2 * abs(res.ranked(1)[0][1])), (fam, name)
 
 
-def test_families_without_an_exact_read_back_are_refused(tiny_dirs):
-    eng = Engine.load(tiny_dirs["gemma2"])  # post-norms, 1 + w gains: not decomposed by reads.py
-    with pytest.raises(TdbError, match="edge methods .* support the model types"):
+def test_post_norm_with_an_attention_output_bias_is_refused(tmp_path):
+    """Through a post-norm, the bias's share of the block's write scales with the norm from run
+    to run: the heads' edges would not add up, so the edge methods refuse it by name."""
+    eng = Engine.load(build_tiny("gemma2", tmp_path, overrides={"attention_bias": True}))
+    with pytest.raises(TdbError, match="attention output bias before its post-norm"):
         edge_scores(eng, _pairs(1))
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "llama", "gemma", "falcon:new", "gptj", "cohere", "opt"])
+@pytest.mark.parametrize("norm", ["unfrozen", "frozen"])
+def test_autograd_head_grads_equal_the_closed_form(tiny_engines, monkeypatch, fam, norm):
+    """The vector-Jacobian product of heads.head_read (used where the closed form does not
+    apply: q/k norms, no input norm) equals capture.head_grads' closed form (with the rotary's
+    transpose, halves or interleaved, and OPT's q scale) where both apply, norms live or frozen."""
+    from tdb_agent.ops.edges import capture
+    eng = tiny_engines[fam]
+    pairs = _pairs(2)
+    closed = edge_scores(eng, pairs, norm=norm).scores
+    monkeypatch.setattr(capture, "closed_form", lambda engine: False)
+    auto = edge_scores(eng, pairs, norm=norm).scores
+    assert closed.abs().max() > 1e-5
+    assert (closed - auto).abs().max() <= 1e-5 * float(closed.abs().max())
+
+
+def test_post_norm_mean_senders_are_per_token_writes(tiny_engines):
+    """Under a post-norm the heads' mean senders are means of their per-token writes: summed over
+    a layer's heads they give the mean of what attention writes (hook_attn_out), which a plain
+    mean of z through W_O would not."""
+    from tdb_agent.ops.edges.capture import mean_senders
+    from tdb_agent.ops.runs import reference_means
+    eng = tiny_engines["gemma2"]
+    H = eng.spec.n_heads
+    means = mean_senders(eng, None)
+    want = reference_means(eng, ["blocks.0.hook_attn_out", "blocks.1.hook_attn_out"])
+    for l in range(2):
+        got = means[1 + l * (H + 1):1 + l * (H + 1) + H].sum(0)
+        assert torch.allclose(got, want[f"blocks.{l}.hook_attn_out"], atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", ["olmo2", "qwen3", "gptj"])
+def test_half_precision_edges_on_the_per_family_reads(tmp_path, fam):
+    """bf16 blocks with a float32 stream (engine/precision.py) through heads.head_read and
+    OLMo-2's raw MLP read: keep-all / keep-none are the bf16 runs, EAP within 5 % of float32."""
+    d = build_tiny(fam, tmp_path / fam, seed=3, dtype=torch.bfloat16)
+    e32, e16 = Engine.load(d), Engine.load(d, dtype="bfloat16")
+    _sharpen = lambda eng: [p.mul_(2.0) for p in eng.model.parameters() if p.dim() == 2]  # noqa: E731
+    with torch.no_grad():
+        _sharpen(e32), _sharpen(e16)
+    pairs = _pairs(2)
+    _check_ends(e16, pairs, 2e-2)
+    a, b = edge_scores(e32, pairs).scores, edge_scores(e16, pairs).scores
+    assert b.dtype == torch.float32 and (a - b).abs().max() <= 0.05 * a.abs().max()

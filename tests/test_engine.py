@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from tdb_agent.engine import Engine, StopForward
 from tdb_agent.engine.interventions import intervention
-from tdb_agent.errors import ModelNotFound, PromptTooLong, TokenizationError, UnknownSite
+from tdb_agent.errors import ModelNotFound, PromptTooLong, TdbError, TokenizationError, UnknownSite
 from tests.tiny_models import FAMILIES
 
 PROMPT = "When Mary and John went to the store , John gave a drink to"
@@ -135,6 +135,21 @@ def test_hooks_are_removed_after_exception(gpt2_tiny):
     with torch.no_grad():
         a = gpt2_tiny.forward(ids).logits
     assert torch.isfinite(a).all()
+
+
+def test_read_only_site_refuses_a_change(gpt2_tiny):
+    """ln_final.hook_scale can be read; a hook that returns a new scale gets an error, not a
+    change the final norm would silently ignore."""
+    ids = gpt2_tiny.to_tokens(PROMPT)
+    seen = []
+    with torch.no_grad():
+        clean = gpt2_tiny.forward(ids).logits
+        read = gpt2_tiny.forward(ids, hooks={"ln_final.hook_scale": lambda x, site: seen.append(x.shape) and None})
+        torch.testing.assert_close(read.logits, clean)
+        assert seen == [(1, ids.shape[1], 1)]
+        with pytest.raises(TdbError, match="read only"):
+            gpt2_tiny.forward(ids, hooks={"ln_final.hook_scale": lambda x, site: x * 2})
+    assert gpt2_tiny.active_hook_count() == 0
 
 
 def test_bad_input_errors(gpt2_tiny, tmp_path):

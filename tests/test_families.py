@@ -117,6 +117,8 @@ def capture(model, family, ids):
         handles.append(down_proj(block).register_forward_pre_hook(keep(f"blocks.{l}.mlp.hook_post", pre=True)))
         handles.append(out_proj(block).register_forward_hook(keep(f"blocks.{l}.attn_raw")))
         handles.append(mlp_act(block).register_forward_pre_hook(keep(f"blocks.{l}.mlp.hook_pre", pre=True)))
+        mlp_first = getattr(block, "mlp", None) or block.fc1  # OPT: fc1, inline in the block
+        handles.append(mlp_first.register_forward_pre_hook(keep(f"blocks.{l}.ln2.hook_normalized", pre=True)))
     handles.append(token_embedding(model).register_forward_hook(keep("hook_embed")))
     handles.append(final_norm(model).register_forward_pre_hook(keep("hook_resid_final", pre=True)))
     try:
@@ -144,7 +146,8 @@ def test_forward_and_every_site_match_plain_transformers(family, tiny_engines, p
     sites = ["hook_embed", "hook_resid_final"]
     for l in range(eng.spec.n_layers):
         sites += [f"blocks.{l}.{s}" for s in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                                              "mlp.hook_pre", "mlp.hook_post", "attn.hook_pattern")]
+                                              "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post",
+                                              "attn.hook_pattern")]
         torch.testing.assert_close(cache[f"blocks.{l}.attn.hook_z"].flatten(2), ref[f"blocks.{l}.z"], atol=1e-5,
                                    rtol=0)
         if not eng.spec.parallel_residual:  # between attention and MLP: input + what attention wrote

@@ -145,9 +145,9 @@ def test_pruning_is_cached_on_the_graph(tiny_engines, tmp_path, monkeypatch):
     e = tiny_engines["gpt2"]
     bench = Workbench(e, workspace=tmp_path)
     calls = []
-    real_prune, real_influence = influence.prune, influence.influence
+    real_prune, real_series = influence.prune, influence.influence_rows
     monkeypatch.setattr(influence, "prune", lambda *a, **k: calls.append("prune") or real_prune(*a, **k))
-    monkeypatch.setattr(influence, "influence", lambda *a, **k: calls.append("series") or real_influence(*a, **k))
+    monkeypatch.setattr(influence, "influence_rows", lambda *a, **k: calls.append("series") or real_series(*a, **k))
     with attached(e, random_transcoders(e, n=16)):
         attribution_graph(bench, GraphArgs(prompt=P, target="Mary", distractor="John", name="g"), Job())
         assert calls.count("prune") == 1
@@ -165,4 +165,4 @@ def test_pruning_is_cached_on_the_graph(tiny_engines, tmp_path, monkeypatch):
         cached = views.pruned_of(g, 0.5, 0.98)
     fresh = real_prune(square(g), 0.5, 0.98)
     assert all(torch.equal(getattr(cached, f), getattr(fresh, f))
-               for f in ("node_mask", "edge_mask", "node_influence", "cumulative"))
+               for f in ("node_mask", "edge_rows", "node_influence", "cumulative"))

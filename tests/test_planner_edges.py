@@ -51,6 +51,11 @@ def test_the_circuit_states_its_edges_with_their_measurements(induction_run):
     # the known mechanism's edges, found by EAP-IG and stated on the node circuit
     assert {("L0.H0", "L1.H1"), ("L1.H1", "LOGITS")} <= set(stated)
     assert stated[("L0.H0", "L1.H1")]["via"] == "k"
+    # the previous-token head's direct effect is no edge the faithful edge circuit needs: dropped
+    links = {(e["source"], e["target"]) for e in graph["links"]}
+    assert ec["result"]["faithfulness"] >= 0.8 and ("L0.H0", "LOGITS") not in links
+    assert not any(r["source"] == "L0.H0" and r["target"] == "LOGITS" for r in ec["result"]["edges"])
+    assert "L0.H0->LOGITS" in (out / "report.md").read_text()
     stated = list(stated.values())
     for e in stated:
         for x in e["evidence"]:
@@ -87,10 +92,13 @@ def test_a_resumed_run_asks_the_same_edge_questions(induction_cfg, induction_run
     assert stated
 
 
-def test_a_family_the_edge_methods_refuse_gets_a_note(tiny_dirs, tmp_path):
+def test_a_model_the_edge_methods_refuse_gets_a_note(tmp_path):
+    """A Gemma-2 with an attention output bias before its post-norm (ops/edges/graph.check_supported)."""
+    from tests.tiny_models import build_tiny
+    model = build_tiny("gemma2", tmp_path / "model", overrides={"attention_bias": True})
     out = tmp_path / "run"
-    summary = _run(RunConfig(task="ioi", planner="scripted", model=str(tiny_dirs["opt"])), out)
+    summary = _run(RunConfig(task="ioi", planner="scripted", model=str(model)), out)
     assert summary.nodes
     report = (out / "report.md").read_text()
-    assert "no edge-level analysis" in report and "support the model types" in report
+    assert "no edge-level analysis" in report and "attention output bias" in report
     assert "## Edge circuit" not in report

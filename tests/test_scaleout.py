@@ -99,6 +99,46 @@ def test_discover_batch_on_ray_equals_sequential(ray_cluster, setup, tmp_path):
     assert results["ray"] == results["local"]
 
 
+@pytest.mark.slow
+def test_graph_batch_on_ray_equals_sequential(ray_cluster, setup, tmp_path):
+    """`tdb-agent graphs --batch FILE --ray --workers 2`: one valid graph JSON per prompt,
+    the same graphs as built one after another here, a summary, and a bad item is a row.
+    (Before the dataset tests: their module-wide workers hold both CPUs of the cluster.)"""
+    import json
+
+    from tdb_agent.cli import main
+    from tdb_agent.ops.graph.export import validate
+    _, spec, _, _ = setup  # the tiny GPT-2 with a residual SAE: graphs over its latents
+    batch = tmp_path / "graphs.jsonl"
+    batch.write_text("\n".join(json.dumps(x) for x in [
+        {"prompt": "When Mary and John went to the store , John gave a drink to", "target": "Mary",
+         "distractor": "John", "name": "ioi"},
+        {"prompt": "the cat sat on the mat and the dog", "name": "top"},
+        {"prompt": "the cat sat on the mat", "target": "cat", "distractor": "cat", "name": "bad"}]) + "\n")
+    common = ["graphs", "--batch", str(batch), "--model", spec.model, "--device", "cpu", "--sae", spec.saes[0],
+              "--no-bundled-saes", "--no-bundled-transcoders", "--max-feature-nodes", "12", "--batch-size", "5"]
+    graphs = {}
+    for mode in ("local", "ray"):
+        out = tmp_path / mode
+        rc = main(common + ["--out", str(out)] + (["--ray", "--workers", "2"] if mode == "ray" else []))
+        assert rc == 1  # the bad item failed, the others did not
+        s = json.loads((out / "summary.json").read_text())
+        assert [(r["name"], r["ok"]) for r in s["graphs"]] == [("ioi", True), ("top", True), ("bad", False)]
+        assert "same token" in s["graphs"][2]["error"]
+        assert (out / "summary.md").read_text().count("\n| [") == 3
+        graphs[mode] = {n: json.loads((out / f"{n}.json").read_text()) for n in ("ioi", "top")}
+        for d in graphs[mode].values():
+            assert validate(d) == [] and d["links"]
+        if mode == "ray":
+            assert s["workers"] == 2 and len({r["worker"] for r in s["graphs"]}) == 2
+    for n in ("ioi", "top"):
+        a, b = graphs["local"][n], graphs["ray"][n]
+        assert [x["node_id"] for x in a["nodes"]] == [x["node_id"] for x in b["nodes"]]
+        wa = {(x["source"], x["target"]): x["weight"] for x in a["links"]}
+        wb = {(x["source"], x["target"]): x["weight"] for x in b["links"]}
+        assert wa.keys() == wb.keys() and all(abs(wa[k] - wb[k]) < 1e-5 for k in wa)
+
+
 def test_build_dataset_cli_with_ray(ray_cluster, setup, tmp_path, capsys):
     """`tdb-agent build-dataset --ray --workers 2` writes the file the in-process command writes.
     (Also before the module-wide workers exist.)"""

@@ -105,9 +105,13 @@ def model_type(family: str) -> str:
     return family.split(":")[0]
 
 
-def build_tiny(family: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def build_tiny(family: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+               overrides: dict | None = None) -> Path:
+    """overrides: config fields set on top of the family's tiny configuration."""
     tok = build_tokenizer()
     cls, cfg = _config(family, len(tok))
+    for k, v in (overrides or {}).items():
+        setattr(cfg, k, v)
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = tok.bos_token_id
     torch.manual_seed(seed)
     model = cls(cfg)

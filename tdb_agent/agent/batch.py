@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from tdb_agent.agent.runstore import RunConfig
+from tdb_agent.scaleout import read_batch_lines, run_jobs, unique_names
 from tdb_agent.session import EngineSpec
 
 log = logging.getLogger(__name__)
@@ -57,26 +57,17 @@ class BatchSummary(BaseModel):
 
 
 def read_batch_file(path: str | Path) -> list[BatchItem]:
-    items = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            try:
-                items.append(BatchItem.model_validate_json(line))
-            except ValueError as e:
-                raise ValueError(f"{path}:{i}: not a batch item ({e})") from None
-    return items
+    return read_batch_lines(path, BatchItem)
 
 
 def plan_runs(items: list[BatchItem], template: RunConfig, root: Path) -> list[tuple[str, RunConfig, Path]]:
     """(name, config, run folder) per item; folder names are unique in the batch."""
-    seen: dict[str, int] = {}
-    out = []
     for it in items:
         if not it.task and not (it.prompt and it.target):
             raise ValueError(f"a batch item needs a task, or a prompt and a target: {it.model_dump(exclude_none=True)}")
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", it.name or it.task or "prompt")
-        seen[base] = seen.get(base, 0) + 1
-        name = base if seen[base] == 1 else f"{base}-{seen[base]}"
+    names = unique_names([it.name or it.task or "prompt" for it in items])
+    out = []
+    for name, it in zip(names, items):
         cfg = template.model_copy(update={k: v for k, v in it.model_dump().items() if k != "name"})
         out.append((name, cfg, root / name))
     return out
@@ -107,14 +98,18 @@ def _run_one(engine, name: str, cfg: RunConfig, out: Path, llm: dict | None) -> 
                       error=f"{type(e).__name__}: {e}", worker=who)
 
 
+def _run_job(engine, name: str, cfg: dict, out: str, llm: dict | None) -> dict:
+    return _run_one(engine, name, RunConfig(**cfg), Path(out), llm).model_dump()
+
+
 class DiscoverWorker:
     """A Ray actor holding one engine; each `run` call is one discovery run."""
 
     def __init__(self, spec: dict):
         self.engine = EngineSpec(**spec).load(set_threads=True)
 
-    def run(self, name: str, cfg: dict, out: str, llm: dict | None) -> dict:
-        return _run_one(self.engine, name, RunConfig(**cfg), Path(out), llm).model_dump()
+    def run(self, i: int, name: str, cfg: dict, out: str, llm: dict | None) -> tuple[int, dict]:
+        return i, _run_job(self.engine, name, cfg, out, llm)
 
 
 def run_batch(runs: list[tuple[str, RunConfig, Path]], spec: EngineSpec, root: Path, llm: dict | None = None,
@@ -123,35 +118,10 @@ def run_batch(runs: list[tuple[str, RunConfig, Path]], spec: EngineSpec, root: P
     over Ray actors, else one after another here. Writes root/summary.json and summary.md."""
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rows: list[RunRow] = []
-    if ray_address is None:
-        engine = spec.load()
-        for name, cfg, out in runs:
-            rows.append(_run_one(engine, name, cfg, out, llm))
-            echo(_row_line(rows[-1]))
-        n_workers = 1
-    else:
-        from tdb_agent.scaleout import check_fits, connect, default_workers
-
-        ray = connect(ray_address)
-        n_workers = min(workers or default_workers(spec), max(len(runs), 1))
-        check_fits(spec, n_workers)
-        cls = ray.remote(DiscoverWorker).options(**spec.actor_options())
-        actors = [cls.remote(spec.model_dump()) for _ in range(n_workers)]
-        try:
-            from ray.util import ActorPool
-
-            pool = ActorPool(actors)
-            jobs = [(name, cfg.model_dump(), str(out)) for name, cfg, out in runs]
-            by_name = {}
-            for r in pool.map_unordered(lambda a, j: a.run.remote(j[0], j[1], j[2], llm), jobs):
-                row = RunRow(**r)
-                by_name[row.name] = row
-                echo(_row_line(row))
-            rows = [by_name[name] for name, _, _ in runs]
-        finally:
-            for a in actors:
-                ray.kill(a)
+    jobs = [(name, cfg.model_dump(), str(out), llm) for name, cfg, out in runs]
+    results, n_workers = run_jobs(spec, jobs, _run_job, DiscoverWorker, "run", ray_address, workers,
+                                  on_result=lambda r: echo(_row_line(RunRow(**r))))
+    rows = [RunRow(**r) for r in results]
     summary = BatchSummary(runs=rows, workers=n_workers, seconds=round(time.time() - t0, 2))
     (root / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
     (root / "summary.md").write_text(summary_table(summary))

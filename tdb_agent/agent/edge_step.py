@@ -3,7 +3,8 @@ behaviour, and how faithful an edge circuit is.
 
 After the node circuit is found, the planner scores every edge of the model's edge graph
 with EAP-IG against the corrupted prompts over the task's pairs (`edge_circuit`, which keeps
-the fewest top edges that reach the threshold and stores them as their own circuit), then
+the fewest top edges that reach the threshold, ties at the cut taken whole, then drops the
+jointly unneeded ones by exact patching, and stores them as their own circuit), then
 measures that edge circuit's faithfulness curve over the MIB edge budgets
 (`edge_faithfulness`: CPR, CMD). The node circuit gains the top edges that join two of its
 components (or one of them and the logits), each with its score and the curve behind it as
@@ -12,6 +13,8 @@ a note, and the run goes on.
 """
 
 from __future__ import annotations
+
+import re
 
 from pydantic import BaseModel
 
@@ -36,7 +39,7 @@ class EdgeFindings(BaseModel):
     circuit: str  # the edge circuit's name (stored beside the node circuit)
     method: dict
     n_pairs: int
-    n_edges: int  # the fewest top edges whose faithfulness reaches the threshold (or all of them)
+    n_edges: int  # the fewest top edges reaching the threshold (or all of them), less the unneeded ones
     n_edges_total: int
     threshold: float
     faithfulness: float  # of exactly those edges, by exact edge patching
@@ -46,6 +49,7 @@ class EdgeFindings(BaseModel):
     curve: list[tuple[float, float]] = []  # (budget, faithfulness)
     edges: list[EdgeFinding]  # the edge circuit's top edges, ranked by |score|
     added: list[str] = []  # the edges stated on the node circuit (source->target)
+    removed: list[str] = []  # direct-effect edges into the logits that the faithful edge circuit does without
 
 
 def _behaviour(task: str | None, pairs: list[dict]) -> dict:
@@ -64,7 +68,8 @@ async def edge_step(tb: Toolbox, task: str | None, pairs: list[dict], circuit: s
     name = f"{circuit}-edges"[:64]
     behaviour = _behaviour(task, pairs)
     try:
-        ec = await tb("edge_circuit", name=name, **behaviour, **METHOD, threshold=threshold, overwrite=True)
+        ec = await tb("edge_circuit", name=name, **behaviour, **METHOD, threshold=threshold, prune=True,
+                      overwrite=True)
         curve = await tb("edge_faithfulness", circuit=name, **behaviour, **METHOD)
     except ToolCallFailed as e:
         notes.append(f"no edge-level analysis: {e}")
@@ -112,6 +117,19 @@ async def _state_edges(tb: Toolbox, circuit: str, nodes: list[str], found: EdgeF
     edges = sorted(by_pair.values(), key=lambda x: (x["source"], x["target"]))
     for x in edges:
         x["evidence"].append(curve_ev)
+    # a direct effect is no evidence that an edge into the logits is needed: where the edge
+    # circuit (complete in hand, and reaching the threshold by exact patching) does without
+    # one, the node circuit drops it
+    into = {e.source for e in found.edges if e.target == "LOGITS"}
+    if found.faithfulness >= found.threshold and len(found.edges) == found.n_edges:
+        drop = [{"source": s, "target": t} for (s, t) in have if t == "LOGITS" and s in inside and s not in into
+                and re.fullmatch(r"L\d+\.(H\d+|MLP)", s)]  # a neuron or latent is not a sender of the graph
+        if drop:
+            await tb("circuit_remove", name=circuit, edges=drop)
+            found.removed = [f"{d['source']}->LOGITS" for d in drop]
+            notes.append(f"edges into the logits without an edge in the edge circuit removed: "
+                         f"{', '.join(found.removed)} (their direct effect is not needed for faithfulness "
+                         f"{found.faithfulness:.3f})")
     if not edges:
         notes.append(f"none of the top {len(found.edges)} edges joins two of the circuit's components")
         return
@@ -134,6 +152,9 @@ def report_lines(found: EdgeFindings | None) -> list[str]:
              "|---|" + "---|" * len(found.curve),
              "| faithfulness | " + " | ".join(f"{f:.3f}" for _, f in found.curve) + " |",
              "", "| edge | via | score | on the node circuit |", "|---|---|---|---|"]
+    if found.removed:
+        lines[-3:-3] = ["", f"Removed from the node circuit (no edge of the edge circuit): "
+                                f"{', '.join(found.removed)}."]
     added = set(found.added)
     for e in found.edges:
         lines.append(f"| {e.edge} | {e.via} | {e.score:.4f} | "

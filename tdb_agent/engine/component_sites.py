@@ -12,6 +12,11 @@ SAE_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_at
 KIND_HOOKS = {"head": "attn.hook_z", "neuron": "mlp.hook_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out"}
 #: the embedding's write: the residual stream entering block 0
 EMBED_SITE = "blocks.0.hook_resid_pre"
+#: edge receiver kind -> the block's hook where what it reads arrives (ops/edges): each head's
+#: q, k, v (after q/k norms and rotary) and the MLP's input (after its norm)
+RECEIVER_HOOKS = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "mlp": "ln2.hook_normalized"}
+#: the residual stream entering a block, and between its attention and MLP (sequential blocks)
+RESID_HOOKS = {"pre": "hook_resid_pre", "mid": "hook_resid_mid"}
 
 
 def sae_site(layer: int, site: str) -> str:
@@ -22,3 +27,13 @@ def sae_site(layer: int, site: str) -> str:
 def kind_site(kind: str, layer: int) -> str:
     """The hook site of a component kind (head, neuron, attn, mlp) in `layer`."""
     return f"blocks.{layer}.{KIND_HOOKS[kind]}"
+
+
+def receiver_site(kind: str, layer: int) -> str:
+    """The hook site where an edge receiver of `kind` (q, k, v, mlp) of block `layer` reads."""
+    return f"blocks.{layer}.{RECEIVER_HOOKS[kind]}"
+
+
+def resid_site(where: str, layer: int) -> str:
+    """The residual stream entering block `layer` ("pre") or between its attention and MLP ("mid")."""
+    return f"blocks.{layer}.{RESID_HOOKS[where]}"

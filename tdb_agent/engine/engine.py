@@ -49,7 +49,7 @@ from tdb_agent.engine.precision import cast_block_inputs, describe
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.engine.tokens import with_bos
 from tdb_agent.engine.weights import load_weights
-from tdb_agent.errors import ModelNotFound, PromptTooLong, TokenizationError, UnknownSite
+from tdb_agent.errors import ModelNotFound, PromptTooLong, TdbError, TokenizationError, UnknownSite
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "tdb-tiny"
 UNEMBED_CHUNK = 32768  # vocabulary rows upcast at a time
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+#: sites a hook may read but not change (engine/sites.py)
+READ_ONLY_SITES = frozenset({"ln_final.hook_scale"})
 
 
 class StopForward(Exception):
@@ -76,6 +80,9 @@ class HookState:
         for fn in self.hooks.get(site, ()):
             out = fn(x, site)
             if out is not None:
+                if site in READ_ONLY_SITES:  # nothing reads it back: a change would be lost silently
+                    raise TdbError(f"{site} is read only (the final norm computes its own scale); change "
+                                   "hook_resid_final or ln_final.hook_normalized instead")
                 x = out if out.device == x.device else out.to(x.device)  # the site stays on its device
         return x
 

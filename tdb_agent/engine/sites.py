@@ -25,7 +25,8 @@ tests/test_families.py):
 * hook_resid_post: the block's output, the next block's hook_resid_pre.
 * hook_resid_final, ln_final.hook_normalized, hook_logits: the final norm's input, the
   unembedding's input, the logits returned (engine.forward).
-* ln_final.hook_scale: read only (computed beside the final norm, which ignores it).
+* ln_final.hook_scale: read only (computed beside the final norm, which ignores it): a hook
+  that returns a tensor there gets a TdbError rather than a change that is silently lost.
 
 In half-precision models the residual-stream sites (resid_pre, resid_mid, resid_post,
 resid_final) carry float32, the sites inside a block the model's dtype (engine/precision.py).

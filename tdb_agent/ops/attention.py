@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from tdb_agent.components import parse_component
 from tdb_agent.engine import Engine
@@ -33,6 +33,8 @@ class AttentionPatternResult(BaseModel):
     queries: list[QueryRow] = Field(description="for each query position, its most attended key positions")
     pattern: list[list[float]] | None = Field(None, description="the full [query, key] pattern (prompts up to "
                                               "64 tokens)")
+    #: the pattern as computed, so a PNG of it does not run the head again (not serialised)
+    _pattern: torch.Tensor | None = PrivateAttr(None)
 
 
 @torch.no_grad()
@@ -73,7 +75,9 @@ def attention_pattern(engine: Engine, prompt: str, component: str, top_k: int = 
         keys = [KeyWeight(position=j, token=tokens[j], weight=w) for w, j in zip(values[q], indices[q]) if j <= q]
         queries.append(QueryRow(position=q, token=tokens[q], top_keys=keys))
     full = [[round(v, 5) for v in row] for row in pattern.tolist()] if s <= 64 else None
-    return AttentionPatternResult(prompt=prompt, head=head, tokens=tokens, queries=queries, pattern=full)
+    result = AttentionPatternResult(prompt=prompt, head=head, tokens=tokens, queries=queries, pattern=full)
+    result._pattern = pattern
+    return result
 
 
 def pattern_png(pattern: torch.Tensor, cell: int = 12) -> bytes:

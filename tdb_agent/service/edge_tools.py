@@ -9,12 +9,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from tdb_agent import circuits as C
-from tdb_agent.circuits.edges import circuit_edges, edge_circuit, keep_mask
+from tdb_agent.circuits.edges import circuit_edges, circuit_positions, edge_circuit, keep_mask
 from tdb_agent.circuits.store import check_name
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.edges.eap import EdgeScores, edge_scores
-from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, EdgeEvaluator, FaithfulnessCurve, faithfulness_curve, \
-    keep_masks, smallest_circuit
+from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, EdgeEvaluator, FaithfulnessCurve, close_ties, \
+    faithfulness_curve, keep_masks, prune_unneeded, smallest_circuit
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
 from tdb_agent.service.circuit_tools import circuit_store
 from tdb_agent.service.exports import in_workspace
@@ -36,14 +36,19 @@ class EdgeMethodArgs(ToolArgs):
     pairs: Pairs = None
     method: Annotated[Literal["eap", "eap-ig"], Field(
         description="eap: (reference − clean sender output) · gradient at the receiver's input (2 forwards + 1 "
-                    "backward); eap-ig: the gradient averaged along inputs from the reference to the clean "
-                    "embeddings (steps forwards and backwards), the MIB benchmark's recommended method")] = "eap-ig"
+                    "backward); eap-ig: the gradient averaged along a path from the reference to the clean run "
+                    "(see ig), the MIB benchmark's recommended method")] = "eap-ig"
     steps: Annotated[int, Field(ge=1, le=64, description="eap-ig interpolation steps")] = 5
     reference: Annotated[Literal["corrupted", "mean"], Field(
         description="what a removed edge carries: the sender's output on the corrupted prompt, or its mean over "
                     "the reference corpus")] = "corrupted"
     metric: Annotated[Literal["logit_diff", "logprob"] | None, Field(
         description="default: logit_diff when every pair has a distractor, else logprob")] = None
+    ig: Annotated[Literal["inputs", "activations"] | None, Field(
+        description="eap-ig's path: inputs (token embeddings from the reference to the clean ones) or activations "
+                    "(each sender group's output from its reference to its clean value, the rest recomputed: "
+                    "1 + (2·layers + 1)·(steps − 1) passes); default inputs for reference=corrupted, activations "
+                    "for reference=mean (the input path never visits mean-patched states)")] = None
 
     def behaviour(self) -> C.Behaviour:
         try:
@@ -54,11 +59,11 @@ class EdgeMethodArgs(ToolArgs):
     def scores(self, bench: Workbench, per_position: bool = False) -> EdgeScores:
         return edge_scores(bench.engine, self.behaviour().resolve(), method=self.method, steps=self.steps,
                            reference=self.reference, metric=self.metric, batch_size=min(16, bench.limits.batch_size),
-                           per_position=per_position, cache=bench.cache)
+                           per_position=per_position, cache=bench.cache, ig=self.ig)
 
-    def method_record(self) -> dict:
+    def method_record(self, res: EdgeScores | None = None) -> dict:
         return {"method": self.method, "steps": self.steps if self.method == "eap-ig" else None,
-                "reference": self.reference}
+                "reference": self.reference, "ig": res.ig if res is not None else self.ig}
 
 
 class EdgeRow(BaseModel):
@@ -82,10 +87,16 @@ class EdgeAttribution(BaseModel):
     edges: list[EdgeRow] = Field(description="ranked by |score|")
 
 
-def _rows(res: EdgeScores, top_k: int) -> list[EdgeRow]:
+def _index(graph, edge: str) -> tuple[int, ...]:
+    """Index of "SENDER->RECEIVER[@t]" in a [(s,) U, R] mask."""
+    base, _, pos = edge.partition("@")
+    return ((int(pos),) if pos else ()) + graph.parse_edge(base)
+
+
+def _rows(res: EdgeScores, top_k: int, ranked: list[tuple[str, float]] | None = None) -> list[EdgeRow]:
     g = res.graph
     out = []
-    for name, score in res.ranked(top_k):
+    for name, score in (ranked[:top_k] if ranked is not None else res.ranked(top_k)):
         s, r = g.parse_edge(name.split("@")[0])
         recv = g.receivers[r]
         out.append(EdgeRow(edge=name, source=g.senders[s], target=recv.heads[0], via=recv.via, score=score))
@@ -118,6 +129,11 @@ class EdgeCircuitArgs(EdgeMethodArgs):
     threshold: Annotated[float | None, Field(gt=0, le=1.5, description="keep the fewest top edges whose "
                                              "faithfulness reaches this")] = None
     overwrite: Annotated[bool, Field(description="replace an existing circuit of that name")] = False
+    per_position: Annotated[bool, Field(description="pin each edge to a token position (SENDER->RECEIVER@t; "
+                                        "prompts of one token length): the budget counts edge-position pairs")] = False
+    prune: Annotated[bool, Field(description="then drop the jointly unneeded edges: those whose removal, one at a "
+                                 "time and all together, moves faithfulness by less than 0.05 (exact edge "
+                                 "patching; backups that matter together stay)")] = False
 
 
 
@@ -144,29 +160,39 @@ def edge_circuit_tool(bench: Workbench, args: EdgeCircuitArgs, job: Job) -> Edge
     check_name(args.name)
     if not args.overwrite and args.name in bench.circuits:
         raise TdbError(f"a circuit named {args.name!r} exists; pick another name or pass overwrite=true")
-    res = args.scores(bench)
+    res = args.scores(bench, per_position=args.per_position)
     pairs = args.behaviour().resolve()
     job.progress(1, 3)
-    n_total = res.graph.n_edges
+    positions = res.scores.shape[0] if args.per_position else None
+    n_total = res.graph.n_edges * (positions or 1)
     passes = res.forward_passes
     ev = EdgeEvaluator(engine, pairs, args.reference, args.metric, bench.limits.batch_size, bench.cache)
     if args.threshold is not None:
         n, f, _ = smallest_circuit(engine, pairs, res.scores, args.threshold, evaluator=ev)
+        tied = close_ties(res.graph, res.scores, n)  # never cut inside a group of equal scores
+        if tied != n:
+            n = tied
+            (f,) = ev.faithfulness(keep_masks(res.graph, res.scores, [n]))
     else:
         n = args.n_edges if args.n_edges is not None else max(1, round(args.budget * n_total))
         n = min(n, n_total)
         (f,) = ev.faithfulness(keep_masks(res.graph, res.scores, [n]))
+    ranked = res.ranked(n)
+    if args.prune:
+        keep, f, _ = prune_unneeded(ev, keep_masks(res.graph, res.scores, [n])[0])
+        ranked = [(e, s) for e, s in ranked if keep[_index(res.graph, e)]]
+        n = len(ranked)
     passes += ev.forward_passes
     job.progress(2, 3)
-    ranked = res.ranked(n)
     g = edge_circuit(engine, args.name, ranked, behaviour=args.behaviour(), metric=res.metric_name,
-                     method=args.method_record())
+                     method=args.method_record(res), positions=positions)
     g.graph["faithfulness"] = f
     g.graph["validation"] = {"granularity": "edge", "faithfulness": f, "n_edges": n, "n_edges_total": n_total,
-                             "reference": args.reference, "metric_name": res.metric_name}
+                             "reference": args.reference, "metric_name": res.metric_name,
+                             "metric": ev.m_empty + f * (ev.m_full - ev.m_empty)}
     path = store.put(args.name, g)
     return EdgeCircuitOut(name=args.name, saved_to=in_workspace(bench, path), n_edges=n, n_edges_total=n_total, faithfulness=f,
-                          nodes=C.components(g), edges=_rows(res, min(n, 64)), forward_passes=passes)
+                          nodes=C.components(g), edges=_rows(res, min(n, 64), ranked), forward_passes=passes)
 
 
 class EdgeFaithfulnessArgs(EdgeMethodArgs):
@@ -182,6 +208,7 @@ class EdgeFaithfulnessOut(FaithfulnessCurve):
     circuit: str | None = None
     circuit_faithfulness: float | None = Field(None, description="of exactly the circuit's edges")
     circuit_n_edges: int | None = None
+    circuit_metric: float | None = Field(None, description="mean metric with exactly the circuit's edges kept")
 
 
 def edge_faithfulness(bench: Workbench, args: EdgeFaithfulnessArgs, job: Job) -> EdgeFaithfulnessOut:
@@ -208,13 +235,20 @@ def edge_faithfulness(bench: Workbench, args: EdgeFaithfulnessArgs, job: Job) ->
     curve = faithfulness_curve(engine, [], res.scores, budgets=args.budgets or MIB_BUDGETS, evaluator=ev)
     out = EdgeFaithfulnessOut(**curve.model_dump(), method=args.method)
     if g is not None:
-        (f,) = ev.faithfulness(keep_mask(engine, edges))
+        positions = circuit_positions(g)
+        lengths = sorted({grp.ids.shape[1] for grp in ev.groups})
+        if positions is not None and lengths != [positions]:
+            raise TdbError(f"circuit {args.circuit!r} pins its edges to the positions of {positions}-token prompts; "
+                           f"these pairs have {lengths} tokens")
+        (f,) = ev.faithfulness(keep_mask(engine, edges, positions))
         out.circuit, out.circuit_faithfulness, out.circuit_n_edges = args.circuit, f, len(edges)
+        out.circuit_metric = ev.m_empty + f * (ev.m_full - ev.m_empty)
         with store.edit(args.circuit) as h:
             h.graph["faithfulness"] = f
             h.graph["validation"] = {"granularity": "edge", "faithfulness": f, "n_edges": len(edges),
                                      "n_edges_total": curve.n_edges_total, "reference": args.reference,
-                                     "metric_name": curve.metric_name, "cpr": curve.cpr, "cmd": curve.cmd}
+                                     "metric_name": curve.metric_name, "cpr": curve.cpr, "cmd": curve.cmd,
+                                     "metric": out.circuit_metric}
     out.forward_passes = ev.forward_passes + res.forward_passes
     job.progress(3, 3)
     return out

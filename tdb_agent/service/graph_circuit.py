@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import networkx as nx
+import torch
 from pydantic import BaseModel, Field
 
 from tdb_agent import circuits as C
@@ -54,8 +55,8 @@ def graph_to_networkx_circuit(engine, g: AttributionGraph, sq: SquareGraph, p: P
     """The pruned graph's nodes that reach the target (through kept edges) and those edges,
     weights as in the graph; each node's evidence is its activation and influence."""
     nf_rows = len(g.rows)
-    sink = sq.A.shape[0] - sq.n_logit + (target_row - nf_rows)
-    kept = p.edge_mask.nonzero().tolist()  # (target, source) in square indices
+    sink = sq.N - sq.n_logit + (target_row - nf_rows)
+    kept = torch.stack(p.edges(), 1).tolist()  # (target, source) in square indices
     dg = nx.DiGraph()
     dg.add_edges_from((s, t) for t, s in kept)
     if sink not in dg:
@@ -63,7 +64,7 @@ def graph_to_networkx_circuit(engine, g: AttributionGraph, sq: SquareGraph, p: P
     nodes = nx.ancestors(dg, sink) | {sink}
     pair = _pair(engine, g, target_row)
     ev_args = {"graph": source, "prompt": g.prompt, "target": row_tid(g, target_row)}
-    skipped = float(sum(p.node_influence[i] for i in nodes if i < sq.A.shape[0] - sq.n_logit
+    skipped = float(sum(p.node_influence[i] for i in nodes if i < sq.N - sq.n_logit
                         and circuit_node_id(sq_tid(g, sq, i)) is None))
     desc = (f"attribution graph {source!r} of {g.prompt!r} -> {row_tid(g, target_row)} ({g.mode}); edge weights "
             f"are direct effects (activation x gradient through frozen attention and norms)")
@@ -87,10 +88,9 @@ def graph_to_networkx_circuit(engine, g: AttributionGraph, sq: SquareGraph, p: P
         C.add_node(out, cid, role=role, effect=infl[i], engine=engine,
                    evidence=[C.Evidence(tool="attribution_graph", args={**ev_args, "node": gid},
                                         value={"activation": act, "influence": infl[i]})])
-    w = sq.A
     for t, s in kept:
         if s in ids and t in ids:
-            weight = float(w[t, s])
+            weight = sq.weight(t, s)
             C.add_edge(out, ids[s], ids[t], weight=weight, engine=engine,
                        evidence=[C.Evidence(tool="attribution_graph", args=ev_args, value=weight)])
     return out

@@ -51,11 +51,11 @@ def graph_paths(bench: Workbench, args: PathsArgs, job: Job) -> PathsResult:
     mask = None
     if args.pruned:
         s = pruning(g)
-        mask = pruned_of(g, s.node_threshold, s.edge_threshold, s.max_feature_nodes).edge_mask
+        mask = pruned_of(g, s.node_threshold, s.edge_threshold, s.max_feature_nodes).edge_rows
     out = []
     for strength, path in strongest_paths_k(sq, t, args.k, mask):
         out.append(GraphPath(nodes=[sq_tid(g, sq, i) for i in path], strength=strength,
-                             weights=[float(sq.A[b, a]) for a, b in zip(path, path[1:])]))
+                             weights=[sq.weight(b, a) for a, b in zip(path, path[1:])]))
     return PathsResult(target=sq_tid(g, sq, t), paths=out)
 
 
@@ -99,7 +99,7 @@ def graph_prune(bench: Workbench, args: PruneArgs, job: Job) -> PruneResult:
     rep, comp = scores_of(g)
     return PruneResult(name=args.name, **s.model_dump(), features=int(p.node_mask[:nf].sum()),
                        errors=int(p.node_mask[nf:nf + ne].sum()), nodes=int(p.node_mask.sum()),
-                       edges=int(p.edge_mask.sum()), replacement_score=rep, completeness_score=comp,
+                       edges=int(p.edge_rows.sum()), replacement_score=rep, completeness_score=comp,
                        top_nodes=[KeptNode(id=sq_tid(g, sq, i), influence=float(p.node_influence[i]))
                                   for i in order])
 

@@ -134,13 +134,13 @@ def attribution_graph(bench: Workbench, args: GraphArgs, job: Job) -> GraphResul
     top_nodes = [GraphNode(id=col_tid(g, int(sq.cols[k])), influence=float(p.node_influence[k]),
                            activation=acts.get(int(sq.cols[k]))) for k in order]
     row = len(g.rows)
-    into = g.adjacency[row]
+    into = g.edges.row(row)
     top = into.abs().topk(min(args.top_k, into.numel())).indices.tolist()
     edges = [GraphEdge(source=col_tid(g, c), target=row_tid(g, row), weight=float(into[c])) for c in top
              if float(into[c]) != 0]
     return GraphResult(name=args.name, prompt=args.prompt, tokens=g.tokens, mode=g.mode,
                        targets=[ln.label for ln in g.logits], active_features=g.src.n_feat,
-                       nodes=int(p.node_mask.sum()), edges=int(p.edge_mask.sum()), replacement_score=rep,
+                       nodes=int(p.node_mask.sum()), edges=int(p.edge_rows.sum()), replacement_score=rep,
                        completeness_score=comp, completeness_residual=g.completeness_residual(), top_nodes=top_nodes,
                        top_edges_into_target=edges, paths=strongest_paths(g, row), export_path=out)
 
@@ -193,7 +193,7 @@ def graph_edge_heads(bench: Workbench, args: EdgeHeadsArgs, job: Job) -> EdgeHea
     else:
         first = 0
     last = int(g.src.feat[int(g.rows[row]), 0]) if row < len(g.rows) else sp.n_layers - 1
-    edge = float(g.adjacency[row, col])
+    edge = float(g.edges.row(row)[col])
     layers = []
     for layer in range(first, last + 1):
         if job.should_stop():
@@ -306,12 +306,12 @@ def graph_node(bench: Workbench, args: NodeArgs, job: Job) -> NodeResult:
     inputs, outputs = [], []
     col_keep, row_keep = _neighbour_filter(bench, g, args.layer, args.position)
     if row is not None:
-        a = g.adjacency[row] * col_keep
+        a = g.edges.row(row) * col_keep
         for c in a.abs().topk(min(k, a.numel())).indices.tolist():
             if float(a[c]) != 0:
                 inputs.append(GraphEdge(source=col_tid(g, c), target=row_tid(g, row), weight=float(a[c])))
     if col is not None:
-        a = g.adjacency[:, col] * row_keep
+        a = g.edges.column(col) * row_keep
         for r in a.abs().topk(min(k, a.numel())).indices.tolist():
             if float(a[r]) != 0:
                 outputs.append(GraphEdge(source=col_tid(g, col), target=row_tid(g, r), weight=float(a[r])))
@@ -334,7 +334,7 @@ def _neighbour_filter(bench: Workbench, g, layer: int | None, position: int | No
             m &= la == layer
         if position is not None:
             m &= po == position
-        masks.append(m.to(device=g.adjacency.device, dtype=g.adjacency.dtype))
+        masks.append(m.to(device=g.value.device, dtype=torch.float32))
     return masks
 
 

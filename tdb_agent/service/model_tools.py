@@ -108,7 +108,9 @@ def attention_pattern(bench: Workbench, args: AttentionArgs, job: Job) -> Attent
 
 def attention_content(bench: Workbench, args: AttentionArgs, result: AttentionPatternResult) -> CallToolResult:
     """The JSON beside a PNG heatmap, for clients that show images."""
-    pattern, _, _ = head_pattern(bench.engine, args.prompt, args.component, bench.cache)
+    pattern = result._pattern
+    if pattern is None:  # a result that did not come from ops.attention_pattern
+        pattern, _, _ = head_pattern(bench.engine, args.prompt, args.component, bench.cache)
     png = base64.b64encode(pattern_png(pattern)).decode()
     data = result.model_dump(mode="json")
     return CallToolResult(content=[TextContent(type="text", text=json.dumps(data)),

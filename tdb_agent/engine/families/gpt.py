@@ -88,6 +88,12 @@ class OPTAdapter(Adapter):
     def embed(self, ids, position_ids):
         return self.base.embed_tokens(ids) + self.base.embed_positions(None, 0, position_ids=position_ids)
 
+    def module_sites(self, n_layers):
+        sites = super().module_sites(n_layers)
+        for layer, block in enumerate(self.blocks()):  # the MLP's input is fc1's (MLP names fc2, its output)
+            sites[f"blocks.{layer}.ln2.hook_normalized"] = (block.fc1, "input")
+        return sites
+
     def block_kwargs(self, hidden, position_ids):
         return {"position_ids": position_ids}
 
@@ -164,3 +170,17 @@ class FalconAdapter(Adapter):
     def n_kv_heads(self):
         c = self.config
         return c.num_kv_heads if (c.new_decoder_architecture or not c.multi_query) else 1
+
+    def W_QKV(self, layer):
+        """The fused query_key_value rows: per key/value group its queries, key and value (new
+        architecture), all queries then one key and one value (multi-query), or q, k, v per head."""
+        w = self._p(self.attn(layer).query_key_value)  # [rows, d]
+        c, dh, d = self.config, self.W_O(layer).shape[1], w.shape[1]
+        if c.new_decoder_architecture:
+            g = w.reshape(self.n_kv_heads(), -1, dh, d)
+            q, k, v = g[:, :-2].reshape(-1, dh, d), g[:, -2], g[:, -1]
+        elif c.multi_query:
+            q, k, v = w.reshape(-1, dh, d).split([c.num_attention_heads, 1, 1])
+        else:
+            q, k, v = w.reshape(c.num_attention_heads, 3, dh, d).unbind(1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

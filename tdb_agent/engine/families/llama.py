@@ -27,6 +27,12 @@ class Phi3Adapter(LlamaAdapter):
 
     MLP_ACT = "mlp.activation_fn"
 
+    def W_QKV(self, layer):
+        w = self._p(self.attn(layer).qkv_proj)  # [(heads + 2 kv_heads) * dh, d]: q, then k, then v
+        dh, h, kv = self.W_O(layer).shape[1], self.config.num_attention_heads, self.n_kv_heads()
+        q, k, v = w.split([h * dh, kv * dh, kv * dh])
+        return tuple(t.reshape(-1, dh, w.shape[1]).transpose(1, 2) for t in (q, k, v))
+
 
 class StableLmAdapter(Adapter):
     """StableLM: LayerNorm (with bias), partial rotary, gated MLP, optionally parallel."""

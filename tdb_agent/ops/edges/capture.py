@@ -2,8 +2,11 @@
 output, and the gradient of the metric at every receiver's own input.
 
 Sender outputs [b, s, n_senders, d]: EMB is the residual stream entering block 0 (token and
-position embeddings), a head's output is z_h · W_O[h] (its bias-free write), an MLP's is the
-block's output. Biases are the same in every run, so they cancel in every difference.
+position embeddings, Gemma's sqrt(d_model) scale included), a head's output is z_h · W_O[h]
+(its bias-free write; through a post-norm, times the norm's gain / rms of the block's raw
+attention output in the same run: heads' shares of hook_attn_out), an MLP's is the block's
+output (after its post-norm). Biases are the same in every run, so they cancel in every
+difference.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from typing import Protocol
 import torch
 
 from tdb_agent.engine import Engine
+from tdb_agent.engine.component_sites import EMBED_SITE, kind_site, receiver_site, resid_site
 from tdb_agent.errors import TdbError
-from tdb_agent.ops.decompose import frozen_norms
+from tdb_agent.ops.decompose import frozen_norms, post_norm_factor
 from tdb_agent.ops.edges.graph import EdgeGraph, check_supported
-from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp, rotary_tables, rotate
+from tdb_agent.ops.edges.heads import closed_form, head_read, layer_rotary, q_scale, rotary_block_tables, rotate
+from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp
 from tdb_agent.ops.metrics import MetricName, make_metric
-from tdb_agent.ops.runs import RunCache, get_means
+from tdb_agent.ops.runs import RunCache, get_means, reference_documents
 
 
 class Pair(Protocol):
@@ -85,23 +90,25 @@ def metric_rows(logits: torch.Tensor, target: torch.Tensor, distractor: torch.Te
 
 
 def sender_sites(engine: Engine) -> list[str]:
-    sites = ["blocks.0.hook_resid_pre"]
+    sites = [EMBED_SITE]
     for l in range(engine.spec.n_layers):
-        sites += [f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out"]
+        sites += [kind_site("head", l), kind_site("mlp", l)]
     return sites
 
 
 def head_outputs(engine: Engine, layer: int, z: torch.Tensor) -> torch.Tensor:
-    """Each head's write z_h · W_O[h]: [..., heads, d_head] -> [..., heads, d_model]."""
-    return torch.einsum("...hk,hkd->...hd", z, engine.adapter.W_O(layer).to(z.dtype))
+    """Each head's write z_h · W_O[h]: [..., heads, d_head] -> [..., heads, d_model]; through a
+    post-norm, times its gain / rms(raw attention output of this z) (so they sum to hook_attn_out)."""
+    out = torch.einsum("...hk,hkd->...hd", z, engine.adapter.W_O(layer).to(z.dtype))
+    f = post_norm_factor(engine, "attn", layer, z.reshape(-1, *z.shape[-2:]))
+    return out if f is None else out * f.view(*z.shape[:-2], 1, -1).to(out.dtype)
 
 
 def senders_from(engine: Engine, acts: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sender outputs [b, s, n_senders, d] (or [n_senders, d] from means) from captured sites."""
-    parts = [acts["blocks.0.hook_resid_pre"].unsqueeze(-2)]
+    parts = [acts[EMBED_SITE].unsqueeze(-2)]
     for l in range(engine.spec.n_layers):
-        parts += [head_outputs(engine, l, acts[f"blocks.{l}.attn.hook_z"]),
-                  acts[f"blocks.{l}.hook_mlp_out"].unsqueeze(-2)]
+        parts += [head_outputs(engine, l, acts[kind_site("head", l)]), acts[kind_site("mlp", l)].unsqueeze(-2)]
     return torch.cat(parts, dim=-2)
 
 
@@ -113,8 +120,16 @@ def run_senders(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
 
 
 def mean_senders(engine: Engine, cache: RunCache | None) -> torch.Tensor:
-    """Sender outputs averaged over the reference corpus (ops/runs.py): [n_senders, d]."""
-    return senders_from(engine, get_means(engine, sender_sites(engine), cache))
+    """Sender outputs averaged over the reference corpus (ops/runs.py): [n_senders, d]. Through
+    a post-norm a head's write is not linear in z (its scale is per token): the writes
+    themselves are averaged, token by token."""
+    if engine.adapter.post_attn_norm(0) is None:
+        return senders_from(engine, get_means(engine, sender_sites(engine), cache))
+    total, n = 0.0, 0
+    for text in reference_documents(engine):
+        s = run_senders(engine, engine.to_tokens(text, truncate=True))
+        total, n = total + s.sum((0, 1)), n + s.shape[0] * s.shape[1]
+    return total / n
 
 
 def mean_embedding(engine: Engine, cache: RunCache | None) -> torch.Tensor:
@@ -162,12 +177,30 @@ def head_grads(engine: Engine, layer: int, x: torch.Tensor, g: list[torch.Tensor
         start += n
 
 
+def autograd_head_grads(engine: Engine, layer: int, x: torch.Tensor, run: list[torch.Tensor],
+                        g: list[torch.Tensor], rot, norm: NormMode) -> torch.Tensor:
+    """[H + 2KV, b, s, d]: the gradient at each q, k and v receiver's own copy of x, as the
+    vector-Jacobian product of heads.head_read (families outside head_grads' closed form:
+    q/k norms, no input norm)."""
+    n = sum(t.shape[2] for t in run)
+    xs = x.detach().unsqueeze(2).expand(-1, -1, n, -1).clone().requires_grad_(True)
+    outs, start = [], 0
+    with torch.enable_grad():
+        for i, t in enumerate(run):
+            k = t.shape[2]
+            outs.append(head_read(engine, layer, i, x, xs[:, :, start:start + k], t, rot, norm == "frozen"))
+            start += k
+        (gx,) = torch.autograd.grad(outs, [xs], grad_outputs=[gi.to(o.dtype) for gi, o in zip(g, outs)])
+    return gx.permute(2, 0, 1, 3)
+
+
 def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: torch.Tensor | None = None,
-                   norm: NormMode = "unfrozen", want_senders: bool = False
+                   norm: NormMode = "unfrozen", want_senders: bool = False, hooks: dict | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One forward and one backward: ∂(sum of the rows' metrics)/∂(each receiver's input).
 
-    embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs). Returns
+    embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs); `hooks`
+    {site: fn} run too (EAP-IG over activations sets a sender group's output). Returns
     (G [n_receivers, b, s, d] (receiver first, so that scores are plain matrix products),
     metric per row [b], the run's sender outputs if asked).
     With norm="frozen" every norm's scale is held at this run's value (detached)."""
@@ -175,10 +208,9 @@ def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: to
     L = spec.n_layers
     sites = []
     for l in range(L):
-        p = f"blocks.{l}."
-        sites += [p + "hook_resid_pre", p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v", p + "ln2.hook_normalized"]
+        sites += [resid_site("pre", l)] + [receiver_site(k, l) for k in ("q", "k", "v", "mlp")]
         if not spec.parallel_residual:
-            sites.append(p + "hook_resid_mid")
+            sites.append(resid_site("mid", l))
     if want_senders:
         sites += sender_sites(engine)
     sites.append("hook_resid_final")
@@ -189,22 +221,34 @@ def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: to
 
     frozen = frozen_norms(engine, _norms(engine)) if norm == "frozen" else nullcontext()
     with torch.enable_grad(), frozen:
-        out, acts = engine.run_with_cache(group.ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf},
+        # the MLP reads a copy of its input, so that the gradient there is its own: in blocks whose
+        # attention and MLP share one norm (GPT-J, Falcon, Cohere, parallel StableLM) or whose MLP
+        # reads the raw stream (OLMo-2), the tensor also feeds attention or the residual add
+        own = {receiver_site("mlp", l): (lambda h, site: h.clone()) for l in range(L)}
+        out, acts = engine.run_with_cache(group.ids, list(dict.fromkeys(sites)),
+                                          hooks={"hook_embed": leaf} | own | (hooks or {}),
                                           logit_positions=[-1])
         m = metric_rows(out.logits[:, -1], group.target, group.distractor)
-        reads = [acts[f"blocks.{l}.attn.hook_{k}"] for l in range(L) for k in "qkv"]
-        reads += [acts[f"blocks.{l}.ln2.hook_normalized"] for l in range(L)] + [acts["hook_resid_final"]]
+        reads = [acts[receiver_site(k, l)] for l in range(L) for k in "qkv"]
+        reads += [acts[receiver_site("mlp", l)] for l in range(L)] + [acts["hook_resid_final"]]
         grads = torch.autograd.grad(m.sum(), reads)
     acts = {k: v.detach() for k, v in acts.items()}
     b, s = group.ids.shape
     G = grads[-1].new_empty(graph.n_receivers, b, s, spec.d_model)
-    tables = rotary_tables(engine, acts["blocks.0.hook_resid_pre"])
+    kw = rotary_block_tables(engine, acts[EMBED_SITE])
+    exact_form = closed_form(engine)
     for l in range(L):
-        x = acts[f"blocks.{l}.hook_resid_pre"]
+        x = acts[resid_site("pre", l)]
         sl = graph.layer_receivers(l)
-        head_grads(engine, l, x, [rotate(grads[3 * l], tables, inverse=True), rotate(grads[3 * l + 1], tables,
-                                  inverse=True), grads[3 * l + 2]], G[sl.start:sl.stop - 1], norm)
-        x2 = x if spec.parallel_residual else acts[f"blocks.{l}.hook_resid_mid"]
+        rot = layer_rotary(engine, l, kw, x.dtype)
+        g = grads[3 * l:3 * l + 3]
+        if exact_form:
+            gq = rotate(g[0], rot, inverse=True) * q_scale(engine, l)
+            head_grads(engine, l, x, [gq, rotate(g[1], rot, inverse=True), g[2]], G[sl.start:sl.stop - 1], norm)
+        else:
+            G[sl.start:sl.stop - 1] = autograd_head_grads(engine, l, x, [acts[receiver_site(k, l)] for k in "qkv"],
+                                                          g, rot, norm)
+        x2 = x if spec.parallel_residual else acts[resid_site("mid", l)]
         G[sl.stop - 1] = norm_vjp(engine, a.ln2(l), x2, grads[3 * L + l], norm)
     G[-1] = grads[-1]
     senders = senders_from(engine, acts) if want_senders else None

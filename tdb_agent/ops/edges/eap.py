@@ -10,7 +10,8 @@ EAP: one clean forward with one backward, plus one forward of the corrupted prom
 EAP-IG: the gradient is averaged over m inputs whose token embeddings run from the reference
 (corrupted prompt's embeddings, or the mean embedding) to the clean ones, α = k/m, k = 1..m
 (the last is the clean run, whose sender outputs it also gives): m forwards and backwards plus
-the corrupted forward.
+the corrupted forward. EAP-IG over activations (ig_activations.py) moves each sender group's
+output instead; it is the default against the mean.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
+from tdb_agent.ops.edges import ig_activations
 from tdb_agent.ops.edges.capture import Pair, PairGroup, group_pairs, mean_embedding, mean_senders, \
-    receiver_grads, run_senders
+    receiver_grads, run_senders, sender_sites
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.reads import NormMode
 from tdb_agent.ops.metrics import MetricName
-from tdb_agent.ops.runs import RunCache
+from tdb_agent.ops.runs import RunCache, get_means
 
 Method = Literal["eap", "eap-ig"]
 Reference = Literal["corrupted", "mean"]
+IG = Literal["inputs", "activations"]
 
 
 @dataclass
@@ -46,6 +49,7 @@ class EdgeScores:
     backward_passes: int = 0
     metric_clean: float = 0.0
     per_position: bool = False
+    ig: IG | None = None  # EAP-IG's path: over the input embeddings or each sender group's output
 
     def summed(self) -> torch.Tensor:
         """Scores summed over positions: [n_senders, n_receivers]."""
@@ -95,7 +99,8 @@ def _contract(graph: EdgeGraph, D: torch.Tensor, G: torch.Tensor, out: torch.Ten
 
 def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", steps: int = 5,
                 reference: Reference = "corrupted", norm: NormMode = "unfrozen", per_position: bool = False,
-                metric: MetricName | None = None, batch_size: int = 16, cache: RunCache | None = None) -> EdgeScores:
+                metric: MetricName | None = None, batch_size: int = 16, cache: RunCache | None = None,
+                ig: IG | None = None) -> EdgeScores:
     """Score every edge of the model's edge graph (senders EMB, heads, MLPs -> each head's q, k
     and v input, each MLP, LOGITS) by EAP or EAP-IG: the estimated change of the metric when
     that edge alone carries its reference value, averaged over the prompt pairs.
@@ -104,6 +109,9 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
     "eap-ig": the gradient averaged over `steps` inputs between the reference and clean token
     embeddings. reference: the corrupted prompts' sender outputs, or their corpus means.
     norm: "unfrozen" (the true gradient) or "frozen" (every norm's scale held).
+    ig (EAP-IG's path): "inputs" (token embeddings, MIB's EAP-IG-inputs) or "activations" (each
+    sender group's output, ig_activations.py: 1 + n_groups·(steps − 1) passes); default inputs
+    against the corrupted prompts, activations against the mean (whose path the inputs miss).
     per_position: keep a position axis (prompts of one length). Batched over pairs by length."""
     if method not in ("eap", "eap-ig"):
         raise TdbError(f"method must be 'eap' or 'eap-ig', not {method!r}")
@@ -111,6 +119,12 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
         raise TdbError(f"reference must be 'corrupted' or 'mean', not {reference!r}")
     if method == "eap-ig" and not 1 <= steps <= 256:
         raise TdbError(f"steps must be between 1 and 256, not {steps}")
+    if ig not in (None, "inputs", "activations"):
+        raise TdbError(f"ig must be 'inputs' or 'activations', not {ig!r}")
+    if method == "eap-ig":
+        ig = ig or ("activations" if reference == "mean" else "inputs")
+    else:
+        ig = None
     graph = EdgeGraph(engine.spec)
     with engine.lock:
         groups, name = group_pairs(engine, pairs, reference == "corrupted", metric)
@@ -121,14 +135,19 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
         shape = ((s0,) if per_position else ()) + (graph.n_senders, graph.n_receivers)
         total = torch.zeros(shape, device=engine.device, dtype=torch.float32)
         res = EdgeScores(graph=graph, scores=total, method=method, reference=reference, metric_name=name,
-                         n_pairs=len(pairs), per_position=per_position)
+                         n_pairs=len(pairs), per_position=per_position, ig=ig)
         mean_ref = mean_senders(engine, cache) if reference == "mean" else None
-        mean_emb = mean_embedding(engine, cache) if reference == "mean" and method == "eap-ig" else None
+        mean_emb = mean_embedding(engine, cache) if reference == "mean" and ig == "inputs" else None
         m_sum = 0.0
+        mean_acts = get_means(engine, sender_sites(engine), cache) if ig == "activations" and mean_ref is not None \
+            else None
         for group in groups:
             for i in range(0, len(group.index), batch_size):
                 chunk = _slice(group, i, i + batch_size)
-                m_sum += _score_chunk(engine, graph, chunk, res, mean_ref, mean_emb, steps, norm)
+                if ig == "activations":
+                    m_sum += _activations_chunk(engine, graph, chunk, res, mean_acts, steps, norm)
+                else:
+                    m_sum += _score_chunk(engine, graph, chunk, res, mean_ref, mean_emb, steps, norm)
         total /= len(pairs)
         total *= graph.valid.to(total.device)
         res.metric_clean = m_sum / len(pairs)
@@ -138,6 +157,19 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
 def _slice(g: PairGroup, a: int, b: int) -> PairGroup:
     return PairGroup(index=g.index[a:b], ids=g.ids[a:b], corrupted=None if g.corrupted is None else g.corrupted[a:b],
                      target=g.target[a:b], distractor=None if g.distractor is None else g.distractor[a:b])
+
+
+def _activations_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeScores, mean_acts, steps: int,
+                       norm: NormMode) -> float:
+    if mean_acts is None:
+        with torch.no_grad():
+            _, mean_acts = engine.run_with_cache(chunk.corrupted, sender_sites(engine), logit_positions=[-1],
+                                                 logit_ids=[0])
+        res.forward_passes += 1
+    m, passes = ig_activations.score_chunk(engine, graph, chunk, mean_acts, steps, norm, res.scores, res.per_position)
+    res.forward_passes += passes
+    res.backward_passes += passes
+    return m
 
 
 def _score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeScores, mean_ref, mean_emb,

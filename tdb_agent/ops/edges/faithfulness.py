@@ -181,3 +181,45 @@ def smallest_circuit(engine: Engine, pairs: Sequence[Pair], scores: torch.Tensor
         else:
             lo = mid
     return hi, f_hi, ev.forward_passes - before
+
+
+#: the change of faithfulness under which an edge is unneeded: the bundled reference circuits'
+#: bar for an edge that matters (path patching ≥ 0.05 of the gap, evals/reference.py)
+PRUNE_EPS = 0.05
+
+
+def prune_unneeded(ev: EdgeEvaluator, keep: torch.Tensor, eps: float = PRUNE_EPS) -> tuple[torch.Tensor, float, int]:
+    """Drop the edges of a circuit that are jointly unneeded: Z = the edges whose single
+    removal moves faithfulness by less than `eps`; Z goes only if removing all of Z together
+    also moves it by less than `eps` (else Z's edges back each other up, as redundant heads
+    do, and all stay). Exact edge patching, one batched set of passes for the singles and one
+    for Z. keep [(s,) U, R] bool; returns (pruned keep, its faithfulness, edges dropped)."""
+    idx = keep.nonzero()
+    rows = keep.unsqueeze(0).repeat(len(idx) + 1, *([1] * keep.dim()))
+    for i, e in enumerate(idx):
+        rows[(i + 1,) + tuple(e.tolist())] = False
+    fs = ev.faithfulness(rows)
+    base = fs[0]
+    weak = [i for i in range(len(idx)) if abs(fs[i + 1] - base) < eps]
+    if not weak:
+        return keep, base, 0
+    trial = keep.clone()
+    for i in weak:
+        trial[tuple(idx[i].tolist())] = False
+    (f,) = ev.faithfulness(trial.unsqueeze(0))
+    if abs(f - base) < eps:
+        return trial, f, len(weak)
+    return keep, base, 0
+
+
+def close_ties(graph: EdgeGraph, scores: torch.Tensor, n: int, rel: float = 1e-5) -> int:
+    """n grown to include every edge whose |score| ties the n-th's (within `rel`): a cut
+    inside a group of equal scores would pick among them by index (symmetric mechanisms,
+    such as two identical backup heads, score exactly alike)."""
+    valid = graph.valid.to(scores.device).expand_as(scores)
+    flat = torch.where(valid, scores.abs().float(), torch.full_like(scores, -1.0, dtype=torch.float32)).flatten()
+    vals = flat.sort(descending=True, stable=True).values
+    if n <= 0 or n >= int(valid.sum()):
+        return n
+    last = float(vals[n - 1])
+    return int((vals >= last - rel * abs(last)).sum().clamp(min=n))

@@ -44,10 +44,11 @@ class Receiver:
         return self.kind if self.kind in ("q", "k", "v") else "direct"
 
 
-#: model types whose receivers read the residual stream as reads.py assumes (pre-norm blocks,
-#: norm gain = weight, no q/k norms or post-norms, per-head writes z_h·W_O[h]); each is
-#: tested against an independent computation (tests/test_edges.py)
-EDGE_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "qwen2", "mistral")
+#: model types whose receivers' reads (ops/edges/heads.py) and senders' writes (capture.py)
+#: are written out; each is tested against hand-written hooks on the plain transformers
+#: model (tests/test_edges_families.py)
+EDGE_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "qwen2", "mistral", "qwen3", "phi3", "gemma", "gemma2",
+                    "gemma3_text", "olmo2", "stablelm", "gpt_neo", "gptj", "opt", "falcon", "cohere")
 
 
 def check_supported(engine) -> None:
@@ -58,6 +59,11 @@ def check_supported(engine) -> None:
         raise TdbError(f"edge methods (EAP, edge patching) support the model types {', '.join(EDGE_MODEL_TYPES)}; "
                        f"this model is {model_type!r}. Use the node-level tools (attribute, ablate, "
                        "circuit_validate) instead")
+    a = engine.adapter
+    if a.post_attn_norm(0) is not None and a.b_O(0) is not None:
+        raise TdbError(f"this {model_type} model has an attention output bias before its post-norm: the bias's "
+                       "share of the block's write changes with the norm's scale from run to run, so the heads' "
+                       "edges do not add up to the residual stream. Use the node-level tools instead")
 
 
 def count_edges(n_layers: int, n_heads: int, n_kv_heads: int | None = None, parallel: bool = False) -> int:

@@ -11,9 +11,11 @@ plus biases) and a_u is u's value in this run (as in ACDC and MIB: kept edges ca
 sender's value in the patched run, so upstream removals propagate). Keeping every edge is the
 clean run; keeping none is the reference run, exactly.
 
-The engine's own modules run; hooks rebuild each head's q, k and v (at its rotated q/k/v:
-norm, the head's W slice and the rotary are applied to the difference), each MLP's input and
-the final residual stream. Rows of one pass are (edge set, prompt pair) combinations.
+The engine's own modules run; hooks rebuild each head's q, k and v with a removed edge (at
+the hook sites, from its own copy of the stream: heads.head_read), each MLP's input and the
+final residual stream. Rows of one pass are (edge set, prompt pair) combinations. Through a
+post-norm (Gemma-2/3, OLMo-2) a head's value in a run is its share of the block's write in
+that run (capture.head_outputs), so every run's senders still sum to its residual stream.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from __future__ import annotations
 import torch
 
 from tdb_agent.engine import Engine
+from tdb_agent.engine.component_sites import kind_site, receiver_site, resid_site
 from tdb_agent.ops.edges.capture import PairGroup, head_outputs, metric_rows
 from tdb_agent.ops.edges.graph import EdgeGraph
-from tdb_agent.ops.edges.reads import rotary_tables, rotate
+from tdb_agent.ops.edges.heads import head_read, layer_rotary, read_norm, rotary_block_tables
 
 
 def _delta(D: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -59,36 +62,35 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
             state["x"] = x
             if l == 0:
                 run.append(x.unsqueeze(2))
-            if "tables" not in state:
-                state["tables"] = rotary_tables(engine, x)
+                state["kw"] = rotary_block_tables(engine, x)
+            state["rot"] = layer_rotary(engine, l, state["kw"], x.dtype)
         return fn
 
     def head_inputs(l):
-        """The change of ln1's output seen by each q, k and v receiver of block l
-        [b, s, H + 2KV, d] (None when none of them has a removed edge), computed once per block."""
-        key = f"dx{l}"
+        """(each q, k and v receiver's own stream [b, s, H + 2KV, d], which of them have a
+        removed edge [b, (s,) H + 2KV]), None when none has; computed once per block."""
+        key = f"xs{l}"
         if key not in state:
             sl = graph.layer_receivers(l)
             heads = slice(sl.start, sl.stop - 1)
             n_up = graph.n_upstream[sl.start]
             m = mask(heads, n_up)
-            dx = None
-            if m.any():
-                x, norm = state["x"], a.ln1(l)
-                dx = norm(x.unsqueeze(2) + _delta(D(n_up), m)) - norm(x).unsqueeze(2)
-            state[key] = dx
+            hit = m.any(-2)
+            state[key] = (state["x"].unsqueeze(2) + _delta(D(n_up), m), hit) if hit.any() else None
         return state[key]
 
     def qkv(l, kind, i):
         def fn(t, site):
-            dx = head_inputs(l)
-            if dx is None:
+            got = head_inputs(l)
+            if got is None:
                 return None
+            xs, hit = got
             st = graph.layer_receivers(l).start
-            part = rs(l, kind)
-            W = a.W_QKV(l)[i].to(t.dtype)
-            dt = torch.einsum("bshd,hdk->bshk", dx[:, :, part.start - st:part.stop - st], W)
-            return t + (rotate(dt, state["tables"]) if kind != "v" else dt)
+            part = slice(rs(l, kind).start - st, rs(l, kind).stop - st)
+            new = head_read(engine, l, i, state["x"], xs[:, :, part], t, state["rot"])
+            hit = hit[..., part]
+            hit = hit[:, None, :, None] if hit.dim() == 2 else hit[..., None]
+            return torch.where(hit, new, t)  # receivers without a removed edge keep the run's value
         return fn
 
     def z_out(l):
@@ -106,7 +108,7 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
             if not m.any():
                 return None
             x = state["x"] if spec.parallel_residual else state["mid"]
-            return a.ln2(l)(x + _delta(D(n_up), m)[:, :, 0])
+            return read_norm(engine, a.ln2(l), x + _delta(D(n_up), m)[:, :, 0]).to(h.dtype)
         return fn
 
     def mlp_out(x, site):
@@ -120,16 +122,14 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
 
     hooks: dict[str, list] = {"hook_resid_final": [final]}
     for l in range(spec.n_layers):
-        p = f"blocks.{l}."
-        hooks[p + "hook_resid_pre"] = [resid_pre(l)]
-        hooks[p + "attn.hook_q"] = [qkv(l, "q", 0)]
-        hooks[p + "attn.hook_k"] = [qkv(l, "k", 1)]
-        hooks[p + "attn.hook_v"] = [qkv(l, "v", 2)]
-        hooks[p + "attn.hook_z"] = [z_out(l)]
+        hooks[resid_site("pre", l)] = [resid_pre(l)]
+        for i, kind in enumerate("qkv"):
+            hooks[receiver_site(kind, l)] = [qkv(l, kind, i)]
+        hooks[kind_site("head", l)] = [z_out(l)]
         if not spec.parallel_residual:
-            hooks[p + "hook_resid_mid"] = [mid]
-        hooks[p + "ln2.hook_normalized"] = [mlp_in(l)]
-        hooks[p + "hook_mlp_out"] = [mlp_out]
+            hooks[resid_site("mid", l)] = [mid]
+        hooks[receiver_site("mlp", l)] = [mlp_in(l)]
+        hooks[kind_site("mlp", l)] = [mlp_out]
     with torch.no_grad():
         logits = engine.forward(ids, hooks=hooks, logit_positions=[-1]).logits[:, -1]
     return metric_rows(logits, target, distractor)

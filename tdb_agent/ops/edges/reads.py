@@ -4,9 +4,13 @@ A head's query input is the residual stream x entering its block; the head reads
 
     q_h = rotary( norm(x) · W_Q[h] + b_Q[h] )
 
-(rotary only in rotary families, on the first `rot` dimensions). Keys and values likewise
-with W_K / W_V (one per key/value head). An MLP block reads norm2 of the residual stream
-entering it; the logits read the final residual stream (their norm is part of the metric).
+(rotary only in rotary families, on the first `rot` dimensions; γ is Gemma's 1 + w). Keys
+and values likewise with W_K / W_V (one per key/value head). An MLP block reads norm2 of
+the residual stream entering it (OLMo-2: the stream itself); the logits read the final
+residual stream (their norm is part of the metric). The rotary's layout (halves or
+interleaved pairs, per layer type) and OPT's q scale are in heads.py; families whose heads
+read more than this (q/k norms, no input norm) are written out there too, and capture.py
+takes the vector-Jacobian product of that read instead.
 
 The engine runs the model's own fused modules, so the gradient it gives is the one at the
 rotated q/k/v (hook sites). `receiver_grad` turns it into the gradient at the receiver's own
@@ -28,19 +32,22 @@ from typing import Literal
 import torch
 
 from tdb_agent.engine import Engine
+from tdb_agent.engine.norms import norm_eps
 
 NormMode = Literal["unfrozen", "frozen"]
 
 
 def norm_params(engine: Engine, module: torch.nn.Module) -> tuple[torch.Tensor | None, float]:
-    w = engine.param(module, "weight")
-    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-5)
-    return w, float(eps)
+    """The norm's gain (weight, or Gemma's 1 + weight) and epsilon."""
+    return engine.adapter.norm_gain(module), norm_eps(module)
 
 
-def norm_vjp(engine: Engine, module: torch.nn.Module, x: torch.Tensor, u: torch.Tensor,
+def norm_vjp(engine: Engine, module: torch.nn.Module | None, x: torch.Tensor, u: torch.Tensor,
              mode: NormMode = "unfrozen") -> torch.Tensor:
-    """uᵀ · ∂norm(x)/∂x for the norm `module` at x [..., d] (broadcast against u [..., d])."""
+    """uᵀ · ∂norm(x)/∂x for the norm `module` at x [..., d] (broadcast against u [..., d]);
+    u itself where there is no norm (OLMo-2's MLP reads the raw stream)."""
+    if module is None:
+        return u
     gamma, eps = norm_params(engine, module)
     xf, w = x.float(), u.float()
     if gamma is not None:
@@ -58,27 +65,3 @@ def norm_vjp(engine: Engine, module: torch.nn.Module, x: torch.Tensor, u: torch.
             xh = xf * inv
             w = w - xh * (w * xh).mean(-1, keepdim=True)
     return (w * inv).to(u.dtype)
-
-
-def rotary_tables(engine: Engine, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(cos, sin) [b, s, rot] of a rotary family for positions 0..s-1, None without rotary."""
-    b, s = x.shape[:2]
-    pos = torch.arange(s, device=x.device).unsqueeze(0).expand(b, -1)
-    pe = engine.adapter.block_kwargs(x, pos).get("position_embeddings")
-    return None if pe is None else (pe[0].to(x.dtype), pe[1].to(x.dtype))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-
-
-def rotate(t: torch.Tensor, tables, inverse: bool = False) -> torch.Tensor:
-    """Apply the rotary rotation (or its transpose) to t [b, s, heads, d_head]."""
-    if tables is None:
-        return t
-    cos, sin = (a.unsqueeze(2) for a in tables)
-    r = cos.shape[-1]
-    rot, rest = t[..., :r], t[..., r:]
-    out = rot * cos - _rotate_half(rot * sin) if inverse else rot * cos + _rotate_half(rot) * sin
-    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out

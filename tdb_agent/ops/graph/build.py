@@ -8,6 +8,11 @@ every leaf at zero, computed by one more frozen forward), exactly.
 
 Gradients come from batched backward passes: one frozen forward on B copies of the prompt,
 then one backward per B targets (copy b carries target b), never one pass per edge.
+
+Scale: the targets' rows come first, then features in order of their influence on the
+targets estimated from the rows computed so far, up to `max_feature_nodes`; the other
+features stay source-only nodes and their rows are never computed. Rows are stored sparsely
+(ops/graph/sparse.py) and the memory is estimated before anything is built.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from tdb_agent.errors import Cancelled, TdbError
 from tdb_agent.ops.graph.frozen import Replacement
 from tdb_agent.ops.graph.influence import row_influence
 from tdb_agent.ops.graph.nodes import Sources, edge_block, find_sources
+from tdb_agent.ops.graph.sparse import SparseRows
+
+
+ESTIMATES = 16  # influence re-estimated about this many times while features are chosen
 
 
 class GraphTarget(BaseModel):
@@ -49,7 +58,8 @@ class LogitNode:
 class AttributionGraph:
     """Nodes (features, errors, embeddings, targets) and the adjacency rows of the expanded
     nodes. Rows: `rows` (column indices of the expanded features) then the targets; columns:
-    every source node (features, errors, embeddings)."""
+    every source node (features, errors, embeddings). `edges` holds them sparsely;
+    `adjacency` is the dense view, for small graphs."""
 
     prompt: str
     tokens: list[str]
@@ -57,7 +67,7 @@ class AttributionGraph:
     src: Sources
     logits: list[LogitNode]
     rows: torch.Tensor  # [n_rows_feat] column index of each expanded feature
-    adjacency: torch.Tensor  # [n_rows_feat + n_logits, n_cols]
+    edges: SparseRows  # [n_rows_feat + n_logits, n_cols]
     bias: torch.Tensor  # [n_rows_feat + n_logits] each row node's value with every leaf at zero
     value: torch.Tensor  # [n_rows_feat + n_logits] clean pre-activation (features) or target value
     stats: dict = field(default_factory=dict)
@@ -67,13 +77,18 @@ class AttributionGraph:
     def n_pos(self) -> int:
         return self.src.n_pos
 
+    @property
+    def adjacency(self) -> torch.Tensor:
+        """Dense [n_rows, n_cols] (refused for graphs too large to hold dense)."""
+        return self.edges.to_dense()
+
     def row_of_feature(self, col: int) -> int | None:
         hit = (self.rows == col).nonzero()
         return int(hit[0, 0]) if len(hit) else None
 
     def completeness_residual(self) -> float:
         """max |sum of incoming edges + bias - value| over the rows (0 up to rounding)."""
-        return float((self.adjacency.sum(1) + self.bias - self.value).abs().max()) if len(self.value) else 0.0
+        return float((self.edges.row_sums() + self.bias - self.value).abs().max()) if len(self.value) else 0.0
 
 
 def resolve_targets(engine: Engine, logits: torch.Tensor, target: GraphTarget) -> list[LogitNode]:
@@ -101,11 +116,34 @@ def resolve_targets(engine: Engine, logits: torch.Tensor, target: GraphTarget) -
     return out
 
 
-def estimate_bytes(engine: Engine, n_pos: int, n_cols: int, n_rows: int, batch: int) -> int:
-    """Adjacency plus the activations of one frozen forward on `batch` copies (float32)."""
+def estimate_bytes(engine: Engine, n_pos: int, n_cols: int, n_rows: int, batch: int) -> dict[str, int]:
+    """Peak memory of a build, by part (bytes): the frozen attention patterns (layers x heads
+    x T^2), the stored rows (at most rows x columns entries of 8 bytes) with one dense block
+    of `batch` rows, and the frozen forward on `batch` copies with its gradients."""
     sp = engine.spec
-    per_copy = sp.n_layers * n_pos * (sp.d_model * 16 + sp.d_mlp * 3 + 2 * sp.n_heads * n_pos)
-    return 4 * (n_rows * n_cols + batch * per_copy)
+    size = torch.finfo(engine.dtype).bits // 8
+    # kept patterns, and one layer's scores and softmax while they are captured
+    patterns = sp.n_layers * sp.n_heads * n_pos * n_pos * size + 2 * sp.n_heads * n_pos * n_pos * 4
+    rows = n_rows * n_cols * 8 + 3 * batch * n_cols * 4 + n_cols * 40  # + the sources' index
+    # measured on GPT-2 small (CPU): about 9 d_model floats per copy, layer and position
+    # (activations kept for the backward pass and the gradients); 12 leaves room
+    forward = batch * sp.n_layers * n_pos * sp.d_model * 12 * 4
+    return {"patterns": patterns, "rows": rows, "forward": forward}
+
+
+def check_memory(engine: Engine, n_pos: int, n_feat: int, n_cols: int, n_rows: int, batch: int,
+                 max_bytes: int) -> int:
+    """The estimated peak; a TdbError saying what to lower when it is over `max_bytes`."""
+    parts = estimate_bytes(engine, n_pos, n_cols, n_rows, batch)
+    need = sum(parts.values())
+    if need > max_bytes:
+        gib = {k: f"{v / 2**30:.1f} GiB" for k, v in parts.items()}
+        raise TdbError(f"this graph needs about {need / 2**30:.1f} GiB (prompt of {n_pos} tokens, {n_feat} active "
+                       f"features; frozen attention patterns {gib['patterns']}, adjacency rows {gib['rows']}, "
+                       f"batched frozen forward {gib['forward']}); the limit is {max_bytes / 2**30:.1f} GiB: use "
+                       f"a shorter prompt (patterns grow with its square), a smaller max_feature_nodes (rows; now "
+                       f"{n_rows}) or a smaller batch (forward; now {batch})")
+    return need
 
 
 def _feature_pre(rep: Replacement, src: Sources, reads: dict, copies: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -168,26 +206,25 @@ def build_graph(engine: Engine, prompt: str, target: GraphTarget | None = None, 
         logit_ids = sorted({t for ln in lnodes for t in ln.token_ids})
         n_exp = min(src.n_feat, max_feature_nodes)
         B = max(1, min(batch_size, n_exp + len(lnodes)))
-        need = estimate_bytes(engine, src.n_pos, src.n_cols, n_exp + len(lnodes), B)
-        if need > max_bytes:
-            raise TdbError(f"this graph needs about {need / 2**30:.1f} GiB (prompt of {src.n_pos} tokens, "
-                           f"{src.n_feat} active features); the limit is {max_bytes / 2**30:.1f} GiB: use a shorter "
-                           "prompt, a smaller max_feature_nodes or a smaller batch")
+        need = check_memory(engine, src.n_pos, src.n_feat, src.n_cols, n_exp + len(lnodes), B, max_bytes)
         names = rep.leaf_names()
+        acc = SparseRows(src.n_cols, src.feat.device)
         with torch.enable_grad():
             leaves = {n: src.leaves[n].detach().unsqueeze(0).expand(B, -1, -1).clone().requires_grad_(True)
                       for n in names}
             logits, reads = rep.forward(leaves, B, logit_ids)
-            rows_out, tgts = [], []
+            tgts: list = []
             queue = [("logit", j) for j in range(len(lnodes))]
             expanded: list[int] = []
-            done, total = 0, n_exp + len(lnodes)
+            done, passes, total = 0, 0, n_exp + len(lnodes)
             chosen = torch.zeros(src.n_feat, dtype=torch.bool, device=src.feat.device)
             while True:
                 if not queue:
                     if len(expanded) >= n_exp:
                         break
-                    queue = _next_features(src, rows_out, tgts, lnodes, chosen, min(B, n_exp - len(expanded)))
+                    # several batches per estimate: it costs a pass over every stored edge
+                    k = min(n_exp - len(expanded), max(B, n_exp // ESTIMATES))
+                    queue = _next_features(src, acc, tgts, lnodes, chosen, k)
                     if not queue:
                         break
                 chunk, queue = queue[:B], queue[B:]
@@ -195,46 +232,41 @@ def build_graph(engine: Engine, prompt: str, target: GraphTarget | None = None, 
                     raise Cancelled(f"graph build cancelled after {done} of {total} rows")
                 obj = _objective(rep, src, reads, logits, chunk, lnodes, logit_ids)
                 grads = torch.autograd.grad(obj, [leaves[n] for n in names], retain_graph=True, allow_unused=True)
-                block = edge_block(rep, src, dict(zip(names, grads)), len(chunk))
-                rows_out.append(block)
+                acc.append(edge_block(rep, src, dict(zip(names, grads)), len(chunk)))
+                del grads
                 tgts += chunk
                 expanded += [t[1] for t in chunk if t[0] == "feat"]
                 done += len(chunk)
+                passes += 1
                 if progress is not None:
                     progress(done, total)
             del logits, reads, leaves
-        adj = torch.cat(rows_out) if rows_out else torch.zeros(0, src.n_cols)
         # reorder rows: expanded features (in the order chosen), then the targets
         order = [k for k, t in enumerate(tgts) if t[0] == "feat"] + [k for k, t in enumerate(tgts) if t[0] == "logit"]
-        adj = adj[torch.tensor(order, device=adj.device, dtype=torch.long)]
-        feat_cols = torch.tensor(expanded, dtype=torch.long, device=src.feat.device)
+        edges = acc.take_rows(torch.tensor(order, dtype=torch.long))
+        dev = src.feat.device
+        feat_cols = torch.tensor(expanded, dtype=torch.long, device=dev)
         with torch.no_grad():
             zero = {n: torch.zeros_like(src.leaves[n]).unsqueeze(0) for n in names}
             zl, zr = rep.forward(zero, 1, logit_ids)
             bias = target_values(rep, src, zr, zl, feat_cols, lnodes, logit_ids)
-        value = torch.cat([src.feat_pre[feat_cols].float(),
-                           torch.tensor([ln.value for ln in lnodes], device=adj.device)])
+        value = torch.cat([src.feat_pre[feat_cols].float(), torch.tensor([ln.value for ln in lnodes], device=dev)])
         g = AttributionGraph(prompt=prompt, tokens=engine.str_tokens(ids), mode=rep.mode, src=src, logits=lnodes,
-                             rows=feat_cols, adjacency=adj, bias=bias.to(adj.device), value=value, rep=rep)
+                             rows=feat_cols, edges=edges, bias=bias.to(dev), value=value, rep=rep)
         g.stats = {"active_features": src.n_feat, "expanded_features": len(expanded), "batch": B,
-                   "backward_passes": len(rows_out), "estimated_bytes": need,
-                   "completeness_residual": g.completeness_residual()}
+                   "backward_passes": passes, "estimated_bytes": need, "stored_edges": edges.nnz,
+                   "edge_bytes": edges.nbytes, "completeness_residual": g.completeness_residual()}
         return g
 
 
-def _next_features(src: Sources, rows_out: list, tgts: list, lnodes: list[LogitNode], chosen: torch.Tensor,
+def _next_features(src: Sources, acc: SparseRows, tgts: list, lnodes: list[LogitNode], chosen: torch.Tensor,
                    k: int) -> list:
     """The k not-yet-expanded features of highest influence on the targets, estimated on the
     rows computed so far (influence flows back through expanded features only)."""
-    adj = torch.cat(rows_out)
-    weights = torch.zeros(len(tgts), device=adj.device)
-    row_cols = torch.full((len(tgts),), -1, dtype=torch.long, device=adj.device)
-    for r, t in enumerate(tgts):
-        if t[0] == "logit":
-            weights[r] = lnodes[t[1]].weight
-        else:
-            row_cols[r] = t[1]
-    score = row_influence(adj, row_cols, weights)[: src.n_feat].clone()
+    dev = src.feat.device
+    weights = torch.tensor([lnodes[t[1]].weight if t[0] == "logit" else 0.0 for t in tgts], device=dev)
+    row_cols = torch.tensor([t[1] if t[0] == "feat" else -1 for t in tgts], dtype=torch.long, device=dev)
+    score = row_influence(acc, row_cols, weights)[: src.n_feat].clone()
     score[chosen] = -1
     top = score.topk(min(k, int((~chosen).sum()))).indices
     chosen[top] = True

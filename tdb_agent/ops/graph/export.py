@@ -75,9 +75,10 @@ def to_json(graph: AttributionGraph, sq: SquareGraph, pruned: Pruned | None = No
             scan: str = "tdb-agent", scores: tuple[float, float] | None = None,
             explanations: dict[str, str] | None = None) -> dict[str, Any]:
     """The graph (pruned when `pruned` is given) in circuit-tracer / Neuronpedia JSON."""
-    N = sq.A.shape[0]
-    keep = pruned.node_mask if pruned is not None else torch.ones(N, dtype=torch.bool, device=sq.A.device)
-    emask = pruned.edge_mask if pruned is not None else sq.A != 0
+    N = sq.N
+    keep = pruned.node_mask if pruned is not None else torch.ones(N, dtype=torch.bool, device=sq.R.device)
+    erows = pruned.edge_rows if pruned is not None else sq.R != 0
+    rn = sq.row_nodes.to(sq.R.device)
     infl = pruned.cumulative if pruned is not None else None
     nodes, ids = [], {}
     for k in keep.nonzero(as_tuple=True)[0].tolist():
@@ -89,8 +90,8 @@ def to_json(graph: AttributionGraph, sq: SquareGraph, pruned: Pruned | None = No
         n |= {"run_idx": 0, "reverse_ctx_idx": 0}
         ids[k] = n["node_id"]
         nodes.append(n)
-    dst, srcs = (emask & keep[:, None] & keep[None, :]).nonzero(as_tuple=True)
-    w = sq.A[dst, srcs].tolist()
+    r, srcs = (erows & keep[rn][:, None] & keep[None, :]).nonzero(as_tuple=True)
+    w, dst = sq.R[r, srcs].tolist(), rn[r]
     links = [{"source": ids[s], "target": ids[t], "weight": x} for s, t, x in zip(srcs.tolist(), dst.tolist(), w)]
     meta = {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": graph.tokens, "prompt": graph.prompt,
             "schema_version": 1, "format": FORMAT, "mode": graph.mode}  # node_threshold: a number or absent

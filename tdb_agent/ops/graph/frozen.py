@@ -5,7 +5,11 @@ What is frozen and how (engine hooks plus forward hooks on the norm modules, all
 exit):
 * every norm (ln1, ln2, final) computes (x - mean x) * s_clean * w + b (LayerNorm) or
   x * s_clean * w (RMSNorm) with s_clean its clean scale, so it is affine in x;
-* every attention pattern is its clean pattern, so attention is affine in its input (values);
+* every attention pattern is its clean pattern, so attention is affine in its input (values).
+  The graph's own forward (`Replacement.forward`) does not hook the pattern: it takes the
+  values and replaces the head outputs with clean pattern @ values, one [heads, T, T] matmul
+  for all copies of the batch, so nothing of size T x T is made per copy; the engine's own
+  attention then gets no queries and the replaced MLPs no positions (nothing wasted);
 * `blocks.0.hook_resid_pre` (the embeddings) is a leaf;
 * `blocks.{o}.hook_mlp_out` is b_dec[o] + skip_o(x_o) + a leaf: the leaf's clean value is the
   sum of the transcoder feature writes and the error (the whole MLP output where no
@@ -20,7 +24,7 @@ reproduces the clean forward (tested), with the leaves at zero it gives each tar
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,21 +45,43 @@ def norm_modules(engine: Engine) -> dict[str, torch.nn.Module]:
     return mods
 
 
-def freeze_hooks(engine: Engine, clean: "CleanState", engine_hooks: dict) -> list:
-    """Add to `engine_hooks` the clean attention patterns and the frozen final norm (last
-    position); return the (module, hook) pairs that freeze the blocks' norms."""
+def freeze_hooks(engine: Engine, clean: "CleanState", engine_hooks: dict, patterns: bool = True) -> list:
+    """Add to `engine_hooks` the clean attention patterns (unless `patterns` is False: the
+    caller freezes attention through the values) and the frozen final norm (last position);
+    return the (module, hook) pairs that freeze the blocks' norms."""
     final = engine.adapter.final_norm()
     resid: dict[int, torch.Tensor] = {}
     engine_hooks.setdefault("hook_resid_final", []).append(lambda x, s: resid.__setitem__(0, x))
     engine_hooks.setdefault("ln_final.hook_normalized", []).append(
         lambda x, s: frozen_norm(engine, final, resid[0][:, -1:], clean.scales["final"]).to(x.dtype))
-    for l, pat in clean.patterns.items():
+    for l, pat in (clean.patterns.items() if patterns else ()):
         engine_hooks.setdefault(f"blocks.{l}.attn.hook_pattern", []).append(
             lambda x, s, pat=pat: pat.expand(x.shape[0], -1, -1, -1))
 
     def freeze(key):
         return lambda mod, args, out: frozen_norm(engine, mod, args[0], clean.scales[key])
     return [(m, freeze(k)) for k, m in norm_modules(engine).items()]
+
+
+def frozen_values_hooks(clean: "CleanState", engine_hooks: dict, layers) -> None:
+    """Add to `engine_hooks`: head outputs z = clean pattern @ values, batched over copies
+    as one [heads, T, T] @ [heads, T, copies * d_head] product (GQA: values repeated)."""
+    for l in layers:
+        pat = clean.patterns[l][0]  # [H, T, T]
+        vals: dict[int, torch.Tensor] = {}
+        engine_hooks.setdefault(f"blocks.{l}.attn.hook_v", []).append(
+            lambda x, s, vals=vals: vals.__setitem__(0, x) or x)
+
+        def z_hook(x, s, vals=vals, pat=pat):
+            v = vals.pop(0)  # [b, T, kv, dh]
+            b, t, kv, dh = v.shape
+            H = pat.shape[0]
+            if kv != H:
+                v = v.repeat_interleave(H // kv, dim=2)
+            vv = v.permute(2, 1, 0, 3).reshape(H, t, b * dh)
+            z = torch.bmm(pat.to(vv.dtype), vv).reshape(H, t, b, dh).permute(2, 1, 0, 3)
+            return z.to(x.dtype)
+        engine_hooks.setdefault(f"blocks.{l}.attn.hook_z", []).append(z_hook)
 
 
 def scale_of(engine: Engine, mod, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +133,6 @@ class CleanState:
     mlp_out: dict[int, torch.Tensor]
     resid_post: dict[int, torch.Tensor]
     logits: torch.Tensor  # last position, full vocabulary
-    scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Replacement:
@@ -154,7 +179,7 @@ class Replacement:
     @torch.no_grad()
     def _capture(self, ids: torch.Tensor) -> CleanState:
         e = self.engine
-        scales, patterns, scores, reads, mlp_out, resid_post = {}, {}, {}, {}, {}, {}
+        scales, patterns, reads, mlp_out, resid_post = {}, {}, {}, {}, {}
         emb = {}
         hooks: dict[str, list] = {"blocks.0.hook_resid_pre": [lambda x, s: emb.__setitem__(0, x[0])],
                                   "hook_resid_final": [lambda x, s: scales.__setitem__(
@@ -162,8 +187,6 @@ class Replacement:
         for l in range(e.spec.n_layers):
             hooks.setdefault(f"blocks.{l}.attn.hook_pattern", []).append(
                 lambda x, s, l=l: patterns.__setitem__(l, x))
-            hooks.setdefault(f"blocks.{l}.attn.hook_attn_scores", []).append(
-                lambda x, s, l=l: scores.__setitem__(l, x[0]))
             hooks.setdefault(f"blocks.{l}.hook_mlp_out", []).append(lambda x, s, l=l: mlp_out.__setitem__(l, x[0]))
         for l, d in self.dicts.items():
             hooks.setdefault(d.read, []).append(lambda x, s, l=l: reads.__setitem__(l, x[0]))
@@ -178,7 +201,16 @@ class Replacement:
         with module_hooks([(m, grab(k)) for k, m in norm_modules(e).items()]):
             out = e.forward(ids, hooks=hooks, logit_positions=[-1])
         return CleanState(ids=ids, scales=scales, patterns=patterns, reads=reads, emb=emb[0], mlp_out=mlp_out,
-                          resid_post=resid_post, logits=out.logits[0, -1], scores=scores)
+                          resid_post=resid_post, logits=out.logits[0, -1])
+
+    @torch.no_grad()
+    def clean_score(self, layer: int, head: int, query: int, key: int) -> float:
+        """One attention score of the clean run (a forward; the T x T scores are not kept)."""
+        got: dict[int, float] = {}
+        hook = {f"blocks.{layer}.attn.hook_attn_scores": [
+            lambda x, s: got.__setitem__(0, float(x[0, head, query, key])) or x]}
+        self.engine.forward(self.clean.ids, hooks=hook, logit_positions=[-1])
+        return got[0]
 
     # ------------------------------------------------------------------ frozen forward
     def forward(self, leaves: dict, batch: int, logit_ids: list[int] | None, extra_hooks=None):
@@ -188,7 +220,8 @@ class Replacement:
         e, c = self.engine, self.clean
         reads: dict[int, torch.Tensor] = {}
         hooks: dict[str, list] = {"blocks.0.hook_resid_pre": [lambda x, s: leaves["emb"]]}
-        norms = freeze_hooks(e, c, hooks)
+        norms = freeze_hooks(e, c, hooks, patterns=False)
+        frozen_values_hooks(c, hooks, c.patterns)
         for l, d in self.dicts.items():
             hooks.setdefault(d.read, []).append(lambda x, s, l=l: reads.__setitem__(l, x))
         for o in self.mlp_layers:
@@ -204,6 +237,11 @@ class Replacement:
                 lambda x, s, l=l: leaves[("res", l)] + self.out_bias(l))
         for site, fns in (extra_hooks or {}).items():
             hooks.setdefault(site, []).extend(fns if isinstance(fns, list) else [fns])
+        for l in range(e.spec.n_layers):  # last in line, after every hook that reads them:
+            # each MLP's output is replaced by its leaf, so the MLP runs on no positions, and
+            # attention outputs are clean pattern @ values, so the kernel gets no queries
+            hooks.setdefault(f"blocks.{l}.ln2.hook_normalized", []).append(lambda x, s: x[:, :0])
+            hooks.setdefault(f"blocks.{l}.attn.hook_q", []).append(lambda x, s: x[:, :0])
         ids = c.ids.expand(batch, -1)
         with module_hooks(norms):
             out = e.forward(ids, hooks=hooks, logit_positions=[-1], logit_ids=logit_ids)

@@ -101,7 +101,7 @@ def qk_decompose(graph: AttributionGraph, layer: int, head: int, query: int, key
             rep.forward(zero, 1, ids, extra_hooks=hooks)
             qb, kb = cap["q"][0, query, head].float(), cap["k"][0, key, kv].float()
     scaling = float(getattr(e.adapter.attn(layer), "scaling", dh ** -0.5))
-    score = float(rep.clean.scores[layer][head, query, key])
+    score = rep.clean_score(layer, head, query, key)
     return torch.cat([Qc, qb[None]]), torch.cat([Kc, kb[None]]), scaling, score
 
 

@@ -41,15 +41,20 @@ def predict(graph: AttributionGraph, cols: list[int], row: int) -> tuple[float, 
     act = src.feat_act.float()
     chosen = torch.zeros(nf, dtype=torch.bool, device=act.device)
     chosen[cols] = True
-    direct = -float(graph.adjacency[row, cols].sum())
-    M = graph.adjacency[:, :nf] / act.clamp(min=1e-12)  # ∂pre_t / ∂act_s
-    rows = graph.rows
-    delta = torch.where(chosen, -act, torch.zeros_like(act))
+    # only the chosen and the expanded features ever change: the columns needed
+    need = torch.unique(torch.cat([torch.as_tensor(cols, dtype=torch.long, device=act.device),
+                                   graph.rows.to(act.device)]))
+    M = graph.edges.select(need) / act[need].clamp(min=1e-12)  # ∂pre_t / ∂act_s
+    direct = -float(graph.edges.row(row)[cols].sum())
+    pos = torch.full((nf,), -1, dtype=torch.long, device=act.device)
+    pos[need] = torch.arange(len(need), device=act.device)
+    rows, ch = pos[graph.rows.to(act.device)], chosen[need]
+    delta = torch.where(ch, -act[need], torch.zeros_like(act[need]))
     for _ in range(graph.rep.engine.spec.n_layers + 1):
         pre = M[: len(rows)] @ delta
         new = delta.clone()
         new[rows] = pre
-        new[chosen] = -act[chosen]
+        new[ch] = -act[need][ch]
         if torch.equal(new, delta):
             break
         delta = new

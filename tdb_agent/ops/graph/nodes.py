@@ -108,17 +108,12 @@ def edge_block(rep: Replacement, src: Sources, grads: dict, m: int, chunk_elems:
         if not len(sel):
             continue
         pos, idx, act = feat[sel, 1], feat[sel, 2], src.feat_act[sel]
-        step = max(1, chunk_elems // max(1, m * d.W_dec.shape[-1]))
-        for a in range(0, len(sel), step):
-            b = slice(a, a + step)
-            total = torch.zeros(m, len(sel[b]), device=dev)
-            for j in range(d.W_dec.shape[1]):
-                g = grads.get(leaf_of(d.write_site, l + j))
-                if g is None:
-                    continue
-                gsel = g[:m, pos[b]].float()  # [m, n, d]
-                total += torch.einsum("mnd,nd->mn", gsel, d.W_dec[idx[b], j].float())
-            out[:, sel[b]] = total * act[b].float()
+        total = torch.zeros(m, len(sel), device=dev)
+        for j in range(d.W_dec.shape[1]):
+            g = grads.get(leaf_of(d.write_site, l + j))
+            if g is not None:
+                total += dot_by_position(g[:m], pos, idx, d.W_dec[:, j], chunk_elems)
+        out[:, sel] = total * act.float()
     for k, (site, layer) in enumerate(src.err_keys):
         g = grads.get(leaf_of(site, layer))
         if g is not None:
@@ -127,4 +122,32 @@ def edge_block(rep: Replacement, src: Sources, grads: dict, m: int, chunk_elems:
     if grads.get("emb") is not None:
         start = src.n_feat + src.n_err
         out[:, start:start + src.n_pos] = (grads["emb"][:m].float() * src.emb.float()).sum(-1)
+    return out
+
+
+def dot_by_position(g: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, W: torch.Tensor,
+                    chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """[m, n]: g[:, pos[f]] · W[idx[f]] for every feature f, as one batched product per
+    chunk of positions (each position's decoder rows padded to the most any position has),
+    so the gradients are read in place, never gathered per feature."""
+    m, T, D = g.shape
+    order = torch.argsort(pos, stable=True)
+    p, ix = pos[order], idx[order]
+    counts = torch.bincount(p, minlength=T)
+    start = counts.cumsum(0) - counts
+    slot = torch.arange(len(p), device=p.device) - start[p]
+    cmax = int(counts.max())
+    out = torch.empty(m, len(p), device=g.device)
+    step = max(1, chunk_elems // max(1, cmax * D))
+    gT = g.transpose(0, 1)  # [T, m, D]
+    for a in range(0, T, step):
+        b = min(T, a + step)
+        lo, hi = int(start[a]), int(start[b - 1] + counts[b - 1])
+        if hi == lo:
+            continue
+        pp, ss = p[lo:hi] - a, slot[lo:hi]
+        Wpad = torch.zeros(b - a, cmax, D, device=g.device)
+        Wpad[pp, ss] = W[ix[lo:hi]].float()
+        r = torch.bmm(gT[a:b].float(), Wpad.transpose(1, 2))  # [positions, m, cmax]
+        out[:, order[lo:hi]] = r[pp, :, ss].T
     return out

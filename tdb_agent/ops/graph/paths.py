@@ -21,15 +21,19 @@ MAX_EDGES = 2_000_000  # the search walks edges in Python (a few seconds at this
 
 def strongest_paths_k(sq: SquareGraph, target: int, k: int = 5, edge_mask: torch.Tensor | None = None
                       ) -> list[tuple[float, list[int]]]:
-    """(strength, square indices start..target) of the k strongest embedding-to-target paths."""
-    A = sq.A if edge_mask is None else sq.A * edge_mask
-    An = normalise(A)
+    """(strength, square indices start..target) of the k strongest embedding-to-target paths.
+    edge_mask: kept edges, as Pruned.edge_rows (rows of sq.R) or a dense N x N mask."""
+    if edge_mask is not None and edge_mask.shape[0] == sq.N and sq.N != sq.R.shape[0]:
+        edge_mask = edge_mask[sq.row_nodes.to(edge_mask.device)]
+    R = sq.R if edge_mask is None else sq.R * edge_mask
+    An = normalise(R)
     n_edges = int((An != 0).sum())
     if n_edges > MAX_EDGES:
         raise TdbError(f"{n_edges:,} edges are too many to search for paths (at most {MAX_EDGES:,}); prune the "
                        "graph first (graph_prune) and search the pruned graph")
-    t_idx, s_idx = An.nonzero(as_tuple=True)
-    w = An[t_idx, s_idx].tolist()
+    r_idx, s_idx = An.nonzero(as_tuple=True)
+    w = An[r_idx, s_idx].tolist()
+    t_idx = sq.row_nodes.to(r_idx.device)[r_idx]
     incoming: dict[int, list[tuple[int, float]]] = {}
     for t, s, x in zip(t_idx.tolist(), s_idx.tolist(), w):
         incoming.setdefault(t, []).append((s, x))

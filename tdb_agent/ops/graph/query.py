@@ -77,16 +77,17 @@ def strongest_paths(graph: AttributionGraph, row: int, n_paths: int = 3, max_len
     """From a target row, follow the n strongest incoming edges, each then back along the
     strongest incoming edge until a node without computed inputs (embedding, error,
     unexpanded feature). Each path is listed from its start to the target."""
-    A = graph.adjacency
-    first = A[row].abs().topk(min(n_paths, A.shape[1])).indices.tolist()
+    E = graph.edges
+    into = E.row(row)
+    first = into.abs().topk(min(n_paths, E.n_cols)).indices.tolist()
     paths = []
     for col in first:
-        if float(A[row, col]) == 0:
+        if float(into[col]) == 0:
             continue
         path = [row_tid(graph, row), col_tid(graph, col)]
         r = graph.row_of_feature(col) if col < graph.src.n_feat else None
-        while r is not None and len(path) < max_len and A[r].abs().max() > 0:
-            col = int(A[r].abs().argmax())
+        while r is not None and len(path) < max_len and E.row(r).abs().max() > 0:
+            col = int(E.row(r).abs().argmax())
             path.append(col_tid(graph, col))
             r = graph.row_of_feature(col) if col < graph.src.n_feat else None
         paths.append(path[::-1])

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from tdb_agent.ops.graph.influence import SquareGraph, influence, normalise
+from tdb_agent.ops.graph.influence import SquareGraph, influence_rows, normalise
 
 
 def profiles(sq: SquareGraph, nodes: torch.Tensor) -> torch.Tensor:
-    """[len(nodes), N] outgoing-influence vectors of the given square-graph nodes."""
-    An = normalise(sq.A)
-    out = influence(An, sq.weights) + sq.weights
-    return (An[:, nodes] * sq.A[:, nodes].sign() * out[:, None]).T
+    """[len(nodes), N] outgoing-influence vectors of the given square-graph nodes (zero at
+    error and embedding nodes, which have no inputs)."""
+    Rn = normalise(sq.R)
+    out = influence_rows(Rn, sq) + sq.weights
+    rn = sq.row_nodes.to(Rn.device)
+    P = torch.zeros(len(nodes), sq.N, device=Rn.device)
+    P[:, rn] = (Rn[:, nodes] * sq.R[:, nodes].sign() * out[rn][:, None]).T
+    return P
 
 
 def agglomerate(X: torch.Tensor, threshold: float) -> list[list[int]]:
