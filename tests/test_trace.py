@@ -19,6 +19,20 @@ def _frozen_ln_parts(ln, x):
     return (x - mu) * s * ln.weight, ln.bias  # linear part, constant part
 
 
+def _inputs(model, ids, **modules) -> dict[str, torch.Tensor]:
+    """The input of each named module on a plain forward of `ids` (forward pre-hooks)."""
+    store, handles = {}, []
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: store.__setitem__(name, a[0].detach())))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return store
+
+
 @pytest.fixture(scope="module")
 def plain_gpt2(tiny_dirs):
     from transformers import AutoModelForCausalLM
@@ -66,16 +80,8 @@ def test_neuron_trace_by_hand(gpt2_tiny, plain_gpt2):
     model, eng = plain_gpt2, gpt2_tiny
     ids = eng.to_tokens(PROMPT)
     layer, n, t = 1, 7, 9
-    store = {}
     blk = model.transformer.h[layer]
-    hk = blk.ln_2.register_forward_pre_hook(lambda m, a: store.__setitem__("mid", a[0].detach()))
-    hp = blk.mlp.act.register_forward_pre_hook(lambda m, a: store.__setitem__("pre", a[0].detach()))
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        hk.remove()
-        hp.remove()
+    store = _inputs(model, ids, mid=blk.ln_2, pre=blk.mlp.act)
     lin, const = _frozen_ln_parts(blk.ln_2, store["mid"][0, t])
     w_in, b_in = blk.mlp.c_fc.weight[:, n], blk.mlp.c_fc.bias[n]
     r = trace_upstream(eng, PROMPT, f"L{layer}.N{n}@{t}", top_k=None)
@@ -95,14 +101,8 @@ def test_transcoder_feature_trace_by_hand(gpt2_tiny, plain_gpt2):
     model, eng = plain_gpt2, gpt2_tiny
     ids = eng.to_tokens(PROMPT)
     layer, i, t = 1, 5, 9
-    store = {}
     blk = model.transformer.h[layer]
-    hk = blk.ln_2.register_forward_pre_hook(lambda m, a: store.__setitem__("mid", a[0].detach()))
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        hk.remove()
+    store = _inputs(model, ids, mid=blk.ln_2)
     tcs = random_transcoders(eng, n=12, seed=9)
     w, b = tcs.layers[layer].W_enc[:, i], tcs.layers[layer].b_enc[i]
     lin, const = _frozen_ln_parts(blk.ln_2, store["mid"][0, t])
