@@ -164,7 +164,8 @@ KINDS = ("head", "neuron", "sae latent")
 
 
 def kind_of(cid: str) -> str:
-    return "sae latent" if ".F" in cid else "head" if ".H" in cid else "neuron"
+    return "transcoder feature" if ".tc.F" in cid else "sae latent" if ".F" in cid else "head" if ".H" in cid \
+        else "neuron"
 
 
 def markdown(s: ScoresEval) -> list[str]:

@@ -26,10 +26,11 @@ from pydantic import BaseModel
 from evals.cost import Cost, count_passes
 from evals.explanation_scores import ScoresEval, kind_of, llm_rows, llm_sample, run_scores
 from tdb_agent.datasets import ActivationDataset, BuildConfig, build, documents_from_corpus
-from tdb_agent.datasets.store import BUNDLED_DATASET
+from tdb_agent.datasets.store import BUNDLED_DATASET, EXPLANATIONS, read_member
 from tdb_agent.datasets.components import component_name
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import attach_saes
+from tdb_agent.engine.transcoder import attach_transcoders
 from tdb_agent.explain import Explainer, ExplainerLLM, Explanation
 from tdb_agent.explain.heuristic import CATEGORIES
 from tdb_agent.explain.scoring import Score
@@ -85,11 +86,13 @@ def llm_distributions(done: dict[str, list[Explanation]], failed: dict[str, int]
 def distributions(engine: Engine, ds: ActivationDataset, per_kind: int, seed: int = 0) -> list[Distribution]:
     explainer = Explainer(engine, ds, llm=ExplainerLLM(base_url=None, api_key=None), cache_dir=None)
     comps = [component_name(ds.blocks, c) for c in range(ds.manifest["n_components"])]
-    shipped = json.loads((ds.folder / "explanations.json").read_text())
+    shipped = json.loads(read_member(ds.folder, EXPLANATIONS) or "{}")
     rng = random.Random(seed)
     out = []
-    for kind in ("head", "neuron", "sae latent"):
+    for kind in ("head", "neuron", "sae latent", "transcoder feature"):
         of_kind = [c for c in comps if kind_of(c) == kind]
+        if not of_kind:
+            continue
         every = kind == "head" and len(of_kind) <= per_kind * 4  # all heads; a seeded sample of the rest
         sample = of_kind if every else rng.sample(of_kind, min(per_kind, len(of_kind)))
         scores = [explainer.explain(c, method="heuristic", refresh=True).score for c in sample]
@@ -174,6 +177,7 @@ def run(constructed_class_neuron: str | None, quick: bool) -> ExplanationEval:
     with count_passes() as cost:
         engine = Engine.load(device="cpu")
         attach_saes(engine, [], bundled=True)
+        attach_transcoders(engine)  # the dataset's transcoder features are explained and scored too
         ds = ActivationDataset.open(BUNDLED_DATASET, engine)
         dists = distributions(engine, ds, per_kind=16 if quick else 96)
         settings = ExplainerLLM.from_env()

@@ -94,7 +94,7 @@ def cmd_discover(args) -> int:
         cfg = RunConfig(task=tasks[0] if tasks else None, prompt=args.prompt, corrupted_prompt=args.corrupted,
                         target=args.target,
                         distractor=args.distractor, planner=args.planner, model=args.model, max_steps=args.max_steps,
-                        llm_model=args.llm_model, ablation=args.ablation)
+                        llm_model=args.llm_model, ablation=args.ablation, graph=args.graph)
         if not cfg.task and not (cfg.prompt and cfg.target):
             print("tdb-agent discover: give --task, or --prompt and --target", file=sys.stderr)
             return 2
@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", choices=["mean", "resample", "both"], default="mean",
                    help="scripted planner: grow and prune until faithfulness reaches the threshold under mean "
                         "ablation, resample ablation, or both (each of them; the report gives both numbers)")
+    p.add_argument("--graph", action="store_true",
+                   help="scripted planner: also build an attribution graph of the prompt (needs transcoders or "
+                        "residual SAEs), check its top features by intervention and, if the check agrees, claim "
+                        "and validate the feature circuit (agent/graph_step.py)")
     p.add_argument("--transport", choices=["inprocess", "stdio"], default="inprocess",
                    help="reach the tools in this process or through a `tdb-agent serve` subprocess")
     p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint (env OPENAI_BASE_URL)")

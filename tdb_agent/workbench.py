@@ -90,7 +90,7 @@ RELATED_TOOLS = {
     "mlp": ["ablate", "patch"],
     "emb": ["ablate", "patch"],
     "sae": ["ablate", "patch"],
-    "transcoder": ["ablate", "steer", "attribution_graph"],
+    "transcoder": ["top_examples", "explain_component", "trace_upstream", "ablate", "steer", "attribution_graph"],
     "logits": ["predict", "attribute"],
 }
 

@@ -11,6 +11,7 @@ import torch
 from tdb_agent.datasets import ActivationDataset, BuildConfig, DatasetMismatch, build, documents_from_corpus
 from tdb_agent.datasets import store
 from tdb_agent.engine.sae import SAESet
+from tests.test_graph import random_transcoders
 from tests.test_sae import random_sae
 
 CFG = dict(top_k=5, n_random=3, n_quantile_bins=3, per_bin=2, window=8, lead=5, batch_size=7, warmup_docs=14,
@@ -20,11 +21,35 @@ CFG = dict(top_k=5, n_random=3, n_quantile_bins=3, per_bin=2, window=8, lead=5, 
 @pytest.fixture(scope="module")
 def eng(tiny_engines):
     e = tiny_engines["gpt2"]
-    saved = e.saes
+    saved, saved_tc = e.saes, e.transcoders
     e.saes = SAESet()
     e.saes.add(random_sae(e.spec.d_model, 24, "blocks.1.hook_resid_post", seed=5), e.spec.n_layers, e.spec.d_model)
+    e.transcoders = random_transcoders(e, n=12, seed=3)
+    e.transcoders.layers[1].k = 4  # TopK on one layer, plain ReLU on the other
     yield e
-    e.saes = saved
+    e.saes, e.transcoders = saved, saved_tc
+
+
+@torch.no_grad()
+def mlp_inputs(e, ids) -> list[torch.Tensor]:
+    """Each block's MLP input (ln_2's output), read by plain forward hooks on the HF modules."""
+    got, handles = {}, []
+    for l, block in enumerate(e.model.transformer.h):
+        handles.append(block.ln_2.register_forward_hook(lambda m, i, o, l=l: got.__setitem__(l, o)))
+    try:
+        e.model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return [got[l][0].float() for l in range(len(got))]
+
+
+def hand_encode(x, W_enc, b_enc, k):
+    """relu(x W + b), keeping only each token's k largest pre-activations when k is set."""
+    pre = x @ W_enc + b_enc
+    if k is not None:
+        pre = pre.masked_fill(pre < pre.topk(k, dim=-1).values[..., -1:], 0)
+    return pre.clamp(min=0)
 
 
 def _docs(e, n=60):
@@ -48,6 +73,9 @@ def brute(e, docs):
             cols.append(torch.stack([(z[:, h] @ W_O[h]).norm(dim=-1) for h in range(e.spec.n_heads)], -1))
             keys.append(a[f"blocks.{l}.attn.hook_pattern"][0].argmax(-1).T)
         cols.append(sae.encode(a["blocks.1.hook_resid_post"][0]))
+        for l, x in enumerate(mlp_inputs(e, ids)):
+            tc = e.transcoders.layers[l]
+            cols.append(hand_encode(x, tc.W_enc, tc.b_enc, tc.k))
         out.append((torch.cat(cols, -1), torch.cat(keys, -1)))
     return out
 
@@ -68,11 +96,15 @@ def built(eng, tmp_path_factory):
 def test_top_examples_and_stats_match_brute_force(eng, built):
     ds, docs, acts = built
     d_mlp, H = eng.spec.d_mlp, eng.spec.n_heads
+    base = 2 * (d_mlp + H)
     comps = {"L0.N3": 3, "L1.N100": d_mlp + H + 100, "L0.H2": d_mlp + 2, "L1.H1": 2 * d_mlp + H + 1,
-             "L1.resid.F7": 2 * (d_mlp + H) + 7}
+             "L1.resid.F7": base + 7, "L0.tc.F5": base + 24 + 5, "L1.tc.F2": base + 24 + 12 + 2}
+    assert [(b.kind, b.layer, b.n) for b in ds.blocks[-2:]] == [("transcoder", 0, 12), ("transcoder", 1, 12)]
+    assert ds.manifest["transcoder_fingerprints"].keys() == {"L0.tc", "L1.tc"}
     allv = torch.cat([a[1:] for a, _ in acts])
     for cid, col in comps.items():
         maxima = torch.tensor([a[1:, col].max().item() for a, _ in acts])
+        assert ".F" not in cid or maxima.max() > 0, cid  # features that fire, so their ranking is tested
         order = maxima.argsort(descending=True)[:5]
         ex = ds.examples(cid, "top")
         assert len(ex) == 5
@@ -124,7 +156,7 @@ def _no_io(m, ds):
     """Within the monkeypatch context `m`: any file read, dataset reload or vocabulary decode raises."""
     def forbidden(*a, **k):
         raise AssertionError(f"a dataset query touched the disk: {a[:1]}")
-    m.setattr(store, "load_file", forbidden)
+    m.setattr(store, "load_bytes", forbidden)
     m.setattr(builtins, "open", forbidden)
     m.setattr(io, "open", forbidden)
     m.setattr(ds, "tokenizer", None)  # the vocabulary must come from the cache decoded on first use
@@ -151,6 +183,36 @@ def test_query_speed_and_mismatch(eng, built, tiny_engines, monkeypatch):
         eng.saes = saved
     with pytest.raises(DatasetMismatch, match="fingerprint"):
         ds.check(tiny_engines["llama"])
+    saved_tc = eng.transcoders
+    eng.transcoders = random_transcoders(eng, n=12, seed=4)  # other transcoders: refused, named
+    try:
+        with pytest.raises(DatasetMismatch, match="transcoder at L0.tc"):
+            ds.check(eng)
+        eng.transcoders = None  # none loaded: the rest of the dataset still answers
+        ds.check(eng)
+    finally:
+        eng.transcoders = saved_tc
+
+
+def test_a_gzipped_store_reads_the_same(eng, built, tmp_path):
+    import shutil
+
+    ds, _, _ = built
+    folder = tmp_path / "gz"
+    shutil.copytree(ds.folder, folder)
+    (folder / store.EXPLANATIONS).write_text('{"L0.N1": {"explanation": "x", "score": 0.5}}')
+    sizes = store.compress(folder)
+    assert not (folder / store.DATA).exists() and (folder / f"{store.DATA}.gz").exists()
+    assert sizes[store.DATA][1] < sizes[store.DATA][0]
+    again = ActivationDataset.open(folder, eng)
+    assert again.a.keys() == ds.a.keys() and all(np.array_equal(ds.a[k], again.a[k]) for k in ds.a)
+    assert again.examples("L1.tc.F2") == ds.examples("L1.tc.F2")
+    assert store.read_member(folder, store.EXPLANATIONS) == b'{"L0.N1": {"explanation": "x", "score": 0.5}}'
+    first = (folder / f"{store.DATA}.gz").read_bytes()
+    (folder / f"{store.DATA}.gz").rename(folder / "x.gz")
+    (folder / store.DATA).write_bytes(store.read_member(folder, "x"))
+    store.compress(folder, (store.DATA,))
+    assert (folder / f"{store.DATA}.gz").read_bytes() == first  # reproducible: no timestamp in the file
 
 
 def test_resume_gives_the_same_dataset(eng, tmp_path, built):

@@ -15,7 +15,7 @@ from tdb_agent.agent.runstore import RunConfig, RunStore
 
 def test_scripted_run_writes_a_complete_run_folder(tiny_dirs, tmp_path):
     out = tmp_path / "run"
-    cfg = RunConfig(task="ioi", planner="scripted", model=str(tiny_dirs["gpt2"]))
+    cfg = RunConfig(task="ioi", planner="scripted", model=str(tiny_dirs["gpt2"]), graph=True)
     summary = asyncio.run(discover.run(cfg, out, echo=lambda m: None))
     for name in ("run.json", "transcript.jsonl", "graph.json", "report.md", "graph.svg", "graph.html"):
         assert (out / name).exists(), name
@@ -29,6 +29,7 @@ def test_scripted_run_writes_a_complete_run_folder(tiny_dirs, tmp_path):
     assert all("seconds" in e for e in events if e["kind"] == "tool_call")
     report = (out / "report.md").read_text()
     assert "Faithfulness" in report and "## Nodes" in report and "What was tried" in report
+    assert "graph step skipped" in report  # --graph without transcoders or residual SAEs: said, not failed
 
 
 def _discover_cmd(*args):

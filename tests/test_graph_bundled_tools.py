@@ -1,6 +1,7 @@
-"""On the bundled model: model_info lists the loaded transcoders; the dataset tools refuse
-transcoder features with a clear message (activation datasets do not record them); an
-SAE-latent graph's supernodes carry the shipped explanations."""
+"""On the bundled model: model_info lists the loaded transcoders; the dataset tools answer
+for transcoder features (the shipped dataset records them) and refuse them with a clear
+message where a dataset was built without them; an SAE-latent graph's supernodes carry the
+shipped explanations."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import pytest
 from mcp import Client
 
-from tdb_agent.datasets.store import BUNDLED_DATASET
+from tdb_agent.datasets.store import BUNDLED_DATASET, EXPLANATIONS, read_member
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import attach_saes
 from tdb_agent.engine.transcoder import BUNDLED_TRANSCODERS, attach_transcoders
@@ -33,7 +34,7 @@ def test_model_info_lists_transcoders(tiny_engines):
         assert {t.kind for t in model_info(e).transcoders} == {"relu"}
 
 
-def test_bundled_model_info_and_dataset_refusal(bundled, tmp_path):
+def test_bundled_model_info_and_transcoder_features_in_the_dataset(bundled, tmp_path):
     if not BUNDLED_TRANSCODERS.is_dir():
         pytest.skip("the bundled transcoders are not built (python tools/train_transcoders.py)")
     engine = Engine.load()
@@ -53,8 +54,26 @@ def test_bundled_model_info_and_dataset_refusal(bundled, tmp_path):
     assert [(t["layer"], t["features"]) for t in info["transcoders"]] == [(l, tc.d_tc) for l, tc in tcs.layers.items()]
     assert all(t["kind"].startswith("topk (k=16)") for t in info["transcoders"])
     for res in (r, x):
-        assert res.is_error and "do not record transcoder features" in res.content[0].text
+        assert not res.is_error, res.content
+    assert r.structured_content["examples"] and x.structured_content["explanation"]
     assert not ok.is_error
+
+
+def test_a_dataset_without_transcoders_refuses_their_features(tiny_engines, tmp_path):
+    from tdb_agent.datasets import ActivationDataset, BuildConfig, build, documents_from_corpus
+    from tdb_agent.service.dataset_tools import TopExamplesArgs, top_examples
+    from tdb_agent.service.tool import Job
+    from tdb_agent.errors import TdbError
+
+    e = tiny_engines["gpt2"]
+    docs = list(documents_from_corpus(20, 5, e.tokenizer, e.spec.n_ctx))
+    build(e, iter(docs), tmp_path / "ds", BuildConfig(top_k=2, n_random=1, n_quantile_bins=2, per_bin=1, window=6,
+                                                      lead=3, warmup_docs=8), progress=False)
+    bench = Workbench(e, workspace=tmp_path)
+    with attached(e, random_transcoders(e, n=8)):
+        bench.dataset = ActivationDataset.open(tmp_path / "ds", e)
+        with pytest.raises(TdbError, match="built without transcoders"):
+            top_examples(bench, TopExamplesArgs(component="L1.tc.F3"), Job())
 
 
 def test_bundled_sae_graph_supernodes_carry_shipped_explanations(bundled, tmp_path):
@@ -62,7 +81,7 @@ def test_bundled_sae_graph_supernodes_carry_shipped_explanations(bundled, tmp_pa
     over SAE latents and its supernodes are labelled with the shipped explanations."""
     engine = Engine.load()
     attach_saes(engine, [], bundled=True)
-    shipped = json.loads((BUNDLED_DATASET / "explanations.json").read_text())
+    shipped = json.loads(read_member(BUNDLED_DATASET, EXPLANATIONS))
 
     async def go():
         async with Client(build_server(Workbench(engine, workspace=tmp_path))) as c:

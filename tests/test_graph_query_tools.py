@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import jsonschema
 import pytest
+import torch
 from mcp import Client
 
 from tdb_agent.ops.graph.influence import normalise, prune, square
@@ -131,3 +132,37 @@ def test_query_tools_absent_without_dictionaries(tiny_engines, tmp_path):
     names = asyncio.run(go())
     assert not {"graph_paths", "graph_prune", "graph_supernodes", "graph_to_circuit"} & names
     assert "circuit_list" in names
+
+
+def test_pruning_is_cached_on_the_graph(tiny_engines, tmp_path, monkeypatch):
+    """A query prunes a stored graph once per setting: the second query (any tool) does no
+    pruning work (no call to influence.prune, no influence series) and answers the same;
+    a new setting prunes again, once, and equals a fresh pruning of the graph."""
+    from tdb_agent.ops.graph import influence, views
+    from tdb_agent.service.graph_circuit import ToCircuitArgs, graph_to_circuit
+    from tdb_agent.service.graph_query_tools import PathsArgs, PruneArgs, graph_paths, graph_prune
+
+    e = tiny_engines["gpt2"]
+    bench = Workbench(e, workspace=tmp_path)
+    calls = []
+    real_prune, real_series = influence.prune, influence.influence_rows
+    monkeypatch.setattr(influence, "prune", lambda *a, **k: calls.append("prune") or real_prune(*a, **k))
+    monkeypatch.setattr(influence, "influence_rows", lambda *a, **k: calls.append("series") or real_series(*a, **k))
+    with attached(e, random_transcoders(e, n=16)):
+        attribution_graph(bench, GraphArgs(prompt=P, target="Mary", distractor="John", name="g"), Job())
+        assert calls.count("prune") == 1
+        calls.clear()
+        paths = [graph_paths(bench, PathsArgs(name="g", k=4), Job()) for _ in range(2)]
+        sup = [graph_supernodes(bench, SupernodeArgs(name="g"), Job()) for _ in range(2)]
+        graph_to_circuit(bench, ToCircuitArgs(name="g", circuit="c1"), Job())
+        assert calls == [] and paths[0] == paths[1] and sup[0] == sup[1]
+        first = graph_prune(bench, PruneArgs(name="g", node_threshold=0.5), Job())
+        assert calls.count("prune") == 1
+        calls.clear()
+        again = graph_prune(bench, PruneArgs(name="g", node_threshold=0.5), Job())
+        assert calls == [] and again == first
+        g = bench.graphs["g"]
+        cached = views.pruned_of(g, 0.5, 0.98)
+    fresh = real_prune(square(g), 0.5, 0.98)
+    assert all(torch.equal(getattr(cached, f), getattr(fresh, f))
+               for f in ("node_mask", "edge_rows", "node_influence", "cumulative"))

@@ -19,6 +19,20 @@ def _frozen_ln_parts(ln, x):
     return (x - mu) * s * ln.weight, ln.bias  # linear part, constant part
 
 
+def _inputs(model, ids, **modules) -> dict[str, torch.Tensor]:
+    """The input of each named module on a plain forward of `ids` (forward pre-hooks)."""
+    store, handles = {}, []
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: store.__setitem__(name, a[0].detach())))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return store
+
+
 @pytest.fixture(scope="module")
 def plain_gpt2(tiny_dirs):
     from transformers import AutoModelForCausalLM
@@ -66,16 +80,8 @@ def test_neuron_trace_by_hand(gpt2_tiny, plain_gpt2):
     model, eng = plain_gpt2, gpt2_tiny
     ids = eng.to_tokens(PROMPT)
     layer, n, t = 1, 7, 9
-    store = {}
     blk = model.transformer.h[layer]
-    hk = blk.ln_2.register_forward_pre_hook(lambda m, a: store.__setitem__("mid", a[0].detach()))
-    hp = blk.mlp.act.register_forward_pre_hook(lambda m, a: store.__setitem__("pre", a[0].detach()))
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        hk.remove()
-        hp.remove()
+    store = _inputs(model, ids, mid=blk.ln_2, pre=blk.mlp.act)
     lin, const = _frozen_ln_parts(blk.ln_2, store["mid"][0, t])
     w_in, b_in = blk.mlp.c_fc.weight[:, n], blk.mlp.c_fc.bias[n]
     r = trace_upstream(eng, PROMPT, f"L{layer}.N{n}@{t}", top_k=None)
@@ -85,6 +91,30 @@ def test_neuron_trace_by_hand(gpt2_tiny, plain_gpt2):
         "mlp_output_biases"] == pytest.approx((lin @ w_in).item(), abs=1e-5)
     # the same layer's heads write into resid_mid, so they are upstream of its neurons
     assert any(e.source.startswith(f"L{layer}.H") for e in r.edges)
+
+
+def test_transcoder_feature_trace_by_hand(gpt2_tiny, plain_gpt2):
+    """A transcoder feature's pre-activation (MLP input · W_enc[:, i] + b_enc[i]) traced like a
+    neuron's: its value, its constant part and the linear part the edges carry, by hand."""
+    from tests.test_graph import attached, random_transcoders
+
+    model, eng = plain_gpt2, gpt2_tiny
+    ids = eng.to_tokens(PROMPT)
+    layer, i, t = 1, 5, 9
+    blk = model.transformer.h[layer]
+    store = _inputs(model, ids, mid=blk.ln_2)
+    tcs = random_transcoders(eng, n=12, seed=9)
+    w, b = tcs.layers[layer].W_enc[:, i], tcs.layers[layer].b_enc[i]
+    lin, const = _frozen_ln_parts(blk.ln_2, store["mid"][0, t])
+    x = blk.ln_2(store["mid"][0, t])
+    with attached(eng, tcs):
+        r = trace_upstream(eng, PROMPT, f"L{layer}.tc.F{i}@{t}", top_k=None)
+    assert r.node == f"L{layer}.tc.F{i}@{t}"
+    assert r.value == pytest.approx((x @ w + b).item(), abs=1e-5)
+    assert r.unattributed["norm_bias_and_input_bias"] == pytest.approx((const @ w + b).item(), abs=1e-5)
+    assert r.sum_of_edges["direct"] + r.unattributed["attn_output_biases"] + r.unattributed[
+        "mlp_output_biases"] == pytest.approx((lin @ w).item(), abs=1e-5)
+    assert any(e.source.startswith(f"L{layer}.H") for e in r.edges) and eng.active_hook_count() == 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -164,7 +164,7 @@ def cmd_batch(args) -> int:
         return 2
     root = Path(args.out or f"runs/batch-{time.strftime('%Y%m%d-%H%M%S')}")
     template = RunConfig(planner=args.planner, model=args.model, max_steps=args.max_steps, llm_model=args.llm_model,
-                         ablation=args.ablation)
+                         ablation=args.ablation, graph=getattr(args, "graph", False))
     runs = plan_runs(items, template, root)
     llm = None
     if args.planner == "llm":

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from tdb_agent.agent import planner
 from tdb_agent.agent.edge_step import EdgeFindings, report_lines
+from tdb_agent.agent.graph_step import GraphFindings
+from tdb_agent.agent.graph_step import report_lines as graph_report_lines
 from tdb_agent.agent.llm import Budgets, LLMSettings, run_llm_loop
 from tdb_agent.agent.runstore import RunConfig, RunStore
 from tdb_agent.agent.summary import RunSummary
@@ -94,9 +96,10 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
             tb = Toolbox(client, store, on_step=on_step)
             if tb.replayed or store.n_events():
                 echo(f"resuming: {store.n_events()} events in the transcript")
-            result = await planner.discover(tb, cfg.task, pairs, name, modes=ABLATION_MODES[cfg.ablation])
+            result = await planner.discover(tb, cfg.task, pairs, name, modes=ABLATION_MODES[cfg.ablation],
+                                            graph=cfg.graph)
             stopped, calls, notes, heldout = "done", tb.calls, result.notes, result.faithfulness_heldout
-            other, edges = result.faithfulness_other, result.edges
+            other, edges, features = result.faithfulness_other, result.edges, result.features
         else:
             tb = Toolbox(client, store)
             await _restore_circuits(client, store, tools)
@@ -111,8 +114,8 @@ async def run(cfg: RunConfig, out: Path, transport: Transport = "inprocess", llm
             outcome = await run_llm_loop(client, store, goal, llm or LLMSettings.from_env(),
                                          Budgets(max_steps=cfg.max_steps), on_tool_result=on_result)
             stopped, calls, notes = outcome.stopped_because, outcome.steps, [outcome.final_message or ""]
-            heldout, other, edges = None, {}, None
-        summary = await _finish(client, store, name, notes, calls, time.time() - t0, stopped, edges)
+            heldout, other, edges, features = None, {}, None, None
+        summary = await _finish(client, store, name, notes, calls, time.time() - t0, stopped, edges, features)
         summary.faithfulness_heldout, summary.faithfulness_other = heldout, other
         summary.task, summary.planner = cfg.task, cfg.planner
     echo(f"run folder: {out}\ncircuit {summary.circuit}: {len(summary.nodes)} nodes {summary.nodes}, "
@@ -136,7 +139,8 @@ async def _restore_circuits(client, store: RunStore, tools: dict) -> None:
 
 
 async def _finish(client, store: RunStore, name: str, notes: list[str], calls: int, seconds: float,
-                  stopped: str, edges: EdgeFindings | None = None) -> RunSummary:
+                  stopped: str, edges: EdgeFindings | None = None,
+                  features: GraphFindings | None = None) -> RunSummary:
     show = await client.call_tool("circuit_show", {"name": name})
     if show.is_error:
         store.write("report.md", f"# Discovery run\n\nNo circuit named {name!r} was created.\n\n"
@@ -151,14 +155,14 @@ async def _finish(client, store: RunStore, name: str, notes: list[str], calls: i
                 store.write(file, r.structured_content["content"])
             else:
                 store.save_graph(json.loads(r.structured_content["content"]))
-    store.write("report.md", report_markdown(info, notes, calls, seconds, stopped, edges))
+    store.write("report.md", report_markdown(info, notes, calls, seconds, stopped, edges, features))
     nodes = [n["id"] for n in info["nodes"] if n["id"] != "LOGITS"]
     return RunSummary(run_dir=str(store.dir), circuit=name, nodes=nodes, faithfulness=info.get("faithfulness"),
                       tool_calls=calls, seconds=seconds, stopped_because=stopped)
 
 
 def report_markdown(info: dict, notes: list[str], calls: int, seconds: float, stopped: str,
-                    edges: EdgeFindings | None = None) -> str:
+                    edges: EdgeFindings | None = None, features: GraphFindings | None = None) -> str:
     v = info.get("validation") or {}
     lines = [f"# Circuit `{info['name']}`", ""]
     b = info.get("behaviour") or {}
@@ -184,6 +188,7 @@ def report_markdown(info: dict, notes: list[str], calls: int, seconds: float, st
         w = f"{e['weight']:.3f}" if e.get("weight") is not None else ""
         lines.append(f"| {e['source']} | {e['target']} | {e['via']} | {w} | {ev} |")
     lines += report_lines(edges)
+    lines += graph_report_lines(features)
     lines += ["", "## What was tried", ""] + [f"- {n}" for n in notes if n]
     lines += ["", f"{calls} tool calls, {seconds:.1f} s, stopped: {stopped}. Transcript: `transcript.jsonl`; "
               "graph: `graph.json`, `graph.svg`, `graph.html`.", ""]

@@ -21,7 +21,9 @@ A fixed, systematic procedure that an LLM agent is compared with:
    its faithfulness curve (CPR, CMD), and state the edges between the circuit's components
    with those measurements (`edge_step`); a family the edge methods refuse gets a note;
 8. explain: attach each kept head's or neuron's explanation (with its detection, fuzzing and
-   simulation scores, and its note when they are at chance).
+   simulation scores, and its note when they are at chance);
+9. features (with `graph=True`): an attribution graph of the analysed prompt, its top
+   features checked by intervention before the feature circuit is claimed (`graph_step`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel
 
 from tdb_agent.agent.edge_step import EdgeFindings, edge_step
+from tdb_agent.agent.graph_step import GraphFindings, graph_step
 from tdb_agent.agent.toolbox import Toolbox, ToolCallFailed
 from tdb_agent.circuits.evaluate import AblationMode
 
@@ -44,6 +47,7 @@ class DiscoveryResult(BaseModel):
     faithfulness_heldout_other: dict[str, float] = {}  # held out, under the other required modes
     modes: list[str] = ["mean"]  # the ablations the threshold had to hold under; the first is the claim's
     edges: EdgeFindings | None = None  # the edge-level measurement (None: the edge tools refused or are absent)
+    features: GraphFindings | None = None  # the feature-level circuit and its check (graph=True)
     tool_calls: int
     rejected: list[str]
     notes: list[str]
@@ -139,12 +143,13 @@ async def _redundant_groups(tb: Toolbox, ex: dict, total: dict[str, float], sing
 
 async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: str, *,
                    threshold: float = 0.8, max_nodes: int = 15, n_validate: int = 32,
-                   mode: AblationMode = "mean", modes: Sequence[AblationMode] | None = None) -> DiscoveryResult:
+                   mode: AblationMode = "mean", modes: Sequence[AblationMode] | None = None,
+                   graph: bool = False) -> DiscoveryResult:
     """Run the procedure; `pairs` are prompt pairs (dicts with prompt, corrupted_prompt, target,
     distractor), the first of which the analysis runs on; validation uses the task's
     `n_validate` pairs (or `pairs` when there is no task). `modes` (default: just `mode`) are
     the ablations the circuit must reach the threshold under, growing and pruning; the first
-    is the primary one its recorded validation uses."""
+    is the primary one its recorded validation uses. `graph`: also step 9 (the feature circuit)."""
     run = _Discovery(tb, task, pairs, circuit, threshold, max_nodes, n_validate, list(dict.fromkeys(modes or [mode])))
     await run.behaviour()
     await run.candidates()
@@ -154,7 +159,11 @@ async def discover(tb: Toolbox, task: str | None, pairs: list[dict], circuit: st
     pruned_by_mode = await run.prune(faithfulness)
     faithfulness_other = await run.other_modes(pruned_by_mode)
     heldout, heldout_other = await run.heldout()
-    return await run.finish(faithfulness_other, heldout, heldout_other)
+    result = await run.finish(faithfulness_other, heldout, heldout_other)
+    if graph:
+        result.features = await graph_step(tb, run.ex, circuit, result.notes)
+        result.tool_calls = tb.calls
+    return result
 
 
 class _Discovery:

@@ -38,6 +38,8 @@ class RunConfig(BaseModel):
     llm_model: str | None = None
     # scripted planner: the ablation(s) the circuit's faithfulness must hold under ("both": mean and resample)
     ablation: Literal["mean", "resample", "both"] = "mean"
+    # scripted planner: also a feature-level circuit from an attribution graph, checked by intervention
+    graph: bool = False
     started: float = 0.0
 
 

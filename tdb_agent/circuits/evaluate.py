@@ -65,10 +65,30 @@ class Evaluator:
         self.forward_passes = 0
         self._memo: dict[frozenset, torch.Tensor] = {}
         with engine.lock:
-            self._means = reference_means_for(engine, _sites(engine), cache) if mode == "mean" else None
+            self._means = self._reference_values(cache) if mode == "mean" else None
             self.groups = self._group(pairs)
-            full, empty = self.metric_rows([full_set(engine.spec), {}])
+            full, empty = self.metric_rows([self.full_set(), {}])
         self.m_full, self.m_empty = full, empty  # per pair [n_pairs]
+
+    # ---- what a subclass with another universe replaces (circuits/features.py)
+    def full_set(self) -> KeepSet:
+        """The keep-set of the whole universe (nothing ablated)."""
+        return full_set(self.engine.spec)
+
+    def _reference_values(self, cache: RunCache | None) -> dict[str, torch.Tensor]:
+        """Mean-ablation values, one pass over the reference corpus."""
+        return reference_means_for(self.engine, _sites(self.engine), cache)
+
+    def _source(self, cids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Resample-ablation values: the activations of the corrupted prompts [n, s, ...]."""
+        _, acts = self.engine.run_with_cache(cids, _sites(self.engine), logit_ids=[0])
+        return {k: v.detach() for k, v in acts.items()}
+
+    def _hooks(self, g: "_Group", ks: list[KeepSet], js: torch.Tensor, s: int, all_keeps: list[KeepSet]) -> dict:
+        """Engine hooks for a batch whose row r keeps ks[r] of pair js[r] of group g."""
+        masks = ablation_masks(ks, self.engine.spec, s, set().union(*(neuron_layers(k) for k in all_keeps)))
+        return {site: [intervention("set", site, value=self._value(g, site, js), mask=m.to(self.engine.device))]
+                for site, m in masks.items() if m.any()}
 
     def _group(self, pairs: list[PromptPair]) -> list[_Group]:
         by_len: dict[int, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
@@ -89,10 +109,8 @@ class Evaluator:
             ids = torch.cat([r[1] for r in rows])
             source = None
             if self.mode == "resample":
-                cids = torch.cat([r[2] for r in rows])
-                _, acts = self.engine.run_with_cache(cids, _sites(self.engine), logit_ids=[0])
+                source = self._source(torch.cat([r[2] for r in rows]))
                 self.forward_passes += 1
-                source = {k: v.detach() for k, v in acts.items()}
             groups.append(_Group(pair_index=[r[0] for r in rows], ids=ids, source=source))
         return groups
 
@@ -113,7 +131,6 @@ class Evaluator:
     def _compute(self, keeps: list[KeepSet], progress: Progress | None,
                  should_stop: Callable[[], bool] | None) -> list[torch.Tensor]:
         out = torch.empty(len(keeps), len(self.pairs))
-        post_layers = set().union(*(neuron_layers(k) for k in keeps)) if keeps else set()
         total, done = len(keeps) * len(self.pairs), 0
         with self.engine.lock:
             for g in self.groups:
@@ -127,10 +144,7 @@ class Evaluator:
                     chunk = rows[r0:r0 + self.batch_size]
                     ks = [keeps[ki] for ki, _ in chunk]
                     js = torch.tensor([j for _, j in chunk])
-                    masks = ablation_masks(ks, self.engine.spec, s, post_layers)
-                    hooks = {site: [intervention("set", site, value=self._value(g, site, js),
-                                                 mask=m.to(self.engine.device))]
-                             for site, m in masks.items() if m.any()}
+                    hooks = self._hooks(g, ks, js, s, keeps)
                     logits = self.engine.forward(g.ids[js.to(g.ids.device)], hooks=hooks).logits[:, -1]
                     self.forward_passes += 1
                     for row, (ki, j) in enumerate(chunk):

@@ -23,8 +23,9 @@ from pydantic import BaseModel, Field
 from tdb_agent.circuits.evaluate import AblationMode, Progress
 from tdb_agent.circuits.model import SINK, components
 from tdb_agent.circuits.pairs import Behaviour, PromptPair
-from tdb_agent.circuits.universe import POSITIONS, keep_set
-from tdb_agent.circuits.validate import NEVER_ABLATED, make_evaluator, resolve_pairs
+from tdb_agent.circuits.universe import POSITIONS
+from tdb_agent.circuits.features import is_feature_circuit
+from tdb_agent.circuits.validate import NEVER_ABLATED, keeps_of, make_evaluator, resolve_pairs
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.runs import RunCache
@@ -98,16 +99,17 @@ def prune(engine: Engine, g: nx.DiGraph, threshold: float = 0.8, pairs: list[Pro
             f"run up to {worst:,} prompt rows (modes x pairs x (3 + n(n+1)/2)), over the limit "
             f"max_prune_rows={max_rows:,} (set by `tdb-agent serve {flag('max_prune_rows')}`): protect nodes you "
             "keep anyway, remove ones validation shows unneeded, or use fewer pairs")
+    feature = is_feature_circuit(nodes)
+    keeps_of(engine, nodes, feature)  # a node the universe cannot ablate is refused before any pass
     evs = {}
     for m in modes:
         evs[m], desc = make_evaluator(engine, g, pairs, m, cache, batch_size)
-    spec = engine.spec
     done = 0
 
     def f_of(sets: list[list[str]]) -> list[dict[str, float]]:
         """Each set's faithfulness per mode (one batched evaluation per mode)."""
         nonlocal done
-        keeps = [keep_set(s, spec) for s in sets]
+        keeps = [keeps_of(engine, s, feature) for s in sets]
         per_mode = {}
         for m, ev in evs.items():
             step = None if progress is None else (lambda d, t, base=done: progress(min(base + d, worst), worst))

@@ -48,9 +48,8 @@ def keep_set(nodes: Iterable[str], spec: ModelSpec) -> KeepSet:
             raise TdbError(f"{c.id}: SAE latents cannot be validated by ablation yet; describe the circuit "
                            "with heads, MLPs or neurons (the latent's layer MLP or attention block)")
         if c.kind == "transcoder":
-            raise TdbError(f"{c.id}: transcoder features cannot be validated by component ablation; check a "
-                           "feature circuit with graph_intervene on its attribution graph (features zeroed in "
-                           "the spliced model, measured against the graph's prediction)")
+            raise TdbError(f"{c.id}: a transcoder feature is ablated in the feature universe "
+                           "(circuits/features.py: feature_keep_set), not among heads and MLP blocks")
         c = parse_component(node, spec)
         if c.kind == "head":
             _merge(keep, ("head", c.layer, c.index), c.position)

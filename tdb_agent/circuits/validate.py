@@ -5,6 +5,9 @@ behaviour's prompt pairs; m(C) ablates every component of the universe (see `uni
 that C does not keep, by its reference mean or by its activation on the pair's corrupted
 prompt (resample). f(full) = 1 and f(∅) = 0 by construction.
 
+Circuits of transcoder features are evaluated over their own universe (features and MLP
+error terms, attention live: circuits/features.py), with the same ratio.
+
 necessity of a node v = f(C) − f(C \\ {v}): how much faithfulness is lost without it. EMB and
 LOGITS are never ablated, so they have no necessity (None).
 """
@@ -20,7 +23,9 @@ from pydantic import BaseModel, Field
 from tdb_agent.circuits.evaluate import AblationMode, Evaluator
 from tdb_agent.circuits.model import behaviour, components
 from tdb_agent.circuits.pairs import Behaviour, PromptPair
-from tdb_agent.circuits.universe import POSITIONS, UNIVERSE, keep_set, universe_size
+from tdb_agent.circuits.features import UNIVERSE as FEATURE_UNIVERSE
+from tdb_agent.circuits.features import FeatureEvaluator, feature_keep_set, is_feature_circuit, universe_units
+from tdb_agent.circuits.universe import POSITIONS, UNIVERSE, KeepSet, keep_set, universe_size
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.metrics import MetricName
@@ -69,8 +74,15 @@ def resolve_pairs(g: nx.DiGraph, pairs: list[PromptPair] | Behaviour | None) -> 
 def make_evaluator(engine: Engine, g: nx.DiGraph, pairs: list[PromptPair] | Behaviour | None = None,
                    mode: AblationMode = "mean", cache: RunCache | None = None,
                    batch_size: int = 64) -> tuple[Evaluator, str]:
+    """The circuit's evaluator: over heads and MLPs, or over transcoder features and MLP
+    error terms for a circuit that names features (circuits/features.py)."""
     ps, desc = resolve_pairs(g, pairs)
-    return Evaluator(engine, ps, mode=mode, metric=g.graph.get("metric"), cache=cache, batch_size=batch_size), desc
+    cls = FeatureEvaluator if is_feature_circuit(components(g)) else Evaluator
+    return cls(engine, ps, mode=mode, metric=g.graph.get("metric"), cache=cache, batch_size=batch_size), desc
+
+
+def keeps_of(engine: Engine, nodes: list[str], feature: bool) -> KeepSet:
+    return feature_keep_set(nodes, engine) if feature else keep_set(nodes, engine.spec)
 
 
 def faithfulness(engine: Engine, nodes: list[str], pairs: list[PromptPair] | Behaviour,
@@ -78,8 +90,10 @@ def faithfulness(engine: Engine, nodes: list[str], pairs: list[PromptPair] | Beh
                  cache: RunCache | None = None) -> float:
     """Faithfulness of a bare list of components (no graph needed)."""
     ps = pairs.resolve() if isinstance(pairs, Behaviour) else list(pairs)
-    ev = Evaluator(engine, ps, mode=mode, metric=metric, cache=cache)
-    return ev.faithfulness(ev.metric_rows([keep_set(nodes, engine.spec)])[0])
+    feature = is_feature_circuit(nodes)
+    keep = keeps_of(engine, nodes, feature)
+    ev = (FeatureEvaluator if feature else Evaluator)(engine, ps, mode=mode, metric=metric, cache=cache)
+    return ev.faithfulness(ev.metric_rows([keep])[0])
 
 
 def validate(engine: Engine, g: nx.DiGraph, pairs: list[PromptPair] | Behaviour | None = None,
@@ -91,11 +105,12 @@ def validate(engine: Engine, g: nx.DiGraph, pairs: list[PromptPair] | Behaviour 
     With `record`, the result becomes the graph's latest validation (`faithfulness` at the
     top level of the graph attributes) and each node gets its `necessity`.
     """
-    ev, desc = make_evaluator(engine, g, pairs, mode, cache, batch_size)
     nodes = components(g)
-    keep = keep_set(nodes, engine.spec)
+    feature = is_feature_circuit(nodes)
+    keep = keeps_of(engine, nodes, feature)  # refuses a bad node before any forward pass
+    ev, desc = make_evaluator(engine, g, pairs, mode, cache, batch_size)
     tested = [n for n in nodes if n.split("@")[0] not in NEVER_ABLATED] if necessity else []
-    keeps = [keep] + [keep_set([m for m in nodes if m != n], engine.spec) for n in tested]
+    keeps = [keep] + [keeps_of(engine, [m for m in nodes if m != n], feature) for n in tested]
     rows = ev.metric_rows(keeps, progress=progress, should_stop=should_stop)
     f = ev.faithfulness(rows[0])
     nec = None
@@ -103,10 +118,12 @@ def validate(engine: Engine, g: nx.DiGraph, pairs: list[PromptPair] | Behaviour 
         nec = [NodeNecessity(id=n, faithfulness_without=(fw := ev.faithfulness(r)), drop=f - fw)
                for n, r in zip(tested, rows[1:])]
         nec.sort(key=lambda x: -x.drop)
+    n_kept = len(keep) if feature else len({u if u[0] != "neuron" else ("mlp", u[1]) for u in keep})
     result = Validation(faithfulness=f, mode=mode, metric_name=ev.metric_name, behaviour=desc, n_pairs=len(ev.pairs),
+                        universe=FEATURE_UNIVERSE if feature else UNIVERSE,
                         metric_full=_mean(ev.m_full), metric_empty=_mean(ev.m_empty), metric_circuit=_mean(rows[0]),
-                        nodes=nodes, n_kept=len({u if u[0] != "neuron" else ("mlp", u[1]) for u in keep}),
-                        n_universe=universe_size(engine.spec), necessity=nec, forward_passes=ev.forward_passes)
+                        nodes=nodes, n_kept=n_kept, n_universe=universe_units(engine) if feature else universe_size(
+                            engine.spec), necessity=nec, forward_passes=ev.forward_passes)
     if record:
         record_validation(g, result)
     return result

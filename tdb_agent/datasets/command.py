@@ -26,6 +26,7 @@ def add_build_dataset(sub, model_args) -> None:
     p.add_argument("--sae", action="append", default=[], metavar="PATH", help="SAE folder (repeatable)")
     p.add_argument("--no-bundled-saes", action="store_true")
     p.add_argument("--no-resume", action="store_true", help="start over even if <out>/partial exists")
+    p.add_argument("--gzip", action="store_true", help="store data.safetensors gzipped (datasets/store.py)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker with --ray)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="shard the corpus over Ray workers (pip install 'tdb-agent[ray]'): a local cluster, or the "
@@ -69,6 +70,10 @@ def cmd_build_dataset(args: argparse.Namespace) -> int:
     finally:
         if runner is not None:
             runner.close()
+    if args.gzip:
+        from tdb_agent.datasets.store import DATA, compress
+
+        manifest["compressed"] = compress(args.out, (DATA,))
     print(json.dumps({k: manifest[k] for k in ("model", "n_tokens", "n_documents", "n_components",
-                                               "build_seconds", "workers")}, indent=2))
+                                               "build_seconds", "workers", "compressed") if k in manifest}, indent=2))
     return 0

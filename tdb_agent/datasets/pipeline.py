@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch, save_file as save_torch
 
 from tdb_agent.datasets.builder import DatasetBuilder
-from tdb_agent.datasets.components import model_fingerprint, sae_fingerprints
+from tdb_agent.datasets.components import model_fingerprint, sae_fingerprints, transcoder_fingerprints
 from tdb_agent.datasets.config import FORMAT_VERSION, BuildConfig
 from tdb_agent.datasets.corpus import Chunk, plan_chunks
 from tdb_agent.engine import Engine
@@ -73,6 +73,8 @@ def build(engine: Engine, docs: Iterable[list[int]], out: str | Path, cfg: Build
     folded: DatasetBuilder | None = None
     partial = out / "partial"
     fp = {"model": model_fingerprint(engine), "saes": sae_fingerprints(engine)}
+    if engine_tcs := transcoder_fingerprints(engine):  # absent key: resumes partial builds of older versions
+        fp["transcoders"] = engine_tcs
     chunks_done = 0
     if resume and (partial / "state.safetensors").exists():
         meta = json.loads((partial / "meta.json").read_text())
@@ -142,7 +144,7 @@ def build(engine: Engine, docs: Iterable[list[int]], out: str | Path, cfg: Build
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out / DATA))
     manifest = {
         "format_version": FORMAT_VERSION, "model": engine.name, "model_fingerprint": fp["model"],
-        "sae_fingerprints": fp["saes"], "source": source, "n_tokens": folded.n_tokens,
+        "sae_fingerprints": fp["saes"], "transcoder_fingerprints": fp.get("transcoders", {}), "source": source, "n_tokens": folded.n_tokens,
         "n_documents": folded.docs_done, "stat_tokens": folded.count, "config": cfg.__dict__,
         "blocks": [b.model_dump() for b in folded.blocks], "n_components": folded.C,
         "build_seconds": round(time.time() - t0, 2), "workers": runner.n_workers,

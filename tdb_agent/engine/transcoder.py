@@ -27,6 +27,7 @@ tensor until a feature is rewritten. Features are components `L{l}.tc.F{i}` (doc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -84,6 +85,14 @@ class LayerTranscoder:
 
     def skip(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.W_skip is None else x.to(self.W_skip.dtype) @ self.W_skip
+
+    def fingerprint(self) -> str:
+        """Hash of the weights (as float32), k and layer: activation datasets record it."""
+        h = hashlib.sha256(json.dumps({"layer": self.layer, "k": self.k, "d_tc": self.d_tc}).encode())
+        for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.W_skip, self.threshold):
+            if t is not None:
+                h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def to(self, device=None, dtype=None) -> "LayerTranscoder":
         mv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731

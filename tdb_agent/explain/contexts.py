@@ -33,6 +33,7 @@ from tdb_agent.components import parse_component
 from tdb_agent.datasets.store import ActivationDataset, Example
 from tdb_agent.engine import Engine
 from tdb_agent.engine.sae import engine_site
+from tdb_agent.errors import TdbError
 from tdb_agent.explain.heuristic import CATEGORIES, simulate_offline
 from tdb_agent.tasks import vocab as V
 
@@ -82,16 +83,22 @@ def _window(start: int, end: int, pos: int, width: int, lead: int) -> tuple[int,
 def activation_of(engine: Engine, component: str, ids: torch.Tensor) -> torch.Tensor:
     """One component's per-token activation [b, s] as the dataset defines it (docs/DESIGN.md
     §6; datasets/builder.py computes every column at once): a neuron's post-activation, a
-    head's write norm |z_h W_O[h]|, an SAE latent. The model runs only up to its layer."""
+    head's write norm |z_h W_O[h]|, an SAE latent, a transcoder feature. The model runs only up to its layer."""
     c = parse_component(component)
+    tcs = getattr(engine, "transcoders", None)
+    if c.kind == "transcoder" and tcs is None:
+        raise TdbError(f"{component}: no transcoders are loaded")
     site = {"neuron": f"blocks.{c.layer}.mlp.hook_post", "head": f"blocks.{c.layer}.attn.hook_z",
-            "sae": engine_site(c.layer, c.sae_site) if c.kind == "sae" else ""}[c.kind]
+            "sae": engine_site(c.layer, c.sae_site) if c.kind == "sae" else "",
+            "transcoder": tcs.read_hook(c.layer) if c.kind == "transcoder" else ""}[c.kind]
     _, cache = engine.run_with_cache(ids, [site], stop_layer=c.layer + 1)
     x = cache[site]
     if c.kind == "neuron":
         return x[..., c.index].float()
     if c.kind == "head":
         return (x[..., c.index, :].float() @ engine.adapter.W_O(c.layer)[c.index].float()).norm(dim=-1)
+    if c.kind == "transcoder":  # TopK over a token's features: the whole encoding, then the column
+        return tcs.get(c.layer).encode(x.float())[..., c.index].float()
     return engine.saes.get(c.layer, c.sae_site).encode(x.float())[..., c.index].float()
 
 

@@ -36,8 +36,11 @@ from tdb_agent.ops.lens import top_tokens
 
 Method = Literal["auto", "llm", "heuristic"]
 BACKGROUND = 10  # random corpus windows the heuristic also fits its reading on (not the scoring ones)
+<<<<<<< HEAD
 SCORING = 2  # how scores are computed (2: detection negatives matched by document); a change starts a new cache
 SHIPPED = "explanations.json"  # precomputed heuristic explanations next to a dataset (tools/precompute_...)
+=======
+>>>>>>> graphfeatures
 
 
 class ScoredExample(BaseModel):
@@ -69,12 +72,15 @@ class Explanation(BaseModel):
 
 def output_boosts(engine: Engine, component: str, k: int = 3) -> list[str] | None:
     """Tokens whose logits the component's output direction raises most (the logit lens of
-    ops/lens.py, final norm's scale frozen): neurons and SAE latents."""
+    ops/lens.py, final norm's scale frozen): neurons, SAE latents and transcoder features (the
+    decoder row into their own layer's MLP output)."""
     c = parse_component(component)
     if c.kind == "neuron":
         d = engine.adapter.W_out(c.layer)[c.index]
     elif c.kind == "sae":
         d = engine.saes.get(c.layer, c.sae_site).W_dec[c.index]
+    elif c.kind == "transcoder" and getattr(engine, "transcoders", None) is not None:
+        d = engine.transcoders.get(c.layer).W_dec[c.index, 0]
     else:
         return None
     with torch.no_grad():
@@ -89,8 +95,14 @@ class Explainer:
         self.llm_settings = llm or ExplainerLLM.from_env()
         self._llm: LLMClient | None = None
         m = dataset.manifest
+<<<<<<< HEAD
         tag = hashlib.sha256(json.dumps([m["model_fingerprint"], m["sae_fingerprints"], SCORING], sort_keys=True)
                              .encode()).hexdigest()[:16]
+=======
+        fps = [m["model_fingerprint"], m["sae_fingerprints"]] + (
+            [m["transcoder_fingerprints"]] if m.get("transcoder_fingerprints") else [])  # older tags unchanged
+        tag = hashlib.sha256(json.dumps(fps, sort_keys=True).encode()).hexdigest()[:16]
+>>>>>>> graphfeatures
         self.cache_file = Path(cache_dir) / f"explanations-{tag}.json" if cache_dir else None
         self._cache: dict[str, dict] = {}
         if self.cache_file is not None and self.cache_file.exists():

@@ -2,8 +2,9 @@
 
 The backward pass starts at a node instead of the metric:
 
-* an MLP neuron `L{l}.N{n}@t`: its pre-activation, traced to the writes into the residual
-  stream feeding the MLP (via `direct`);
+* an MLP neuron `L{l}.N{n}@t` or a transcoder feature `L{l}.tc.F{i}@t`: its pre-activation
+  (the feature's: MLP input · W_enc[:, i] + b_enc[i]), traced to the writes into the
+  residual stream feeding the MLP (via `direct`);
 * a head `L{l}.H{h}@q` with `via=q` / `via=k`: its attention score from query q to one key
   position, traced through the query side (keys held fixed) or the key side (queries fixed);
   `via=qk` traces both sides (`all` is its old name, still accepted; it never included v);
@@ -111,8 +112,8 @@ def trace_upstream(engine: Engine, prompt: str, component: str, via: Via = "qk",
 
     Args:
         prompt: the text to run.
-        component: a head with its query position (L2.H5@14), a neuron (L1.N7@9) or an SAE
-            latent; without @t the last position.
+        component: a head with its query position (L2.H5@14), a neuron (L1.N7@9), an SAE
+            latent or a transcoder feature (L1.tc.F3@9); without @t the last position.
         via: for heads: "q" / "k" trace the attention score from the query to key_position
             through the query side (keys fixed) / the key side (queries fixed); "qk" traces
             both ("all" is its old name, an alias: query and key sides only); "v" traces the
@@ -138,12 +139,12 @@ def trace_upstream(engine: Engine, prompt: str, component: str, via: Via = "qk",
         node = parse_component(component, engine.spec, n_positions=s, sae_sizes=sae_ops.sae_sizes(engine))
         if node.kind == "sae":
             return _trace_latent(engine, run, node, top_k)
-        if node.kind == "neuron":
+        if node.kind in ("neuron", "transcoder"):
             return _trace_neuron(engine, run, node, top_k)
         if node.kind == "head":
             return _trace_head(engine, run, node, via, key_position, target, distractor, top_k)
-    raise TdbError(f"trace_upstream starts at a neuron (L{{l}}.N{{n}}@t) or a head (L{{l}}.H{{h}}@q), "
-                   f"not {node.id}")
+    raise TdbError(f"trace_upstream starts at a neuron (L{{l}}.N{{n}}@t), a head (L{{l}}.H{{h}}@q), an SAE latent "
+                   f"or a transcoder feature (L{{l}}.tc.F{{i}}@t), not {node.id}")
 
 
 def _finish(prompt, node_id, via, value, edges, sums, unattributed, top_k, q=None, k=None) -> TraceResult:
@@ -155,15 +156,23 @@ def _finish(prompt, node_id, via, value, edges, sums, unattributed, top_k, q=Non
 
 
 def _trace_neuron(engine: Engine, run: CleanRun, node: Component, top_k) -> TraceResult:
+    """A neuron's pre-activation, or a transcoder feature's (read from its transcoder's input
+    site, the MLP input: the same residual stream and frozen norm feed it)."""
     layer, n = node.layer, node.index
     t = run.n_tokens - 1 if node.position is None else node.position
     parallel = engine.spec.parallel_residual
     leaf_site = f"blocks.{layer}.hook_resid_pre" if parallel else f"blocks.{layer}.hook_resid_mid"
-    g, value = _leaf_grad(engine, run, layer, leaf_site, f"blocks.{layer}.mlp.hook_pre",
-                          lambda x: x[0, t, n], [], [engine.adapter.ln2(layer)])
+    if node.kind == "transcoder":
+        tcs = engine.transcoders
+        tc = tcs.get(layer)
+        read_site = tcs.read_hook(layer)
+        value_fn = lambda x: x[0, t].to(tc.W_enc.dtype) @ tc.W_enc[:, n] + tc.b_enc[n]  # noqa: E731
+        target = f"L{layer}.tc.F{n}@{t}"
+    else:
+        read_site, value_fn, target = f"blocks.{layer}.mlp.hook_pre", lambda x: x[0, t, n], f"L{layer}.N{n}@{t}"
+    g, value = _leaf_grad(engine, run, layer, leaf_site, read_site, value_fn, [], [engine.adapter.ln2(layer)])
     attn_layers = layer if parallel else layer + 1
     d = decompose(engine, run, [t], g[t][None], attn_layers, layer, per_position=True)
-    target = f"L{layer}.N{n}@{t}"
     edges = _edges(engine, d, [t], target, "direct", attn_layers, layer)
     total = (d.heads.sum() + d.neurons.sum() + d.emb.sum()).item()
     read = (run.acts[leaf_site][0, t].float() * g[t].float()).sum().item()

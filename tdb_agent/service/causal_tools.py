@@ -83,7 +83,8 @@ def patch(bench: Workbench, args: PatchArgs, job: Job) -> PatchResult:
 class TraceArgs(ToolArgs):
     prompt: Prompt
     component: Annotated[str, Field(min_length=1, max_length=64, description="a head with its query position "
-                                    "(L2.H5@14) or a neuron (L1.N7@9); without @t the last position")]
+                                    "(L2.H5@14), a neuron (L1.N7@9), an SAE latent or a transcoder feature "
+                                    "(L1.tc.F3@9); without @t the last position")]
     via: Annotated[Literal["q", "k", "qk", "v", "all"], Field(
         description="for heads: q / k trace the attention score through the query / key side; qk = both "
                     "(query and key sides); v traces the head's effect on the metric through its values; "

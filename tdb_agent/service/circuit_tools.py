@@ -225,7 +225,9 @@ class ValidateArgs(ToolArgs):
 
 def circuit_validate(bench: Workbench, args: ValidateArgs, job: Job) -> ValidationOut:
     """Is the hypothesis enough? Runs the behaviour's pairs with every head and MLP block
-    outside the circuit ablated: faithfulness = (m(C) − m(∅)) / (m(full) − m(∅)) (1 = the
+    outside the circuit ablated (a circuit of transcoder features, e.g. from
+    graph_to_circuit: every feature and MLP error term outside it, attention live):
+    faithfulness = (m(C) − m(∅)) / (m(full) − m(∅)) (1 = the
     circuit alone recovers the metric), and per node the faithfulness lost without it. The
     result is stored as the circuit's latest validation (unless heldout_seed picks other
     pairs). Example: circuit_validate(name="ioi", mode="resample")"""

@@ -25,16 +25,15 @@ DATASET = frozenset({"dataset"})
 
 
 def covered(ds: ActivationDataset, component: str) -> str:
-    """The component, or a TdbError saying why the dataset cannot answer for it: transcoder
-    features are not recorded by activation datasets (they hold neurons, heads and SAE
-    latents; recording features needs the dataset builder to run the transcoders)."""
+    """The component, or a TdbError saying why the dataset cannot answer for it (a
+    transcoder feature of a dataset built without transcoders: rebuild it with them loaded)."""
     try:
         ds.column(component)
     except UnknownComponent as e:
         if parse_component(component).kind == "transcoder":
-            raise TdbError(f"{component}: activation datasets do not record transcoder features (only MLP neurons, "
-                           f"heads and SAE latents), so there are no top examples or explanations for it; see its "
-                           "role in a graph with graph_node, or attribute/ablate it directly") from e
+            raise TdbError(f"{component}: this activation dataset was built without transcoders, so it has no top "
+                           "examples or explanations for their features; rebuild it with `tdb-agent build-dataset` "
+                           "with the transcoders loaded, or see the feature's role in a graph with graph_node") from e
         raise
     return component
 
@@ -68,8 +67,8 @@ def explainer(bench) -> Explainer:
 
 
 class TopExamplesArgs(ToolArgs):
-    component: Annotated[str, Field(min_length=1, max_length=64, description="a neuron (L1.N7), head (L2.H3) or "
-                                    "SAE latent (L1.resid.F9)")]
+    component: Annotated[str, Field(min_length=1, max_length=64, description="a neuron (L1.N7), head (L2.H3), "
+                                    "SAE latent (L1.resid.F9) or transcoder feature (L1.tc.F4)")]
     k: Annotated[int, Field(ge=1, le=50, description="examples to return")] = 10
     random: Annotated[bool, Field(description="a random sample of the corpus instead of the top activating "
                                   "examples (what the component does on typical text)")] = False
@@ -87,7 +86,8 @@ def top_examples(bench, args: TopExamplesArgs, job: Job) -> TopExamplesResult:
 
 
 class ExplainArgs(ToolArgs):
-    component: Annotated[str, Field(min_length=1, max_length=64, description="a neuron, head or SAE latent id")]
+    component: Annotated[str, Field(min_length=1, max_length=64, description="a neuron, head, SAE latent or "
+                                    "transcoder feature id")]
     method: Annotated[Literal["auto", "llm", "heuristic"], Field(
         description="heuristic: offline, from the top examples; llm: a language model writes and reads it (the "
                     "configured OpenAI-compatible endpoint, else your own model through MCP sampling); auto: llm "
@@ -130,7 +130,7 @@ TOOLS: list[Tool] = [
 # ------------------------------------------------------------------ component-page sections
 def _page_examples(bench, c):
     d = getattr(bench, "dataset", None)
-    if d is None or c.kind not in ("neuron", "head", "sae"):
+    if d is None or c.kind not in ("neuron", "head", "sae", "transcoder"):
         return None
     try:
         return top_examples_of(d, c.id.split("@")[0], 5)
@@ -139,7 +139,7 @@ def _page_examples(bench, c):
 
 
 def _page_explanation(bench, c):
-    if getattr(bench, "dataset", None) is None or c.kind not in ("neuron", "head", "sae"):
+    if getattr(bench, "dataset", None) is None or c.kind not in ("neuron", "head", "sae", "transcoder"):
         return None
     try:
         e = explainer(bench).explain(c.id.split("@")[0], "heuristic")

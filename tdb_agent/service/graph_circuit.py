@@ -1,7 +1,7 @@
 """A pruned attribution graph as a circuit hypothesis (`tdb_agent.circuits`): the same nodes
 and edge weights, stored with the workbench's other circuits so circuit_list / show /
-export work on it (circuit_validate ablates components and refuses feature nodes: their
-check is graph_intervene). Node ids become component ids: features `L1.tc.F7@4` (or
+export and circuit_validate work on it (circuit_validate ablates the features and MLP error
+terms outside it in the spliced model: circuits/features.py). Node ids become component ids: features `L1.tc.F7@4` (or
 residual latents `L1.resid.F7@4`) and `EMB@p` stay as they are, an MLP error node
 `ERR.L1.mlp@4` becomes `L1.MLP@4` (role 'transcoder error': the part of that MLP's output
 the transcoder misses; in a graph over residual SAE latents, the MLP's whole output), and
@@ -19,7 +19,8 @@ from pydantic import BaseModel, Field
 from tdb_agent import circuits as C
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.graph.build import AttributionGraph
-from tdb_agent.ops.graph.influence import Pruned, SquareGraph, prune, square
+from tdb_agent.ops.graph.influence import Pruned, SquareGraph
+from tdb_agent.ops.graph.views import pruned_of, square_of
 from tdb_agent.ops.graph.query import find_row, row_tid, sq_tid
 from tdb_agent.service.annotations import WRITES_RESULT
 from tdb_agent.service.circuit_tools import circuit_store
@@ -113,16 +114,16 @@ def graph_to_circuit(bench: Workbench, args: ToCircuitArgs, job: Job) -> ToCircu
     """Turn a pruned attribution graph into a circuit hypothesis: its kept nodes that reach
     the target and their edges, with the graph's weights and each node's activation and
     influence as evidence, stored like any circuit (circuit_list, circuit_show,
-    circuit_export; circuit_validate ablates components, not features: check feature
-    nodes with graph_intervene). Pruning: the graph's last graph_prune settings unless
+    circuit_export, circuit_validate: the features and MLP error terms outside it ablated,
+    attention live). Pruning: the graph's last graph_prune settings unless
     given here. Example: graph_to_circuit(name="ioi", circuit="ioi-features")"""
     g = graph_of(bench, args.name)
     row = find_row(g, args.target)
     if row < len(g.rows):
         raise TdbError("the target of a circuit is one of the graph's targets (LOGIT or LOGIT[label])")
-    sq = square(g)
+    sq = square_of(g)
     s = pruning(g, args)
-    p = prune(sq, s.node_threshold, s.edge_threshold, s.max_feature_nodes)
+    p = pruned_of(g, s.node_threshold, s.edge_threshold, s.max_feature_nodes)
     name = args.circuit or args.name
     circ = graph_to_networkx_circuit(bench.engine, g, sq, p, row, name, args.name)
     store = circuit_store(bench)

@@ -5,14 +5,13 @@ target, pruning it again, grouping its features into supernodes. Numbers come fr
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from tdb_agent.ops.graph.influence import prune, scores, square
+from tdb_agent.ops.graph.views import pruned_of, scores_of, square_of
 from tdb_agent.ops.graph.paths import strongest_paths_k
-from tdb_agent.explain.explainer import SHIPPED
+from tdb_agent.datasets.store import EXPLANATIONS, read_member
 from tdb_agent.ops.graph.query import find_row, sq_tid
 from tdb_agent.ops.graph.supernodes import agglomerate, profiles
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
@@ -45,14 +44,14 @@ def graph_paths(bench: Workbench, args: PathsArgs, job: Job) -> PathsResult:
     to the target (or to a feature node), strength = product of normalised edge weights,
     exact (not greedy). Example: graph_paths(name="ioi", k=5)"""
     g = graph_of(bench, args.name)
-    sq = square(g)
+    sq = square_of(g)
     row = find_row(g, args.target)
     n_src = len(sq.cols)
     t = n_src + row - len(g.rows) if row >= len(g.rows) else row  # feature rows come first in both
     mask = None
     if args.pruned:
         s = pruning(g)
-        mask = prune(sq, s.node_threshold, s.edge_threshold, s.max_feature_nodes).edge_rows
+        mask = pruned_of(g, s.node_threshold, s.edge_threshold, s.max_feature_nodes).edge_rows
     out = []
     for strength, path in strongest_paths_k(sq, t, args.k, mask):
         out.append(GraphPath(nodes=[sq_tid(g, sq, i) for i in path], strength=strength,
@@ -91,13 +90,13 @@ def graph_prune(bench: Workbench, args: PruneArgs, job: Job) -> PruneResult:
     graph_prune(name="ioi", node_threshold=0.6, max_feature_nodes=30)"""
     g = graph_of(bench, args.name)
     s = pruning(g, args, store=True)
-    sq = square(g)
-    p = prune(sq, s.node_threshold, s.edge_threshold, s.max_feature_nodes)
+    sq = square_of(g)
+    p = pruned_of(g, s.node_threshold, s.edge_threshold, s.max_feature_nodes)
     nf, ne = sq.n_feat, sq.n_err
     n_src = len(sq.cols)
     kept = p.node_mask[:n_src].nonzero(as_tuple=True)[0]
     order = kept[p.node_influence[kept].argsort(descending=True)][: args.top_k].tolist()
-    rep, comp = scores(sq)
+    rep, comp = scores_of(g)
     return PruneResult(name=args.name, **s.model_dump(), features=int(p.node_mask[:nf].sum()),
                        errors=int(p.node_mask[nf:nf + ne].sum()), nodes=int(p.node_mask.sum()),
                        edges=int(p.edge_rows.sum()), replacement_score=rep, completeness_score=comp,
@@ -108,10 +107,10 @@ def graph_prune(bench: Workbench, args: PruneArgs, job: Job) -> PruneResult:
 def shipped_explanations(bench: Workbench) -> dict[str, str]:
     """Component id -> explanation text shipped next to the loaded dataset (empty without one)."""
     ds = getattr(bench, "dataset", None)
-    path = Path(ds.folder) / SHIPPED if ds is not None and getattr(ds, "folder", None) else None
-    if path is None or not path.is_file():
+    raw = read_member(ds.folder, EXPLANATIONS) if ds is not None and getattr(ds, "folder", None) else None
+    if raw is None:
         return {}
-    data = json.loads(path.read_text())
+    data = json.loads(raw)
     return {k: v["explanation"] for k, v in data.items() if isinstance(v, dict) and v.get("explanation")}
 
 
@@ -144,9 +143,9 @@ def graph_supernodes(bench: Workbench, args: SupernodeArgs, job: Job) -> Superno
     members' explanations where the dataset ships them. Example:
     graph_supernodes(name="ioi", threshold=0.8)"""
     g = graph_of(bench, args.name)
-    sq = square(g)
+    sq = square_of(g)
     s = pruning(g)
-    p = prune(sq, s.node_threshold, s.edge_threshold, s.max_feature_nodes)
+    p = pruned_of(g, s.node_threshold, s.edge_threshold, s.max_feature_nodes)
     feats = p.node_mask[:sq.n_feat].nonzero(as_tuple=True)[0]
     feats = feats[p.node_influence[feats].argsort(descending=True)][: args.max_features]
     groups = agglomerate(profiles(sq, feats), args.threshold)

@@ -15,7 +15,7 @@ from tdb_agent.errors import TdbError
 from tdb_agent.ops.graph import GraphTarget, build_graph
 from tdb_agent.ops.graph.export import to_json, validate
 from tdb_agent.ops.graph.heads import head_split, qk_decompose, qk_pairs
-from tdb_agent.ops.graph.influence import prune, scores, square
+from tdb_agent.ops.graph.views import pruned_of, scores_of, square_of
 from tdb_agent.ops.graph.intervene import InterventionCheck, check
 from tdb_agent.ops.graph.paths import layer_position
 from tdb_agent.ops.graph.query import col_tid, find_col, find_row, row_tid, strongest_paths
@@ -120,9 +120,9 @@ def attribution_graph(bench: Workbench, args: GraphArgs, job: Job) -> GraphResul
     tgt = GraphTarget(kind=kind, token=args.target, distractor=args.distractor, mass=args.mass)
     g = build_graph(bench.engine, args.prompt, tgt, max_feature_nodes=args.max_feature_nodes,
                     batch_size=bench.limits.batch_size, progress=job.progress, should_stop=job.should_stop)
-    sq = square(g)
-    p = prune(sq, args.node_threshold, args.edge_threshold)
-    rep, comp = scores(sq)
+    sq = square_of(g)
+    p = pruned_of(g, args.node_threshold, args.edge_threshold)
+    rep, comp = scores_of(g)
     g.stats["pruning"] = Pruning(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold).model_dump()
     bench.graphs[args.name] = g
     data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=(rep, comp))
@@ -265,9 +265,9 @@ def graph_export(bench: Workbench, args: ExportArgs, job: Job) -> ExportResult:
     loadable in their attribution-graph viewers; node `tdb_id`s are this server's ids.
     Example: graph_export(name="ioi", pruned=True)"""
     g = graph_of(bench, args.name)
-    sq = square(g)
-    p = prune(sq, args.node_threshold, args.edge_threshold) if args.pruned else None
-    data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=scores(sq))
+    sq = square_of(g)
+    p = pruned_of(g, args.node_threshold, args.edge_threshold) if args.pruned else None
+    data = to_json(g, sq, p, slug=args.name, scan=bench.engine.name, scores=scores_of(g))
     out = write_export(bench, "graphs", args.name, f"{args.name}{'' if args.pruned else '-full'}.json",
                        jsonsafe.dumps(data))
     return ExportResult(path=out, nodes=len(data["nodes"]), links=len(data["links"]), problems=validate(data))
