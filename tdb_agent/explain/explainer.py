@@ -36,11 +36,7 @@ from tdb_agent.ops.lens import top_tokens
 
 Method = Literal["auto", "llm", "heuristic"]
 BACKGROUND = 10  # random corpus windows the heuristic also fits its reading on (not the scoring ones)
-<<<<<<< HEAD
 SCORING = 2  # how scores are computed (2: detection negatives matched by document); a change starts a new cache
-SHIPPED = "explanations.json"  # precomputed heuristic explanations next to a dataset (tools/precompute_...)
-=======
->>>>>>> graphfeatures
 
 
 class ScoredExample(BaseModel):
@@ -95,14 +91,9 @@ class Explainer:
         self.llm_settings = llm or ExplainerLLM.from_env()
         self._llm: LLMClient | None = None
         m = dataset.manifest
-<<<<<<< HEAD
-        tag = hashlib.sha256(json.dumps([m["model_fingerprint"], m["sae_fingerprints"], SCORING], sort_keys=True)
-                             .encode()).hexdigest()[:16]
-=======
-        fps = [m["model_fingerprint"], m["sae_fingerprints"]] + (
-            [m["transcoder_fingerprints"]] if m.get("transcoder_fingerprints") else [])  # older tags unchanged
+        fps = [m["model_fingerprint"], m["sae_fingerprints"], SCORING] + (
+            [m["transcoder_fingerprints"]] if m.get("transcoder_fingerprints") else [])
         tag = hashlib.sha256(json.dumps(fps, sort_keys=True).encode()).hexdigest()[:16]
->>>>>>> graphfeatures
         self.cache_file = Path(cache_dir) / f"explanations-{tag}.json" if cache_dir else None
         self._cache: dict[str, dict] = {}
         if self.cache_file is not None and self.cache_file.exists():
