@@ -206,6 +206,25 @@ def test_intervention_on_a_last_layer_feature_is_exact(tiny_engines, family):
         assert r.predicted_total == pytest.approx(r.predicted_direct, abs=1e-6)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_replacement_model_measurement_equals_the_graph(tiny_engines, family):
+    """Zeroing the weakest first-layer feature in the graph's own model run forward (errors,
+    attention and norms frozen; downstream features recomputed) moves the target exactly as
+    the graph propagates it, as long as no downstream feature switches on or off: a weak
+    feature's change is too small to cross a threshold here."""
+    from tdb_agent.ops.graph.intervene import check
+
+    e = tiny_engines[family]
+    with attached(e, random_transcoders(e, seed=2)):
+        g = build_graph(e, PROMPT, GraphTarget(kind="logit_diff", token="dog", distractor="cat"))
+        first = [c for c in range(g.src.n_feat) if g.src.feat[c, 0] == 0 and g.src.feat[c, 1] > 0]
+        col = min(first, key=lambda c: float(g.src.feat_act[c]))
+        r = check(g, [col])
+        assert abs(r.predicted_total - r.predicted_direct) > 1e-6  # it acts through later features too
+        assert r.measured_replacement == pytest.approx(r.predicted_total, abs=1e-4)
+        assert check(g, []).measured_replacement == 0.0
+
+
 def test_feature_cap_keeps_rows_exact(tiny_engines):
     """With max_feature_nodes below the active count, the expanded rows are the same rows as
     in the full graph (edges do not depend on which rows are computed), chosen by influence,

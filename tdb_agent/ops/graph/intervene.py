@@ -6,11 +6,18 @@ Predictions (the graph is linear in the frozen model):
 * total: the change propagated through the expanded features' rows, each responding
   linearly to its pre-activation (slope 1 while active, the first-order response of ReLU,
   JumpReLU and TopK), errors and embeddings fixed.
-Measurements: the model with its dictionaries spliced (error terms kept: downstream MLPs are
-the real ones) and the features set to zero, either frozen (attention patterns and norm
-scales at their clean values, as in the graph) or free. Frozen, a feature whose only path to
-the target is the residual stream (the last layer, the last position) moves the target by
-exactly its predicted direct effect; the rest of the gap is the response of the real MLPs.
+Measurements, the features set to zero:
+* replacement: the graph's own model run forward (attention patterns, norm scales and error
+  terms frozen at their clean values, every dictionary feature recomputed from its input).
+  It differs from `predicted_total` only where a downstream feature switches on or off
+  (ReLU/JumpReLU threshold, TopK membership) or was not expanded in the graph;
+* frozen: the real model with its dictionaries spliced (error terms recomputed: downstream
+  MLPs are the real ones), attention patterns and norm scales frozen;
+* free: the same with attention and norms free.
+Frozen, a feature whose only path to the target is the residual stream (the last layer, the
+last position) moves the target by exactly its predicted direct effect; the gap between
+`measured_replacement` and `measured_frozen` is how differently the real MLPs respond from
+their transcoders (the replacement model's own error), not an error of the graph.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class InterventionCheck(BaseModel):
     target: str
     predicted_direct: float = Field(description="minus the nodes' direct edges into the target")
     predicted_total: float = Field(description="the change propagated linearly through the graph")
+    measured_replacement: float = Field(description="the graph's own model: attention, norms and error terms frozen, "
+                                                    "features recomputed")
     measured_frozen: float = Field(description="real model, attention patterns and norm scales frozen")
     measured: float = Field(description="real model, attention free")
 
@@ -94,6 +103,64 @@ def measure(graph: AttributionGraph, cols: list[int], row: int, freeze: bool) ->
     return value(hooks) - value({})
 
 
+def _zeroed(graph: AttributionGraph, cols: list[int]) -> dict[int, torch.Tensor]:
+    """Per dictionary layer, a [s, n] mask of the features to zero."""
+    src = graph.src
+    masks: dict[int, torch.Tensor] = {}
+    for c in cols:
+        l, p, i = src.feat[c].tolist()
+        d = graph.rep.dicts[l]
+        m = masks.setdefault(l, torch.zeros(graph.n_pos, d.W_enc.shape[1], dtype=torch.bool, device=d.W_enc.device))
+        m[p, i] = True
+    return masks
+
+
+@torch.no_grad()
+def measure_replacement(graph: AttributionGraph, cols: list[int], row: int) -> float:
+    """Target after - target before in the graph's local replacement model run forward: each
+    dictionary's features recomputed from its (changed) input, the chosen ones zeroed, and
+    each written site = its clean value + the change of the feature writes (+ the skip term's
+    change), so the clean error terms stay as they were."""
+    rep = graph.rep
+    e, clean = rep.engine, rep.clean
+    ids = sorted({t for ln in graph.logits for t in ln.token_ids})
+    ln = graph.logits[row - len(graph.rows)]
+    f_clean = {l: d.encode(clean.reads[l][None]) for l, d in rep.dicts.items()}
+
+    def value(masks: dict[int, torch.Tensor]) -> float:
+        feats, inputs, hooks = {}, {}, {}
+        for l, d in rep.dicts.items():
+            def read(x, _s, l=l, d=d):
+                f = d.encode(x)
+                feats[l] = f.masked_fill(masks[l], 0) if l in masks else f
+                inputs[l] = x
+            hooks.setdefault(d.read, []).append(read)
+        writes: dict[str, list[tuple[int, int]]] = {}  # written site -> (dictionary layer, its output index)
+        for l, d in rep.dicts.items():
+            for j in range(d.W_dec.shape[1]):
+                site = f"blocks.{l + j}.hook_mlp_out" if d.write_site == "mlp" else f"blocks.{l}.hook_resid_post"
+                writes.setdefault(site, []).append((l, j))
+        for site, by in writes.items():
+            o = int(site.split(".")[1])
+            base = clean.mlp_out[o] if site.endswith("mlp_out") else clean.resid_post[o]
+
+            def write(x, _s, by=by, o=o, base=base):
+                out = base[None].float()
+                for l, j in by:
+                    out = out + (feats[l] - f_clean[l]).float() @ rep.dicts[l].W_dec[:, j].float()
+                skip_now = rep.skip(o, inputs[o]) if o in inputs else None
+                if skip_now is not None:
+                    out = out + (skip_now - rep.skip(o, clean.reads[o][None])).float()
+                return out.to(x.dtype)
+            hooks.setdefault(site, []).append(write)
+        norms = freeze_hooks(e, clean, hooks)
+        with module_hooks(norms):
+            logits = e.forward(clean.ids, hooks=hooks, logit_positions=[-1], logit_ids=ids).logits[0, -1]
+        return float(sum(cf * logits[ids.index(t)] for t, cf in zip(ln.token_ids, ln.coef)))
+
+    return value(_zeroed(graph, cols)) - value({})
+
+
 def check(graph: AttributionGraph, cols: list[int], row: int | None = None) -> InterventionCheck:
     """Zero the feature nodes `cols` (graph columns) and compare prediction and measurement
     on target row `row` (default: the first target)."""
@@ -105,8 +172,10 @@ def check(graph: AttributionGraph, cols: list[int], row: int | None = None) -> I
         raise TdbError(f"columns {bad} are not feature nodes")
     with graph.rep.engine.lock:
         direct, total = predict(graph, cols, row)
+        replacement = measure_replacement(graph, cols, row)
         frozen = measure(graph, cols, row, True)
         free = measure(graph, cols, row, False)
     return InterventionCheck(nodes=[col_tid(graph, c) for c in cols], target=graph.logits[row - len(graph.rows)].label,
-                             predicted_direct=direct, predicted_total=total, measured_frozen=frozen,
+                             predicted_direct=direct, predicted_total=total,
+                             measured_replacement=replacement, measured_frozen=frozen,
                              measured=free)
