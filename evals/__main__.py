@@ -1,7 +1,7 @@
 """`python -m evals`: score circuit discovery and explanations; write RESULTS.md and results.json.
 
     python -m evals            # everything (under 15 minutes on two CPU cores)
-    python -m evals --quick    # constructed models, Tracr, bundled IOI, explanation sample (under 2 minutes; CI)
+    python -m evals --quick    # constructed models, Tracr, bundled IOI, explanation sample (about 5 min on 2 cores)
     python -m evals --out DIR  # write elsewhere (default: evals/)
 
 Tiers: 1 constructed models (hand-set weights), 2 trained toy with redundant heads
@@ -94,7 +94,7 @@ def revision() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evals", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a subset in under 2 minutes (CI)")
+    ap.add_argument("--quick", action="store_true", help="a subset: constructed models, Tracr, bundled IOI, an explanation sample (about 5 minutes on 2 CPU cores)")
     ap.add_argument("--out", default=str(HERE), help="folder for RESULTS.md and results.json")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TDB_EVAL_THREADS", "2")))
     ap.add_argument("--keep-runs", default=None, help="keep the agents' run folders here")

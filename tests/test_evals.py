@@ -186,6 +186,7 @@ def test_evaluator_faithfulness_matches_hand_hooks(built):
 
 # ----------------------------------------------------------------------------- the quick eval, end to end
 
+@pytest.mark.slow  # about 5 minutes on 2 CPU cores; the edge rows are also checked in the default suite below
 def test_quick_evals_run_and_score_the_constructed_cases(tmp_path):
     from evals.__main__ import main
 
@@ -238,6 +239,44 @@ def test_quick_evals_run_and_score_the_constructed_cases(tmp_path):
     assert control["median_low"] <= 0.5 <= control["median_high"] and abs(control["median"] - 0.5) < 0.1
     assert control["frac_above_chance"] <= 0.1 < sample["detection"]["frac_above_chance"]
     assert "random-label control" in md and "reader calls per explanation" in md
+
+
+def test_edge_methods_recover_the_constructed_edges(built):
+    """EAP-IG finds every true edge of the constructed cases and nothing else (ties kept whole,
+    edges that exact patching shows unneeded pruned); EAP's straight line saturates where a
+    backup head covers for another (the default suite's share of the quick eval)."""
+    from evals.methods import Case, score_case
+
+    rows = {}
+    for name in ("names", "induction_backup"):
+        c = built[name]
+        case = Case(tier="constructed", name=name, model_dir=c.model_dir, pairs=constructed.case_pairs(name, 16),
+                    truth_nodes=c.nodes, truth_edges=c.edges, edge_axis=False)
+        rows |= {(name, r.method): r for r in score_case(case, ["eap", "eap_ig"], log=lambda *a, **k: None)}
+    assert rows[("names", "eap_ig")].edges.f1 == 1.0 and rows[("induction_backup", "eap_ig")].edges.f1 == 1.0
+    # names: the smallest prefix carries edges that do nothing (EAP-IG ranks them above the
+    # name mover's key read of the token); pruning by exact patching removes them
+    assert rows[("names", "eap_ig")].detail["edge_f1_prefix"] < 0.9
+    assert rows[("induction_backup", "eap")].edges.f1 < 0.5
+
+
+@pytest.mark.slow  # about 2 minutes on 2 CPU cores (the document search behind the detection negatives)
+def test_explanation_scores_of_controls_sit_at_chance(built):
+    """The quick explanation eval: the planted name neuron's marks are right (fuzzing above
+    chance) while detection on windows of its own documents is at chance (it fires on 10 of
+    109 names), and an explanation read on another component's contexts sits at chance."""
+    from evals import explanations
+
+    res = explanations.run(str(built["class_neuron"].model_dir), quick=True).model_dump()
+    planted = {s["name"]: s for s in res["planted"][0]["scores"]}
+    assert res["planted"][0]["names_feature"]
+    assert planted["fuzzing"]["low"] > 0.5 and planted["detection"]["n"] > 0
+    assert planted["detection"]["low"] <= 0.5 <= planted["detection"]["high"]
+    rows = {r["group"].split(" (")[0]: {m["score"]: m for m in r["summaries"]} for r in res["scores"]["rows"]}
+    sample = next(v for k, v in rows.items() if k.startswith("heuristic"))
+    control = rows["random-label control, no hard negatives"]["detection"]
+    assert control["median_low"] <= 0.5 <= control["median_high"] and abs(control["median"] - 0.5) < 0.1
+    assert control["frac_above_chance"] <= 0.1 < sample["detection"]["frac_above_chance"]
 
 
 def test_llm_agent_method_is_scored_through_discover(built, monkeypatch):
