@@ -69,6 +69,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow  # 25-85 s: two discover runs on a local Ray cluster
 def test_discover_batch_on_ray_equals_sequential(ray_cluster, setup, tmp_path):
     """Runs on two engine actors: the same circuits as one after another here, one run
     folder each, a summary table, and a failed run is a row (the others go on).
