@@ -27,7 +27,7 @@ test: setup browser
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
-# scores of circuit discovery and explanations -> evals/RESULTS.md (the quick subset runs in `make test`)
+# scores of circuit discovery and explanations -> evals/RESULTS.md (the quick subset runs in `make test-slow`)
 evals: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m evals
 
