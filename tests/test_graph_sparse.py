@@ -99,3 +99,18 @@ def test_memory_estimate_names_what_to_lower(tiny_engines):
         with pytest.raises(TdbError, match="max_feature_nodes") as err:
             build_graph(e, PROMPT, GraphTarget(kind="logit", token="dog"), max_bytes=1000)
     assert "patterns" in str(err.value) and "batch" in str(err.value)
+
+
+def test_memory_estimate_counts_the_pruning_matrix(tiny_engines):
+    """Pruning's dense rows (influence.square) are in the estimate: three copies of exactly the
+    matrix it builds, counted against the forward passes (they do not overlap)."""
+    from tdb_agent.ops.graph.build import estimate_bytes, peak_bytes
+    from tdb_agent.ops.graph.influence import square
+
+    e = tiny_engines["gpt2"]
+    with attached(e, random_transcoders(e)):
+        g = build_graph(e, PROMPT, GraphTarget(kind="logit", token="dog"))
+        R = square(g).R
+        parts = estimate_bytes(e, g.src.n_pos, g.src.n_cols, len(g.rows) + len(g.logits), 8, g.src.n_feat)
+    assert parts["pruning"] == 3 * R.numel() * R.element_size()
+    assert peak_bytes(parts) == parts["patterns"] + parts["rows"] + max(parts["forward"], parts["pruning"])

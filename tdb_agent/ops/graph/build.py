@@ -116,10 +116,13 @@ def resolve_targets(engine: Engine, logits: torch.Tensor, target: GraphTarget) -
     return out
 
 
-def estimate_bytes(engine: Engine, n_pos: int, n_cols: int, n_rows: int, batch: int) -> dict[str, int]:
+def estimate_bytes(engine: Engine, n_pos: int, n_cols: int, n_rows: int, batch: int,
+                   n_feat: int | None = None) -> dict[str, int]:
     """Peak memory of a build, by part (bytes): the frozen attention patterns (layers x heads
     x T^2), the stored rows (at most rows x columns entries of 8 bytes) with one dense block
-    of `batch` rows, and the frozen forward on `batch` copies with its gradients."""
+    of `batch` rows, the frozen forward on `batch` copies with its gradients, and pruning
+    (influence.square: the rows over the expanded features, errors, embeddings and targets,
+    dense, with two working copies), which runs after the forward passes are freed."""
     sp = engine.spec
     size = torch.finfo(engine.dtype).bits // 8
     # kept patterns, and one layer's scores and softmax while they are captured
@@ -128,19 +131,26 @@ def estimate_bytes(engine: Engine, n_pos: int, n_cols: int, n_rows: int, batch: 
     # measured on GPT-2 small (CPU): about 9 d_model floats per copy, layer and position
     # (activations kept for the backward pass and the gradients); 12 leaves room
     forward = batch * sp.n_layers * n_pos * sp.d_model * 12 * 4
-    return {"patterns": patterns, "rows": rows, "forward": forward}
+    other = n_cols - (n_feat if n_feat is not None else n_cols)  # error and embedding nodes
+    pruning = 3 * n_rows * (n_rows + other) * 4
+    return {"patterns": patterns, "rows": rows, "forward": forward, "pruning": pruning}
+
+
+def peak_bytes(parts: dict[str, int]) -> int:
+    """The forward passes and pruning do not overlap: the larger of the two counts."""
+    return parts["patterns"] + parts["rows"] + max(parts["forward"], parts["pruning"])
 
 
 def check_memory(engine: Engine, n_pos: int, n_feat: int, n_cols: int, n_rows: int, batch: int,
                  max_bytes: int) -> int:
     """The estimated peak; a TdbError saying what to lower when it is over `max_bytes`."""
-    parts = estimate_bytes(engine, n_pos, n_cols, n_rows, batch)
-    need = sum(parts.values())
+    parts = estimate_bytes(engine, n_pos, n_cols, n_rows, batch, n_feat)
+    need = peak_bytes(parts)
     if need > max_bytes:
         gib = {k: f"{v / 2**30:.1f} GiB" for k, v in parts.items()}
         raise TdbError(f"this graph needs about {need / 2**30:.1f} GiB (prompt of {n_pos} tokens, {n_feat} active "
                        f"features; frozen attention patterns {gib['patterns']}, adjacency rows {gib['rows']}, "
-                       f"batched frozen forward {gib['forward']}); the limit is {max_bytes / 2**30:.1f} GiB: use "
+                       f"batched frozen forward {gib['forward']}, then pruning {gib['pruning']}); the limit is {max_bytes / 2**30:.1f} GiB: use "
                        f"a shorter prompt (patterns grow with its square), a smaller max_feature_nodes (rows; now "
                        f"{n_rows}) or a smaller batch (forward; now {batch})")
     return need
