@@ -81,26 +81,36 @@ def _components(graph: AttributionGraph, cols: list[int]) -> list[Component]:
     return out
 
 
+def _clean_target(graph: AttributionGraph, row: int) -> float:
+    """The target's value in the clean run (stored by the graph: no forward pass)."""
+    ln = graph.logits[row - len(graph.rows)]
+    logits = graph.rep.clean.logits
+    return float(sum(cf * logits[t] for t, cf in zip(ln.token_ids, ln.coef)))
+
+
+def _target_change(graph: AttributionGraph, row: int, hooks: dict, freeze: bool) -> float:
+    """The target's value with `hooks` (and the clean attention patterns and norm scales when
+    `freeze`), minus its clean value."""
+    rep = graph.rep
+    e = rep.engine
+    ids = sorted({t for ln in graph.logits for t in ln.token_ids})
+    ln = graph.logits[row - len(graph.rows)]
+    norms = freeze_hooks(e, rep.clean, hooks) if freeze else []
+    with module_hooks(norms):
+        logits = e.forward(rep.clean.ids, hooks=hooks, logit_positions=[-1], logit_ids=ids).logits[0, -1]
+    return float(sum(cf * logits[ids.index(t)] for t, cf in zip(ln.token_ids, ln.coef))) - _clean_target(graph, row)
+
+
 @torch.no_grad()
 def measure(graph: AttributionGraph, cols: list[int], row: int, freeze: bool) -> float:
     """Target after - target before, the features zeroed in the spliced real model."""
-    rep = graph.rep
-    e = rep.engine
+    e = graph.rep.engine
     comps = _components(graph, cols)
-    ids = sorted({t for ln in graph.logits for t in ln.token_ids})
-    ln = graph.logits[row - len(graph.rows)]
-
-    def value(hooks):
-        norms = freeze_hooks(e, rep.clean, hooks) if freeze else []
-        with module_hooks(norms):
-            logits = e.forward(rep.clean.ids, hooks=hooks, logit_positions=[-1], logit_ids=ids).logits[0, -1]
-        return float(sum(cf * logits[ids.index(t)] for t, cf in zip(ln.token_ids, ln.coef)))
-
     if graph.mode == "transcoders":
         hooks = transcoder_ops.component_hooks(e, comps, "zero", None)
     else:
         hooks = sae_ops.sae_component_hooks(e, comps, "zero", None)
-    return value(hooks) - value({})
+    return _target_change(graph, row, hooks, freeze)
 
 
 def _zeroed(graph: AttributionGraph, cols: list[int]) -> dict[int, torch.Tensor]:
@@ -122,43 +132,35 @@ def measure_replacement(graph: AttributionGraph, cols: list[int], row: int) -> f
     each written site = its clean value + the change of the feature writes (+ the skip term's
     change), so the clean error terms stay as they were."""
     rep = graph.rep
-    e, clean = rep.engine, rep.clean
-    ids = sorted({t for ln in graph.logits for t in ln.token_ids})
-    ln = graph.logits[row - len(graph.rows)]
+    clean = rep.clean
+    masks = _zeroed(graph, cols)
     f_clean = {l: d.encode(clean.reads[l][None]) for l, d in rep.dicts.items()}
+    feats, inputs, hooks = {}, {}, {}
+    for l, d in rep.dicts.items():
+        def read(x, _s, l=l, d=d):
+            f = d.encode(x)
+            feats[l] = f.masked_fill(masks[l], 0) if l in masks else f
+            inputs[l] = x
+        hooks.setdefault(d.read, []).append(read)
+    writes: dict[str, list[tuple[int, int]]] = {}  # written site -> (dictionary layer, its output index)
+    for l, d in rep.dicts.items():
+        for j in range(d.W_dec.shape[1]):
+            site = f"blocks.{l + j}.hook_mlp_out" if d.write_site == "mlp" else f"blocks.{l}.hook_resid_post"
+            writes.setdefault(site, []).append((l, j))
+    for site, by in writes.items():
+        o = int(site.split(".")[1])
+        base = clean.mlp_out[o] if site.endswith("mlp_out") else clean.resid_post[o]
 
-    def value(masks: dict[int, torch.Tensor]) -> float:
-        feats, inputs, hooks = {}, {}, {}
-        for l, d in rep.dicts.items():
-            def read(x, _s, l=l, d=d):
-                f = d.encode(x)
-                feats[l] = f.masked_fill(masks[l], 0) if l in masks else f
-                inputs[l] = x
-            hooks.setdefault(d.read, []).append(read)
-        writes: dict[str, list[tuple[int, int]]] = {}  # written site -> (dictionary layer, its output index)
-        for l, d in rep.dicts.items():
-            for j in range(d.W_dec.shape[1]):
-                site = f"blocks.{l + j}.hook_mlp_out" if d.write_site == "mlp" else f"blocks.{l}.hook_resid_post"
-                writes.setdefault(site, []).append((l, j))
-        for site, by in writes.items():
-            o = int(site.split(".")[1])
-            base = clean.mlp_out[o] if site.endswith("mlp_out") else clean.resid_post[o]
-
-            def write(x, _s, by=by, o=o, base=base):
-                out = base[None].float()
-                for l, j in by:
-                    out = out + (feats[l] - f_clean[l]).float() @ rep.dicts[l].W_dec[:, j].float()
-                skip_now = rep.skip(o, inputs[o]) if o in inputs else None
-                if skip_now is not None:
-                    out = out + (skip_now - rep.skip(o, clean.reads[o][None])).float()
-                return out.to(x.dtype)
-            hooks.setdefault(site, []).append(write)
-        norms = freeze_hooks(e, clean, hooks)
-        with module_hooks(norms):
-            logits = e.forward(clean.ids, hooks=hooks, logit_positions=[-1], logit_ids=ids).logits[0, -1]
-        return float(sum(cf * logits[ids.index(t)] for t, cf in zip(ln.token_ids, ln.coef)))
-
-    return value(_zeroed(graph, cols)) - value({})
+        def write(x, _s, by=by, o=o, base=base):
+            out = base[None].float()
+            for l, j in by:
+                out = out + (feats[l] - f_clean[l]).float() @ rep.dicts[l].W_dec[:, j].float()
+            skip_now = rep.skip(o, inputs[o]) if o in inputs else None
+            if skip_now is not None:
+                out = out + (skip_now - rep.skip(o, clean.reads[o][None])).float()
+            return out.to(x.dtype)
+        hooks.setdefault(site, []).append(write)
+    return _target_change(graph, row, hooks, freeze=True)
 
 
 def check(graph: AttributionGraph, cols: list[int], row: int | None = None) -> InterventionCheck:
