@@ -121,8 +121,8 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
     kw = rotary_block_tables(engine, acts[EMBED_SITE])
     exact_form = closed_form(engine)
 
-    def fold(t):  # [k·b, ...] -> sum over the steps, scaled: [b, ...]
-        return t.view(k, b, *t.shape[1:]).sum(0).mul_(scale)
+    def fold(t):  # [k·b, ...] -> sum over the steps, scaled: [b, ...] (a new tensor)
+        return t * scale if k == 1 else t.view(k, b, *t.shape[1:]).sum(0).mul_(scale)
 
     def add(old, new):
         return new if old is None else old.add_(new)
@@ -146,7 +146,7 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
                                  acts[receiver_site("v", l)]], dim=2).float()
                 # q at x̂ = 0 (x̂ W̄ = x̂ (γ ⊙ W): x̂ is centred where W̄ is)
                 q0 = qkv[0, 0] - torch.einsum("d,nkd->nk", xh[0, 0], weights.folded(l))
-                c = torch.einsum("rsnk,rsnk->rsn", g, qkv - q0) / spec.d_model
+                c = torch.linalg.vecdot(g, qkv.sub_(q0)) / spec.d_model
                 w = (c * inv).mul_(scale).view(k, b, s, -1)
                 acc.weight[l] += list(w.unbind(0))
                 acc.xhat[l] += list(xh.view(k, b, s, -1).unbind(0))
