@@ -23,8 +23,9 @@ from tdb_agent.ops.edges.capture import SenderActs
 from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads
 from tdb_agent.ops.edges.graph import EdgeGraph
 
-#: bytes of the sender chunk D [n_senders, b, positions, d] (float32), and of a group's G
-CHUNK_BYTES = 1 << 27
+#: bytes of the sender chunk D [n_senders, b, positions, d] (float32), and of a group's G (at
+#: most glibc's largest reused block: larger ones are fresh pages at every call)
+CHUNK_BYTES = 1 << 25
 #: fewest receivers one product takes (consecutive blocks grouped; the logits join the last)
 GROUP_RECEIVERS = 128
 
