@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench_ops import gpt2_small_random, timed  # tools/ is on the path when run as a script
+from bench_ops import gpt2_small_random, once, timed  # tools/ is on the path when run as a script
 
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.capture import group_pairs, run_senders
@@ -127,18 +127,8 @@ def interleaved(fns, repeats: int) -> list[float]:
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
-            ts.append(_once(fn))
+            ts.append(once(fn))
     return [statistics.median(ts) for ts in times]
-
-
-def _once(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def methods(engine: Engine, pairs, steps: int) -> dict:
