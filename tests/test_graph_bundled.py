@@ -32,11 +32,12 @@ def test_shipped_transcoders_card_and_layout(engine):
     metrics = json.loads((BUNDLED_TRANSCODERS / "metrics.json").read_text())
     card = (BUNDLED_TRANSCODERS / "README.md").read_text()
     for l, m in enumerate(metrics):
-        assert m["fvu"] < 0.1 and m["mean_l0"] == pytest.approx(16, abs=0.05) and m["eval_tokens"] >= 50_000
-        assert f"| L{l} | 512 | 16 | {m['fvu']:.3f} |" in card
-    for l in range(4):
         cfg = json.loads((BUNDLED_TRANSCODERS / f"L{l}" / "cfg.json").read_text())
         assert cfg["dtype"] == "float16" and cfg["hook_name"] == f"blocks.{l}.ln2.hook_normalized"
+        assert cfg["d_sae"] == tcs.layers[l].d_tc and cfg["k"] == 16
+        assert m["fvu"] < 0.1 and m["mean_l0"] == pytest.approx(16, abs=0.05) and m["eval_tokens"] >= 50_000
+        assert (f"| L{l} | {cfg['d_sae']} | 16 | {m['fvu']:.3f} | {m['mean_l0']:.1f} | {m['dead_fraction']:.1%} | "
+                f"{m['fact_answer_fvu']:.3f} |") in card
 
 
 def test_spliced_bundled_model_is_exact(engine):
