@@ -13,7 +13,15 @@ tokens are pointed at the worst-reconstructed outputs (first `--resample-until` 
 39.5%, with worse FVU on 3 of 4 layers and 50% dead on L1; adding `--resample-until 0.97
 --lr-decay` left 13.1% dead (L0 7.4%, L1 37.3%, L2 0%, L3 7.8%) with FVU 0.021 / 0.091 /
 0.029 / 0.011 against the shipped 0.015 / 0.030 / 0.053 / 0.001: not shipped, L1 is worse
-on both counts). Position 0 (BOS) is left out.
+on both counts; those runs, and the 512-feature transcoders shipped before, resampled with
+a bug since fixed: Adam's moments were zeroed for whole parameters, not the resampled
+features', so every resampling kicked every weight). Position 0 (BOS) is left out.
+
+Fact answers ('The people of Zorvia speak' -> its language) are about 0.3 % of the corpus's
+tokens, and there the MLPs recall memorised facts: a corpus-trained transcoder leaves most
+of those outputs to its error term (the card's "FVU at fact answers"), so an attribution
+graph of a fact prompt finds the answer in error nodes. `--extra-facts N` adds N fact
+sentences to every batch (from `--extra-facts-from` tokens on).
 
 Checkpoints to `--ckpt` every `--ckpt-every` steps and resumes from it. At the end it
 evaluates the float16 export on held-out documents (FVU of the MLP output, mean L0, dead
