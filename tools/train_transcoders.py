@@ -220,7 +220,7 @@ def recipe(args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tdb_agent/assets/transcoders")
-    ap.add_argument("--features", type=int, default=512)
+    ap.add_argument("--features", type=int, default=1024)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=600_000)
     ap.add_argument("--docs-per-batch", type=int, default=48)
