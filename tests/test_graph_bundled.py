@@ -73,10 +73,12 @@ def test_ioi_interventions_match_the_graph(engine):
     at the last position: nothing nonlinear lies downstream, so the real model moves exactly
     as predicted (the top 3 asserted to 10 %, as before). The 5th is L0.tc.F233 at the last
     position, whose removal passes the real MLPs of layers 1-3: there the real model moves
-    about 36 % more than the graph predicts (-4.17 against -3.06), NOT within 10 %; each of
-    those MLPs alone made real in the replacement model moves it further the same way (the
-    transcoders' linear responses under-read how the real MLPs amplify an early feature's
-    removal), so for the set of 5 the direction is asserted, and where the gap comes from.
+    about 36 % more than the graph predicts (-4.17 against -3.06), NOT within 10 %. Alone,
+    the graph gives that feature's removal -0.13 (direct +0.27, through later transcoders
+    -0.40) and the real model, frozen, -1.23; with only layer 2's MLP real the replacement
+    model gives -0.97 (layer 1: -0.34, layer 3: -0.64): the later transcoders' linear
+    responses under-read how the real MLPs amplify it. Each of those MLPs alone made real
+    moves the set's result further the same way, which is asserted with the direction.
     (The 512-feature transcoders shipped before had a top 5 of layer-2/3 features, within
     10 %; the 1,024-feature ones rank this layer-0 feature higher.) Free, the norms rescale
     the residual stream, so only the direction is asserted there."""
