@@ -39,6 +39,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from tdb_agent.engine import attention
+from tdb_agent.engine.activations import fuse_gelu
 from tdb_agent.engine.adapters import Adapter, adapter_for, check_checkpoint
 from tdb_agent.engine.norms import apply_norm, norm_eps, norm_scale
 from tdb_agent.engine.placement import Devices, Placement, param, parse_device_map, parse_max_memory, plan, \
@@ -134,6 +135,7 @@ class Engine:
             p.requires_grad_(False)  # gradients are taken w.r.t. activations only
         self.tokenizer = tokenizer
         self.name = name
+        self.notes: list[str] = fuse_gelu(self.model)  # before the module sites are taken (engine/activations.py)
         self.adapter: Adapter = adapter_for(model)
         self.spec: ModelSpec = self.adapter.spec()
         self.lock = threading.RLock()

@@ -39,6 +39,8 @@ class ModelInfo(BaseModel):
     datasets: list[str] = []
     placement: Placement | None = Field(None, description="device map, execution device of each block, parameter "
                                                           "bytes (and CUDA memory) per device")
+    notes: list[str] = Field([], description="how the engine runs the model differently from its own code "
+                                             "(e.g. a GELU formula as one fused kernel: the same function)")
 
 
 class TokenInfo(BaseModel):
@@ -106,7 +108,7 @@ def model_info(engine: Engine, datasets: list[str] | None = None) -> ModelInfo:
         n_components={"head": s.n_layers * s.n_heads, "neuron": s.n_layers * s.d_mlp,
                       "attn": s.n_layers, "mlp": s.n_layers, "emb": 1},
         hook_sites=len(engine.site_names()), saes=engine.saes.names(), transcoders=transcoder_infos(engine),
-        datasets=datasets or [], placement=engine.placement())
+        datasets=datasets or [], placement=engine.placement(), notes=engine.notes)
 
 
 def transcoder_infos(engine: Engine) -> list[TranscoderInfo]:
