@@ -1,6 +1,7 @@
 """Benchmark edge attribution against one forward pass and against exact edge patching.
 
     python tools/bench_edges.py [--threads 1] [--device auto] [--small] [--pairs 8] [--out FILE]
+    python tools/bench_edges.py --gelu-ab --pairs 2 --repeats 4   (see gelu_and_stacking)
 
 In one process, on (a) the bundled model with IOI prompt pairs of one length and (b) with
 --small, a GPT-2-small-shaped random model (12 layers, 12 heads, d_model 768; the project's
@@ -211,6 +212,47 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
             "naive_sample": int(len(sample))}
 
 
+def gelu_and_stacking(folder: Path, pairs, steps: int, repeats: int, device: str) -> dict:
+    """Two measurements in one process, alternated in rounds (medians):
+    (1) the engine as loaded (transformers' GELU formula run as torch's fused kernel,
+    engine/activations.py) against the same model loaded with the formula kept: forward, EAP,
+    EAP-IG seconds and the largest score difference; (2) EAP's corrupted forward + clean
+    gradient pass against one gradient pass over the clean and corrupted rows stacked."""
+    import tdb_agent.engine.engine as engine_module
+    from tdb_agent.ops.edges.capture import grad_pass, reference_acts
+    fused = Engine.load(folder, device=device)
+    swap = engine_module.fuse_gelu
+    engine_module.fuse_gelu = lambda model: []
+    try:
+        formula = Engine.load(folder, device=device)
+    finally:
+        engine_module.fuse_gelu = swap
+    fa, fb = methods(fused, pairs, steps), methods(formula, pairs, steps)
+    names = ["forward", "eap", "eap_ig"]
+    diff = {m: float((edge_scores(fused, pairs, method=m, batch_size=len(pairs)).scores
+                      - edge_scores(formula, pairs, method=m, batch_size=len(pairs)).scores).abs().max())
+            for m in ("eap", "eap-ig")}
+    (g,), _ = group_pairs(fused, pairs, True)
+    two = lambda t: torch.cat([t, t])  # noqa: E731
+
+    def separate():  # what EAP runs now
+        reference_acts(fused, g.corrupted)
+        grad_pass(fused, g.ids, g.target, g.distractor, None, "unfrozen", want_senders=True)
+
+    def stacked():  # the corrupted rows in the gradient pass's batch (its backward covers them too)
+        grad_pass(fused, torch.cat([g.ids, g.corrupted]), two(g.target), two(g.distractor), None, "unfrozen",
+                  want_senders=True)
+    fns = [f[n] for n in names for f in (fa, fb)] + [separate, stacked]
+    t = interleaved(fns, repeats)
+    sec = {f"{n}_{k}": t[2 * i + j] for i, n in enumerate(names) for j, k in enumerate(("fused", "formula"))}
+    sec |= {"corrupted_fwd_plus_grad_pass": t[-2], "stacked_grad_pass": t[-1]}
+    return {"seconds": sec, "max_score_difference": diff,
+            "speedup_fused": {n: sec[f"{n}_formula"] / sec[f"{n}_fused"] for n in names},
+            "over_forward": {f"{n}_{k}": sec[f"{n}_{k}"] / sec[f"forward_{k}"] for n in names[1:]
+                             for k in ("fused", "formula")}
+            | {k: sec[k] / sec["forward_fused"] for k in ("corrupted_fwd_plus_grad_pass", "stacked_grad_pass")}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -222,10 +264,18 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="also the GPT-2-small-shaped model at 128 tokens")
     ap.add_argument("--small-only", action="store_true", help="only the GPT-2-small-shaped model")
     ap.add_argument("--no-small-curve", action="store_true", help="skip the curve timings on the small model")
+    ap.add_argument("--gelu-ab", action="store_true",
+                    help="only on the small model: fused GELU vs the formula, and the stacked EAP pass")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
+    if args.gelu_ab:
+        with tempfile.TemporaryDirectory() as tmp:
+            pairs = random_pairs(small_model(Path(tmp), args.device), args.pairs, 128)
+            row = gelu_and_stacking(Path(tmp), pairs, args.steps, args.repeats, args.device)
+        print(json.dumps(row, indent=1))
+        return
     if not args.small_only:
         engine = Engine.load(device=args.device)
         pairs = ioi_pairs(engine, args.pairs)

@@ -40,6 +40,5 @@ def fuse_gelu(model: nn.Module) -> list[str]:
             if _is_formula(child):
                 swapped[type(child).__name__] = swapped.get(type(child).__name__, 0) + 1
                 setattr(parent, name, nn.GELU(approximate="tanh"))
-    return [f"{n} x {k} (transformers' tanh-approximation GELU formula) run as torch's fused "
-            "gelu(approximate='tanh'): the same function, float32 rounding differences only"
+    return [f"{n} x {k} run as torch's fused gelu(approximate='tanh'): the same function, to float32 rounding"
             for k, n in swapped.items()]

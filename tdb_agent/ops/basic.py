@@ -98,7 +98,8 @@ def model_info(engine: Engine, datasets: list[str] | None = None) -> ModelInfo:
     Returns:
         ModelInfo: name, spec (layers, heads, widths, ...), device, dtype, parameter count, the
         component-id grammar, the number of components of each kind (head, neuron, attn, mlp,
-        emb), the number of hook sites, attached SAEs, transcoders and datasets, and the device placement.
+        emb), the number of hook sites, attached SAEs, transcoders and datasets, the device placement,
+        and notes on where the engine runs the model's code differently (the same function).
     """
     s = engine.spec
     return ModelInfo(
