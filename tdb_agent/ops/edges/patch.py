@@ -29,39 +29,64 @@ from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.heads import head_read, layer_rotary, read_norm, rotary_block_tables
 
 
-def _delta(D: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-    """Σ_u removed[.., u, r] · D[b, s, u, d] -> [b, s, r, d] (removed [b, U, R] or [b, s, U, R])."""
-    eq = "bsud,bsur->bsrd" if removed.dim() == 4 else "bsud,bur->bsrd"
-    return torch.einsum(eq, D, removed.to(D.dtype))
+#: bytes of the buffer of sender differences [rows, n_senders, positions, d] one patched pass
+#: holds; rows of edge sets and pairs are split into passes to stay under it
+PATCH_BYTES = 1 << 31
 
 
 def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch.Tensor, removed: torch.Tensor,
                  target: torch.Tensor, distractor: torch.Tensor | None) -> torch.Tensor:
     """Metric per row of `ids` [b, s] with `removed` [b, (s,) U, R] edges reading `ref`
-    ([b, s, U, d] or [U, d]) instead of the run's sender values."""
-    spec, a = engine.spec, engine.adapter
-    H, KV = spec.n_heads, spec.n_kv_heads
-    run: list[torch.Tensor] = []  # this run's sender values so far, each [b, s, k, d]
-    state: dict[str, torch.Tensor] = {}
+    ([b, s, U, d] or [U, d]) instead of the run's sender values (a fractional mask moves the
+    edge that fraction of the way).
 
-    def D(n_up: int) -> torch.Tensor:
-        have = torch.cat(run, dim=2)[:, :, :n_up]
-        r = ref[..., :n_up, :]
-        return r - have
+    One buffer holds ref_u − a_u for the senders run so far, sender-major [b, U, s, d]
+    (position-aware masks: [b, s, U, d]), each written once as its sender runs; a block's
+    receivers then take their removed edges' sum as one batched matrix product
+    [R_block, U_upstream] @ [U_upstream, s·d] per row."""
+    spec, a = engine.spec, engine.adapter
+    H, KV, U = spec.n_heads, spec.n_kv_heads, graph.n_senders
+    pos = removed.dim() == 4
+    state: dict = {"filled": 0}
+
+    def write(vals: torch.Tensor) -> None:
+        """Append the next senders' differences ref − vals ([b, s, k, d] this run's values)."""
+        u0, k = state["filled"], vals.shape[2]
+        r = ref[:, :, u0:u0 + k] if ref.dim() == 4 else ref[u0:u0 + k].view(1, 1, k, -1)
+        if pos:
+            torch.sub(r.to(vals.dtype), vals, out=state["D"][:, :, u0:u0 + k])
+        else:
+            torch.sub(r.to(vals.dtype).transpose(1, 2), vals.transpose(1, 2), out=state["D"][:, u0:u0 + k])
+        state["filled"] = u0 + k
+
+    def delta(rs: slice, n_up: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Σ_u removed[u, r] · (ref_u − a_u) [b, s, R, d], which receivers have a removed
+        edge [b, (s,) R]) for receivers rs, each reading the first n_up senders; None if none has."""
+        m = state["mask"][..., rs, :n_up]  # [b, (s,) R, n_up]
+        hit = (m != 0).any(-1)
+        if not hit.any():
+            return None
+        D = state["D"]
+        if pos:
+            return torch.matmul(m, D[:, :, :n_up]), hit
+        b, _, s, d = D.shape
+        out = torch.bmm(m, D[:, :n_up].view(b, n_up, s * d))
+        return out.view(b, -1, s, d).transpose(1, 2), hit
 
     def rs(l: int, kind: str) -> slice:
         st = graph.layer_receivers(l).start
         off = {"q": (0, H), "k": (H, H + KV), "v": (H + KV, H + 2 * KV), "mlp": (H + 2 * KV, H + 2 * KV + 1)}[kind]
         return slice(st + off[0], st + off[1])
 
-    def mask(sl: slice, n_up: int) -> torch.Tensor:
-        return removed[..., :n_up, sl]
-
     def resid_pre(l):
         def fn(x, site):
             state["x"] = x
             if l == 0:
-                run.append(x.unsqueeze(2))
+                b, s, d = x.shape
+                shape = (b, s, U, d) if pos else (b, U, s, d)
+                state["D"] = x.new_empty(shape)
+                state["mask"] = removed.to(x.device, x.dtype).transpose(-1, -2).contiguous()  # [b, (s,) R, U]
+                write(x.unsqueeze(2))
                 state["kw"] = rotary_block_tables(engine, x)
             state["rot"] = layer_rotary(engine, l, state["kw"], x.dtype)
         return fn
@@ -72,11 +97,8 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
         key = f"xs{l}"
         if key not in state:
             sl = graph.layer_receivers(l)
-            heads = slice(sl.start, sl.stop - 1)
-            n_up = graph.n_upstream[sl.start]
-            m = mask(heads, n_up)
-            hit = m.any(-2)
-            state[key] = (state["x"].unsqueeze(2) + _delta(D(n_up), m), hit) if hit.any() else None
+            got = delta(slice(sl.start, sl.stop - 1), graph.n_upstream[sl.start])
+            state[key] = None if got is None else (state["x"].unsqueeze(2) + got[0], got[1])
         return state[key]
 
     def qkv(l, kind, i):
@@ -95,7 +117,7 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
 
     def z_out(l):
         def fn(z, site):
-            run.append(head_outputs(engine, l, z))
+            write(head_outputs(engine, l, z))
         return fn
 
     def mid(x, site):
@@ -103,22 +125,20 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
 
     def mlp_in(l):
         def fn(h, site):
-            n_up = graph.n_upstream[rs(l, "mlp").start]
-            m = mask(rs(l, "mlp"), n_up)
-            if not m.any():
+            sl = rs(l, "mlp")
+            got = delta(sl, graph.n_upstream[sl.start])
+            if got is None:
                 return None
             x = state["x"] if spec.parallel_residual else state["mid"]
-            return read_norm(engine, a.ln2(l), x + _delta(D(n_up), m)[:, :, 0]).to(h.dtype)
+            return read_norm(engine, a.ln2(l), x + got[0][:, :, 0]).to(h.dtype)
         return fn
 
     def mlp_out(x, site):
-        run.append(x.unsqueeze(2))
+        write(x.unsqueeze(2))
 
     def final(x, site):
-        m = removed[..., :, -1:]
-        if not m.any():
-            return None
-        return x + _delta(D(graph.n_senders), m)[:, :, 0]
+        got = delta(slice(graph.n_receivers - 1, graph.n_receivers), U)
+        return None if got is None else x + got[0][:, :, 0]
 
     hooks: dict[str, list] = {"hook_resid_final": [final]}
     for l in range(spec.n_layers):
@@ -141,8 +161,10 @@ def patched_metrics(engine: Engine, graph: EdgeGraph, group: PairGroup, ref: tor
 
     ref: the group's corrupted sender values [n, s, U, d] or means [U, d]. Returns the metrics
     and the number of forward passes."""
-    n = group.ids.shape[0]
+    n, s = group.ids.shape
     rows = [(k, j) for k in range(keeps.shape[0]) for j in range(n)]
+    per_row = graph.n_senders * s * engine.spec.d_model * engine.model.dtype.itemsize
+    batch_size = max(1, min(batch_size, PATCH_BYTES // per_row))
     out = torch.empty(keeps.shape[0], n, device=engine.device)
     passes = 0
     valid = graph.valid.to(keeps.device)
