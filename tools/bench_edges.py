@@ -1,6 +1,6 @@
 """Benchmark edge attribution against one forward pass and against exact edge patching.
 
-    python tools/bench_edges.py [--threads 1] [--device auto] [--small] [--pairs 8] [--out FILE]
+    python tools/bench_edges.py [--threads 1] [--device auto] [--small] [--pairs 8] [--curve-only] [--out FILE]
 
 In one process, on (a) the bundled model with IOI prompt pairs of one length and (b) with
 --small, a GPT-2-small-shaped random model (12 layers, 12 heads, d_model 768; the project's
@@ -14,7 +14,9 @@ word-level vocabulary) at 128 tokens:
   naive          exact patching one edge at a time: one patched forward per edge, timed on a
                  sample of edges and multiplied by the number of edges (what EAP approximates)
   curve          one faithfulness curve at the MIB budgets (batched edge sets)
-  curve_naive    the same budgets, one patched pass per budget
+  curve_naive    the same budgets, one patched pass per budget (timed alternating with curve)
+  --curve-only   only these two, one edge set (10 % of the edges) and one forward, all
+                 alternating in each round (medians of --repeats rounds after a warm-up round)
 Times are medians of --repeats after a warm-up (bench_ops.timed); ratios are to one forward
 measured in the same run (the mean of its medians before and after the edge methods).
 Peak memory: the most extra memory each of forward / eap / eap_ig holds at once (CUDA: the
@@ -28,6 +30,7 @@ import argparse
 import ctypes
 import json
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -147,14 +150,7 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
             keep.view(1, -1)[0, i] = False
             patched_metrics(engine, graph, group, ref, keep, batch_size=len(pairs))
     t_naive = timed(naive, 1) / len(sample) * graph.n_edges
-    counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
-
-    def curve_naive():
-        ref_c = run_senders(engine, group.corrupted)
-        for keep in keep_masks(graph, scores, [graph.n_edges, 0] + counts):
-            patched_metrics(engine, graph, group, ref_c, keep[None], batch_size=len(pairs))
-    t_curve = timed(lambda: faithfulness_curve(engine, pairs, scores, batch_size=64), repeats) if curve else None
-    t_curve_naive = timed(curve_naive, repeats) if curve else None
+    t_curve, t_curve_naive = curve_times(engine, pairs, scores, repeats) if curve else (None, None)
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
             "device": str(engine.device), "steps": steps, "threads": torch.get_num_threads(),
             "peak_mb": mem, "seconds": {
@@ -169,6 +165,63 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
             "naive_sample": int(len(sample))}
 
 
+def alternated(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each fn, timed in rounds that alternate them (after one warm-up
+    round), so that a drift of the machine's load reaches every fn alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats + 1):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if r:
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def naive_curve(engine: Engine, graph: EdgeGraph, group, scores: torch.Tensor, counts: list[int]) -> None:
+    """The naive curve: the corrupted run, then one patched pass per edge set (full, empty, each budget)."""
+    ref = run_senders(engine, group.corrupted)
+    for keep in keep_masks(graph, scores, [graph.n_edges, 0] + counts):
+        patched_metrics(engine, graph, group, ref, keep[None], batch_size=group.ids.shape[0])
+
+
+def curve_times(engine: Engine, pairs, scores: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Seconds of one faithfulness curve at the MIB budgets (its edge sets batched, 64 rows a
+    pass) and of the naive loop: the same corrupted run, then one patched pass per edge set
+    (full, empty, each budget), alternating."""
+    graph = EdgeGraph(engine.spec)
+    (group,), _ = group_pairs(engine, pairs, True)
+    counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
+    t = alternated({"curve": lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
+                    "naive": lambda: naive_curve(engine, graph, group, scores, counts)}, repeats)
+    return t["curve"], t["naive"]
+
+
+def bench_curve(engine: Engine, pairs, repeats: int) -> dict:
+    """--curve-only: the curve rows alone (EAP's ranking), with one forward in the same rounds."""
+    (group,), _ = group_pairs(engine, pairs, True)
+    scores = edge_scores(engine, pairs, method="eap", batch_size=len(pairs)).scores
+
+    def fwd():
+        with torch.no_grad():
+            engine.forward(group.ids, logit_positions=[-1])
+    graph = EdgeGraph(engine.spec)
+    counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
+    ref = run_senders(engine, group.corrupted)
+    t = alternated({
+        "forward": fwd,
+        "one_set": lambda: patched_metrics(engine, graph, group, ref, keep_masks(graph, scores, counts[6:7])),
+        "curve": lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
+        "curve_naive": lambda: naive_curve(engine, graph, group, scores, counts)}, repeats)
+    return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
+            "device": str(engine.device), "threads": torch.get_num_threads(), "repeats": repeats, "seconds": t,
+            "ratios": {"one_set_over_forward": t["one_set"] / t["forward"],
+                       "curve_over_forward": t["curve"] / t["forward"],
+                       "curve_over_curve_naive": t["curve"] / t["curve_naive"]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -180,6 +233,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="also the GPT-2-small-shaped model at 128 tokens")
     ap.add_argument("--small-only", action="store_true", help="only the GPT-2-small-shaped model")
     ap.add_argument("--no-small-curve", action="store_true", help="skip the curve timings on the small model")
+    ap.add_argument("--curve-only", action="store_true", help="only the curve rows (with one set and one forward)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -187,13 +241,16 @@ def main() -> None:
     rows = []
     if not args.small_only:
         engine = Engine.load(device=args.device)
-        rows.append(bench(engine, ioi_pairs(engine, args.pairs), args.steps, args.repeats, args.naive_sample))
+        rows.append(bench_curve(engine, ioi_pairs(engine, args.pairs), args.repeats) if args.curve_only else
+                    bench(engine, ioi_pairs(engine, args.pairs), args.steps, args.repeats, args.naive_sample))
         print(json.dumps(rows[-1], indent=1), flush=True)
     if args.small or args.small_only:
         with tempfile.TemporaryDirectory() as tmp:
             small = small_model(Path(tmp), args.device)
-            rows.append(bench(small, random_pairs(small, args.pairs, 128), args.steps, args.repeats,
-                              min(args.naive_sample, 12), curve=not args.no_small_curve))
+            sp = random_pairs(small, args.pairs, 128)
+            rows.append(bench_curve(small, sp, args.repeats) if args.curve_only else
+                        bench(small, sp, args.steps, args.repeats, min(args.naive_sample, 12),
+                              curve=not args.no_small_curve))
             print(json.dumps(rows[-1], indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
