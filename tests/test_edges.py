@@ -195,6 +195,20 @@ def test_eap_ig_over_activations_equals_reference_integrated_gradients(sharp, fa
         assert edge_scores(eng, pairs, method="eap-ig", steps=3, reference="mean").ig == "activations"
 
 
+def test_eap_ig_over_activations_a_few_positions_at_a_time(sharp, monkeypatch):
+    """Each sender group is contracted with its receivers' head-space gradients a chunk of
+    positions at a time: chunks of one or two positions give the reference model's scores."""
+    from tdb_agent.ops.edges import contract
+    eng = sharp["gpt2"]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    ref = RefModel(eng.model).ig_activations(g.ids, g.corrupted, g.target, g.distractor, 3)
+    for n_pos in (1, 2):
+        rows = EdgeGraph(eng.spec).layer_receivers(0).stop - EdgeGraph(eng.spec).layer_receivers(0).start
+        monkeypatch.setattr(contract, "CHUNK_BYTES", n_pos * eng.spec.d_model * 4 * 2 * (rows + eng.spec.n_heads))
+        _close(edge_scores(eng, pairs, method="eap-ig", steps=3, ig="activations").scores, ref)
+
+
 def test_eap_ig_over_activations_is_complete_per_group(sharp):
     """Completeness: a group's scores summed over all its edges tend to the exact effect of
     setting the group's outputs to their reference (patching every edge out of it), computed

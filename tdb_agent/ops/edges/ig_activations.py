@@ -30,7 +30,8 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.capture import PairGroup, grad_pass, head_outputs, sender_sites
-from tdb_agent.ops.edges.contract import CHUNK_BYTES, _receiver_chunk
+from tdb_agent.ops.edges import contract
+from tdb_agent.ops.edges.contract import _receiver_chunk
 from tdb_agent.ops.edges.grads import ReceiverGrads, accumulate, folded_weights
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.reads import NormMode
@@ -68,7 +69,7 @@ def _contract_group(engine: Engine, graph: EdgeGraph, D: torch.Tensor, grads: Re
         if graph.n_upstream[sl.stop - 1] <= u0:
             continue
         Wbar = folded_weights(engine, l) if l < L and grads.full[l] is None else None
-        step = max(1, CHUNK_BYTES // ((sl.stop - sl.start + k) * b * d * 4))
+        step = max(1, contract.CHUNK_BYTES // ((sl.stop - sl.start + k) * b * d * 4))
         for t0 in range(0, s, step):
             P = slice(t0, min(s, t0 + step))
             n = P.stop - P.start
