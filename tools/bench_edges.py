@@ -17,11 +17,15 @@ word-level vocabulary) at 128 tokens:
   curve_naive    the same budgets, one patched pass per budget (timed alternating with curve)
   --curve-only   only these two, one edge set (10 % of the edges) and one forward, all
                  alternating in each round (medians of --repeats rounds after a warm-up round)
-Times are medians of --repeats after a warm-up (bench_ops.timed); ratios are to one forward
-measured in the same run (the mean of its medians before and after the edge methods).
-Peak memory: the most extra memory each of forward / eap / eap_ig holds at once (CUDA: the
-allocator's peak; CPU: resident memory sampled every millisecond, with glibc told to return
-freed blocks at once so that the resident size follows the live tensors).
+Times are medians of --repeats rounds after a warm-up, each round running the forward, eap,
+eap_ig and eap_ig_stacked once in turn (so that the machine's load falls on all alike); ratios
+are to one forward measured in the same run (the mean of its median in those rounds and of
+another --repeats after them). Peak memory: the most extra memory each of forward / eap /
+eap_ig holds at once (CUDA: the allocator's peak; CPU: resident memory sampled every
+millisecond, with glibc told to return freed blocks at once so that the resident size
+follows the live tensors: in a process of its own, since that setting makes each large
+tensor fresh pages and would slow the timed code; the timings run with the allocator's
+defaults).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -38,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from bench_ops import gpt2_small_random, timed  # tools/ is on the path when run as a script
+from bench_ops import gpt2_small_random, once, timed  # tools/ is on the path when run as a script
 
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.capture import group_pairs, run_senders
@@ -116,8 +121,20 @@ def _return_freed_memory() -> None:
         pass
 
 
-def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, curve: bool = True) -> dict:
-    graph = EdgeGraph(engine.spec)
+def interleaved(fns, repeats: int) -> list[float]:
+    """Median seconds of each fn over `repeats` rounds that run every fn once in turn (after a
+    warm-up of each): a change in the machine's load then falls on all of them alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            ts.append(once(fn))
+    return [statistics.median(ts) for ts in times]
+
+
+def methods(engine: Engine, pairs, steps: int) -> dict:
+    """The timed calls: one forward of the clean prompts, EAP, EAP-IG (one step per pass, stacked)."""
     (group,), _ = group_pairs(engine, pairs, True)
 
     def fwd():
@@ -129,16 +146,40 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
 
     def ig():
         edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs))
+
     def ig_stacked():  # every step in the batch of one forward and backward
         edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs), steps_per_pass=steps)
-    t_fwd = timed(fwd, repeats)
-    t_eap = timed(eap, repeats)
-    t_ig = timed(ig, repeats)
-    t_ig_stacked = timed(ig_stacked, repeats)
+    return {"forward": fwd, "eap": eap, "eap_ig": ig, "eap_ig_stacked": ig_stacked}
+
+
+def memory_child(folder: str | None, pairs, steps: int, device: str, threads: int) -> dict:
+    """Peak extra memory of each method, in a fresh process whose allocator is set first (see
+    _return_freed_memory; in the timing process that setting would slow the timed code, each
+    large tensor then being fresh pages)."""
+    _return_freed_memory()
+    torch.set_num_threads(threads)
+    engine = Engine.load(folder, device=device)
+    fns = methods(engine, pairs, steps)
+    for fn in fns.values():  # warm-up, as for the timings
+        fn()
+    return {name: round(peak_mb(fn, engine.device), 1) for name, fn in fns.items()}
+
+
+def measure_memory(folder: Path | None, pairs, steps: int, device: str) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(memory_child, (None if folder is None else str(folder), pairs, steps, device,
+                                         torch.get_num_threads()))
+
+
+def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, curve: bool = True) -> dict:
+    graph = EdgeGraph(engine.spec)
+    (group,), _ = group_pairs(engine, pairs, True)
+    fns = methods(engine, pairs, steps)
+    fwd = fns["forward"]
+    t_fwd, t_eap, t_ig, t_ig_stacked = interleaved(list(fns.values()), repeats)
     t_fwd_after = timed(fwd, repeats)  # the machine's load drifts: the forward again, after
     t_one = (t_fwd + t_fwd_after) / 2  # the unit of the ratios
-    mem = {name: round(peak_mb(fn, engine.device), 1) for name, fn in (("forward", fwd), ("eap", eap), ("eap_ig", ig),
-                                                                       ("eap_ig_stacked", ig_stacked))}
     scores = edge_scores(engine, pairs, method="eap", batch_size=len(pairs)).scores
     ref = run_senders(engine, group.corrupted)
     flat = graph.valid.flatten().nonzero()[:, 0]
@@ -153,7 +194,7 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
     t_curve, t_curve_naive = curve_times(engine, pairs, scores, repeats) if curve else (None, None)
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
             "device": str(engine.device), "steps": steps, "threads": torch.get_num_threads(),
-            "peak_mb": mem, "seconds": {
+            "seconds": {
                 "forward": t_fwd, "forward_after": t_fwd_after, "eap": t_eap, "eap_ig": t_ig,
                 "eap_ig_stacked": t_ig_stacked,
                 "naive_extrapolated": t_naive, "curve": t_curve, "curve_naive": t_curve_naive},
@@ -163,21 +204,6 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
                        "naive_over_eap": t_naive / t_eap,
                        "curve_naive_over_curve": t_curve_naive / t_curve if curve else None},
             "naive_sample": int(len(sample))}
-
-
-def alternated(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each fn, timed in rounds that alternate them (after one warm-up
-    round), so that a drift of the machine's load reaches every fn alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(repeats + 1):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if r:
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def naive_curve(engine: Engine, graph: EdgeGraph, group, scores: torch.Tensor, counts: list[int]) -> None:
@@ -194,9 +220,9 @@ def curve_times(engine: Engine, pairs, scores: torch.Tensor, repeats: int) -> tu
     graph = EdgeGraph(engine.spec)
     (group,), _ = group_pairs(engine, pairs, True)
     counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
-    t = alternated({"curve": lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
-                    "naive": lambda: naive_curve(engine, graph, group, scores, counts)}, repeats)
-    return t["curve"], t["naive"]
+    t_curve, t_naive = interleaved([lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
+                                    lambda: naive_curve(engine, graph, group, scores, counts)], repeats)
+    return t_curve, t_naive
 
 
 def bench_curve(engine: Engine, pairs, repeats: int) -> dict:
@@ -210,11 +236,11 @@ def bench_curve(engine: Engine, pairs, repeats: int) -> dict:
     graph = EdgeGraph(engine.spec)
     counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
     ref = run_senders(engine, group.corrupted)
-    t = alternated({
-        "forward": fwd,
-        "one_set": lambda: patched_metrics(engine, graph, group, ref, keep_masks(graph, scores, counts[6:7])),
-        "curve": lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
-        "curve_naive": lambda: naive_curve(engine, graph, group, scores, counts)}, repeats)
+    fns = {"forward": fwd,
+           "one_set": lambda: patched_metrics(engine, graph, group, ref, keep_masks(graph, scores, counts[6:7])),
+           "curve": lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
+           "curve_naive": lambda: naive_curve(engine, graph, group, scores, counts)}
+    t = dict(zip(fns, interleaved(list(fns.values()), repeats)))
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
             "device": str(engine.device), "threads": torch.get_num_threads(), "repeats": repeats, "seconds": t,
             "ratios": {"one_set_over_forward": t["one_set"] / t["forward"],
@@ -237,20 +263,26 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    _return_freed_memory()
     rows = []
     if not args.small_only:
         engine = Engine.load(device=args.device)
-        rows.append(bench_curve(engine, ioi_pairs(engine, args.pairs), args.repeats) if args.curve_only else
-                    bench(engine, ioi_pairs(engine, args.pairs), args.steps, args.repeats, args.naive_sample))
+        pairs = ioi_pairs(engine, args.pairs)
+        if args.curve_only:
+            rows.append(bench_curve(engine, pairs, args.repeats))
+        else:
+            rows.append(bench(engine, pairs, args.steps, args.repeats, args.naive_sample))
+            rows[-1]["peak_mb"] = measure_memory(None, pairs, args.steps, args.device)
         print(json.dumps(rows[-1], indent=1), flush=True)
     if args.small or args.small_only:
         with tempfile.TemporaryDirectory() as tmp:
             small = small_model(Path(tmp), args.device)
-            sp = random_pairs(small, args.pairs, 128)
-            rows.append(bench_curve(small, sp, args.repeats) if args.curve_only else
-                        bench(small, sp, args.steps, args.repeats, min(args.naive_sample, 12),
-                              curve=not args.no_small_curve))
+            pairs = random_pairs(small, args.pairs, 128)
+            if args.curve_only:
+                rows.append(bench_curve(small, pairs, args.repeats))
+            else:
+                rows.append(bench(small, pairs, args.steps, args.repeats, min(args.naive_sample, 12),
+                                  curve=not args.no_small_curve))
+                rows[-1]["peak_mb"] = measure_memory(Path(tmp), pairs, args.steps, args.device)
             print(json.dumps(rows[-1], indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -32,7 +32,7 @@ from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.capture import PairGroup, grad_pass, head_outputs, sender_sites
 from tdb_agent.ops.edges import contract
 from tdb_agent.ops.edges.contract import _receiver_chunk
-from tdb_agent.ops.edges.grads import ReceiverGrads, accumulate, folded_weights
+from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads, accumulate
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.reads import NormMode
 
@@ -57,7 +57,7 @@ def _group_delta(engine: Engine, group: int, ref: torch.Tensor, clean: torch.Ten
 
 
 def _contract_group(engine: Engine, graph: EdgeGraph, D: torch.Tensor, grads: ReceiverGrads, us: list[int],
-                    out: torch.Tensor, per_position: bool) -> None:
+                    out: torch.Tensor, per_position: bool, weights: BlockWeights) -> None:
     """out[(t,) us, r] += Σ_b (Σ_t) D[b, t, u] · G[r, b, t] for the receivers downstream of the
     group (the blocks after it, its own block's MLP, the logits), G built from its head-space
     parts a block and a chunk of positions at a time (contract.py's builder)."""
@@ -68,18 +68,23 @@ def _contract_group(engine: Engine, graph: EdgeGraph, D: torch.Tensor, grads: Re
         sl = graph.layer_receivers(l) if l < L else slice(graph.n_receivers - 1, graph.n_receivers)
         if graph.n_upstream[sl.stop - 1] <= u0:
             continue
-        Wbar = folded_weights(engine, l) if l < L and grads.full[l] is None else None
-        step = max(1, contract.CHUNK_BYTES // ((sl.stop - sl.start + k) * b * d * 4))
+        R = sl.stop - sl.start
+        Wbar = weights.folded(l) if l < L and grads.full[l] is None else None
+        step = max(1, contract.CHUNK_BYTES // ((R + k) * b * d * 4))
         for t0 in range(0, s, step):
             P = slice(t0, min(s, t0 + step))
             n = P.stop - P.start
-            G = _receiver_chunk(grads, l, Wbar, P, n) if l < L else grads.logits[:, P].unsqueeze(0)
+            if l < L:
+                G = torch.empty(R, b, n, d, device=out.device)
+                _receiver_chunk(grads, l, Wbar, P, G)
+            else:
+                G = grads.logits[:, P].unsqueeze(0)
             Dp = D[:, P].float()  # [b, n, k, d]
             if per_position:  # [n, k, b·d] @ [n, b·d, R] -> [n, k, R]
                 out[P, u0:u0 + k, sl] += torch.bmm(Dp.permute(1, 2, 0, 3).reshape(n, k, -1),
-                                                   G.permute(2, 1, 3, 0).reshape(n, -1, G.shape[0]))
+                                                   G.permute(2, 1, 3, 0).reshape(n, -1, R))
             else:
-                out[u0:u0 + k, sl] += Dp.permute(2, 0, 1, 3).reshape(k, -1) @ G.reshape(G.shape[0], -1).T
+                out[u0:u0 + k, sl] += Dp.permute(2, 0, 1, 3).reshape(k, -1) @ G.reshape(R, -1).T
 
 
 def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: dict[str, torch.Tensor],
@@ -92,9 +97,9 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
     The receivers' gradients stay in head space, summed over each group's steps as the passes
     arrive (grads.accumulate); the clean pass's sum is shared by every group (copied, never
     recomputed) and each group's is contracted with its own senders only."""
-    b, s = chunk.ids.shape
+    weights = BlockWeights(engine)
     acts, g, m = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=True)
-    clean_grads = accumulate(engine, None, acts, g, 1, norm, 1.0 / steps)
+    clean_grads = accumulate(engine, None, acts, g, 1, norm, 1.0 / steps, weights)
     clean_acts = {site: acts[site] for site in sender_sites(engine)}
     del acts, g
     passes = 1
@@ -109,9 +114,9 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
             # which that gradient does not touch, are used)
             acts, gk, _ = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=False,
                                     hooks={site: lambda x, st, v=value: v + (x - x.detach())})
-            G = accumulate(engine, G, acts, gk, 1, norm, 1.0 / steps)
+            G = accumulate(engine, G, acts, gk, 1, norm, 1.0 / steps, weights)
             del acts, gk
             passes += 1
         D = _group_delta(engine, i, r.expand_as(c) if r.dim() < c.dim() else r, c)
-        _contract_group(engine, graph, D, G, us, out, per_position)
+        _contract_group(engine, graph, D, G, us, out, per_position, weights)
     return float(m.sum()), passes
