@@ -141,8 +141,10 @@ def test_per_position_scores_sum_to_summed_scores(sharp):
 @pytest.mark.parametrize("method", ["eap", "eap-ig"])
 def test_scores_built_a_few_positions_at_a_time_are_the_same(sharp, monkeypatch, method):
     """contract.py builds D and G a chunk of positions at a time (one chunk on these tiny
-    models): chunks of one or two positions give the reference model's scores too."""
-    from tdb_agent.ops.edges import contract
+    models) and takes the receivers of a group of blocks per product (every block here):
+    chunks of one or two positions, one block per product (logits alone) and weights made
+    again at each use give the reference model's scores too."""
+    from tdb_agent.ops.edges import contract, grads
     eng = sharp["llama"]
     pairs = _pairs(2)
     g = _tensors(eng, pairs)
@@ -150,6 +152,10 @@ def test_scores_built_a_few_positions_at_a_time_are_the_same(sharp, monkeypatch,
     pos_whole = edge_scores(eng, pairs, method=method, steps=3, per_position=True)
     for n_pos in (1, 2):
         monkeypatch.setattr(contract, "CHUNK_BYTES", n_pos * eng.spec.d_model * 4 * 2 * EdgeGraph(eng.spec).n_senders)
+        if n_pos == 1:
+            monkeypatch.setattr(contract, "GROUP_RECEIVERS", 1)
+            monkeypatch.setattr(grads.BlockWeights, "KEEP_BYTES", 0)
+            assert len(contract.receiver_groups(EdgeGraph(eng.spec))) == eng.spec.n_layers + 1
         res = edge_scores(eng, pairs, method=method, steps=3)
         ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor,
                                       ig_steps=3 if method == "eap-ig" else 0)

@@ -227,6 +227,29 @@ def test_replacement_model_measurement_equals_the_graph(tiny_engines, family):
         assert check(g, []).measured_replacement == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_replacement_model_with_real_mlps_spans_graph_to_real_model(tiny_engines, family):
+    """measure_replacement(real_mlps=...): no MLP real is the graph's own model; every MLP
+    real is the spliced real model with attention and norms frozen, measured by other code
+    (transcoder_ops' splice hooks); the zeroed features' own layer (0) made real changes
+    nothing - its input is unchanged, so its real MLP gives the clean output (transcoder +
+    error) less the zeroed writes, as the replacement model does."""
+    from tdb_agent.ops.graph.intervene import check, measure_replacement
+
+    e = tiny_engines[family]
+    n = e.spec.n_layers
+    with attached(e, random_transcoders(e, seed=2)):
+        g = build_graph(e, PROMPT, GraphTarget(kind="logit_diff", token="dog", distractor="cat"))
+        row = len(g.rows)
+        first = [c for c in range(g.src.n_feat) if g.src.feat[c, 0] == 0 and g.src.feat[c, 1] > 0]
+        cols = sorted(first, key=lambda c: -float(g.src.feat_act[c]))[:3]
+        r = check(g, cols)
+        assert abs(r.measured_frozen - r.measured_replacement) > 1e-4  # the transcoders are not the MLPs
+        assert measure_replacement(g, cols, row) == pytest.approx(r.measured_replacement, abs=1e-6)
+        assert measure_replacement(g, cols, row, frozenset(range(n))) == pytest.approx(r.measured_frozen, abs=1e-4)
+        assert measure_replacement(g, cols, row, frozenset({0})) == pytest.approx(r.measured_replacement, abs=1e-5)
+
+
 def test_feature_cap_keeps_rows_exact(tiny_engines):
     """With max_feature_nodes below the active count, the expanded rows are the same rows as
     in the full graph (edges do not depend on which rows are computed), chosen by influence,

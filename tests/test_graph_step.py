@@ -11,7 +11,7 @@ from tdb_agent.agent import discover
 from tdb_agent.agent.graph_step import FeatureCheck, agrees, graph_step, report_lines
 from tdb_agent.agent.runstore import RunConfig, RunStore
 from tdb_agent.agent.toolbox import Toolbox
-from tests.test_graph_bundled import IOI
+from tests.test_graph_bundled import FACTS, IOI
 
 
 def _check(pred, frozen, free):
@@ -28,29 +28,49 @@ def test_agreement_rule_by_hand():
     assert not agrees(_check(0.0, 0.0, 0.0))[0]
 
 
-def test_graph_step_claims_the_checked_ioi_features_on_the_bundled_model(bundled, tmp_path):
-    prompt, target, distractor = IOI
+def _run_step(tmp_path, example, task):
+    prompt, target, distractor = example
     ex = {"prompt": prompt, "target": target, "distractor": distractor}
 
     async def go():
         async with discover.default_connect(RunConfig(), "inprocess")(tmp_path / "ws") as client:
             tb = Toolbox(client, RunStore(tmp_path / "run"))
             notes: list[str] = []
-            found = await graph_step(tb, ex, "ioi", notes)
-            shown = (await client.call_tool("circuit_show", {"name": "ioi-features"})).structured_content
+            found = await graph_step(tb, ex, task, notes)
+            shown = (await client.call_tool("circuit_show", {"name": f"{task}-features"})).structured_content \
+                if found is not None and found.claimed else None
             return found, notes, shown
 
-    found, notes, shown = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_graph_step_claims_the_checked_facts_features_on_the_bundled_model(bundled, tmp_path):
+    """Facts: zeroing the top 5 moves the real model, frozen, within 25 % of the graph
+    (tests/test_graph_bundled.py: 19 %), the same way free: claimed, stored and validated."""
+    found, notes, shown = _run_step(tmp_path, FACTS, "facts")
     assert found is not None, notes
     c = found.check
     assert len(found.features) == 5 and all(".tc.F" in f for f in found.features)
     # the claim follows the rule from the reported numbers (recomputed here)
     within = abs(c.measured_frozen - c.predicted_total) <= 0.25 * abs(c.predicted_total)
     assert found.claimed == (within and c.measured * c.predicted_total > 0)
-    # on this model the check agrees (tests/test_graph_bundled.py: within 10 % frozen, same sign free)
     assert found.claimed and c.predicted_total < 0 and c.measured < 0, found
-    assert found.circuit == "ioi-features" and shown["validation"]["faithfulness"] == pytest.approx(found.faithfulness)
+    assert found.circuit == "facts-features"
+    assert shown["validation"]["faithfulness"] == pytest.approx(found.faithfulness)
     assert any(n["id"] in found.features for n in shown["nodes"])
     text = "\n".join(report_lines(found))
     assert "**Claimed**" in text and f"{c.measured:.4f}" in text and f"{c.predicted_total:.4f}" in text
-    assert any("feature circuit `ioi-features`" in n for n in notes)
+    assert any("feature circuit `facts-features`" in n for n in notes)
+
+
+def test_graph_step_does_not_claim_the_ioi_features_the_real_model_disagrees_with(bundled, tmp_path):
+    """IOI: the 5th feature is at layer 0 and the real MLPs downstream amplify its removal
+    (tests/test_graph_bundled.py: -4.17 against the predicted -3.06, 36 % off), so the
+    step refuses the claim and says why; nothing is stored."""
+    found, notes, shown = _run_step(tmp_path, IOI, "ioi")
+    assert found is not None, notes
+    c = found.check
+    within = abs(c.measured_frozen - c.predicted_total) <= 0.25 * abs(c.predicted_total)
+    assert not within and not found.claimed and found.circuit is None and shown is None, found
+    assert "more than 25% off" in found.why and any("not claimed" in n for n in notes), found
+    assert "**Claimed**" not in "\n".join(report_lines(found))

@@ -15,11 +15,15 @@ word-level vocabulary) at 128 tokens:
                  sample of edges and multiplied by the number of edges (what EAP approximates)
   curve          one faithfulness curve at the MIB budgets (batched edge sets)
   curve_naive    the same budgets, one patched pass per budget
-Times are medians of --repeats after a warm-up (bench_ops.timed); ratios are to one forward
-measured in the same run (the mean of its medians before and after the edge methods).
-Peak memory: the most extra memory each of forward / eap / eap_ig holds at once (CUDA: the
-allocator's peak; CPU: resident memory sampled every millisecond, with glibc told to return
-freed blocks at once so that the resident size follows the live tensors).
+Times are medians of --repeats rounds after a warm-up, each round running the forward, eap,
+eap_ig and eap_ig_stacked once in turn (so that the machine's load falls on all alike); ratios
+are to one forward measured in the same run (the mean of its median in those rounds and of
+another --repeats after them). Peak memory: the most extra memory each of forward / eap /
+eap_ig holds at once (CUDA: the allocator's peak; CPU: resident memory sampled every
+millisecond, with glibc told to return freed blocks at once so that the resident size
+follows the live tensors: in a process of its own, since that setting makes each large
+tensor fresh pages and would slow the timed code; the timings run with the allocator's
+defaults).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import multiprocessing
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -35,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench_ops import gpt2_small_random, timed  # tools/ is on the path when run as a script
+from bench_ops import gpt2_small_random, once, timed  # tools/ is on the path when run as a script
 
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.capture import group_pairs, run_senders
@@ -113,8 +119,20 @@ def _return_freed_memory() -> None:
         pass
 
 
-def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, curve: bool = True) -> dict:
-    graph = EdgeGraph(engine.spec)
+def interleaved(fns, repeats: int) -> list[float]:
+    """Median seconds of each fn over `repeats` rounds that run every fn once in turn (after a
+    warm-up of each): a change in the machine's load then falls on all of them alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            ts.append(once(fn))
+    return [statistics.median(ts) for ts in times]
+
+
+def methods(engine: Engine, pairs, steps: int) -> dict:
+    """The timed calls: one forward of the clean prompts, EAP, EAP-IG (one step per pass, stacked)."""
     (group,), _ = group_pairs(engine, pairs, True)
 
     def fwd():
@@ -126,16 +144,40 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
 
     def ig():
         edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs))
+
     def ig_stacked():  # every step in the batch of one forward and backward
         edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs), steps_per_pass=steps)
-    t_fwd = timed(fwd, repeats)
-    t_eap = timed(eap, repeats)
-    t_ig = timed(ig, repeats)
-    t_ig_stacked = timed(ig_stacked, repeats)
+    return {"forward": fwd, "eap": eap, "eap_ig": ig, "eap_ig_stacked": ig_stacked}
+
+
+def memory_child(folder: str | None, pairs, steps: int, device: str, threads: int) -> dict:
+    """Peak extra memory of each method, in a fresh process whose allocator is set first (see
+    _return_freed_memory; in the timing process that setting would slow the timed code, each
+    large tensor then being fresh pages)."""
+    _return_freed_memory()
+    torch.set_num_threads(threads)
+    engine = Engine.load(folder, device=device)
+    fns = methods(engine, pairs, steps)
+    for fn in fns.values():  # warm-up, as for the timings
+        fn()
+    return {name: round(peak_mb(fn, engine.device), 1) for name, fn in fns.items()}
+
+
+def measure_memory(folder: Path | None, pairs, steps: int, device: str) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(memory_child, (None if folder is None else str(folder), pairs, steps, device,
+                                         torch.get_num_threads()))
+
+
+def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, curve: bool = True) -> dict:
+    graph = EdgeGraph(engine.spec)
+    (group,), _ = group_pairs(engine, pairs, True)
+    fns = methods(engine, pairs, steps)
+    fwd = fns["forward"]
+    t_fwd, t_eap, t_ig, t_ig_stacked = interleaved(list(fns.values()), repeats)
     t_fwd_after = timed(fwd, repeats)  # the machine's load drifts: the forward again, after
     t_one = (t_fwd + t_fwd_after) / 2  # the unit of the ratios
-    mem = {name: round(peak_mb(fn, engine.device), 1) for name, fn in (("forward", fwd), ("eap", eap), ("eap_ig", ig),
-                                                                       ("eap_ig_stacked", ig_stacked))}
     scores = edge_scores(engine, pairs, method="eap", batch_size=len(pairs)).scores
     ref = run_senders(engine, group.corrupted)
     flat = graph.valid.flatten().nonzero()[:, 0]
@@ -157,7 +199,7 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
     t_curve_naive = timed(curve_naive, repeats) if curve else None
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
             "device": str(engine.device), "steps": steps, "threads": torch.get_num_threads(),
-            "peak_mb": mem, "seconds": {
+            "seconds": {
                 "forward": t_fwd, "forward_after": t_fwd_after, "eap": t_eap, "eap_ig": t_ig,
                 "eap_ig_stacked": t_ig_stacked,
                 "naive_extrapolated": t_naive, "curve": t_curve, "curve_naive": t_curve_naive},
@@ -183,17 +225,20 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    _return_freed_memory()
     rows = []
     if not args.small_only:
         engine = Engine.load(device=args.device)
-        rows.append(bench(engine, ioi_pairs(engine, args.pairs), args.steps, args.repeats, args.naive_sample))
+        pairs = ioi_pairs(engine, args.pairs)
+        rows.append(bench(engine, pairs, args.steps, args.repeats, args.naive_sample))
+        rows[-1]["peak_mb"] = measure_memory(None, pairs, args.steps, args.device)
         print(json.dumps(rows[-1], indent=1), flush=True)
     if args.small or args.small_only:
         with tempfile.TemporaryDirectory() as tmp:
             small = small_model(Path(tmp), args.device)
-            rows.append(bench(small, random_pairs(small, args.pairs, 128), args.steps, args.repeats,
-                              min(args.naive_sample, 12), curve=not args.no_small_curve))
+            pairs = random_pairs(small, args.pairs, 128)
+            rows.append(bench(small, pairs, args.steps, args.repeats, min(args.naive_sample, 12),
+                              curve=not args.no_small_curve))
+            rows[-1]["peak_mb"] = measure_memory(Path(tmp), pairs, args.steps, args.device)
             print(json.dumps(rows[-1], indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -28,18 +28,20 @@ from tdb_agent.tasks import corpus_documents
 from tdb_agent.tasks.tokenizer import build_tokenizer
 
 
+def once(fn) -> float:
+    """Seconds of one call of fn (the GPU's queue drained before and after)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(once(fn) for _ in range(repeats))
 
 
 def gpt2_small_random(folder: Path) -> Path:

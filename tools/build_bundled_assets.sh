@@ -14,7 +14,8 @@ fi
 echo "== $(date -u +%T) SAEs"
 "$PY" tools/train_saes.py --tokens "${SAE_TOKENS:-600000}" --lr 2e-3 --docs-per-batch 192 --ckpt /tmp/train_saes.ckpt.pt
 echo "== $(date -u +%T) transcoders"
-"$PY" tools/train_transcoders.py --ckpt /tmp/train_transcoders.ckpt.pt
+"$PY" tools/train_transcoders.py --tokens 1900000 --lr-decay --dead-window 150000 --extra-facts 64 \
+  --extra-facts-from 1200000 --ckpt /tmp/train_transcoders.ckpt.pt
 echo "== $(date -u +%T) dataset (neurons, heads, SAE latents, transcoder features; gzipped)"
 "$PY" -m tdb_agent.cli build-dataset --out tdb_agent/assets/datasets/tdb-tiny --corpus-docs 9000 --threads 1 --gzip
 echo "== $(date -u +%T) explanations"

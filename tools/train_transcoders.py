@@ -13,7 +13,15 @@ tokens are pointed at the worst-reconstructed outputs (first `--resample-until` 
 39.5%, with worse FVU on 3 of 4 layers and 50% dead on L1; adding `--resample-until 0.97
 --lr-decay` left 13.1% dead (L0 7.4%, L1 37.3%, L2 0%, L3 7.8%) with FVU 0.021 / 0.091 /
 0.029 / 0.011 against the shipped 0.015 / 0.030 / 0.053 / 0.001: not shipped, L1 is worse
-on both counts). Position 0 (BOS) is left out.
+on both counts; those runs, and the 512-feature transcoders shipped before, resampled with
+a bug since fixed: Adam's moments were zeroed for whole parameters, not the resampled
+features', so every resampling kicked every weight). Position 0 (BOS) is left out.
+
+Fact answers ('The people of Zorvia speak' -> its language) are about 0.3 % of the corpus's
+tokens, and there the MLPs recall memorised facts: a corpus-trained transcoder leaves most
+of those outputs to its error term (the card's "FVU at fact answers"), so an attribution
+graph of a fact prompt finds the answer in error nodes. `--extra-facts N` adds N fact
+sentences to every batch (from `--extra-facts-from` tokens on).
 
 Checkpoints to `--ckpt` every `--ckpt-every` steps and resumes from it. At the end it
 evaluates the float16 export on held-out documents (FVU of the MLP output, mean L0, dead
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -37,8 +46,10 @@ from train_saes import HELDOUT_SEED, token_batches  # noqa: E402
 from tdb_agent.datasets.components import model_fingerprint  # noqa: E402
 from tdb_agent.engine import Engine  # noqa: E402
 from tdb_agent.engine.transcoder import LayerTranscoder, TranscoderSet, load_transcoders  # noqa: E402
+from tdb_agent.tasks.generators import facts_document  # noqa: E402
 
 TRAIN_SEED = 930_000_000
+FACTS_SEED = 940_000_000
 
 
 @torch.no_grad()
@@ -90,20 +101,61 @@ class Trainer(torch.nn.Module):
         pick = torch.multinomial(w / w.sum(), idx.numel(), replacement=idx.numel() > len(w), generator=gen)
         xin = x[pick] / x[pick].norm(dim=-1, keepdim=True).clamp(min=1e-8)
         alive = self.W_enc[:, ~dead].norm(dim=0).mean() if (~dead).any() else torch.tensor(1.0)
-        self.W_enc[:, idx] = xin.T * alive
+        # a fifth of the live encoders' norm (Bricken et al. 2023): at full norm the new
+        # features win TopK on most tokens at once and push live ones out for several steps
+        self.W_enc[:, idx] = xin.T * alive * 0.2
         self.b_enc[idx] = 0.0
         self.W_dec[idx] = err[pick] / err[pick].norm(dim=-1, keepdim=True).clamp(min=1e-8) * 0.1
-        for p in (self.W_enc, self.b_enc, self.W_dec):
+        # Adam's moments are reset for the resampled features only: zeroing a whole
+        # parameter's moments makes the next step about 3 lr * sign(grad) on every weight
+        # (bias correction is ~1 by then), a shock to the live features every resampling
+        for p, sel in ((self.W_enc, (slice(None), idx)), (self.b_enc, (idx,)), (self.W_dec, (idx,))):
             st = opt.state.get(p)
             if st:
-                st["exp_avg"].zero_()
-                st["exp_avg_sq"].zero_()
+                st["exp_avg"][sel] = 0
+                st["exp_avg_sq"][sel] = 0
         return idx.numel()
 
     def export(self, layer: int, sx: float, sy: float) -> LayerTranscoder:
         d = lambda t: t.detach().clone()  # noqa: E731
         return LayerTranscoder(layer, d(self.W_enc) / sx, d(self.b_enc), d(self.W_dec)[:, None] * sy, d(self.b_dec) * sy,
                                d(self.W_skip) * sy / sx, None, self.k)
+
+
+def fact_batch(engine: Engine, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` fact sentences (ids, mask without BOS), the extra ones of `--extra-facts`."""
+    rng = random.Random(seed)
+    bos = engine.tokenizer.bos_token_id
+    docs = [facts_document(rng) for _ in range(n)]
+    toks = [[bos] + engine.tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    ids = torch.full((n, max(map(len, toks))), bos, dtype=torch.long)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, t in enumerate(toks):
+        ids[i, : len(t)] = torch.tensor(t)
+        mask[i, 1: len(t)] = True
+    return ids, mask
+
+
+def reconstruct(tc: LayerTranscoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    f = tc.encode(x)
+    return f @ tc.W_dec[:, 0] + tc.b_dec + tc.skip(x), f
+
+
+@torch.no_grad()
+def fact_answer_fvu(engine: Engine, tcs: TranscoderSet, n_docs: int = 600) -> list[float]:
+    """FVU of each MLP output at the position that predicts a fact's answer ('... speak' ->
+    language, '... is' -> capital) over held-out fact sentences. These positions are rare in
+    the corpus (about 0.3 % of tokens) and their MLPs recall memorised facts, so the
+    corpus-wide FVU says little about them; attribution graphs of fact prompts rest on them."""
+    ids, mask = fact_batch(engine, n_docs, HELDOUT_SEED)
+    length = mask.sum(1) + 1  # with BOS; a fact document ends '<answer> .'
+    mask = torch.zeros_like(mask)
+    mask[torch.arange(n_docs), length - 3] = True
+    out = []
+    for l, (x, y) in enumerate(mlp_io(engine, ids, mask)):
+        rec, _ = reconstruct(tcs.layers[l], x)
+        out.append(float((y - rec).double().pow(2).sum() / (y - y.mean(0)).double().pow(2).sum()))
+    return out
 
 
 @torch.no_grad()
@@ -114,9 +166,7 @@ def evaluate(engine: Engine, tcs: TranscoderSet, n_tokens: int) -> list[dict]:
     fired = {l: torch.zeros(tc.d_tc, dtype=torch.bool) for l, tc in tcs.layers.items()}
     for ids, mask in token_batches(engine, HELDOUT_SEED, 64):
         for l, (x, y) in enumerate(mlp_io(engine, ids, mask)):
-            tc = tcs.layers[l]
-            f = tc.encode(x)
-            rec = f @ tc.W_dec[:, 0] + tc.b_dec + tc.skip(x)
+            rec, f = reconstruct(tcs.layers[l], x)
             err[l] += (y - rec).double().pow(2).sum().item()
             s1[l] += y.double().sum(0)
             s2[l] += y.double().pow(2).sum().item()
@@ -125,8 +175,10 @@ def evaluate(engine: Engine, tcs: TranscoderSet, n_tokens: int) -> list[dict]:
         n += int(mask.sum())
         if n >= n_tokens:
             break
+    facts = fact_answer_fvu(engine, tcs)
     return [{"fvu": err[l] / (s2[l] - s1[l].pow(2).sum().item() / n), "mean_l0": l0[l] / n,
-             "dead_fraction": 1 - fired[l].float().mean().item(), "eval_tokens": n} for l in range(n_l)]
+             "dead_fraction": 1 - fired[l].float().mean().item(), "eval_tokens": n,
+             "fact_answer_fvu": facts[l]} for l in range(n_l)]
 
 
 CARD = """# Transcoders of the bundled model (tdb-tiny)
@@ -141,10 +193,12 @@ keep their error term, so outputs are exact; attribution graphs (`tdb_agent/ops/
 them as the replacement model's MLPs.
 
 Held-out evaluation ({eval_tokens:,} tokens, the shipped float16 weights); FVU is of the
-MLP output:
+MLP output. "FVU at fact answers": over 600 held-out fact sentences, at the position that
+predicts the answer ('The people of Zorvia speak' -> its language), where the MLPs recall
+memorised facts; an attribution graph of a fact prompt leans on these positions:
 
-| layer | features | k | FVU | mean L0 | dead features |
-|---|---|---|---|---|---|
+| layer | features | k | FVU | mean L0 | dead features | FVU at fact answers |
+|---|---|---|---|---|---|---|
 {rows}
 
 Reproduce: `python tools/train_transcoders.py --eval-only`.
@@ -155,6 +209,9 @@ def recipe(args) -> str:
     """The card's words for the dead-feature measures that were on."""
     out = " (decayed to 0 over the last 20%)" if args.lr_decay else ""
     out += f"; features dead for {args.dead_window:,} tokens resampled during the first {args.resample_until:.0%}"
+    if args.extra_facts:
+        out += (f"; from {args.extra_facts_from:,} tokens on, each batch of {args.docs_per_batch} corpus documents "
+                f"gets {args.extra_facts} extra fact sentences (the corpus has 7% fact documents)")
     if args.k_aux:
         out += f", and AuxK on them (k_aux {args.k_aux}, coefficient {args.aux_coef:.4g})"
     return out
@@ -163,7 +220,7 @@ def recipe(args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tdb_agent/assets/transcoders")
-    ap.add_argument("--features", type=int, default=512)
+    ap.add_argument("--features", type=int, default=1024)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=600_000)
     ap.add_argument("--docs-per-batch", type=int, default=48)
@@ -175,6 +232,9 @@ def main() -> None:
                     "error")
     ap.add_argument("--aux-coef", type=float, default=1 / 32)
     ap.add_argument("--lr-decay", action="store_true", help="decay lr linearly to 0 over the last 20%%")
+    ap.add_argument("--extra-facts", type=int, default=0, help="this many extra fact sentences per batch: "
+                    "the corpus's fact answers are ~0.3%% of tokens, too rare for TopK features to cover")
+    ap.add_argument("--extra-facts-from", type=int, default=0, help="add them once this many tokens are seen")
     ap.add_argument("--eval-tokens", type=int, default=50_000)
     ap.add_argument("--ckpt", default="/tmp/train_transcoders.ckpt.pt")
     ap.add_argument("--ckpt-every", type=int, default=25)
@@ -215,6 +275,9 @@ def main() -> None:
     t0 = time.time()
     while seen < args.tokens:
         io = mlp_io(engine, *next(batches))
+        if args.extra_facts and seen >= args.extra_facts_from:
+            extra = mlp_io(engine, *fact_batch(engine, args.extra_facts, FACTS_SEED + step))
+            io = [(torch.cat([x, ex]), torch.cat([y, ey])) for (x, y), (ex, ey) in zip(io, extra)]
         step += 1
         seen += io[0][0].shape[0]
         msg = []
@@ -248,7 +311,7 @@ def main() -> None:
     shipped = load_transcoders(out)
     metrics = evaluate(engine, shipped, args.eval_tokens)
     rows = "\n".join(f"| L{l} | {args.features} | {args.k} | {m['fvu']:.3f} | {m['mean_l0']:.1f} | "
-                     f"{m['dead_fraction']:.1%} |" for l, m in enumerate(metrics))
+                     f"{m['dead_fraction']:.1%} | {m['fact_answer_fvu']:.3f} |" for l, m in enumerate(metrics))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "README.md").write_text(CARD.format(train_tokens=seen, steps=step, lr=args.lr, recipe=recipe(args),
                                                eval_tokens=metrics[0]["eval_tokens"], rows=rows))

@@ -268,9 +268,16 @@ def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distracto
         # attention and MLP share one norm (GPT-J, Falcon, Cohere, parallel StableLM) or whose MLP
         # reads the raw stream (OLMo-2), the tensor also feeds attention or the residual add
         own = {receiver_site("mlp", l): (lambda h, site: h.clone()) for l in range(L)}
+        # logit_diff reads two logits a row: only those columns are projected (and back-propagated)
+        R = ids.shape[0]
+        few = distractor is not None and 2 * R < engine.spec.vocab_size
         out, acts = engine.run_with_cache(ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf} | own | (hooks or {}),
-                                          logit_positions=[-1])
-        m = metric_rows(out.logits[:, -1], target, distractor)
+                                          logit_positions=[-1], logit_ids=torch.cat([target, distractor]) if few else None)
+        if few:
+            cols = torch.arange(R, device=target.device)
+            m = metric_rows(out.logits[:, -1], cols, cols + R)
+        else:
+            m = metric_rows(out.logits[:, -1], target, distractor)
         reads = [acts[receiver_site(k, l)] for l in range(L) for k in "qkv"]
         reads += [acts[receiver_site("mlp", l)] for l in range(L)] + [acts["hook_resid_final"]]
         grads = torch.autograd.grad(m.sum(), reads)

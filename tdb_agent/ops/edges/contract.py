@@ -5,9 +5,13 @@ D (sender u's reference − clean output) and G (the gradient at receiver r's in
 [b, s, d] per node: held whole for a GPT-2-small batch they are hundreds of MB. They are
 built here from their small parts (SenderActs differences: z in head space; ReceiverGrads:
 head-space gradient sums) for `rows` positions × batch at a time, D for every sender and G a
-block's receivers at a time, and reduced into the scores at once (one matrix product per
-block: the senders upstream of the block's MLP × its q, k, v and MLP receivers; entries of
-q/k/v receivers with a same-block sender are not edges and are masked by the caller).
+group of consecutive blocks' receivers at a time, and reduced into the scores at once: one
+matrix product per group, the senders upstream of the group's last receiver × its receivers.
+A product with a few dozen receivers (one GPT-2 block's 37) runs at under half the speed of
+one with ~150 on a CPU (the senders' side is packed once per product whatever the receivers'
+count), so groups take at least GROUP_RECEIVERS receivers; the entries they compute that are
+not edges (a receiver and a sender of its own or a later block in the group) are masked by
+the caller.
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.capture import SenderActs
-from tdb_agent.ops.edges.grads import ReceiverGrads, folded_weights
+from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads
 from tdb_agent.ops.edges.graph import EdgeGraph
 
-#: bytes of the sender chunk D [n_senders, b, positions, d] (float32); the folded q/k/v weights
-#: of every block are kept across chunks when they fit in as much (else made again per chunk)
-CHUNK_BYTES = 1 << 27
+#: bytes of the sender chunk D [n_senders, b, positions, d] (float32), and of a group's G (at
+#: most glibc's largest reused block: larger ones are fresh pages at every call)
+CHUNK_BYTES = 1 << 25
+#: fewest receivers one product takes (consecutive blocks grouped; the logits join the last)
+GROUP_RECEIVERS = 128
 
 
-def _sender_chunk(engine: Engine, delta: SenderActs, W_O: list[torch.Tensor], b: int, P: slice, n: int) -> torch.Tensor:
+def _sender_chunk(engine: Engine, delta: SenderActs, weights: BlockWeights, b: int, P: slice, n: int) -> torch.Tensor:
     """D [n_senders, b, n, d] at positions P (delta broadcasts over b and positions for means)."""
     spec = engine.spec
     H, d = spec.n_heads, spec.d_model
@@ -40,22 +46,20 @@ def _sender_chunk(engine: Engine, delta: SenderActs, W_O: list[torch.Tensor], b:
     for l in range(spec.n_layers):
         base = 1 + l * (H + 1)
         z = rows(delta.z[l], 2).permute(2, 0, 1, 3).reshape(H, b * n, -1)
-        torch.bmm(z, W_O[l], out=D[base:base + H].view(H, b * n, d))
+        torch.bmm(z, weights.W_O(l), out=D[base:base + H].view(H, b * n, d))
         D[base + H] = rows(delta.mlp[l], 1)
     return D
 
 
-def _receiver_chunk(grads: ReceiverGrads, l: int, Wbar: torch.Tensor | None, P: slice, n: int) -> torch.Tensor:
-    """G [n_qkv + 1, b, n, d] at positions P: block l's q, k, v receivers, then its MLP."""
-    b = grads.b
+def _receiver_chunk(grads: ReceiverGrads, l: int, Wbar: torch.Tensor | None, P: slice, G: torch.Tensor) -> None:
+    """Write into G [n_qkv + 1, b, n, d] block l's q, k, v receivers' gradients at positions P, then its MLP's."""
+    b, n = grads.b, G.shape[2]
     if grads.full[l] is not None:  # outside the closed form: kept whole
-        G = torch.empty(grads.full[l].shape[0] + 1, b, n, grads.full[l].shape[-1], device=grads.full[l].device)
         G[:-1] = grads.full[l][:, :, P]
         G[-1] = grads.mlp[l][:, P]
-        return G
+        return
     head = grads.head[l][:, P]  # [b, n, k, dh]
     k = head.shape[2]
-    G = torch.empty(k + 1, b, n, Wbar.shape[-1], device=head.device)
     torch.bmm(head.permute(2, 0, 1, 3).reshape(k, b * n, -1), Wbar, out=G[:k].view(k, b * n, -1))
     if len(grads.weight[l]) == 1:  # − inv · c · x̂ in place: [k, b, n, 1] ⊙ [b, n, d]
         G[:k].addcmul_(grads.weight[l][0][:, P].permute(2, 0, 1).unsqueeze(-1), grads.xhat[l][0][:, P], value=-1.0)
@@ -64,34 +68,60 @@ def _receiver_chunk(grads: ReceiverGrads, l: int, Wbar: torch.Tensor | None, P: 
         x = torch.stack([t[:, P] for t in grads.xhat[l]], dim=-2).reshape(b * n, -1, Wbar.shape[-1])
         G[:k] -= torch.bmm(w, x).view(b, n, k, -1).permute(2, 0, 1, 3)
     G[k] = grads.mlp[l][:, P]
-    return G
+
+
+def receiver_groups(graph: EdgeGraph) -> list[list[int]]:
+    """Consecutive blocks (n_layers: the logits) whose receivers one product takes: at least
+    GROUP_RECEIVERS receivers each, a smaller remainder joining the group before it."""
+    L = graph.spec.n_layers
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    for l in range(L + 1):
+        cur.append(l)
+        if sum(_receivers(graph, i).stop - _receivers(graph, i).start for i in cur) >= GROUP_RECEIVERS:
+            groups.append(cur)
+            cur = []
+    if cur:
+        if groups:
+            groups[-1] += cur
+        else:
+            groups.append(cur)
+    return groups
+
+
+def _receivers(graph: EdgeGraph, l: int) -> slice:
+    L = graph.spec.n_layers
+    return graph.layer_receivers(l) if l < L else slice(graph.n_receivers - 1, graph.n_receivers)
 
 
 def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: ReceiverGrads, out: torch.Tensor,
-             per_position: bool) -> None:
-    """out[(t,) u, r] += Σ_b (Σ_t) D[u, b, t] · G[r, b, t] over every (sender, receiver) pair."""
+             per_position: bool, weights: BlockWeights | None = None) -> None:
+    """out[(t,) u, r] += Σ_b (Σ_t) D[u, b, t] · G[r, b, t] over every (sender, receiver) pair
+    (and some pairs that are not edges: the caller masks them)."""
     spec = engine.spec
-    L, U = spec.n_layers, graph.n_senders
+    L, U, d = spec.n_layers, graph.n_senders, spec.d_model
     b, s = grads.b, grads.s
-    W_O = [engine.adapter.W_O(l).to(engine.device, torch.float32) for l in range(L)] if delta.full is None else []
-    step = max(1, CHUNK_BYTES // (U * b * spec.d_model * 4))
-    closed = [l for l in range(L) if grads.full[l] is None]
-    keep = step < s and len(closed) * grads.head[closed[0]].shape[2] * grads.head[closed[0]].shape[3] * \
-        spec.d_model * 4 <= CHUNK_BYTES if closed else False
-    kept = {l: folded_weights(engine, l) for l in closed} if keep else {}
+    weights = weights or BlockWeights(engine)
+    groups = [(g, slice(_receivers(graph, g[0]).start, _receivers(graph, g[-1]).stop)) for g in receiver_groups(graph)]
+    widest = max(sl.stop - sl.start for _, sl in groups)
+    step = max(1, CHUNK_BYTES // (max(U, widest) * b * d * 4))
+    # one buffer for every group's G: a fresh tensor of this size is fresh pages (mmap), whose
+    # first touch costs as much as the product that fills it
+    buf = torch.empty(widest * b * min(step, s) * d, device=engine.device)
     for t0 in range(0, s, step):
         P = slice(t0, min(s, t0 + step))
         n = P.stop - P.start
-        D = _sender_chunk(engine, delta, W_O, b, P, n)
-        for l in range(L + 1):
-            if l < L:
-                sl = graph.layer_receivers(l)
-                Wbar = None if grads.full[l] is not None else kept[l] if keep else folded_weights(engine, l)
-                G = _receiver_chunk(grads, l, Wbar, P, n)
-            else:
-                sl = slice(graph.n_receivers - 1, graph.n_receivers)
-                G = grads.logits[:, P].unsqueeze(0).contiguous()
-            up = graph.n_upstream[sl.stop - 1]
+        D = _sender_chunk(engine, delta, weights, b, P, n)
+        for blocks, sl in groups:
+            G = buf[:(sl.stop - sl.start) * b * n * d].view(sl.stop - sl.start, b, n, d)
+            for l in blocks:
+                r = _receivers(graph, l)
+                part = G[r.start - sl.start:r.stop - sl.start]
+                if l < L:
+                    _receiver_chunk(grads, l, None if grads.full[l] is not None else weights.folded(l), P, part)
+                else:
+                    part[0] = grads.logits[:, P]
+            up = max(graph.n_upstream[sl])
             if per_position:  # [n, U, b·d] @ [n, b·d, R] -> [n, U, R]
                 Dp = D[:up].permute(2, 0, 1, 3).reshape(n, up, -1)
                 Gp = G.permute(2, 1, 3, 0).reshape(n, -1, G.shape[0])

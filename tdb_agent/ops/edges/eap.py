@@ -32,7 +32,7 @@ from tdb_agent.errors import TdbError
 from tdb_agent.ops.edges.capture import Pair, PairGroup, SenderActs, group_pairs, mean_acts, mean_embedding, \
     reference_acts
 from tdb_agent.ops.edges.contract import contract
-from tdb_agent.ops.edges.grads import receiver_grads
+from tdb_agent.ops.edges.grads import BlockWeights, receiver_grads
 from tdb_agent.ops.edges import ig_activations
 from tdb_agent.ops.edges.capture import sender_sites
 from tdb_agent.ops.edges.graph import EdgeGraph
@@ -178,8 +178,10 @@ def _score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeSc
             e_clean = _embed(engine, chunk.ids)
             e_ref = _embed(engine, chunk.corrupted) if mean_emb is None else mean_emb.expand_as(e_clean)
             embeds = [e_ref + (k / steps) * (e_clean - e_ref) for k in range(1, steps)] + [e_clean]
-    grads, passes = receiver_grads(engine, chunk.ids, chunk.target, chunk.distractor, embeds, norm, steps_per_pass)
+    weights = BlockWeights(engine)
+    grads, passes = receiver_grads(engine, chunk.ids, chunk.target, chunk.distractor, embeds, norm, steps_per_pass,
+                                   weights)
     res.forward_passes += passes
     res.backward_passes += passes
-    contract(engine, graph, ref - grads.clean, grads, res.scores, res.per_position)
+    contract(engine, graph, ref - grads.clean, grads, res.scores, res.per_position, weights)
     return float(grads.metric.sum())

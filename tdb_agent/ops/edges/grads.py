@@ -57,21 +57,45 @@ class ReceiverGrads:
     clean: SenderActs | None = None  # sender parts of the clean run
 
 
-def qkv_weights(engine: Engine, layer: int) -> torch.Tensor:
-    """W_Q, W_K, W_V of a block, heads stacked: [n, d, d_head] (float32, on the engine's device)."""
-    return torch.cat([w.to(engine.device, torch.float32) for w in engine.adapter.W_QKV(layer)], dim=0)
+class BlockWeights:
+    """The float32 weights the edge passes read per block, made once per `edge_scores` call
+    and kept while they fit in KEEP_BYTES (EAP-IG reads them at every step, the contraction
+    once per chunk of positions; each is a strided copy of a block's weights)."""
 
+    KEEP_BYTES = 1 << 28
 
-def folded_weights(engine: Engine, layer: int) -> torch.Tensor:
-    """W̄ [n, d_head, d]: each q/k/v head's weights with the input norm's gain folded in (and
-    centred over d for LayerNorm): inv · g̃ W̄ is the gradient at the head's copy of x."""
-    gamma, _ = norm_params(engine, engine.adapter.ln1(layer))
-    W = qkv_weights(engine, layer).transpose(-1, -2)
-    if gamma is not None:
-        W = W * gamma.to(W)
-    if engine.spec.norm == "layernorm":
-        W = W - W.mean(-1, keepdim=True)
-    return W
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._made: dict[tuple[str, int], torch.Tensor] = {}
+        self._bytes = 0
+
+    def _get(self, kind: str, layer: int, make) -> torch.Tensor:
+        t = self._made.get((kind, layer))
+        if t is None:
+            t = make(layer)
+            if self._bytes + t.nbytes <= self.KEEP_BYTES:
+                self._made[(kind, layer)] = t
+                self._bytes += t.nbytes
+        return t
+
+    def folded(self, layer: int) -> torch.Tensor:
+        """W̄ [n, d_head, d]: each q/k/v head's weights (W_Q, W_K, W_V stacked) with the input
+        norm's gain folded in (and centred over d for LayerNorm): inv · g̃ W̄ is the gradient at
+        the head's copy of x."""
+        def make(l: int) -> torch.Tensor:
+            e = self.engine
+            W = torch.cat([w.to(e.device, torch.float32).transpose(-1, -2) for w in e.adapter.W_QKV(l)], dim=0)
+            gamma, _ = norm_params(e, e.adapter.ln1(l))
+            if gamma is not None:
+                W.mul_(gamma.to(W))
+            if e.spec.norm == "layernorm":
+                W.sub_(W.mean(-1, keepdim=True))
+            return W
+        return self._get("folded", layer, make)
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """W_O [H, d_head, d]."""
+        return self._get("W_O", layer, lambda l: self.engine.adapter.W_O(l).to(self.engine.device, torch.float32))
 
 
 def normalise(engine: Engine, x: torch.Tensor, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +109,7 @@ def normalise(engine: Engine, x: torch.Tensor, module: torch.nn.Module) -> tuple
 
 
 def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: int, norm: NormMode,
-               scale: float) -> ReceiverGrads:
+               scale: float, weights: BlockWeights) -> ReceiverGrads:
     """Add one pass of k steps × b rows (step-major) to `acc` (each step weighted `scale`)."""
     spec, a = engine.spec, engine.adapter
     L = spec.n_layers
@@ -97,8 +121,8 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
     kw = rotary_block_tables(engine, acts[EMBED_SITE])
     exact_form = closed_form(engine)
 
-    def fold(t):  # [k·b, ...] -> sum over the steps, scaled: [b, ...]
-        return t.view(k, b, *t.shape[1:]).sum(0).mul_(scale)
+    def fold(t):  # [k·b, ...] -> sum over the steps, scaled: [b, ...] (a new tensor)
+        return t * scale if k == 1 else t.view(k, b, *t.shape[1:]).sum(0).mul_(scale)
 
     def add(old, new):
         return new if old is None else old.add_(new)
@@ -120,11 +144,9 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
                 qkv = torch.cat([rotate(acts[receiver_site("q", l)], rot, inverse=True) / qs,
                                  rotate(acts[receiver_site("k", l)], rot, inverse=True),
                                  acts[receiver_site("v", l)]], dim=2).float()
-                gamma, _ = norm_params(engine, a.ln1(l))
-                W = qkv_weights(engine, l)
-                x0 = xh[0, 0] * gamma.to(xh) if gamma is not None else xh[0, 0]
-                q0 = qkv[0, 0] - torch.einsum("d,ndk->nk", x0, W)  # q at x̂ = 0
-                c = torch.einsum("rsnk,rsnk->rsn", g, qkv - q0) / spec.d_model
+                # q at x̂ = 0 (x̂ W̄ = x̂ (γ ⊙ W): x̂ is centred where W̄ is)
+                q0 = qkv[0, 0] - torch.einsum("d,nkd->nk", xh[0, 0], weights.folded(l))
+                c = torch.linalg.vecdot(g, qkv.sub_(q0)) / spec.d_model
                 w = (c * inv).mul_(scale).view(k, b, s, -1)
                 acc.weight[l] += list(w.unbind(0))
                 acc.xhat[l] += list(xh.view(k, b, s, -1).unbind(0))
@@ -135,8 +157,8 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
 
 
 def receiver_grads(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None,
-                   embeds: list[torch.Tensor | None], norm: NormMode, steps_per_pass: int
-                   ) -> tuple[ReceiverGrads, int]:
+                   embeds: list[torch.Tensor | None], norm: NormMode, steps_per_pass: int,
+                   weights: BlockWeights) -> tuple[ReceiverGrads, int]:
     """The gradients at every receiver, averaged over `embeds` (one per step, the last the
     clean input: None for the model's own embeddings), `steps_per_pass` steps stacked in the
     batch of one forward and backward. Returns (the gradients, the passes run)."""
@@ -153,7 +175,7 @@ def receiver_grads(engine: Engine, ids: torch.Tensor, target: torch.Tensor, dist
         acts, grads, metric = grad_pass(engine, rep(ids), rep(target), None if distractor is None else rep(distractor),
                                         embed, norm, want_senders=last)
         passes += 1
-        acc = accumulate(engine, acc, acts, grads, k, norm, 1.0 / m)
+        acc = accumulate(engine, acc, acts, grads, k, norm, 1.0 / m, weights)
         if last:
             acc.metric = metric[-b:]
             acc.clean = SenderActs.from_acts(engine, acts, slice((k - 1) * b, k * b))

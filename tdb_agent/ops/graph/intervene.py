@@ -126,20 +126,29 @@ def _zeroed(graph: AttributionGraph, cols: list[int]) -> dict[int, torch.Tensor]
 
 
 @torch.no_grad()
-def measure_replacement(graph: AttributionGraph, cols: list[int], row: int) -> float:
+def measure_replacement(graph: AttributionGraph, cols: list[int], row: int,
+                        real_mlps: frozenset[int] = frozenset()) -> float:
     """Target after - target before in the graph's local replacement model run forward: each
     dictionary's features recomputed from its (changed) input, the chosen ones zeroed, and
     each written site = its clean value + the change of the feature writes (+ the skip term's
-    change), so the clean error terms stay as they were."""
+    change), so the clean error terms stay as they were.
+
+    `real_mlps` (transcoder graphs): the MLPs of these layers are the real ones on their
+    current input, plus the zeroed features' removal; with every layer real this is
+    `measure(freeze=True)`. One layer at a time, it shows whose transcoder responds unlike
+    its MLP where the real model and the graph disagree."""
     rep = graph.rep
     clean = rep.clean
+    if real_mlps and graph.mode != "transcoders":
+        raise TdbError("real_mlps needs a transcoder graph")
     masks = _zeroed(graph, cols)
     f_clean = {l: d.encode(clean.reads[l][None]) for l, d in rep.dicts.items()}
-    feats, inputs, hooks = {}, {}, {}
+    feats, unmasked, inputs, hooks = {}, {}, {}, {}
     for l, d in rep.dicts.items():
         def read(x, _s, l=l, d=d):
             f = d.encode(x)
             feats[l] = f.masked_fill(masks[l], 0) if l in masks else f
+            unmasked[l] = f
             inputs[l] = x
         hooks.setdefault(d.read, []).append(read)
     writes: dict[str, list[tuple[int, int]]] = {}  # written site -> (dictionary layer, its output index)
@@ -152,6 +161,9 @@ def measure_replacement(graph: AttributionGraph, cols: list[int], row: int) -> f
         base = clean.mlp_out[o] if site.endswith("mlp_out") else clean.resid_post[o]
 
         def write(x, _s, by=by, o=o, base=base):
+            if o in real_mlps:  # the real MLP's output, less the zeroed features' writes
+                return (x.float() + sum((feats[l] - unmasked[l]).float() @ rep.dicts[l].W_dec[:, j].float()
+                                        for l, j in by)).to(x.dtype)
             out = base[None].float()
             for l, j in by:
                 out = out + (feats[l] - f_clean[l]).float() @ rep.dicts[l].W_dec[:, j].float()
