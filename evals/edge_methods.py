@@ -24,6 +24,8 @@ does not list; the mean curves are reported beside.) Scored:
 
 from __future__ import annotations
 
+import torch
+
 from evals.cost import count_passes
 from evals.scoring import roc_auc, set_scores
 from tdb_agent.engine import Engine
@@ -120,28 +122,29 @@ def score_edges(engine: Engine, case, curves, method: str):
     return res
 
 
-def node_ranking_on_edges(engine: Engine, case, order: list[str]) -> dict[str, list[float]]:
-    """A node ranking's curve on the edge axis (apples to apples with the edge methods): the
-    top-k nodes C_k as the edges from C_k ∪ {EMB} into receivers of C_k ∪ {LOGITS} (every
-    node outside C_k has all its outgoing edges patched, which is node patching of C_k's
-    complement), x = those edges / all edges, faithfulness by the same exact edge patching
-    and reference as the edge methods' curves; {mode: [CPR, CMD]} by trapezoids over
-    (0, 0), (x_0, f_0) … (1, 1)."""
-    import torch
-
-    from tdb_agent.ops.edges.faithfulness import cpr_cmd
+def node_ranking_on_edges(engine: Engine, case, support: dict[str, float]) -> dict[str, list[float]]:
+    """A node ranking's CPR / CMD on the edge axis, by the edge methods' own procedure
+    (`faithfulness_curve`: the MIB budgets, the circuit cleaned to its connected part, the same
+    exact edge patching and reference, the same areas). The ranking becomes an edge order
+    (`selection.node_order_keys`: an edge enters with the later of its two nodes, so the top
+    edges at the k-th node's boundary are the edges among the top k nodes, which is node
+    patching of the rest): CPR's from the nodes by signed support for the behaviour (its mean
+    effect over the pairs, helpful first, harmful last), CMD's by |support|, as MIB ranks edges.
+    {mode: [CPR, CMD]}."""
     from tdb_agent.ops.edges.graph import EdgeGraph
+    from tdb_agent.ops.edges.selection import node_order_keys
+    from evals.scoring import ranking
+    from evals.methods import universe
     g = EdgeGraph(engine.spec)
-    masks = []
-    for k in range(len(order) + 1):
-        inside = set(order[:k]) | {"EMB", "LOGITS"}
-        send = torch.tensor([s in inside for s in g.senders])
-        recv = torch.tensor([any(h in inside for h in r.heads) for r in g.receivers])
-        masks.append(send[:, None] & recv[None, :] & g.valid)
-    keeps = torch.stack(masks)
-    xs = [float(m.sum()) / g.n_edges for m in masks]
+    uni = universe(engine)
     out = {}
     for mode in case.modes:
-        fs = EdgeEvaluator(engine, case.pairs, REFERENCE[mode]).faithfulness(keeps)
-        out[mode] = list(cpr_cmd([0.0] + xs, [0.0] + fs))
+        ev = EdgeEvaluator(engine, case.pairs, REFERENCE[mode])
+        sign = 1.0 if ev.m_full >= ev.m_empty else -1.0
+        signed = ranking({u: sign * v for u, v in support.items()}, uni)
+        absolute = ranking({u: abs(v) for u, v in support.items()}, uni)
+        keys = (node_order_keys(g, signed), node_order_keys(g, absolute))
+        curve = faithfulness_curve(engine, case.pairs, torch.zeros(g.n_senders, g.n_receivers), evaluator=ev,
+                                   keys=keys)
+        out[mode] = [curve.cpr, curve.cmd]
     return out

@@ -83,13 +83,20 @@ def universe(engine: Engine) -> list[str]:
     return heads + [f"L{l}.MLP" for l in range(s.n_layers)]
 
 
-def _mean_abs(per_pair: list[dict[str, float]]) -> dict[str, float]:
+def _mean(per_pair: list[dict[str, float]]) -> dict[str, float]:
     keys = set().union(*per_pair)
-    return {k: abs(sum(d.get(k, 0.0) for d in per_pair) / len(per_pair)) for k in keys}
+    return {k: sum(d.get(k, 0.0) for d in per_pair) / len(per_pair) for k in keys}
 
 
 def rank(engine: Engine, method: str, pairs: list[PromptPair], neurons: bool = False) -> dict[str, float]:
     """|mean effect| per component over the pairs (heads and MLP blocks, or neurons)."""
+    return {k: abs(v) for k, v in support(engine, method, pairs, neurons).items()}
+
+
+def support(engine: Engine, method: str, pairs: list[PromptPair], neurons: bool = False) -> dict[str, float]:
+    """Mean signed effect per component over the pairs, positive where the component moves the
+    metric toward its clean value: direct effect and act×grad as they are ((a − a_ref) · ∂m/∂a),
+    the ablation sweep's −(m(ablated) − m(clean))."""
     per_pair = []
     for p in pairs:
         if method in ("direct_effect", "act_times_grad"):
@@ -102,11 +109,11 @@ def rank(engine: Engine, method: str, pairs: list[PromptPair], neurons: bool = F
             for kind in (["neuron"] if neurons else ["head", "mlp"]):
                 r = ops.ablation_sweep(engine, p.prompt, kind, p.target, p.distractor, mode="resample",
                                        corrupted_prompt=p.corrupted_prompt)
-                d |= {row.id: row.delta for row in r.rows}
+                d |= {row.id: -row.delta for row in r.rows}
             per_pair.append(d)
         else:
             raise ValueError(method)
-    return _mean_abs(per_pair)
+    return _mean(per_pair)
 
 
 class Curves:
@@ -128,8 +135,9 @@ def score_ranking(engine: Engine, case: Case, curves: Curves, method: str) -> Me
     res = MethodResult(tier=case.tier, case=case.name, method=method)
     uni = universe(engine)
     with count_passes() as cost:
-        scores = rank(engine, method, case.pairs[:case.n_rank])
+        signed = support(engine, method, case.pairs[:case.n_rank])
     res.cost = cost
+    scores = {k: abs(v) for k, v in signed.items()}
     order = ranking(scores, uni)
     curve = curves.of([order[:k] for k in range(len(uni) + 1)])
     sel = curve[case.select_mode]
@@ -147,7 +155,7 @@ def score_ranking(engine: Engine, case: Case, curves: Curves, method: str) -> Me
     res.detail["top5"] = [(u, round(scores.get(u, 0.0), 4)) for u in order[:5]]
     if case.edge_axis:
         from evals.edge_methods import node_ranking_on_edges
-        res.detail["edge_axis"] = node_ranking_on_edges(engine, case, order)
+        res.detail["edge_axis"] = node_ranking_on_edges(engine, case, signed)
     if case.truth_neurons:
         with count_passes() as ncost:
             nscores = rank(engine, method, case.pairs[:case.n_rank], neurons=True)

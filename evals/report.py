@@ -106,12 +106,16 @@ def edge_axis_table(rows: list[MethodResult]) -> list[str]:
     rows = [r for r in rows if r.status == "ok" and "edge_axis" in r.detail]
     if not rows:
         return []
-    L = ["CPR / CMD on one axis for every method: x = fraction of the edge graph's edges kept, f by exact edge "
-         "patching against the same reference (corpus means / corrupted prompts), trapezoids from (0, 0) to (1, 1). "
-         "Edge methods: their top edges at the MIB budgets (0.1 % … 100 %), scored against that reference (EAP-IG "
-         "over activations for the mean, over inputs for the corrupted prompts). Node rankings: their top-k nodes for "
-         "k = 0..N as the edges among those nodes (from them and EMB into them and LOGITS), which is node patching "
-         "of the rest; their ranking is the one above (act×grad / sweep against the corrupted prompt).", "",
+    L = ["CPR / CMD on one axis for every method, computed as the MIB circuit track does (docs/DESIGN.md §4 "
+         "\"edges\"): at each MIB budget p (0.1 % … 100 % of the edge graph's edges) the top ⌊p · n⌋ edges, cleaned to "
+         "the part connected to the embeddings and the logits, f by exact edge patching against the same reference "
+         "(corpus means / corrupted prompts), not clipped; CPR = trapezoids of f over x = p on the edges ranked by "
+         "signed support for the behaviour (harmful edges last), CMD = trapezoids of |1 − f| on the edges ranked by "
+         "|score|. Edge methods: their scores against that reference (EAP-IG over activations for the mean, over "
+         "inputs for the corrupted prompts). Node rankings: the same procedure on their edge order (an edge enters "
+         "with the later of its two nodes, so each node boundary keeps the edges among the top k nodes, node "
+         "patching of the rest), CPR's order from the signed mean effect, CMD's from its magnitude (the ranking "
+         "above: act×grad / sweep against the corrupted prompt).", "",
          "| case | method | CPR mean | CMD mean | CPR resample | CMD resample |", "|---|---|---|---|---|---|"]
     for r in rows:
         e = r.detail["edge_axis"]
@@ -133,7 +137,8 @@ def markdown(res: Results) -> str:
          f"rank the universe by |mean effect| over the first 4 pairs; their circuit is the smallest top-k "
          f"with faithfulness ≥ {THRESHOLD} (mean ablation), or the k of highest "
          f"faithfulness, marked '(max f)', when none reaches it. CPR / CMD: area under f and under |1 − f| "
-         f"over k/N for k = 0..N (MIB; CPR higher and CMD lower are better). Choosing k costs the "
+         f"over k/N for k = 0..N of their |mean effect| ranking (node axis, |1 − f| split where it crosses 1; CPR higher "
+         f"and CMD lower are better; the MIB-rule figures are in the edge-axis table). Choosing k costs the "
          f"faithfulness curve's passes, which are not in the method's cost.",
          "* Edge methods (`eap`, `eap_ig` with 5 steps; tdb_agent.ops.edges) score every edge of the ACDC/MIB "
          "edge graph (each head's q, k and v input a receiver of its own) against the corrupted prompts, on all "
@@ -141,8 +146,8 @@ def markdown(res: Results) -> str:
          f"{THRESHOLD} (corrupted reference), then pruned of jointly unneeded edges (removal one at a time and all "
          "together moves f by < 0.05, the references' edge threshold; backups that matter together stay). k counts edges; 'circuit' lists the nodes they imply; edge F1 "
          "collapses edges to (sender, receiving component) pairs without EMB; the node faithfulness is that of "
-         "the implied nodes. Their CPR / CMD are areas over the MIB edge budgets (0.1 % … 100 % of edges; mean "
-         "and corrupted references, each curve from the scores against that reference: EAP-IG over activations "
+         "the implied nodes. Their CPR / CMD are MIB's areas over the MIB edge budgets (0.1 % … 100 % of edges; "
+         "CPR on the signed ranking, CMD on |score|; mean and corrupted references, each curve from the scores against that reference: EAP-IG over activations "
          "for the mean, over inputs for the corrupted prompts), not over k/N of the node universe: the table "
          "below each tier's puts every method on the edge axis.",
          "* The scripted planner (`tdb_agent.agent.planner` through `tdb_agent.agent.discover`: `discover.run` "

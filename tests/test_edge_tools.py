@@ -66,10 +66,11 @@ def test_edge_tools_session(gpt2_tiny, tmp_path):
             assert [p["budget"] for p in f["points"]] == list(MIB_BUDGETS)
             assert f["points"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-5)
             assert f["circuit_faithfulness"] == pytest.approx(made["faithfulness"], abs=1e-5)
-            assert 0 <= f["cmd"] and f["cpr"] == pytest.approx(
-                sum((b1 - b0) * (f0 + f1) / 2 for (b0, f0), (b1, f1) in zip(
-                    [(0.0, 0.0)] + [(p["budget"], p["faithfulness"]) for p in f["points"]],
-                    [(p["budget"], p["faithfulness"]) for p in f["points"]])))
+            # MIB: CPR under the signed ranking's curve, CMD over |1 - f| of the |score| ranking's,
+            # trapezoids over the budgets alone
+            trap = lambda pts, y: sum((b["budget"] - a["budget"]) * (y(a) + y(b)) / 2 for a, b in zip(pts, pts[1:]))
+            assert f["cpr"] == pytest.approx(trap(f["signed_points"], lambda p: p["faithfulness"]))
+            assert f["cmd"] == pytest.approx(trap(f["points"], lambda p: abs(1 - p["faithfulness"])))
 
             thr = await call(c, tools, "edge_circuit", {"name": "ioi_t", "task": "ioi", "n_pairs": 3,
                                                         "method": "eap", "threshold": 0.7})

@@ -11,8 +11,8 @@ from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.edges.capture import group_pairs, run_senders
 from tdb_agent.ops.edges.eap import edge_scores
-from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, cpr_cmd, evaluate_keeps, faithfulness_curve, \
-    keep_masks, smallest_circuit
+from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, evaluate_keeps, faithfulness_curve, keep_masks, \
+    smallest_circuit
 from tdb_agent.ops.edges.graph import EdgeGraph, count_edges
 from tdb_agent.ops.edges.patch import patched_metrics
 from tdb_agent.tasks import task_examples
@@ -201,6 +201,20 @@ def test_eap_ig_over_activations_equals_reference_integrated_gradients(sharp, fa
         assert edge_scores(eng, pairs, method="eap-ig", steps=3, reference="mean").ig == "activations"
 
 
+def test_eap_ig_over_activations_a_few_positions_at_a_time(sharp, monkeypatch):
+    """Each sender group is contracted with its receivers' head-space gradients a chunk of
+    positions at a time: chunks of one or two positions give the reference model's scores."""
+    from tdb_agent.ops.edges import contract
+    eng = sharp["gpt2"]
+    pairs = _pairs(2)
+    g = _tensors(eng, pairs)
+    ref = RefModel(eng.model).ig_activations(g.ids, g.corrupted, g.target, g.distractor, 3)
+    for n_pos in (1, 2):
+        rows = EdgeGraph(eng.spec).layer_receivers(0).stop - EdgeGraph(eng.spec).layer_receivers(0).start
+        monkeypatch.setattr(contract, "CHUNK_BYTES", n_pos * eng.spec.d_model * 4 * 2 * (rows + eng.spec.n_heads))
+        _close(edge_scores(eng, pairs, method="eap-ig", steps=3, ig="activations").scores, ref)
+
+
 def test_eap_ig_over_activations_is_complete_per_group(sharp):
     """Completeness: a group's scores summed over all its edges tend to the exact effect of
     setting the group's outputs to their reference (patching every edge out of it), computed
@@ -308,19 +322,21 @@ def test_faithfulness_curve_endpoints_and_areas(sharp):
     pairs = _pairs(3)
     scores = edge_scores(eng, pairs).scores
     curve = faithfulness_curve(eng, pairs, scores)
-    assert [p.budget for p in curve.points] == list(MIB_BUDGETS)
-    assert curve.points[-1].faithfulness == pytest.approx(1.0, abs=1e-6)
-    assert curve.points[-1].n_edges == EdgeGraph(eng.spec).n_edges
-    xs = [0.0] + [p.budget for p in curve.points]
-    ys = [0.0] + [p.faithfulness for p in curve.points]
-    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
-    assert curve.cpr == pytest.approx(area) and curve.cmd >= 0
+    assert [p.budget for p in curve.points] == list(MIB_BUDGETS) == [p.budget for p in curve.signed_points]
+    for pts in (curve.points, curve.signed_points):
+        assert pts[-1].faithfulness == pytest.approx(1.0, abs=1e-6)
+        assert pts[-1].n_edges == EdgeGraph(eng.spec).n_edges
+    # MIB: trapezoids over the budgets alone; CPR on the signed ranking's curve, CMD on |score|'s
+    xs = [p.budget for p in curve.points]
+    ys = [p.faithfulness for p in curve.signed_points]
+    dev = [abs(1 - p.faithfulness) for p in curve.points]
+    assert curve.cpr == pytest.approx(sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1)))
+    assert curve.cmd == pytest.approx(sum((xs[i + 1] - xs[i]) * (dev[i] + dev[i + 1]) / 2 for i in range(len(xs) - 1)))
     # f(0 edges) = 0 and f(all) = 1 by construction of evaluate_keeps
     graph = EdgeGraph(eng.spec)
     keeps = keep_masks(graph, scores, [0, graph.n_edges])
     ms, full, empty, _, _ = evaluate_keeps(eng, pairs, keeps)
     assert float(ms[0]) == pytest.approx(float(empty), abs=1e-6) and float(ms[1]) == pytest.approx(float(full), abs=1e-6)
-    assert cpr_cmd([0, 0.5, 1], [0, 1, 1]) == (0.75, 0.25)
 
 
 def test_smallest_circuit_reaches_threshold_and_one_fewer_does_not(sharp):

@@ -1,6 +1,6 @@
 """Benchmark edge attribution against one forward pass and against exact edge patching.
 
-    python tools/bench_edges.py [--threads 1] [--device auto] [--small] [--pairs 8] [--out FILE]
+    python tools/bench_edges.py [--threads 1] [--device auto] [--small] [--pairs 8] [--curve-only] [--out FILE]
     python tools/bench_edges.py --gelu-ab --pairs 2 --repeats 4   (see gelu_and_stacking)
 
 In one process, on (a) the bundled model with IOI prompt pairs of one length and (b) with
@@ -15,7 +15,9 @@ word-level vocabulary) at 128 tokens:
   naive          exact patching one edge at a time: one patched forward per edge, timed on a
                  sample of edges and multiplied by the number of edges (what EAP approximates)
   curve          one faithfulness curve at the MIB budgets (batched edge sets)
-  curve_naive    the same budgets, one patched pass per budget
+  curve_naive    the same budgets, one patched pass per budget (timed alternating with curve)
+  --curve-only   only these two, one edge set (10 % of the edges) and one forward, all
+                 alternating in each round (medians of --repeats rounds after a warm-up round)
 Times are medians of --repeats rounds after a warm-up, each round running the forward, eap,
 eap_ig and eap_ig_stacked once in turn (so that the machine's load falls on all alike); ratios
 are to one forward measured in the same run (the mean of its median in those rounds and of
@@ -190,14 +192,7 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
             keep.view(1, -1)[0, i] = False
             patched_metrics(engine, graph, group, ref, keep, batch_size=len(pairs))
     t_naive = timed(naive, 1) / len(sample) * graph.n_edges
-    counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
-
-    def curve_naive():
-        ref_c = run_senders(engine, group.corrupted)
-        for keep in keep_masks(graph, scores, [graph.n_edges, 0] + counts):
-            patched_metrics(engine, graph, group, ref_c, keep[None], batch_size=len(pairs))
-    t_curve = timed(lambda: faithfulness_curve(engine, pairs, scores, batch_size=64), repeats) if curve else None
-    t_curve_naive = timed(curve_naive, repeats) if curve else None
+    t_curve, t_curve_naive = curve_times(engine, pairs, scores, repeats) if curve else (None, None)
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
             "device": str(engine.device), "steps": steps, "threads": torch.get_num_threads(),
             "seconds": {
@@ -253,6 +248,48 @@ def gelu_and_stacking(folder: Path, pairs, steps: int, repeats: int, device: str
             | {k: sec[k] / sec["forward_fused"] for k in ("corrupted_fwd_plus_grad_pass", "stacked_grad_pass")}}
 
 
+def naive_curve(engine: Engine, graph: EdgeGraph, group, scores: torch.Tensor, counts: list[int]) -> None:
+    """The naive curve: the corrupted run, then one patched pass per edge set (full, empty, each budget)."""
+    ref = run_senders(engine, group.corrupted)
+    for keep in keep_masks(graph, scores, [graph.n_edges, 0] + counts):
+        patched_metrics(engine, graph, group, ref, keep[None], batch_size=group.ids.shape[0])
+
+
+def curve_times(engine: Engine, pairs, scores: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Seconds of one faithfulness curve at the MIB budgets (its edge sets batched, 64 rows a
+    pass) and of the naive loop: the same corrupted run, then one patched pass per edge set
+    (full, empty, each budget), alternating."""
+    graph = EdgeGraph(engine.spec)
+    (group,), _ = group_pairs(engine, pairs, True)
+    counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
+    t_curve, t_naive = interleaved([lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
+                                    lambda: naive_curve(engine, graph, group, scores, counts)], repeats)
+    return t_curve, t_naive
+
+
+def bench_curve(engine: Engine, pairs, repeats: int) -> dict:
+    """--curve-only: the curve rows alone (EAP's ranking), with one forward in the same rounds."""
+    (group,), _ = group_pairs(engine, pairs, True)
+    scores = edge_scores(engine, pairs, method="eap", batch_size=len(pairs)).scores
+
+    def fwd():
+        with torch.no_grad():
+            engine.forward(group.ids, logit_positions=[-1])
+    graph = EdgeGraph(engine.spec)
+    counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
+    ref = run_senders(engine, group.corrupted)
+    fns = {"forward": fwd,
+           "one_set": lambda: patched_metrics(engine, graph, group, ref, keep_masks(graph, scores, counts[6:7])),
+           "curve": lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
+           "curve_naive": lambda: naive_curve(engine, graph, group, scores, counts)}
+    t = dict(zip(fns, interleaved(list(fns.values()), repeats)))
+    return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
+            "device": str(engine.device), "threads": torch.get_num_threads(), "repeats": repeats, "seconds": t,
+            "ratios": {"one_set_over_forward": t["one_set"] / t["forward"],
+                       "curve_over_forward": t["curve"] / t["forward"],
+                       "curve_over_curve_naive": t["curve"] / t["curve_naive"]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -266,6 +303,7 @@ def main() -> None:
     ap.add_argument("--no-small-curve", action="store_true", help="skip the curve timings on the small model")
     ap.add_argument("--gelu-ab", action="store_true",
                     help="only on the small model: fused GELU vs the formula, and the stacked EAP pass")
+    ap.add_argument("--curve-only", action="store_true", help="only the curve rows (with one set and one forward)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -279,16 +317,22 @@ def main() -> None:
     if not args.small_only:
         engine = Engine.load(device=args.device)
         pairs = ioi_pairs(engine, args.pairs)
-        rows.append(bench(engine, pairs, args.steps, args.repeats, args.naive_sample))
-        rows[-1]["peak_mb"] = measure_memory(None, pairs, args.steps, args.device)
+        if args.curve_only:
+            rows.append(bench_curve(engine, pairs, args.repeats))
+        else:
+            rows.append(bench(engine, pairs, args.steps, args.repeats, args.naive_sample))
+            rows[-1]["peak_mb"] = measure_memory(None, pairs, args.steps, args.device)
         print(json.dumps(rows[-1], indent=1), flush=True)
     if args.small or args.small_only:
         with tempfile.TemporaryDirectory() as tmp:
             small = small_model(Path(tmp), args.device)
             pairs = random_pairs(small, args.pairs, 128)
-            rows.append(bench(small, pairs, args.steps, args.repeats, min(args.naive_sample, 12),
-                              curve=not args.no_small_curve))
-            rows[-1]["peak_mb"] = measure_memory(Path(tmp), pairs, args.steps, args.device)
+            if args.curve_only:
+                rows.append(bench_curve(small, pairs, args.repeats))
+            else:
+                rows.append(bench(small, pairs, args.steps, args.repeats, min(args.naive_sample, 12),
+                                  curve=not args.no_small_curve))
+                rows[-1]["peak_mb"] = measure_memory(Path(tmp), pairs, args.steps, args.device)
             print(json.dumps(rows[-1], indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -1,15 +1,17 @@
 """Faithfulness curves over edge budgets, scored as in the MIB circuit track.
 
-For a ranking of edges (by |score|), the circuit at budget p keeps the top round(p · n_edges)
-edges and removes every other edge (exact edge patching, patch.py). Its faithfulness is
+For a ranking of edges, the circuit at budget p keeps the top ⌊p · n_edges⌋ edges, cleaned
+to the part connected to the embeddings and the logits, and removes every other edge (exact
+edge patching, patch.py). Its faithfulness is
 
     f(C) = (m(C) − m(∅)) / (m(full) − m(∅))
 
 with each m averaged over the prompt pairs; m(full) keeps every edge (the clean run) and
 m(∅) none (the reference run), both computed by the same patched pass, so f(100 %) = 1 and
-f(0 edges) = 0 by construction. CPR is the area under f over the budget fractions
-(trapezoids; higher is better), CMD the area of |1 − f| (0 is best). The whole curve is one
-batched set of passes: every budget's edge set is a row of the same forward.
+f(0 edges) = 0 by construction. As in MIB, CPR is the area under the curve of the edges
+ranked by signed support (higher is better) and CMD the area of |1 − f| on the curve of the
+edges ranked by |score| (0 is best), trapezoids over the budgets (selection.py). Both curves
+are one batched set of passes: every budget's edge set is a row of the same forward.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tdb_agent.ops.edges.capture import Pair, group_pairs, mean_senders, run_sen
 from tdb_agent.ops.edges.eap import Reference
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.patch import patched_metrics
+from tdb_agent.ops.edges.selection import budget_counts, mib_areas, prune_dangling, support, top_masks
 from tdb_agent.ops.metrics import MetricName
 from tdb_agent.ops.runs import RunCache
 
@@ -32,16 +35,18 @@ MIB_BUDGETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class CurvePoint(BaseModel):
-    budget: float = Field(description="fraction of the graph's edges kept")
-    n_edges: int
+    budget: float = Field(description="fraction of the graph's edges ranked in (⌊budget · n_edges⌋ of them)")
+    n_edges: int = Field(description="edges kept after the dangling ones are cleaned away")
     metric: float = Field(description="mean metric with only these edges kept")
     faithfulness: float
 
 
 class FaithfulnessCurve(BaseModel):
-    points: list[CurvePoint]
-    cpr: float = Field(description="area under the faithfulness curve over edge fractions (higher is better)")
-    cmd: float = Field(description="area between the curve and 1, |1 − f| (0 is best)")
+    points: list[CurvePoint] = Field(description="edges ranked by |score| (CMD's curve)")
+    signed_points: list[CurvePoint] = Field(description="edges ranked by signed support for the behaviour, "
+                                            "edges that hurt it last (CPR's curve)")
+    cpr: float = Field(description="area under the signed ranking's curve over edge fractions (higher is better)")
+    cmd: float = Field(description="area between the |score| ranking's curve and 1, |1 − f| (0 is best)")
     metric_full: float
     metric_empty: float
     n_edges_total: int
@@ -51,24 +56,9 @@ class FaithfulnessCurve(BaseModel):
     forward_passes: int
 
 
-def area(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Trapezoidal area under (xs, ys)."""
-    return float(sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1)))
-
-
-def cpr_cmd(budgets: Sequence[float], faith: Sequence[float]) -> tuple[float, float]:
-    return area(budgets, faith), area(budgets, [abs(1 - f) for f in faith])
-
-
 def keep_masks(graph: EdgeGraph, scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     """[len(counts), (s,) U, R] masks keeping the top `count` edges by |score| (invalid pairs never)."""
-    valid = graph.valid.to(scores.device).expand_as(scores)
-    flat = torch.where(valid, scores.abs().float(), torch.full_like(scores, -1.0, dtype=torch.float32)).flatten()
-    order = flat.argsort(descending=True, stable=True)
-    masks = torch.zeros((len(counts),) + tuple(scores.shape), dtype=torch.bool, device=scores.device)
-    for i, c in enumerate(counts):
-        masks[i].view(-1)[order[:c]] = True
-    return masks
+    return top_masks(graph, scores.abs(), counts)
 
 
 class EdgeEvaluator:
@@ -130,26 +120,38 @@ def evaluate_keeps(engine: Engine, pairs: Sequence[Pair], keeps: torch.Tensor, r
 def faithfulness_curve(engine: Engine, pairs: Sequence[Pair], scores: torch.Tensor,
                        budgets: Sequence[float] = MIB_BUDGETS, reference: Reference = "corrupted",
                        metric: MetricName | None = None, batch_size: int = 64,
-                       cache: RunCache | None = None, evaluator: EdgeEvaluator | None = None) -> FaithfulnessCurve:
-    """Faithfulness of the top-|score| edges at each edge budget (MIB: 0.1 % … 100 % of the
-    edges), each by exact edge patching in one batched set of passes, with CPR (area under
-    the curve) and CMD (area between the curve and 1)."""
+                       cache: RunCache | None = None, evaluator: EdgeEvaluator | None = None,
+                       keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> FaithfulnessCurve:
+    """Faithfulness at each edge budget (MIB: 0.1 % … 100 % of the edges) of the edges ranked
+    by signed support (CPR's curve) and by |score| (CMD's curve), each circuit cleaned to its
+    part connected to both ends, by exact edge patching in one batched set of passes; CPR
+    (area under the first) and CMD (area between the second and 1), as MIB computes them.
+    `keys` (signed, absolute) [(s,) U, R] replace the rankings derived from `scores`
+    (a node ranking's edge order, say); higher keys enter first."""
     ev = evaluator or EdgeEvaluator(engine, pairs, reference, metric, batch_size, cache)
     graph = ev.graph
     if any(not 0 < b <= 1 for b in budgets):
         raise TdbError("budgets are fractions of the edges in (0, 1]")
     budgets = sorted(budgets)
+    if len(budgets) < 2:
+        raise TdbError("a faithfulness curve needs at least two budgets")
     n_total = graph.n_edges * (scores.shape[0] if scores.dim() == 3 else 1)
-    counts = [min(n_total, max(0, round(b * n_total))) for b in budgets]
+    counts = budget_counts(n_total, budgets)
     before = ev.forward_passes
-    keeps = keep_masks(graph, scores, counts)
+    k_signed, k_abs = keys if keys is not None else (support(scores, ev.m_full - ev.m_empty), scores.abs())
+    keeps = prune_dangling(graph, torch.cat([top_masks(graph, k_signed, counts), top_masks(graph, k_abs, counts)]))
     faith = ev.faithfulness(keeps)
-    ms = [ev.m_empty + f * (ev.m_full - ev.m_empty) for f in faith]
-    points = [CurvePoint(budget=b, n_edges=c, metric=m, faithfulness=f)
-              for b, c, m, f in zip(budgets, counts, ms, faith)]
-    cpr, cmd = cpr_cmd([0.0] + list(budgets), [0.0] + faith)
+    n = len(budgets)
+
+    def points(fs: list[float], ks: torch.Tensor) -> list[CurvePoint]:
+        kept = ks.flatten(1).sum(1).tolist()
+        return [CurvePoint(budget=b, n_edges=int(c), metric=ev.m_empty + f * (ev.m_full - ev.m_empty), faithfulness=f)
+                for b, c, f in zip(budgets, kept, fs)]
+
+    cpr, cmd = mib_areas(budgets, faith[:n], faith[n:])
     passes = ev.forward_passes if evaluator is None else ev.forward_passes - before
-    return FaithfulnessCurve(points=points, cpr=cpr, cmd=cmd, metric_full=ev.m_full, metric_empty=ev.m_empty,
+    return FaithfulnessCurve(points=points(faith[n:], keeps[n:]), signed_points=points(faith[:n], keeps[:n]),
+                             cpr=cpr, cmd=cmd, metric_full=ev.m_full, metric_empty=ev.m_empty,
                              n_edges_total=n_total, reference=ev.reference, metric_name=ev.metric_name,
                              n_pairs=ev.n_pairs, forward_passes=passes)
 

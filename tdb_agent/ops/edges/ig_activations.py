@@ -24,10 +24,15 @@ it, except through a post-norm, where the path runs in z rather than in the outp
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from tdb_agent.engine import Engine
-from tdb_agent.ops.edges.capture import PairGroup, receiver_grads, sender_sites, senders_from
+from tdb_agent.ops.edges.capture import PairGroup, grad_pass, head_outputs, sender_sites
+from tdb_agent.ops.edges import contract
+from tdb_agent.ops.edges.contract import _receiver_chunk
+from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads, accumulate
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.reads import NormMode
 
@@ -43,37 +48,75 @@ def sender_groups(engine: Engine) -> list[tuple[str, list[int]]]:
     return out
 
 
+def _group_delta(engine: Engine, group: int, ref: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """The group's sender outputs, reference − clean: [b, s, k, d] (ref [b, s, ..] or a mean)."""
+    if group % 2 == 0:  # the embeddings (group 0), an MLP: the site's value is the output
+        return (ref - clean).unsqueeze(-2)
+    layer = (group - 1) // 2
+    return head_outputs(engine, layer, ref) - head_outputs(engine, layer, clean)
+
+
+def _contract_group(engine: Engine, graph: EdgeGraph, D: torch.Tensor, grads: ReceiverGrads, us: list[int],
+                    out: torch.Tensor, per_position: bool, weights: BlockWeights) -> None:
+    """out[(t,) us, r] += Σ_b (Σ_t) D[b, t, u] · G[r, b, t] for the receivers downstream of the
+    group (the blocks after it, its own block's MLP, the logits), G built from its head-space
+    parts a block and a chunk of positions at a time (contract.py's builder)."""
+    b, s, d = grads.b, grads.s, engine.spec.d_model
+    u0, k = us[0], len(us)
+    L = engine.spec.n_layers
+    for l in range(L + 1):
+        sl = graph.layer_receivers(l) if l < L else slice(graph.n_receivers - 1, graph.n_receivers)
+        if graph.n_upstream[sl.stop - 1] <= u0:
+            continue
+        R = sl.stop - sl.start
+        Wbar = weights.folded(l) if l < L and grads.full[l] is None else None
+        step = max(1, contract.CHUNK_BYTES // ((R + k) * b * d * 4))
+        for t0 in range(0, s, step):
+            P = slice(t0, min(s, t0 + step))
+            n = P.stop - P.start
+            if l < L:
+                G = torch.empty(R, b, n, d, device=out.device)
+                _receiver_chunk(grads, l, Wbar, P, G)
+            else:
+                G = grads.logits[:, P].unsqueeze(0)
+            Dp = D[:, P].float()  # [b, n, k, d]
+            if per_position:  # [n, k, b·d] @ [n, b·d, R] -> [n, k, R]
+                out[P, u0:u0 + k, sl] += torch.bmm(Dp.permute(1, 2, 0, 3).reshape(n, k, -1),
+                                                   G.permute(2, 1, 3, 0).reshape(n, -1, R))
+            else:
+                out[u0:u0 + k, sl] += Dp.permute(2, 0, 1, 3).reshape(k, -1) @ G.reshape(R, -1).T
+
+
 def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: dict[str, torch.Tensor],
                 steps: int, norm: NormMode, out: torch.Tensor, per_position: bool) -> tuple[float, int]:
     """Add the chunk's EAP-IG-over-activations scores (summed over its rows) into `out`
     [(s,) U, R]. ref_acts: the sender sites' reference values ([b, s, ...] from the corrupted
     prompts, or corpus means without the batch and position axes). Returns (sum of the rows'
-    clean metrics, forward-and-backward passes)."""
-    clean_acts: dict[str, torch.Tensor] = {}
-    sites = sender_sites(engine)
+    clean metrics, forward-and-backward passes).
 
-    def keep(x, site):
-        clean_acts[site] = x.detach()
-
-    G_clean, m, _ = receiver_grads(engine, graph, chunk, norm=norm, hooks={s: keep for s in sites})
+    The receivers' gradients stay in head space, summed over each group's steps as the passes
+    arrive (grads.accumulate); the clean pass's sum is shared by every group (copied, never
+    recomputed) and each group's is contracted with its own senders only."""
+    weights = BlockWeights(engine)
+    acts, g, m = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=True)
+    clean_grads = accumulate(engine, None, acts, g, 1, norm, 1.0 / steps, weights)
+    clean_acts = {site: acts[site] for site in sender_sites(engine)}
+    del acts, g
     passes = 1
-    D = senders_from(engine, ref_acts)
-    clean = senders_from(engine, clean_acts)
-    D = (D if D.dim() == 4 else D.expand_as(clean)) - clean  # [b, s, U, d]
-    for site, us in sender_groups(engine):
+    for i, (site, us) in enumerate(sender_groups(engine)):
         c, r = clean_acts[site], ref_acts[site].to(clean_acts[site].dtype)
-        G = G_clean.clone()
+        G = copy.deepcopy(clean_grads)
         for k in range(1, steps):
             alpha = k / steps
             value = (r + alpha * (c - r)).expand_as(c)
             # the value is the interpolated one; the gradient passes straight through to x, so
             # every receiver's read stays in the graph (only those downstream of the group,
             # which that gradient does not touch, are used)
-            Gk, _, _ = receiver_grads(engine, graph, chunk, norm=norm,
-                                      hooks={site: lambda x, s, v=value: v + (x - x.detach())})
-            G += Gk
+            acts, gk, _ = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=False,
+                                    hooks={site: lambda x, st, v=value: v + (x - x.detach())})
+            G = accumulate(engine, G, acts, gk, 1, norm, 1.0 / steps, weights)
+            del acts, gk
             passes += 1
-        G /= steps
-        eq = "bsnd,rbsd->snr" if per_position else "bsnd,rbsd->nr"
-        out[..., us, :] += torch.einsum(eq, D[:, :, us], G).to(out.dtype)
+        D = _group_delta(engine, i, r.expand_as(c) if r.dim() < c.dim() else r, c)
+        _contract_group(engine, graph, D, G, us, out, per_position, weights)
     return float(m.sum()), passes
