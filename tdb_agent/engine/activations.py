@@ -2,7 +2,7 @@
 
 GPT-2, GPT-J, GPT-Neo, CodeGen, Phi and the bundled model run GELU's tanh approximation
 ("gelu_new", "gelu_fast") as transformers' Python formula: eight elementwise operations over
-[b, s, d_mlp], each saving its operands for the backward. torch's
+[b, s, d_mlp], several saving their operands for the backward. torch's
 `gelu(x, approximate="tanh")` is the same function in one kernel forward and one backward
 (both within 1.2e-7 · max(|x|, 1) of the float64 function on |x| ≤ 30, gradients within 2e-6:
 tests/test_engine_activations.py),
