@@ -347,7 +347,9 @@ def test_smallest_circuit_reaches_threshold_and_one_fewer_does_not(sharp):
     graph = EdgeGraph(eng.spec)
     ms, full, empty, _, _ = evaluate_keeps(eng, pairs, keep_masks(graph, scores, [n - 1, n]))
     faith = [(float(m) - float(empty)) / (float(full) - float(empty)) for m in ms]
-    assert faith[1] == pytest.approx(f, abs=1e-6) and f >= 0.8
+    # The two searches batch their rows differently, so patching sums in another order: the
+    # metric (~0.62) agrees to float32 rounding, ~4e-8, which is ~1e-5 of the 0.005 gap here.
+    assert faith[1] == pytest.approx(f, abs=1e-4) and f >= 0.8
     assert faith[0] < 0.8
 
 

@@ -73,7 +73,8 @@ def test_ioi_interventions_match_the_graph(engine):
     at the last position: nothing nonlinear lies downstream, so the real model moves exactly
     as predicted (the top 3 asserted to 10 %, as before). The 5th is L0.tc.F233 at the last
     position, whose removal passes the real MLPs of layers 1-3: there the real model moves
-    about 36 % more than the graph predicts (-4.17 against -3.06), NOT within 10 %. Alone,
+    about 36 % more than the graph predicts (-4.17 against -3.06), NOT within 10 %
+    (asserted within 40 %). Alone,
     the graph gives that feature's removal -0.13 (direct +0.27, through later transcoders
     -0.40) and the real model, frozen, -1.23; with only layer 2's MLP real the replacement
     model gives -0.97 (layer 1: -0.34, layer 3: -0.64): the later transcoders' linear
@@ -94,6 +95,9 @@ def test_ioi_interventions_match_the_graph(engine):
     assert abs(r.measured_frozen - r.predicted_total) < 0.1 * abs(r.predicted_total)
     r = check(g, top[:5])
     assert r.measured < 0 and r.measured_frozen < 0 and r.predicted_total < 0
+    # within 40 % (measured 36 %), the bound of the facts test's kind: what remains is the
+    # later real MLPs' response to an early feature, located just below
+    assert abs(r.measured_frozen - r.predicted_total) < 0.4 * abs(r.predicted_total)
     early = [c for c in top if int(g.src.feat[c, 0]) < 3]
     for later in (1, 2, 3):
         if all(int(g.src.feat[c, 0]) < later for c in early):
