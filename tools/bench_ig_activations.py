@@ -6,7 +6,9 @@
 On bench_edges' GPT-2-small-shaped random model, 2 prompt pairs of 128 tokens, in one process:
 edge_scores(method="eap-ig", ig="activations") with the earlier module and with this checkout's,
 alternating, medians of --rounds; peak extra memory as bench_edges.peak_mb measures it, and the
-largest difference of the scores. (The earlier module must still import against this checkout.)
+largest difference of the scores. (The earlier module must still import against this checkout:
+e45a6b1's needs `capture.receiver_grads`, removed after 4be91ba, so compare it from a checkout
+of 4be91ba.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What edge methods read from a run: the prompt pairs batched by length and every sender's
-output; the gradient at every receiver's own input whole (`receiver_grads`, used by EAP-IG over
-activations; EAP and EAP-IG over inputs keep it in parts: grads.py).
+output; one forward and backward with the gradients at every receiver's read (`grad_pass`; grads.py
+keeps them in head space).
 
 Sender outputs [b, s, n_senders, d]: EMB is the residual stream entering block 0 (token and
 position embeddings, Gemma's sqrt(d_model) scale included), a head's output is z_h · W_O[h]
@@ -23,9 +23,9 @@ from tdb_agent.engine import Engine
 from tdb_agent.engine.component_sites import EMBED_SITE, kind_site, receiver_site, resid_site
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.decompose import frozen_norms, post_norm_factor
-from tdb_agent.ops.edges.graph import EdgeGraph, check_supported
-from tdb_agent.ops.edges.heads import closed_form, head_read, layer_rotary, q_scale, rotary_block_tables, rotate
-from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp
+from tdb_agent.ops.edges.graph import check_supported
+from tdb_agent.ops.edges.heads import head_read
+from tdb_agent.ops.edges.reads import NormMode
 from tdb_agent.ops.metrics import MetricName, make_metric
 from tdb_agent.ops.runs import RunCache, get_means, reference_documents
 
@@ -191,41 +191,6 @@ def _norms(engine: Engine) -> list[torch.nn.Module]:
     return [m for l in range(engine.spec.n_layers) for m in (a.ln1(l), a.ln2(l))] + [a.final_norm()]
 
 
-def head_grads(engine: Engine, layer: int, x: torch.Tensor, g: list[torch.Tensor], out: torch.Tensor,
-               norm: NormMode) -> None:
-    """Write into out [H + 2KV, b, s, d] the gradient at each q, k and v receiver's own copy of
-    the residual stream x [b, s, d], from the gradients g at its (un-rotated) q, k, v
-    [b, s, heads, d_head]: the closed form of reads.py with the norm folded into the weights,
-
-        G_h = inv · ( g_h · W̄_h − x̂ · mean_d(g_h · W̄_h ⊙ x̂) ),  W̄_h = centre_d(γ ⊙ W_hᵀ)
-
-    (centring only for LayerNorm; the x̂ term only with the norm unfrozen): one matrix product
-    and one rank-one update per head instead of elementwise passes over [b, s, heads, d]."""
-    module = engine.adapter.ln1(layer)
-    gamma, eps = norm_params(engine, module)
-    xf = x.float()
-    if engine.spec.norm == "layernorm":
-        xf = xf - xf.mean(-1, keepdim=True)
-    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [b, s, 1]
-    xh = (xf * inv).to(out.dtype)
-    b, s, d = x.shape
-    start = 0
-    for gi, W in zip(g, engine.adapter.W_QKV(layer)):
-        n = W.shape[0]
-        Wb = W.transpose(-1, -2).to(out.dtype)  # [n, dh, d]
-        if gamma is not None:
-            Wb = Wb * gamma.to(out.dtype)
-        if engine.spec.norm == "layernorm":
-            Wb = Wb - Wb.mean(-1, keepdim=True)
-        gs = (gi.to(out.dtype) * inv.to(out.dtype).unsqueeze(-1)).permute(2, 0, 1, 3).reshape(n, b * s, -1)
-        dst = out[start:start + n].view(n, b * s, d)
-        torch.bmm(gs, Wb, out=dst)
-        if norm == "unfrozen":
-            c = torch.einsum("nbsd,bsd->nbs", out[start:start + n], xh) / d
-            out[start:start + n] -= c.unsqueeze(-1) * xh
-        start += n
-
-
 def autograd_head_grads(engine: Engine, layer: int, x: torch.Tensor, run: list[torch.Tensor],
                         g: list[torch.Tensor], rot, norm: NormMode) -> torch.Tensor:
     """[H + 2KV, b, s, d]: the gradient at each q, k and v receiver's own copy of x, as the
@@ -282,38 +247,3 @@ def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distracto
         reads += [acts[receiver_site("mlp", l)] for l in range(L)] + [acts["hook_resid_final"]]
         grads = torch.autograd.grad(m.sum(), reads)
     return {k: v.detach() for k, v in acts.items()}, grads, m.detach()
-
-
-def receiver_grads(engine: Engine, graph: EdgeGraph, group: PairGroup, embed: torch.Tensor | None = None,
-                   norm: NormMode = "unfrozen", want_senders: bool = False, hooks: dict | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One forward and one backward: ∂(sum of the rows' metrics)/∂(each receiver's input).
-
-    embed [b, s, d] replaces the token embeddings (EAP-IG's interpolated inputs); `hooks`
-    {site: fn} run too (EAP-IG over activations sets a sender group's output). Returns
-    (G [n_receivers, b, s, d] (receiver first, so that scores are plain matrix products),
-    metric per row [b], the run's sender outputs if asked).
-    With norm="frozen" every norm's scale is held at this run's value (detached)."""
-    spec, a = engine.spec, engine.adapter
-    L = spec.n_layers
-    acts, grads, m = grad_pass(engine, group.ids, group.target, group.distractor, embed, norm, want_senders, hooks)
-    b, s = group.ids.shape
-    G = grads[-1].new_empty(graph.n_receivers, b, s, spec.d_model)
-    kw = rotary_block_tables(engine, acts[EMBED_SITE])
-    exact_form = closed_form(engine)
-    for l in range(L):
-        x = acts[resid_site("pre", l)]
-        sl = graph.layer_receivers(l)
-        rot = layer_rotary(engine, l, kw, x.dtype)
-        g = grads[3 * l:3 * l + 3]
-        if exact_form:
-            gq = rotate(g[0], rot, inverse=True) * q_scale(engine, l)
-            head_grads(engine, l, x, [gq, rotate(g[1], rot, inverse=True), g[2]], G[sl.start:sl.stop - 1], norm)
-        else:
-            G[sl.start:sl.stop - 1] = autograd_head_grads(engine, l, x, [acts[receiver_site(k, l)] for k in "qkv"],
-                                                          g, rot, norm)
-        x2 = x if spec.parallel_residual else acts[resid_site("mid", l)]
-        G[sl.stop - 1] = norm_vjp(engine, a.ln2(l), x2, grads[3 * L + l], norm)
-    G[-1] = grads[-1]
-    senders = senders_from(engine, acts) if want_senders else None
-    return G, m.detach(), senders
