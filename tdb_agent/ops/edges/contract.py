@@ -78,7 +78,7 @@ def receiver_groups(graph: EdgeGraph) -> list[list[int]]:
     cur: list[int] = []
     for l in range(L + 1):
         cur.append(l)
-        if sum(_receivers(graph, i).stop - _receivers(graph, i).start for i in cur) >= GROUP_RECEIVERS:
+        if sum(block_receivers(graph, i).stop - block_receivers(graph, i).start for i in cur) >= GROUP_RECEIVERS:
             groups.append(cur)
             cur = []
     if cur:
@@ -89,9 +89,19 @@ def receiver_groups(graph: EdgeGraph) -> list[list[int]]:
     return groups
 
 
-def _receivers(graph: EdgeGraph, l: int) -> slice:
+def block_receivers(graph: EdgeGraph, l: int) -> slice:
+    """Block l's receivers (its q, k, v inputs and its MLP's); l = n_layers: the logits."""
     L = graph.spec.n_layers
     return graph.layer_receivers(l) if l < L else slice(graph.n_receivers - 1, graph.n_receivers)
+
+
+def block_receiver_grads(grads: ReceiverGrads, weights: BlockWeights, l: int, P: slice, G: torch.Tensor) -> None:
+    """Write into G [len(block_receivers(l)), b, n, d] those receivers' gradients at positions P
+    (l = n_layers: the logits' read of the final residual stream)."""
+    if l == len(grads.full):
+        G[0] = grads.logits[:, P]
+    else:
+        _receiver_chunk(grads, l, None if grads.full[l] is not None else weights.folded(l), P, G)
 
 
 def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: ReceiverGrads, out: torch.Tensor,
@@ -99,10 +109,10 @@ def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: Receive
     """out[(t,) u, r] += Σ_b (Σ_t) D[u, b, t] · G[r, b, t] over every (sender, receiver) pair
     (and some pairs that are not edges: the caller masks them)."""
     spec = engine.spec
-    L, U, d = spec.n_layers, graph.n_senders, spec.d_model
+    U, d = graph.n_senders, spec.d_model
     b, s = grads.b, grads.s
     weights = weights or BlockWeights(engine)
-    groups = [(g, slice(_receivers(graph, g[0]).start, _receivers(graph, g[-1]).stop)) for g in receiver_groups(graph)]
+    groups = [(g, slice(block_receivers(graph, g[0]).start, block_receivers(graph, g[-1]).stop)) for g in receiver_groups(graph)]
     widest = max(sl.stop - sl.start for _, sl in groups)
     step = max(1, CHUNK_BYTES // (max(U, widest) * b * d * 4))
     # one buffer for every group's G: a fresh tensor of this size is fresh pages (mmap), whose
@@ -115,12 +125,8 @@ def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: Receive
         for blocks, sl in groups:
             G = buf[:(sl.stop - sl.start) * b * n * d].view(sl.stop - sl.start, b, n, d)
             for l in blocks:
-                r = _receivers(graph, l)
-                part = G[r.start - sl.start:r.stop - sl.start]
-                if l < L:
-                    _receiver_chunk(grads, l, None if grads.full[l] is not None else weights.folded(l), P, part)
-                else:
-                    part[0] = grads.logits[:, P]
+                r = block_receivers(graph, l)
+                block_receiver_grads(grads, weights, l, P, G[r.start - sl.start:r.stop - sl.start])
             up = max(graph.n_upstream[sl])
             if per_position:  # [n, U, b·d] @ [n, b·d, R] -> [n, U, R]
                 Dp = D[:up].permute(2, 0, 1, 3).reshape(n, up, -1)

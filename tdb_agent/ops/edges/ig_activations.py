@@ -31,7 +31,7 @@ import torch
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.capture import PairGroup, grad_pass, head_outputs, sender_sites
 from tdb_agent.ops.edges import contract
-from tdb_agent.ops.edges.contract import _receiver_chunk
+from tdb_agent.ops.edges.contract import block_receiver_grads, block_receivers
 from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads, accumulate
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.reads import NormMode
@@ -65,20 +65,16 @@ def _contract_group(engine: Engine, graph: EdgeGraph, D: torch.Tensor, grads: Re
     u0, k = us[0], len(us)
     L = engine.spec.n_layers
     for l in range(L + 1):
-        sl = graph.layer_receivers(l) if l < L else slice(graph.n_receivers - 1, graph.n_receivers)
+        sl = block_receivers(graph, l)
         if graph.n_upstream[sl.stop - 1] <= u0:
             continue
         R = sl.stop - sl.start
-        Wbar = weights.folded(l) if l < L and grads.full[l] is None else None
         step = max(1, contract.CHUNK_BYTES // ((R + k) * b * d * 4))
         for t0 in range(0, s, step):
             P = slice(t0, min(s, t0 + step))
             n = P.stop - P.start
-            if l < L:
-                G = torch.empty(R, b, n, d, device=out.device)
-                _receiver_chunk(grads, l, Wbar, P, G)
-            else:
-                G = grads.logits[:, P].unsqueeze(0)
+            G = torch.empty(R, b, n, d, device=out.device)
+            block_receiver_grads(grads, weights, l, P, G)
             Dp = D[:, P].float()  # [b, n, k, d]
             if per_position:  # [n, k, b·d] @ [n, b·d, R] -> [n, k, R]
                 out[P, u0:u0 + k, sl] += torch.bmm(Dp.permute(1, 2, 0, 3).reshape(n, k, -1),
