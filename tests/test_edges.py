@@ -2,6 +2,8 @@
 faithfulness curves, each checked against an independent computation: a model re-written by
 hand in plain PyTorch with a separate input per receiver (tests/edge_reference.py)."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -155,6 +157,7 @@ def test_scores_built_a_few_positions_at_a_time_are_the_same(sharp, monkeypatch,
         if n_pos == 1:
             monkeypatch.setattr(contract, "GROUP_RECEIVERS", 1)
             monkeypatch.setattr(grads.BlockWeights, "KEEP_BYTES", 0)
+            monkeypatch.setattr(grads, "_BY_ENGINE", weakref.WeakKeyDictionary())  # none kept from before
             assert len(contract.receiver_groups(EdgeGraph(eng.spec))) == eng.spec.n_layers + 1
         res = edge_scores(eng, pairs, method=method, steps=3)
         ref = RefModel(eng.model).eap(g.ids, g.corrupted, g.target, g.distractor,

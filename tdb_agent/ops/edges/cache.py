@@ -19,13 +19,13 @@ from collections.abc import Callable, Hashable, Sequence
 
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.eap import EdgeScores
+from tdb_agent.ops.edges.grads import weights_identity
 
 
 def model_identity(engine: Engine) -> tuple:
     """What the scores of this engine depend on beyond their arguments (cheap: no weight is read)."""
-    params = tuple((p.data_ptr(), p._version) for p in engine.model.parameters())
     saes = tuple((key, id(sae)) for key, sae in engine.saes.items()) if getattr(engine, "saes", None) else ()
-    return id(engine), engine.name, params, saes
+    return id(engine), engine.name, weights_identity(engine), saes
 
 
 def pairs_key(pairs: Sequence) -> str:

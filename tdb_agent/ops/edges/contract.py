@@ -20,7 +20,7 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.capture import SenderActs
-from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads
+from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads, block_weights
 from tdb_agent.ops.edges.graph import EdgeGraph
 
 #: bytes of the sender chunk D [n_senders, b, positions, d] (float32), and of a group's G (at
@@ -111,13 +111,13 @@ def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: Receive
     spec = engine.spec
     U, d = graph.n_senders, spec.d_model
     b, s = grads.b, grads.s
-    weights = weights or BlockWeights(engine)
+    weights = weights or block_weights(engine)
     groups = [(g, slice(block_receivers(graph, g[0]).start, block_receivers(graph, g[-1]).stop)) for g in receiver_groups(graph)]
     widest = max(sl.stop - sl.start for _, sl in groups)
     step = max(1, CHUNK_BYTES // (max(U, widest) * b * d * 4))
     # one buffer for every group's G: a fresh tensor of this size is fresh pages (mmap), whose
     # first touch costs as much as the product that fills it
-    buf = torch.empty(widest * b * min(step, s) * d, device=engine.device)
+    buf = weights.workspace(widest * b * min(step, s) * d)
     for t0 in range(0, s, step):
         P = slice(t0, min(s, t0 + step))
         n = P.stop - P.start

@@ -32,10 +32,10 @@ from tdb_agent.errors import TdbError
 from tdb_agent.ops.edges.capture import Pair, PairGroup, SenderActs, group_pairs, mean_acts, mean_embedding, \
     reference_acts
 from tdb_agent.ops.edges.contract import contract
-from tdb_agent.ops.edges.grads import BlockWeights, receiver_grads
+from tdb_agent.ops.edges.grads import block_weights, receiver_grads
 from tdb_agent.ops.edges import ig_activations
 from tdb_agent.ops.edges.capture import sender_sites
-from tdb_agent.ops.edges.graph import EdgeGraph
+from tdb_agent.ops.edges.graph import EdgeGraph, edge_graph
 from tdb_agent.ops.edges.reads import NormMode
 from tdb_agent.ops.metrics import MetricName
 from tdb_agent.ops.runs import RunCache, get_means
@@ -116,7 +116,7 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
         ig = ig or ("activations" if reference == "mean" else "inputs")
     else:
         ig = None
-    graph = EdgeGraph(engine.spec)
+    graph = edge_graph(engine.spec)
     with engine.lock:
         groups, name = group_pairs(engine, pairs, reference == "corrupted", metric)
         if per_position and len(groups) > 1:
@@ -178,7 +178,7 @@ def _score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeSc
             e_clean = _embed(engine, chunk.ids)
             e_ref = _embed(engine, chunk.corrupted) if mean_emb is None else mean_emb.expand_as(e_clean)
             embeds = [e_ref + (k / steps) * (e_clean - e_ref) for k in range(1, steps)] + [e_clean]
-    weights = BlockWeights(engine)
+    weights = block_weights(engine)
     grads, passes = receiver_grads(engine, chunk.ids, chunk.target, chunk.distractor, embeds, norm, steps_per_pass,
                                    weights)
     res.forward_passes += passes

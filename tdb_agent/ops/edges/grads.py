@@ -28,6 +28,7 @@ logits' (the gradient at the final residual stream) are [b, s, d] each, summed o
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -58,16 +59,26 @@ class ReceiverGrads:
 
 
 class BlockWeights:
-    """The float32 weights the edge passes read per block, made once per `edge_scores` call
-    and kept while they fit in KEEP_BYTES (EAP-IG reads them at every step, the contraction
-    once per chunk of positions; each is a strided copy of a block's weights)."""
+    """The float32 weights the edge passes read per block (EAP-IG at every step, the
+    contraction once per chunk of positions; each is a strided copy of a block's weights),
+    kept while they fit in KEEP_BYTES. One per engine (`block_weights`), reused across calls
+    while the model's weights are the same ones."""
 
     KEEP_BYTES = 1 << 28
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.identity = weights_identity(engine)
         self._made: dict[tuple[str, int], torch.Tensor] = {}
         self._bytes = 0
+        self._work = torch.empty(0, device=engine.device)
+
+    def workspace(self, numel: int) -> torch.Tensor:
+        """A float32 buffer of `numel` (contract.py's G, at most CHUNK_BYTES), kept between calls:
+        a fresh one of a few MB is fresh pages, whose first touch costs as much as filling it."""
+        if self._work.numel() < numel:
+            self._work = torch.empty(numel, device=self.engine.device)
+        return self._work[:numel]
 
     def _get(self, kind: str, layer: int, make) -> torch.Tensor:
         t = self._made.get((kind, layer))
@@ -98,12 +109,30 @@ class BlockWeights:
         return self._get("W_O", layer, lambda l: self.engine.adapter.W_O(l).to(self.engine.device, torch.float32))
 
 
+def weights_identity(engine: Engine) -> tuple:
+    """Every parameter's storage and in-place version counter (editing a weight in place bumps
+    it; loading or moving the model changes the storage): cheap, no weight is read."""
+    return tuple((p.data_ptr(), p._version) for p in engine.model.parameters())
+
+
+_BY_ENGINE: "weakref.WeakKeyDictionary[Engine, BlockWeights]" = weakref.WeakKeyDictionary()
+
+
+def block_weights(engine: Engine) -> BlockWeights:
+    """The engine's BlockWeights, made anew when its weights changed (call under engine.lock)."""
+    w = _BY_ENGINE.get(engine)
+    if w is None or w.identity != weights_identity(engine):
+        w = _BY_ENGINE[engine] = BlockWeights(engine)
+    return w
+
+
 def normalise(engine: Engine, x: torch.Tensor, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂ [.., d], inv [.., 1]) of the norm `module` at x, in float32."""
     _, eps = norm_params(engine, module)
     xf = x.float()
-    if engine.spec.norm == "layernorm":
-        xf = xf - xf.mean(-1, keepdim=True)
+    if engine.spec.norm == "layernorm":  # one kernel: x̂ and 1/σ
+        xh, _, inv = torch.native_layer_norm(xf, [xf.shape[-1]], None, None, eps)
+        return xh, inv
     inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return xf * inv, inv
 
@@ -121,8 +150,11 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
     kw = rotary_block_tables(engine, acts[EMBED_SITE])
     exact_form = closed_form(engine)
 
-    def fold(t):  # [k·b, ...] -> sum over the steps, scaled: [b, ...] (a new tensor)
-        return t * scale if k == 1 else t.view(k, b, *t.shape[1:]).sum(0).mul_(scale)
+    def fold(t, w=None):  # [k·b, ...] (times w [k·b, s, 1, 1]) -> sum over the steps, scaled: [b, ...] (new)
+        w = scale if w is None else w * scale
+        if k == 1:
+            return t if isinstance(w, float) and w == 1.0 else t * w  # t: a tensor of this pass's own
+        return (t * w).view(k, b, *t.shape[1:]).sum(0)
 
     def add(old, new):
         return new if old is None else old.add_(new)
@@ -138,16 +170,18 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
         else:
             xh, inv = normalise(engine, x, a.ln1(l))
             qs = q_scale(engine, l)
-            g = torch.cat([rotate(gq, rot, inverse=True) * qs, rotate(gk, rot, inverse=True), gv], dim=2).float()
-            acc.head[l] = add(acc.head[l], fold(g * inv.unsqueeze(-1)))
+            gq = rotate(gq, rot, inverse=True)
+            g = torch.cat([gq * qs if qs != 1.0 else gq, rotate(gk, rot, inverse=True), gv], dim=2).float()
+            acc.head[l] = add(acc.head[l], fold(g, inv.unsqueeze(-1)))
             if norm == "unfrozen":  # q, k, v before rotary and OPT's q scale: norm(x) · W + b
-                qkv = torch.cat([rotate(acts[receiver_site("q", l)], rot, inverse=True) / qs,
-                                 rotate(acts[receiver_site("k", l)], rot, inverse=True),
+                q = rotate(acts[receiver_site("q", l)], rot, inverse=True)
+                qkv = torch.cat([q / qs if qs != 1.0 else q, rotate(acts[receiver_site("k", l)], rot, inverse=True),
                                  acts[receiver_site("v", l)]], dim=2).float()
                 # q at x̂ = 0 (x̂ W̄ = x̂ (γ ⊙ W): x̂ is centred where W̄ is)
-                q0 = qkv[0, 0] - torch.einsum("d,nkd->nk", xh[0, 0], weights.folded(l))
-                c = torch.linalg.vecdot(g, qkv.sub_(q0)) / spec.d_model
-                w = (c * inv).mul_(scale).view(k, b, s, -1)
+                W = weights.folded(l)
+                q0 = qkv[0, 0] - (W.view(-1, W.shape[-1]) @ xh[0, 0]).view(W.shape[:2])
+                c = torch.linalg.vecdot(g, qkv.sub_(q0))
+                w = c.mul_(inv * (scale / spec.d_model)).view(k, b, s, -1)
                 acc.weight[l] += list(w.unbind(0))
                 acc.xhat[l] += list(xh.view(k, b, s, -1).unbind(0))
         x2 = x if spec.parallel_residual else acts[resid_site("mid", l)]

@@ -21,7 +21,7 @@ GPT-2 small (12 layers, 12 heads): 32,491 edges (`count_edges`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 import torch
@@ -145,3 +145,14 @@ class EdgeGraph:
         if not self.valid[s, r]:
             raise TdbError(f"{src} does not feed {dst} (a receiver reads only senders upstream of it)")
         return s, r
+
+
+def edge_graph(spec: ModelSpec) -> EdgeGraph:
+    """The edge graph of this model shape, made once per shape (its names, masks and index
+    maps cost more than a small model's EAP bookkeeping). Shared: treat it as read-only."""
+    return _graph_of(spec.model_dump_json())
+
+
+@lru_cache(maxsize=16)
+def _graph_of(spec_json: str) -> EdgeGraph:
+    return EdgeGraph(ModelSpec.model_validate_json(spec_json))

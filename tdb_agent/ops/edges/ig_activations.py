@@ -32,7 +32,7 @@ from tdb_agent.engine import Engine
 from tdb_agent.ops.edges.capture import PairGroup, grad_pass, head_outputs, sender_sites
 from tdb_agent.ops.edges import contract
 from tdb_agent.ops.edges.contract import block_receiver_grads, block_receivers
-from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads, accumulate
+from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads, accumulate, block_weights
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.reads import NormMode
 
@@ -93,7 +93,7 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
     The receivers' gradients stay in head space, summed over each group's steps as the passes
     arrive (grads.accumulate); the clean pass's sum is shared by every group (copied, never
     recomputed) and each group's is contracted with its own senders only."""
-    weights = BlockWeights(engine)
+    weights = block_weights(engine)
     acts, g, m = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=True)
     clean_grads = accumulate(engine, None, acts, g, 1, norm, 1.0 / steps, weights)
     clean_acts = {site: acts[site] for site in sender_sites(engine)}
