@@ -9,17 +9,19 @@ word-level vocabulary) at 128 tokens:
 
   forward        one batched forward pass of the clean prompts (no hooks)      = 1×
   eap            edge_scores(method="eap")                                     (target ≤ 3.5×)
-  eap_ig         edge_scores(method="eap-ig", steps=m)                         (target ≤ (m + 3)×)
-                 one step per pass (the default at batch_size = the pairs); eap_ig_stacked:
-                 the m steps stacked in the batch of one forward and backward
+  eap_ig         edge_scores(method="eap-ig", steps=m), the call as a user makes it (target ≤ (m + 3)×):
+                 its default batch_size of 16 rows stacks the steps in the batch of a pass as
+                 far as they fit (all 5 at 2 pairs, 2 a pass at 8 pairs)
+  eap_ig_one_step   the same, one step per forward and backward (steps_per_pass=1)
+  eap_ig_stacked    the same, all m steps in one forward and backward (steps_per_pass=m)
   naive          exact patching one edge at a time: one patched forward per edge, timed on a
                  sample of edges and multiplied by the number of edges (what EAP approximates)
   curve          one faithfulness curve at the MIB budgets (batched edge sets)
   curve_naive    the same budgets, one patched pass per budget (timed alternating with curve)
   --curve-only   only these two, one edge set (10 % of the edges) and one forward, all
                  alternating in each round (medians of --repeats rounds after a warm-up round)
-Times are medians of --repeats rounds after a warm-up, each round running the forward, eap,
-eap_ig and eap_ig_stacked once in turn (so that the machine's load falls on all alike); ratios
+Times are medians of --repeats rounds after a warm-up, each round running the forward, eap
+and the three eap_ig rows once in turn (so that the machine's load falls on all alike); ratios
 are to one forward measured in the same run (the mean of its median in those rounds and of
 another --repeats after them). Peak memory: the most extra memory each of forward / eap /
 eap_ig holds at once (CUDA: the allocator's peak; CPU: resident memory sampled every
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import inspect
 import json
 import multiprocessing
 import os
@@ -53,6 +56,10 @@ from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, faithfulness_curve, ke
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.patch import patched_metrics
 from tdb_agent.tasks import task_examples
+
+
+#: edge_scores' default batch_size (rows of a pass): the default EAP-IG call stacks its steps up to it
+DEFAULT_BATCH = inspect.signature(edge_scores).parameters["batch_size"].default
 
 
 def ioi_pairs(engine: Engine, n: int):
@@ -135,7 +142,8 @@ def interleaved(fns, repeats: int) -> list[float]:
 
 
 def methods(engine: Engine, pairs, steps: int) -> dict:
-    """The timed calls: one forward of the clean prompts, EAP, EAP-IG (one step per pass, stacked)."""
+    """The timed calls: one forward of the clean prompts, EAP, EAP-IG (the default call, one
+    step per pass, every step stacked)."""
     (group,), _ = group_pairs(engine, pairs, True)
 
     def fwd():
@@ -145,12 +153,15 @@ def methods(engine: Engine, pairs, steps: int) -> dict:
     def eap():
         edge_scores(engine, pairs, method="eap", batch_size=len(pairs))
 
-    def ig():
-        edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs))
+    def ig():  # the default call: steps stacked as far as its default batch_size (16 rows) allows
+        edge_scores(engine, pairs, method="eap-ig", steps=steps)
+
+    def ig_one_step():
+        edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs), steps_per_pass=1)
 
     def ig_stacked():  # every step in the batch of one forward and backward
         edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs), steps_per_pass=steps)
-    return {"forward": fwd, "eap": eap, "eap_ig": ig, "eap_ig_stacked": ig_stacked}
+    return {"forward": fwd, "eap": eap, "eap_ig": ig, "eap_ig_one_step": ig_one_step, "eap_ig_stacked": ig_stacked}
 
 
 def memory_child(folder: str | None, pairs, steps: int, device: str, threads: int) -> dict:
@@ -178,7 +189,7 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
     (group,), _ = group_pairs(engine, pairs, True)
     fns = methods(engine, pairs, steps)
     fwd = fns["forward"]
-    t_fwd, t_eap, t_ig, t_ig_stacked = interleaved(list(fns.values()), repeats)
+    t_fwd, t_eap, t_ig, t_ig_one, t_ig_stacked = interleaved(list(fns.values()), repeats)
     t_fwd_after = timed(fwd, repeats)  # the machine's load drifts: the forward again, after
     t_one = (t_fwd + t_fwd_after) / 2  # the unit of the ratios
     scores = edge_scores(engine, pairs, method="eap", batch_size=len(pairs)).scores
@@ -197,9 +208,11 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
             "device": str(engine.device), "steps": steps, "threads": torch.get_num_threads(),
             "seconds": {
                 "forward": t_fwd, "forward_after": t_fwd_after, "eap": t_eap, "eap_ig": t_ig,
-                "eap_ig_stacked": t_ig_stacked,
+                "eap_ig_one_step": t_ig_one, "eap_ig_stacked": t_ig_stacked,
                 "naive_extrapolated": t_naive, "curve": t_curve, "curve_naive": t_curve_naive},
+            "eap_ig_steps_per_pass": min(steps, max(1, DEFAULT_BATCH // len(pairs))),  # the default call's
             "ratios": {"eap_over_forward": t_eap / t_one, "eap_ig_over_forward": t_ig / t_one,
+                       "eap_ig_one_step_over_forward": t_ig_one / t_one,
                        "eap_ig_stacked_over_forward": t_ig_stacked / t_one,
                        "curve_over_forward": t_curve / t_one if curve else None,
                        "naive_over_eap": t_naive / t_eap,

@@ -12,8 +12,8 @@ difference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -155,10 +155,37 @@ def run_senders(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_acts(engine: Engine, ids: torch.Tensor) -> SenderActs:
-    """The sender parts of a plain run of `ids` [b, s] (what EAP's reference run keeps)."""
-    _, acts = engine.run_with_cache(ids, sender_sites(engine), logit_positions=[-1], logit_ids=[0])
+def reference_acts(engine: Engine, ids: torch.Tensor, last_mlp_tail: bool = False) -> SenderActs:
+    """The sender parts of a plain run of `ids` [b, s] (what EAP's reference run keeps);
+    last_mlp_tail: the last MLP's output at the last position only (`last_mlp_tail`)."""
+    with last_mlp_tail_only(engine) if last_mlp_tail else nullcontext():
+        _, acts = engine.run_with_cache(ids, sender_sites(engine), logit_positions=[-1], logit_ids=[0])
     return SenderActs.from_acts(engine, acts)
+
+
+@contextmanager
+def last_mlp_tail_only(engine: Engine) -> Iterator[None]:
+    """Run the last block's MLP at the last position only (0 at the others; call under
+    engine.lock). For EAP's passes, whose metric reads the last position's logits: the last
+    MLP's output at another position reaches only that position's logits, so its gradient
+    there is exactly 0 and so is its edge's share of the score (its sender value, kept as 0,
+    meets only that gradient), and the gradient at its input there is 0 with or without it.
+    The scores are the same; each pass skips (s - 1)/s of that MLP's forward and backward."""
+    mlp = engine.adapter.mlp(engine.spec.n_layers - 1)
+    run = mlp.forward
+
+    def tail(x, *args, **kwargs):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] < 2:
+            return run(x, *args, **kwargs)
+        out = run(x[:, -1:], *args, **kwargs)
+        full = out.new_zeros(*x.shape[:2], out.shape[-1])
+        full[:, -1:] = out
+        return full
+    mlp.forward = tail
+    try:
+        yield
+    finally:
+        del mlp.forward
 
 
 def mean_acts(engine: Engine, cache: RunCache | None) -> SenderActs:
@@ -209,9 +236,11 @@ def autograd_head_grads(engine: Engine, layer: int, x: torch.Tensor, run: list[t
 
 
 def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None,
-              embed: torch.Tensor | None, norm: NormMode, want_senders: bool, hooks: dict | None = None):
+              embed: torch.Tensor | None, norm: NormMode, want_senders: bool, hooks: dict | None = None,
+              last_mlp_tail: bool = False):
     """One forward and one backward of rows `ids` [R, s] (token embeddings replaced by `embed`
-    [R, s, d] if given): (activations, gradients at the reads, metric per row)."""
+    [R, s, d] if given): (activations, gradients at the reads, metric per row). last_mlp_tail:
+    the last MLP at the last position only (`last_mlp_tail_only`; its output elsewhere is 0)."""
     spec = engine.spec
     L = spec.n_layers
     sites = []
@@ -228,7 +257,7 @@ def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distracto
         return x.detach().requires_grad_(True)
 
     frozen = frozen_norms(engine, _norms(engine)) if norm == "frozen" else nullcontext()
-    with torch.enable_grad(), frozen:
+    with torch.enable_grad(), frozen, last_mlp_tail_only(engine) if last_mlp_tail else nullcontext():
         # the MLP reads a copy of its input, so that the gradient there is its own: in blocks whose
         # attention and MLP share one norm (GPT-J, Falcon, Cohere, parallel StableLM) or whose MLP
         # reads the raw stream (OLMo-2), the tensor also feeds attention or the residual add

@@ -167,7 +167,7 @@ def _activations_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: 
 def _score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeScores, mean_ref: SenderActs | None,
                  mean_emb, steps: int, norm: NormMode, steps_per_pass: int) -> float:
     if mean_ref is None:
-        ref = reference_acts(engine, chunk.corrupted)
+        ref = reference_acts(engine, chunk.corrupted, last_mlp_tail=True)
         res.forward_passes += 1
     else:
         ref = mean_ref

@@ -104,6 +104,15 @@ class BlockWeights:
             return W
         return self._get("folded", layer, make)
 
+    def q0(self, layer: int, qkv: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+        """[n, d_head]: the heads' un-rotated q, k, v at x̂ = 0 (the norm's shift and the biases
+        through W), read off one position of a run (its q/k/v `qkv`, its x̂): x̂ W̄ = x̂ (γ ⊙ W),
+        x̂ being centred where W̄ is. The same at every position and in every run."""
+        def make(l: int) -> torch.Tensor:
+            W = self.folded(l)
+            return qkv - (W.view(-1, W.shape[-1]) @ xhat).view(W.shape[:2])
+        return self._get("q0", layer, make)
+
     def W_O(self, layer: int) -> torch.Tensor:
         """W_O [H, d_head, d]."""
         return self._get("W_O", layer, lambda l: self.engine.adapter.W_O(l).to(self.engine.device, torch.float32))
@@ -177,10 +186,7 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
                 q = rotate(acts[receiver_site("q", l)], rot, inverse=True)
                 qkv = torch.cat([q / qs if qs != 1.0 else q, rotate(acts[receiver_site("k", l)], rot, inverse=True),
                                  acts[receiver_site("v", l)]], dim=2).float()
-                # q at x̂ = 0 (x̂ W̄ = x̂ (γ ⊙ W): x̂ is centred where W̄ is)
-                W = weights.folded(l)
-                q0 = qkv[0, 0] - (W.view(-1, W.shape[-1]) @ xh[0, 0]).view(W.shape[:2])
-                c = torch.linalg.vecdot(g, qkv.sub_(q0))
+                c = torch.linalg.vecdot(g, qkv.sub_(weights.q0(l, qkv[0, 0], xh[0, 0])))
                 w = c.mul_(inv * (scale / spec.d_model)).view(k, b, s, -1)
                 acc.weight[l] += list(w.unbind(0))
                 acc.xhat[l] += list(xh.view(k, b, s, -1).unbind(0))
@@ -195,7 +201,8 @@ def receiver_grads(engine: Engine, ids: torch.Tensor, target: torch.Tensor, dist
                    weights: BlockWeights) -> tuple[ReceiverGrads, int]:
     """The gradients at every receiver, averaged over `embeds` (one per step, the last the
     clean input: None for the model's own embeddings), `steps_per_pass` steps stacked in the
-    batch of one forward and backward. Returns (the gradients, the passes run)."""
+    batch of one forward and backward, the last MLP at the last position only (the metric's:
+    capture.last_mlp_tail_only). Returns (the gradients, the passes run)."""
     acc = None
     m = len(embeds)
     b = ids.shape[0]
@@ -207,7 +214,7 @@ def receiver_grads(engine: Engine, ids: torch.Tensor, target: torch.Tensor, dist
         embed = None if part[0] is None else torch.cat(part)  # None: EAP's single clean step
         rep = (lambda t: t.repeat(k, *([1] * (t.dim() - 1)))) if k > 1 else (lambda t: t)
         acts, grads, metric = grad_pass(engine, rep(ids), rep(target), None if distractor is None else rep(distractor),
-                                        embed, norm, want_senders=last)
+                                        embed, norm, want_senders=last, last_mlp_tail=True)
         passes += 1
         acc = accumulate(engine, acc, acts, grads, k, norm, 1.0 / m, weights)
         if last:
