@@ -157,7 +157,7 @@ def run_senders(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reference_acts(engine: Engine, ids: torch.Tensor, last_mlp_tail: bool = False) -> SenderActs:
     """The sender parts of a plain run of `ids` [b, s] (what EAP's reference run keeps);
-    last_mlp_tail: the last MLP's output at the last position only (`last_mlp_tail`)."""
+    last_mlp_tail: the last MLP's output at the last position only (`last_mlp_tail_only`)."""
     with last_mlp_tail_only(engine) if last_mlp_tail else nullcontext():
         _, acts = engine.run_with_cache(ids, sender_sites(engine), logit_positions=[-1], logit_ids=[0])
     return SenderActs.from_acts(engine, acts)
