@@ -13,9 +13,9 @@ from tdb_agent.ops.edges.capture import group_pairs, reference_acts
 from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.grads import block_weights
 from tdb_agent.ops.edges.graph import edge_graph
-from tdb_agent.tasks import task_examples
 from tests.edge_reference import RefModel
-from tests.tiny_models import build_tiny
+from tests.test_edges import _pairs
+from tests.tiny_models import build_tiny, sharpen
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +24,9 @@ def sharp(tmp_path_factory):
     out = {}
     for fam in ("gpt2", "llama", "falcon:sequential"):
         eng = Engine.load(build_tiny(fam, tmp_path_factory.mktemp(fam.replace(":", "_")), seed=3))
-        with torch.no_grad():
-            for name, p in eng.model.named_parameters():
-                if p.dim() == 2:
-                    p.mul_(5.0 if "emb" in name or "wte" in name else 2.5)
+        sharpen(eng.model)
         out[fam] = eng
     return out
-
-
-def _pairs(n=2):
-    from tdb_agent.tasks.tokenizer import build_tokenizer
-    tok = build_tokenizer()
-    by_len = {}
-    for p in task_examples("ioi", 40, seed=1):
-        by_len.setdefault(len(tok(p.prompt)["input_ids"]), []).append(p)
-    return max(by_len.values(), key=len)[:n]
 
 
 @pytest.mark.parametrize("fam", ["gpt2", "llama", "falcon:sequential"])
@@ -47,7 +35,7 @@ def _pairs(n=2):
 def test_last_mlp_at_the_metric_position_only_gives_the_full_passes_scores(sharp, monkeypatch, fam, method,
                                                                           per_position):
     eng = sharp[fam]
-    pairs = _pairs()
+    pairs = _pairs(2)
     ours = edge_scores(eng, pairs, method=method, steps=3, per_position=per_position)
     monkeypatch.setattr(capture, "last_mlp_tail_only", lambda engine: nullcontext())
     full = edge_scores(eng, pairs, method=method, steps=3, per_position=per_position)
@@ -62,7 +50,7 @@ def test_last_mlp_at_the_metric_position_only_gives_the_full_passes_scores(sharp
 
 def test_the_skipped_rows_are_zero_and_the_metric_position_is_the_full_runs(sharp):
     eng = sharp["gpt2"]
-    (g,), _ = group_pairs(eng, _pairs(), True)
+    (g,), _ = group_pairs(eng, _pairs(2), True)
     tail = reference_acts(eng, g.corrupted, last_mlp_tail=True).mlp[-1]
     whole = reference_acts(eng, g.corrupted).mlp[-1]
     assert (tail[:, :-1] == 0).all() and (whole[:, :-1] != 0).any()
@@ -75,7 +63,7 @@ def test_kept_weights_follow_a_weight_edited_in_place(sharp):
     scores after an in-place edit are the edited model's (hand-written reference), and after
     the edit is undone the first ones again."""
     eng = sharp["llama"]
-    pairs = _pairs()
+    pairs = _pairs(2)
     (g,), _ = group_pairs(eng, pairs, True)
     before = edge_scores(eng, pairs, method="eap").scores
     kept = block_weights(eng)

@@ -20,7 +20,7 @@ from tdb_agent.ops.edges.patch import patched_metrics
 from tdb_agent.tasks import task_examples
 from tests import edge_reference
 from tests.edge_reference import RefModel
-from tests.tiny_models import ALL_FAMILIES, build_tiny
+from tests.tiny_models import ALL_FAMILIES, build_tiny, sharpen
 
 
 def _spec(L, H, KV=None, parallel=False):
@@ -49,10 +49,7 @@ def sharp(tmp_path_factory):
     out = {}
     for fam in ("gpt2", "llama"):
         eng = Engine.load(build_tiny(fam, tmp_path_factory.mktemp(fam), seed=3))
-        with torch.no_grad():
-            for name, p in eng.model.named_parameters():
-                if p.dim() == 2:
-                    p.mul_(5.0 if "emb" in name or "wte" in name else 2.5)
+        sharpen(eng.model)
         out[fam] = eng
     return out
 

@@ -122,3 +122,12 @@ def build_tiny(family: str, folder: Path, seed: int = 0, dtype: torch.dtype = to
     model.to(dtype).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def sharpen(model: torch.nn.Module) -> None:
+    """Scale a tiny random model's matrices up in place (embeddings 5x, the others 2.5x), so
+    that its edges have clearly non-zero effects."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(5.0 if "emb" in name or "wte" in name else 2.5)
