@@ -260,10 +260,11 @@ class HookedEdges(GraphOrder):
         return seen[0]
 
     # ---- EAP by autograd -----------------------------------------------------------------
-    def eap(self, ids, cids, target, distractor, ig_steps=0):
+    def eap(self, ids, cids, target, distractor, ig_steps=0, nodes=None):
         """[U, R]: (corrupted − clean sender) · ∂m/∂(receiver's own input), averaged over rows;
         with ig_steps, the gradient averaged over token embeddings k / ig_steps of the way from
-        the corrupted prompt's to the clean one's (k = 1..ig_steps)."""
+        the corrupted prompt's to the clean one's (k = 1..ig_steps), or integrated with another
+        quadrature's nodes = (α's, weights)."""
         with torch.no_grad():
             _, corr = self.run(cids, target, distractor)
         R = len(self.receivers())
@@ -280,8 +281,9 @@ class HookedEdges(GraphOrder):
             emb = token_embedding(self.model)
             with torch.no_grad():
                 e1, e0 = emb(ids), emb(cids)
-            steps = [grads_at(e0 + k / ig_steps * (e1 - e0))[0] for k in range(1, ig_steps + 1)]
-            grads = [sum(g[r] for g in steps) / ig_steps for r in range(R)]
+            alphas, weights = nodes or ([k / ig_steps for k in range(1, ig_steps + 1)], [1 / ig_steps] * ig_steps)
+            steps = [grads_at(e0 + a * (e1 - e0))[0] for a in alphas]
+            grads = [sum(w * g[r] for w, g in zip(weights, steps)) for r in range(R)]
         out = torch.zeros(corr.shape[2], R)
         for r, (kind, l, _) in enumerate(self.receivers()):
             for u in range(self.n_up(kind, l)):
