@@ -30,10 +30,9 @@ import copy
 import torch
 
 from tdb_agent.engine import Engine
-from tdb_agent.ops.edges.capture import PairGroup, grad_pass, head_outputs, sender_sites
-from tdb_agent.ops.edges import contract
-from tdb_agent.ops.edges.contract import block_receiver_grads, block_receivers
-from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads, accumulate
+from tdb_agent.ops.edges.capture import PairGroup, SenderActs, grad_pass, head_outputs, sender_sites
+from tdb_agent.ops.edges.contract import contract
+from tdb_agent.ops.edges.grads import BlockWeights, accumulate
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.quadrature import Quadrature, nodes
 from tdb_agent.ops.edges.reads import NormMode
@@ -56,33 +55,6 @@ def _group_delta(engine: Engine, group: int, ref: torch.Tensor, clean: torch.Ten
         return (ref - clean).unsqueeze(-2)
     layer = (group - 1) // 2
     return head_outputs(engine, layer, ref) - head_outputs(engine, layer, clean)
-
-
-def _contract_group(engine: Engine, graph: EdgeGraph, D: torch.Tensor, grads: ReceiverGrads, us: list[int],
-                    out: torch.Tensor, per_position: bool, weights: BlockWeights) -> None:
-    """out[(t,) us, r] += Σ_b (Σ_t) D[b, t, u] · G[r, b, t] for the receivers downstream of the
-    group (the blocks after it, its own block's MLP, the logits), G built from its head-space
-    parts a block and a chunk of positions at a time (contract.py's builder)."""
-    b, s, d = grads.b, grads.s, engine.spec.d_model
-    u0, k = us[0], len(us)
-    L = engine.spec.n_layers
-    for l in range(L + 1):
-        sl = block_receivers(graph, l)
-        if graph.n_upstream[sl.stop - 1] <= u0:
-            continue
-        R = sl.stop - sl.start
-        step = max(1, contract.CHUNK_BYTES // ((R + k) * b * d * 4))
-        for t0 in range(0, s, step):
-            P = slice(t0, min(s, t0 + step))
-            n = P.stop - P.start
-            G = torch.empty(R, b, n, d, device=out.device)
-            block_receiver_grads(grads, weights, l, P, G)
-            Dp = D[:, P].float()  # [b, n, k, d]
-            if per_position:  # [n, k, b·d] @ [n, b·d, R] -> [n, k, R]
-                out[P, u0:u0 + k, sl] += torch.bmm(Dp.permute(1, 2, 0, 3).reshape(n, k, -1),
-                                                   G.permute(2, 1, 3, 0).reshape(n, -1, R))
-            else:
-                out[u0:u0 + k, sl] += Dp.permute(2, 0, 1, 3).reshape(k, -1) @ G.reshape(R, -1).T
 
 
 def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: dict[str, torch.Tensor],
@@ -118,5 +90,5 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
             del acts, gk
             passes += 1
         D = _group_delta(engine, i, r.expand_as(c) if r.dim() < c.dim() else r, c)
-        _contract_group(engine, graph, D, G, us, out, per_position, weights)
+        contract(engine, graph, SenderActs(full=D), G, out, per_position, weights, slice(us[0], us[-1] + 1))
     return float(m.sum()), passes
