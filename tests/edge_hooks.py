@@ -260,28 +260,36 @@ class HookedEdges(GraphOrder):
         return seen[0]
 
     # ---- EAP by autograd -----------------------------------------------------------------
-    def eap(self, ids, cids, target, distractor, ig_steps=0):
+    def receiver_grads(self, ids, target, distractor, embed=None):
+        """(∂(Σ rows' metric)/∂(each receiver's own input) [b, s, d] in receiver order, this
+        run's sender values [b, s, U, d]): autograd at a zero probe on every receiver."""
+        if self.KV is None:
+            self.KV = self._kv_heads(ids)
+        b, s = ids.shape
+        d = self.model.config.hidden_size
+        R = len(self.receivers())
+        probes = {r: torch.zeros(b, s, d, requires_grad=True) for r in range(R)}
+        with torch.enable_grad():
+            m, senders = self.run(ids, target, distractor, probes=probes, embed=embed)
+            return torch.autograd.grad(m.sum(), [probes[r] for r in range(R)]), senders.detach()
+
+    def eap(self, ids, cids, target, distractor, ig_steps=0, nodes=None):
         """[U, R]: (corrupted − clean sender) · ∂m/∂(receiver's own input), averaged over rows;
         with ig_steps, the gradient averaged over token embeddings k / ig_steps of the way from
-        the corrupted prompt's to the clean one's (k = 1..ig_steps)."""
+        the corrupted prompt's to the clean one's (k = 1..ig_steps), or integrated with another
+        quadrature's nodes = (α's, weights)."""
         with torch.no_grad():
             _, corr = self.run(cids, target, distractor)
         R = len(self.receivers())
-        b, s = ids.shape
-        d = corr.shape[-1]
-
-        def grads_at(embed):
-            probes = {r: torch.zeros(b, s, d, requires_grad=True) for r in range(R)}
-            with torch.enable_grad():
-                m, senders = self.run(ids, target, distractor, probes=probes, embed=embed)
-                return torch.autograd.grad(m.sum(), [probes[r] for r in range(R)]), senders.detach()
-        grads, clean = grads_at(None)
+        grads, clean = self.receiver_grads(ids, target, distractor)
         if ig_steps:
             emb = token_embedding(self.model)
             with torch.no_grad():
                 e1, e0 = emb(ids), emb(cids)
-            steps = [grads_at(e0 + k / ig_steps * (e1 - e0))[0] for k in range(1, ig_steps + 1)]
-            grads = [sum(g[r] for g in steps) / ig_steps for r in range(R)]
+            alphas, weights = nodes or ([k / ig_steps for k in range(1, ig_steps + 1)], [1 / ig_steps] * ig_steps)
+            steps = [self.receiver_grads(ids, target, distractor, e0 + a * (e1 - e0))[0] for a in alphas]
+            grads = [sum(w * g[r] for w, g in zip(weights, steps)) for r in range(R)]
+        b = ids.shape[0]
         out = torch.zeros(corr.shape[2], R)
         for r, (kind, l, _) in enumerate(self.receivers()):
             for u in range(self.n_up(kind, l)):

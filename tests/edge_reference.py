@@ -181,11 +181,13 @@ class RefModel(GraphOrder):
             grads = torch.autograd.grad(m.sum(), [probes[r] for r in range(R)])
         return grads, clean.detach()
 
-    def ig_activations(self, ids, cids, target, distractor, steps, ref=None):
+    def ig_activations(self, ids, cids, target, distractor, steps, ref=None, nodes=None):
         """[U, R] EAP-IG over activations: for each sender group (EMB; the heads of a layer; an
         MLP) its outputs are set to ref + k/steps · (clean − ref), k = 1..steps, the gradient at
         each receiver averaged over those runs and dotted with (ref − clean) of the group's
-        senders; ref [U, d]: fixed references (corpus means) instead of the corrupted run."""
+        senders; ref [U, d]: fixed references (corpus means) instead of the corrupted run.
+        nodes: (α's, weights) of another quadrature instead of α = k/steps, weights 1/steps."""
+        alphas, weights = nodes or ([k / steps for k in range(1, steps + 1)], [1 / steps] * steps)
         R = len(self.receivers())
         b = ids.shape[0]
         with torch.no_grad():
@@ -198,25 +200,26 @@ class RefModel(GraphOrder):
         out = torch.zeros(clean.shape[2], R)
         for us in groups:
             acc = None
-            for k in range(1, steps + 1):
-                over = {u: corr[:, :, u] + k / steps * (clean[:, :, u] - corr[:, :, u]) for u in us}
+            for a, w in zip(alphas, weights):
+                over = {u: corr[:, :, u] + a * (clean[:, :, u] - corr[:, :, u]) for u in us}
                 probes = {r: torch.zeros(b, ids.shape[1], self.d, requires_grad=True) for r in range(R)}
                 with torch.enable_grad():
                     m, _ = self.run(ids, target, distractor, probes=probes, override=over)
                     g = torch.autograd.grad(m.sum(), [probes[r] for r in range(R)], allow_unused=True)
-                g = [torch.zeros(b, ids.shape[1], self.d) if x is None else x for x in g]
+                g = [torch.zeros(b, ids.shape[1], self.d) if x is None else w * x for x in g]
                 acc = g if acc is None else [a + x for a, x in zip(acc, g)]
             for r, (kind, l, _) in enumerate(self.receivers()):
                 for u in us:
                     if u < self.n_up(kind, l):
-                        out[u, r] = ((corr[:, :, u] - clean[:, :, u]) * acc[r] / steps).sum() / b
+                        out[u, r] = ((corr[:, :, u] - clean[:, :, u]) * acc[r]).sum() / b
         return out
 
-    def eap(self, ids, cids, target, distractor, ig_steps=0, ref=None, ref_embed=None):
+    def eap(self, ids, cids, target, distractor, ig_steps=0, ref=None, ref_embed=None, nodes=None):
         """[U, R] scores: (corrupted − clean sender) · ∂m/∂(receiver input), averaged over rows;
         with ig_steps the gradient is averaged over inputs interpolated between the corrupted and
         clean token embeddings (k / ig_steps, k = 1..ig_steps). ref [U, d] / ref_embed [d]: a
-        fixed reference (corpus means) instead of the corrupted prompt's values."""
+        fixed reference (corpus means) instead of the corrupted prompt's values. nodes: (α's,
+        weights) of another quadrature instead of α = k / ig_steps, weights 1 / ig_steps."""
         R = len(self.receivers())
         b = ids.shape[0]
         grads, clean = self.grads(ids, target, distractor)
@@ -224,9 +227,9 @@ class RefModel(GraphOrder):
             emb = (self.hf.base_model.wte if self.family == "gpt2" else self.hf.base_model.embed_tokens).weight
             e1 = emb[ids]
             e0 = emb[cids] if ref_embed is None else ref_embed.expand_as(e1)
-            steps = [self.grads(ids, target, distractor, embed=e0 + k / ig_steps * (e1 - e0))[0]
-                     for k in range(1, ig_steps + 1)]
-            grads = [sum(g[r] for g in steps) / ig_steps for r in range(R)]
+            alphas, weights = nodes or ([k / ig_steps for k in range(1, ig_steps + 1)], [1 / ig_steps] * ig_steps)
+            steps = [self.grads(ids, target, distractor, embed=e0 + a * (e1 - e0))[0] for a in alphas]
+            grads = [sum(w * g[r] for w, g in zip(weights, steps)) for r in range(R)]
         with torch.no_grad():
             corr = self.run(cids, target, distractor)[1] if ref is None else ref.expand_as(clean)
         out = torch.zeros(clean.shape[2], R)

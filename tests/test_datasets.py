@@ -311,3 +311,47 @@ def test_prompt_limit_counts_tokens_as_the_engine_reads_them(tmp_path):
         LimitChecks(Workbench(engine, Limits(max_prompt_tokens=n))).text(text)
         with pytest.raises(LimitExceeded, match="max_prompt_tokens"):
             LimitChecks(Workbench(engine, Limits(max_prompt_tokens=n - 1))).text(text)
+
+
+
+_BUILD = """
+import json, sys, torch
+from tdb_agent.datasets import BuildConfig, build, documents_from_corpus
+from tdb_agent.session import EngineSpec
+model, sae, out, cfg = sys.argv[1:]
+torch.set_num_threads(1)
+torch.manual_seed(1234); torch.rand(77)  # a global RNG state of its own
+e = EngineSpec(model=model, device="cpu", saes=[sae], bundled_saes=False, bundled_transcoders=False).load()
+build(e, documents_from_corpus(60, 77, e.tokenizer, e.spec.n_ctx), out, BuildConfig(**json.loads(cfg)), progress=False)
+"""
+
+
+def test_a_build_in_a_fresh_process_is_identical(tiny_dirs, tmp_path):
+    """A build depends on the corpus and its settings only: the same build here and in a fresh
+    process (another hash seed, another global RNG state; one CPU thread each, as
+    tools/build_bundled_assets.sh runs it) stores the same bytes (the sampled examples are
+    keyed by document, not drawn from a stream), manifests equal but for the duration."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sae = random_sae(32, 24, "blocks.1.hook_resid_post", seed=5).save(tmp_path / "sae")
+    out = [tmp_path / "here", tmp_path / "there"]
+    subprocess.run([sys.executable, "-c", _BUILD, str(tiny_dirs["gpt2"]), str(sae), str(out[1]), json.dumps(CFG)],
+                   cwd=Path(__file__).resolve().parents[1], check=True, env=os.environ | {"PYTHONHASHSEED": "7"})
+    from tdb_agent.session import EngineSpec
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        e = EngineSpec(model=str(tiny_dirs["gpt2"]), device="cpu", saes=[str(sae)], bundled_saes=False,
+                       bundled_transcoders=False).load()
+        build(e, documents_from_corpus(60, 77, e.tokenizer, e.spec.n_ctx), out[0], BuildConfig(**CFG), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = ((o / store.DATA).read_bytes() for o in out)
+    assert len(a) > 10_000 and a == b
+    ma, mb = (json.loads((o / store.MANIFEST).read_text()) for o in out)
+    assert ma.pop("build_seconds") >= 0 and mb.pop("build_seconds") >= 0 and ma == mb

@@ -180,6 +180,12 @@ def test_edge_scores_are_computed_once_per_behaviour_and_model(gpt2_tiny, tmp_pa
     with count_passes() as other:  # another method is another entry
         EdgeAttributionArgs(task="ioi", n_pairs=3, method="eap").scores(bench)
     assert other.forward_passes == 2
+    with count_passes() as radau:  # so is another quadrature, whose scores are edge_scores' with it
+        got = EdgeAttributionArgs(quadrature="radau", **ig).scores(bench)
+    assert radau.backward_passes == 1 and not got.cached
+    assert torch.equal(got.scores, edge_scores(gpt2_tiny, C.Behaviour(task="ioi", n=3).resolve(), method="eap-ig",
+                                               steps=3, quadrature="radau").scores)
+    assert not torch.equal(got.scores, direct.scores)
     with torch.no_grad():  # the model changes: nothing cached is served
         p = next(gpt2_tiny.model.parameters())
         p.add_(0.0)

@@ -15,6 +15,7 @@ from tdb_agent.ops.edges.capture import group_pairs, run_senders
 from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.patch import patched_metrics
+from tdb_agent.ops.edges.quadrature import nodes
 from tests.edge_hooks import HookedEdges
 from tests.test_edges import _pairs
 from tests.tiny_models import ALL_FAMILIES, build_tiny
@@ -90,6 +91,10 @@ def test_eap_ig_equals_integrated_gradients_on_hooked_plain_model(fam, models):
     scale = float(ref.abs().max())
     assert scale > 1e-3
     assert (ours - ref).abs().max() <= 1e-5 * max(1.0, scale), float((ours - ref).abs().max())
+    # Gauss–Radau: 3 steps of their own weights stacked in one pass (the nodes checked in test_edge_quadrature)
+    ours = edge_scores(eng, pairs, method="eap-ig", steps=3, quadrature="radau").scores
+    ref = HookedEdges(model).eap(g.ids, g.corrupted, g.target, g.distractor, ig_steps=3, nodes=nodes("radau", 3))
+    assert (ours - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max())), float((ours - ref).abs().max())
 
 
 @pytest.mark.parametrize("fam", ALL_FAMILIES)

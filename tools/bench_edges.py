@@ -17,7 +17,8 @@ word-level vocabulary) at 128 tokens:
   naive          exact patching one edge at a time: one patched forward per edge, timed on a
                  sample of edges and multiplied by the number of edges (what EAP approximates)
   curve          one faithfulness curve at the MIB budgets (batched edge sets)
-  curve_naive    the same budgets, one patched pass per budget (timed alternating with curve)
+  curve_naive    the same edge sets (both rankings, cleaned), one patched pass per set (timed
+                 alternating with curve)
   --curve-only   only these two, one edge set (10 % of the edges) and one forward, all
                  alternating in each round (medians of --repeats rounds after a warm-up round)
 Times are medians of --repeats rounds after a warm-up, each round running the forward, eap
@@ -55,6 +56,7 @@ from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, faithfulness_curve, keep_masks
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.patch import patched_metrics
+from tdb_agent.ops.edges.selection import budget_counts, prune_dangling, support, top_masks
 from tdb_agent.tasks import task_examples
 
 
@@ -261,23 +263,30 @@ def gelu_and_stacking(folder: Path, pairs, steps: int, repeats: int, device: str
             | {k: sec[k] / sec["forward_fused"] for k in ("corrupted_fwd_plus_grad_pass", "stacked_grad_pass")}}
 
 
-def naive_curve(engine: Engine, graph: EdgeGraph, group, scores: torch.Tensor, counts: list[int]) -> None:
-    """The naive curve: the corrupted run, then one patched pass per edge set (full, empty, each budget)."""
+def naive_curve(engine: Engine, graph: EdgeGraph, group, scores: torch.Tensor) -> None:
+    """The naive curve: the same edge sets as faithfulness_curve (the full and empty graphs,
+    then each budget's cleaned top edges by signed support and by |score|), but one patched
+    pass per edge set."""
     ref = run_senders(engine, group.corrupted)
-    for keep in keep_masks(graph, scores, [graph.n_edges, 0] + counts):
-        patched_metrics(engine, graph, group, ref, keep[None], batch_size=group.ids.shape[0])
+
+    def mean_metric(keep: torch.Tensor) -> float:
+        m, _ = patched_metrics(engine, graph, group, ref, keep[None], batch_size=group.ids.shape[0])
+        return float(m.mean())
+    full = mean_metric(torch.ones(graph.n_senders, graph.n_receivers, dtype=torch.bool))
+    empty = mean_metric(torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool))
+    counts = budget_counts(graph.n_edges, MIB_BUDGETS)
+    for key in (support(scores, full - empty), scores.abs()):
+        for keep in prune_dangling(graph, top_masks(graph, key, counts)):
+            mean_metric(keep)
 
 
 def curve_times(engine: Engine, pairs, scores: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Seconds of one faithfulness curve at the MIB budgets (its edge sets batched, 64 rows a
-    pass) and of the naive loop: the same corrupted run, then one patched pass per edge set
-    (full, empty, each budget), alternating."""
-    graph = EdgeGraph(engine.spec)
+    pass) and of the naive loop over the same edge sets, alternating."""
     (group,), _ = group_pairs(engine, pairs, True)
-    counts = [round(b * graph.n_edges) for b in MIB_BUDGETS]
-    t_curve, t_naive = interleaved([lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
-                                    lambda: naive_curve(engine, graph, group, scores, counts)], repeats)
-    return t_curve, t_naive
+    graph = EdgeGraph(engine.spec)
+    return tuple(interleaved([lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
+                              lambda: naive_curve(engine, graph, group, scores)], repeats))
 
 
 def bench_curve(engine: Engine, pairs, repeats: int) -> dict:
@@ -294,7 +303,7 @@ def bench_curve(engine: Engine, pairs, repeats: int) -> dict:
     fns = {"forward": fwd,
            "one_set": lambda: patched_metrics(engine, graph, group, ref, keep_masks(graph, scores, counts[6:7])),
            "curve": lambda: faithfulness_curve(engine, pairs, scores, batch_size=64),
-           "curve_naive": lambda: naive_curve(engine, graph, group, scores, counts)}
+           "curve_naive": lambda: naive_curve(engine, graph, group, scores)}
     t = dict(zip(fns, interleaved(list(fns.values()), repeats)))
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
             "device": str(engine.device), "threads": torch.get_num_threads(), "repeats": repeats, "seconds": t,

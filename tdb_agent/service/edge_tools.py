@@ -50,6 +50,10 @@ class EdgeMethodArgs(ToolArgs):
                     "(each sender group's output from its reference to its clean value, the rest recomputed: "
                     "1 + (2·layers + 1)·(steps − 1) passes); default inputs for reference=corrupted, activations "
                     "for reference=mean (the input path never visits mean-patched states)")] = None
+    quadrature: Annotated[Literal["riemann", "radau"], Field(
+        description="eap-ig's rule for the integral over the path, at the same passes: riemann (MIB's right Riemann "
+                    "sum, α = k/steps; error ~1/steps) or radau (right Gauss–Radau, the last node the clean run: "
+                    "converges far faster where the path is smooth, e.g. over inputs)")] = "riemann"
 
     def behaviour(self) -> C.Behaviour:
         try:
@@ -63,14 +67,15 @@ class EdgeMethodArgs(ToolArgs):
         pairs = self.behaviour().resolve()
         batch = min(16, bench.limits.batch_size)
         key = (pairs_key(pairs), self.method, self.steps if self.method == "eap-ig" else None, self.reference,
-               self.metric, per_position, batch, self.ig)
+               self.metric, per_position, batch, self.ig, self.quadrature if self.method == "eap-ig" else None)
         return bench.edge_scores.get(bench.engine, key, lambda: edge_scores(
             bench.engine, pairs, method=self.method, steps=self.steps, reference=self.reference, metric=self.metric,
-            batch_size=batch, per_position=per_position, cache=bench.cache, ig=self.ig))
+            batch_size=batch, per_position=per_position, cache=bench.cache, ig=self.ig, quadrature=self.quadrature))
 
     def method_record(self, res: EdgeScores | None = None) -> dict:
         return {"method": self.method, "steps": self.steps if self.method == "eap-ig" else None,
-                "reference": self.reference, "ig": res.ig if res is not None else self.ig}
+                "reference": self.reference, "ig": res.ig if res is not None else self.ig,
+                "quadrature": self.quadrature if self.method == "eap-ig" else None}
 
 
 class EdgeRow(BaseModel):

@@ -38,10 +38,9 @@ def _sender_chunk(engine: Engine, delta: SenderActs, weights: BlockWeights, b: i
     def rows(t: torch.Tensor, tail: int) -> torch.Tensor:  # [b, n, *tail dims] (means broadcast)
         return (t[:, P] if t.dim() > tail else t).float().expand(b, n, *t.shape[-tail:])
 
+    if delta.full is not None:  # [b, s, U, d] or means [U, d] (U: the senders contracted)
+        return rows(delta.full, 2).permute(2, 0, 1, 3).contiguous()
     D = torch.empty(1 + spec.n_layers * (H + 1), b, n, d, device=engine.device)
-    if delta.full is not None:  # [b, s, U, d] or means [U, d]
-        D.copy_(rows(delta.full, 2).permute(2, 0, 1, 3))
-        return D
     D[0] = rows(delta.emb, 1)
     for l in range(spec.n_layers):
         base = 1 + l * (H + 1)
@@ -105,14 +104,21 @@ def block_receiver_grads(grads: ReceiverGrads, weights: BlockWeights, l: int, P:
 
 
 def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: ReceiverGrads, out: torch.Tensor,
-             per_position: bool, weights: BlockWeights | None = None) -> None:
+             per_position: bool, weights: BlockWeights | None = None, senders: slice | None = None) -> None:
     """out[(t,) u, r] += Σ_b (Σ_t) D[u, b, t] · G[r, b, t] over every (sender, receiver) pair
-    (and some pairs that are not edges: the caller masks them)."""
+    (and some pairs that are not edges: the caller masks them). senders: a range of consecutive
+    senders, whose outputs alone `delta.full` holds (EAP-IG over activations contracts one
+    sender group at a time); receivers upstream of all of them are skipped."""
     spec = engine.spec
-    U, d = graph.n_senders, spec.d_model
+    senders = senders or slice(0, graph.n_senders)
+    u0, U, d = senders.start, senders.stop - senders.start, spec.d_model
     b, s = grads.b, grads.s
     weights = weights or block_weights(engine)
-    groups = [(g, slice(block_receivers(graph, g[0]).start, block_receivers(graph, g[-1]).stop)) for g in receiver_groups(graph)]
+    groups = []
+    for g in receiver_groups(graph):  # blocks whose receivers read none of the senders dropped
+        g = [l for l in g if graph.n_upstream[block_receivers(graph, l).stop - 1] > u0]
+        if g:
+            groups.append((g, slice(block_receivers(graph, g[0]).start, block_receivers(graph, g[-1]).stop)))
     widest = max(sl.stop - sl.start for _, sl in groups)
     step = max(1, CHUNK_BYTES // (max(U, widest) * b * d * 4))
     # one buffer for every group's G: a fresh tensor of this size is fresh pages (mmap), whose
@@ -127,10 +133,10 @@ def contract(engine: Engine, graph: EdgeGraph, delta: SenderActs, grads: Receive
             for l in blocks:
                 r = block_receivers(graph, l)
                 block_receiver_grads(grads, weights, l, P, G[r.start - sl.start:r.stop - sl.start])
-            up = max(graph.n_upstream[sl])
+            up = min(max(graph.n_upstream[sl]) - u0, U)
             if per_position:  # [n, U, b·d] @ [n, b·d, R] -> [n, U, R]
                 Dp = D[:up].permute(2, 0, 1, 3).reshape(n, up, -1)
                 Gp = G.permute(2, 1, 3, 0).reshape(n, -1, G.shape[0])
-                out[P, :up, sl] += torch.bmm(Dp, Gp)
+                out[P, u0:u0 + up, sl] += torch.bmm(Dp, Gp)
             else:
-                out[:up, sl] += D[:up].view(up, -1) @ G.view(G.shape[0], -1).T
+                out[u0:u0 + up, sl] += D[:up].view(up, -1) @ G.view(G.shape[0], -1).T

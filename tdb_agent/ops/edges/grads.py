@@ -29,6 +29,7 @@ logits' (the gradient at the final residual stream) are [b, s, d] each, summed o
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -147,8 +148,9 @@ def normalise(engine: Engine, x: torch.Tensor, module: torch.nn.Module) -> tuple
 
 
 def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: int, norm: NormMode,
-               scale: float, weights: BlockWeights) -> ReceiverGrads:
-    """Add one pass of k steps × b rows (step-major) to `acc` (each step weighted `scale`)."""
+               scale: float | Sequence[float], weights: BlockWeights) -> ReceiverGrads:
+    """Add one pass of k steps × b rows (step-major) to `acc`, each step weighted `scale` (one
+    weight for all, or one per step: the quadrature's)."""
     spec, a = engine.spec, engine.adapter
     L = spec.n_layers
     R, s = grads[-1].shape[:2]
@@ -159,11 +161,21 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
     kw = rotary_block_tables(engine, acts[EMBED_SITE])
     exact_form = closed_form(engine)
 
-    def fold(t, w=None):  # [k·b, ...] (times w [k·b, s, 1, 1]) -> sum over the steps, scaled: [b, ...] (new)
-        w = scale if w is None else w * scale
-        if k == 1:
-            return t if isinstance(w, float) and w == 1.0 else t * w  # t: a tensor of this pass's own
-        return (t * w).view(k, b, *t.shape[1:]).sum(0)
+    # the steps' weights: one for all (a float) or one per step ([k], broadcast from the left)
+    if not isinstance(scale, (int, float)) and len(set(scale)) == 1:
+        scale = scale[0]
+    w_step = None if isinstance(scale, (int, float)) else torch.tensor(scale, device=grads[-1].device)
+
+    def per_step(t, axis=0):  # t [.., k, b, ...], the steps at `axis`, weighted in place
+        return t.mul_(scale) if w_step is None else t.mul_(w_step.view(-1, *([1] * (t.dim() - axis - 1))))
+
+    def fold(t, w=None):  # [k·b, ...] (times w [k·b, ...]) -> weighted sum over the steps: [b, ...] (new)
+        if w_step is None:
+            w = scale if w is None else w * scale
+            if k == 1:
+                return t if isinstance(w, float) and w == 1.0 else t * w  # t: a tensor of this pass's own
+            return (t * w).view(k, b, *t.shape[1:]).sum(0)
+        return per_step((t.clone() if w is None else t * w).view(k, b, *t.shape[1:])).sum(0)
 
     def add(old, new):
         return new if old is None else old.add_(new)
@@ -175,7 +187,7 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
         if not exact_form:
             full = autograd_head_grads(engine, l, x, [acts[receiver_site(n, l)] for n in "qkv"], [gq, gk, gv], rot,
                                        norm).float()  # [n, k·b, s, d]
-            acc.full[l] = add(acc.full[l], full.view(full.shape[0], k, b, s, -1).sum(1).mul_(scale))
+            acc.full[l] = add(acc.full[l], per_step(full.view(full.shape[0], k, b, s, -1), 1).sum(1))
         else:
             xh, inv = normalise(engine, x, a.ln1(l))
             qs = q_scale(engine, l)
@@ -187,7 +199,10 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
                 qkv = torch.cat([q / qs if qs != 1.0 else q, rotate(acts[receiver_site("k", l)], rot, inverse=True),
                                  acts[receiver_site("v", l)]], dim=2).float()
                 c = torch.linalg.vecdot(g, qkv.sub_(weights.q0(l, qkv[0, 0], xh[0, 0])))
-                w = c.mul_(inv * (scale / spec.d_model)).view(k, b, s, -1)
+                if w_step is None:
+                    w = c.mul_(inv * (scale / spec.d_model)).view(k, b, s, -1)
+                else:
+                    w = per_step(c.mul_(inv / spec.d_model).view(k, b, s, -1))
                 acc.weight[l] += list(w.unbind(0))
                 acc.xhat[l] += list(xh.view(k, b, s, -1).unbind(0))
         x2 = x if spec.parallel_residual else acts[resid_site("mid", l)]
@@ -198,11 +213,12 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
 
 def receiver_grads(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None,
                    embeds: list[torch.Tensor | None], norm: NormMode, steps_per_pass: int,
-                   weights: BlockWeights) -> tuple[ReceiverGrads, int]:
+                   weights: BlockWeights, step_weights: Sequence[float] | None = None) -> tuple[ReceiverGrads, int]:
     """The gradients at every receiver, averaged over `embeds` (one per step, the last the
-    clean input: None for the model's own embeddings), `steps_per_pass` steps stacked in the
-    batch of one forward and backward, the last MLP at the last position only (the metric's:
-    capture.last_mlp_tail_only). Returns (the gradients, the passes run)."""
+    clean input: None for the model's own embeddings) with `step_weights` (the quadrature's;
+    default 1/m each), `steps_per_pass` steps stacked in the batch of one forward and
+    backward, the last MLP at the last position only (the metric's: capture.last_mlp_tail_only).
+    Returns (the gradients, the passes run)."""
     acc = None
     m = len(embeds)
     b = ids.shape[0]
@@ -216,7 +232,8 @@ def receiver_grads(engine: Engine, ids: torch.Tensor, target: torch.Tensor, dist
         acts, grads, metric = grad_pass(engine, rep(ids), rep(target), None if distractor is None else rep(distractor),
                                         embed, norm, want_senders=last, last_mlp_tail=True)
         passes += 1
-        acc = accumulate(engine, acc, acts, grads, k, norm, 1.0 / m, weights)
+        scale = 1.0 / m if step_weights is None else list(step_weights[i:i + k])
+        acc = accumulate(engine, acc, acts, grads, k, norm, scale, weights)
         if last:
             acc.metric = metric[-b:]
             acc.clean = SenderActs.from_acts(engine, acts, slice((k - 1) * b, k * b))

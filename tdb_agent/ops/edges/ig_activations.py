@@ -8,12 +8,13 @@ are taken along states that mean patching never visits. Over activations (MIB's
 EAP-IG-activations), the senders are taken in groups (the embeddings; the heads of one
 layer; one MLP) and a group's output is set to
 
-    a(α) = ref + α · (clean − ref),  α = k/m, k = 1..m
+    a(α) = ref + α · (clean − ref),  α = α_1 < .. < α_m = 1 (quadrature.py: k/m by default)
 
 while the rest of the model runs on the clean prompt (everything downstream recomputed); the
-gradient at each receiver is averaged over the m runs of the sender's own group:
+gradient at each receiver is integrated over the m runs of the sender's own group with the
+quadrature's weights w_k (1/m for the Riemann sum):
 
-    score(u → r) = (ref_u − clean_u) · (1/m) Σ_k ∂m/∂(input of r) |_{group(u) at α_k}
+    score(u → r) = (ref_u − clean_u) · Σ_k w_k ∂m/∂(input of r) |_{group(u) at α_k}
 
 α = 1 is the clean run, shared by every group: 1 + n_groups · (m − 1) forwards and backwards,
 plus the corrupted forward. By completeness of the integral, a group's scores summed over its
@@ -29,11 +30,11 @@ import copy
 import torch
 
 from tdb_agent.engine import Engine
-from tdb_agent.ops.edges.capture import PairGroup, grad_pass, head_outputs, sender_sites
-from tdb_agent.ops.edges import contract
-from tdb_agent.ops.edges.contract import block_receiver_grads, block_receivers
-from tdb_agent.ops.edges.grads import BlockWeights, ReceiverGrads, accumulate, block_weights
+from tdb_agent.ops.edges.capture import PairGroup, SenderActs, grad_pass, head_outputs, sender_sites
+from tdb_agent.ops.edges.contract import contract
+from tdb_agent.ops.edges.grads import accumulate, block_weights
 from tdb_agent.ops.edges.graph import EdgeGraph
+from tdb_agent.ops.edges.quadrature import Quadrature, nodes
 from tdb_agent.ops.edges.reads import NormMode
 
 
@@ -56,38 +57,13 @@ def _group_delta(engine: Engine, group: int, ref: torch.Tensor, clean: torch.Ten
     return head_outputs(engine, layer, ref) - head_outputs(engine, layer, clean)
 
 
-def _contract_group(engine: Engine, graph: EdgeGraph, D: torch.Tensor, grads: ReceiverGrads, us: list[int],
-                    out: torch.Tensor, per_position: bool, weights: BlockWeights) -> None:
-    """out[(t,) us, r] += Σ_b (Σ_t) D[b, t, u] · G[r, b, t] for the receivers downstream of the
-    group (the blocks after it, its own block's MLP, the logits), G built from its head-space
-    parts a block and a chunk of positions at a time (contract.py's builder)."""
-    b, s, d = grads.b, grads.s, engine.spec.d_model
-    u0, k = us[0], len(us)
-    L = engine.spec.n_layers
-    for l in range(L + 1):
-        sl = block_receivers(graph, l)
-        if graph.n_upstream[sl.stop - 1] <= u0:
-            continue
-        R = sl.stop - sl.start
-        step = max(1, contract.CHUNK_BYTES // ((R + k) * b * d * 4))
-        for t0 in range(0, s, step):
-            P = slice(t0, min(s, t0 + step))
-            n = P.stop - P.start
-            G = torch.empty(R, b, n, d, device=out.device)
-            block_receiver_grads(grads, weights, l, P, G)
-            Dp = D[:, P].float()  # [b, n, k, d]
-            if per_position:  # [n, k, b·d] @ [n, b·d, R] -> [n, k, R]
-                out[P, u0:u0 + k, sl] += torch.bmm(Dp.permute(1, 2, 0, 3).reshape(n, k, -1),
-                                                   G.permute(2, 1, 3, 0).reshape(n, -1, R))
-            else:
-                out[u0:u0 + k, sl] += Dp.permute(2, 0, 1, 3).reshape(k, -1) @ G.reshape(R, -1).T
-
-
 def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: dict[str, torch.Tensor],
-                steps: int, norm: NormMode, out: torch.Tensor, per_position: bool) -> tuple[float, int]:
+                steps: int, norm: NormMode, out: torch.Tensor, per_position: bool,
+                quadrature: Quadrature = "riemann") -> tuple[float, int]:
     """Add the chunk's EAP-IG-over-activations scores (summed over its rows) into `out`
     [(s,) U, R]. ref_acts: the sender sites' reference values ([b, s, ...] from the corrupted
-    prompts, or corpus means without the batch and position axes). Returns (sum of the rows'
+    prompts, or corpus means without the batch and position axes); the integral over α on
+    `steps` nodes of `quadrature` (quadrature.py), the last α = 1 the clean pass. Returns (sum of the rows'
     clean metrics, forward-and-backward passes).
 
     The receivers' gradients stay in head space, summed over each group's steps as the passes
@@ -95,24 +71,24 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
     recomputed) and each group's is contracted with its own senders only."""
     weights = block_weights(engine)
     acts, g, m = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=True)
-    clean_grads = accumulate(engine, None, acts, g, 1, norm, 1.0 / steps, weights)
+    alphas, step_w = nodes(quadrature, steps)
+    clean_grads = accumulate(engine, None, acts, g, 1, norm, step_w[-1], weights)
     clean_acts = {site: acts[site] for site in sender_sites(engine)}
     del acts, g
     passes = 1
     for i, (site, us) in enumerate(sender_groups(engine)):
         c, r = clean_acts[site], ref_acts[site].to(clean_acts[site].dtype)
         G = copy.deepcopy(clean_grads)
-        for k in range(1, steps):
-            alpha = k / steps
+        for alpha, w in zip(alphas[:-1], step_w[:-1]):
             value = (r + alpha * (c - r)).expand_as(c)
             # the value is the interpolated one; the gradient passes straight through to x, so
             # every receiver's read stays in the graph (only those downstream of the group,
             # which that gradient does not touch, are used)
             acts, gk, _ = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=False,
                                     hooks={site: lambda x, st, v=value: v + (x - x.detach())})
-            G = accumulate(engine, G, acts, gk, 1, norm, 1.0 / steps, weights)
+            G = accumulate(engine, G, acts, gk, 1, norm, w, weights)
             del acts, gk
             passes += 1
         D = _group_delta(engine, i, r.expand_as(c) if r.dim() < c.dim() else r, c)
-        _contract_group(engine, graph, D, G, us, out, per_position, weights)
+        contract(engine, graph, SenderActs(full=D), G, out, per_position, weights, slice(us[0], us[-1] + 1))
     return float(m.sum()), passes
