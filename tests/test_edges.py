@@ -447,6 +447,30 @@ def test_half_precision_edges_on_the_per_family_reads(tmp_path, fam):
     assert (got - want).abs().max() <= 0.05 * want.abs().max(), float((got - want).abs().max() / want.abs().max())
 
 
+@pytest.mark.parametrize("fam", ["llama", "qwen3", "gptj", "olmo2", "gemma2"])
+def test_half_precision_sender_differences_are_float32(tmp_path, fam, monkeypatch):
+    """In a bf16 model EAP and EAP-IG over activations at one node (α = 1: the same formula,
+    (reference − clean sender) · gradient at the clean run) take their sender differences in
+    float32 from the bf16 activations, by two code paths (SenderActs' difference of z or of
+    post-norm writes; ig_activations' group difference): they agree to float32 rounding. Taken
+    in bf16 (as before) they parted by 0.1-1.3 % of the largest score. The last MLP runs whole
+    in both (its one-position run rounds its bf16 output differently, a property of bf16)."""
+    from contextlib import nullcontext
+
+    from tdb_agent.ops.edges import capture
+    monkeypatch.setattr(capture, "last_mlp_tail_only", lambda engine: nullcontext())
+    e16 = Engine.load(build_tiny(fam, tmp_path / fam, seed=3, dtype=torch.bfloat16), dtype="bfloat16")
+    with torch.no_grad():
+        for p in e16.model.parameters():
+            if p.dim() == 2:
+                p.mul_(2.0)
+    pairs = _pairs(2)
+    eap = edge_scores(e16, pairs).scores
+    ig1 = edge_scores(e16, pairs, method="eap-ig", steps=1, ig="activations").scores
+    assert eap.abs().max() > 1e-3
+    assert (eap - ig1).abs().max() <= 1e-5 * eap.abs().max(), float((eap - ig1).abs().max() / eap.abs().max())
+
+
 def _bf16_senders_times_float32_grads(e16, plain, g):
     """[U, R]: Σ (corrupted − clean sender of the bf16 engine, z upcast before W_O) · (float32
     autograd gradient at the receiver's own input), averaged over rows, on the graph's edges."""

@@ -104,16 +104,19 @@ class SenderActs:
     full: torch.Tensor | None = None
 
     def __sub__(self, other: "SenderActs") -> "SenderActs":
+        """In float32: in a bf16 model a difference of ~1 % of a value keeps about one bit."""
+        def sub(a, b):
+            return a.float() - b.float()
         if self.full is not None:
-            return SenderActs(full=self.full - other.full)
-        return SenderActs(self.emb - other.emb, [a - b for a, b in zip(self.z, other.z)],
-                          [a - b for a, b in zip(self.mlp, other.mlp)])
+            return SenderActs(full=sub(self.full, other.full))
+        return SenderActs(sub(self.emb, other.emb), [sub(a, b) for a, b in zip(self.z, other.z)],
+                          [sub(a, b) for a, b in zip(self.mlp, other.mlp)])
 
     @classmethod
     def from_acts(cls, engine: Engine, acts: dict[str, torch.Tensor], rows: slice = slice(None)) -> "SenderActs":
         acts = {k: acts[k][rows].detach() for k in sender_sites(engine)}
-        if post_norm_heads(engine):
-            return cls(full=senders_from(engine, acts))
+        if post_norm_heads(engine):  # the writes made in float32: differences of them are taken next
+            return cls(full=senders_from(engine, {k: v.float() for k, v in acts.items()}))
         L = engine.spec.n_layers
         return cls(acts[EMBED_SITE], [acts[kind_site("head", l)] for l in range(L)],
                    [acts[kind_site("mlp", l)] for l in range(L)])
@@ -204,7 +207,7 @@ def mean_senders(engine: Engine, cache: RunCache | None) -> torch.Tensor:
     total, n = 0.0, 0
     for text in reference_documents(engine):
         s = run_senders(engine, engine.to_tokens(text, truncate=True))
-        total, n = total + s.sum((0, 1)), n + s.shape[0] * s.shape[1]
+        total, n = total + s.float().sum((0, 1)), n + s.shape[0] * s.shape[1]  # float32 sums (bf16 engines)
     return total / n
 
 

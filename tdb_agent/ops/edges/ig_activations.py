@@ -77,10 +77,14 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
     del acts, g
     passes = 1
     for i, (site, us) in enumerate(sender_groups(engine)):
-        c, r = clean_acts[site], ref_acts[site].to(clean_acts[site].dtype)
+        # in float32: the path's points are rounded to the model's dtype once, and the sender
+        # differences are taken before any rounding (in bf16 a difference of ~1 % of an output
+        # would keep about one significant bit)
+        c = clean_acts[site]
+        c32, r = c.float(), ref_acts[site].float()
         G = copy.deepcopy(clean_grads)
         for alpha, w in zip(alphas[:-1], step_w[:-1]):
-            value = (r + alpha * (c - r)).expand_as(c)
+            value = (r + alpha * (c32 - r)).to(c.dtype).expand_as(c)
             # the value is the interpolated one; the gradient passes straight through to x, so
             # every receiver's read stays in the graph (only those downstream of the group,
             # which that gradient does not touch, are used)
@@ -89,6 +93,6 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
             G = accumulate(engine, G, acts, gk, 1, norm, w, weights)
             del acts, gk
             passes += 1
-        D = _group_delta(engine, i, r.expand_as(c) if r.dim() < c.dim() else r, c)
+        D = _group_delta(engine, i, r.expand_as(c32) if r.dim() < c32.dim() else r, c32)
         contract(engine, graph, SenderActs(full=D), G, out, per_position, weights, slice(us[0], us[-1] + 1))
     return float(m.sum()), passes
