@@ -58,6 +58,29 @@ def test_the_skipped_rows_are_zero_and_the_metric_position_is_the_full_runs(shar
     assert eng.active_hook_count() == 0 and "forward" not in eng.adapter.mlp(eng.spec.n_layers - 1).__dict__
 
 
+def test_an_instance_level_forward_of_the_last_mlp_is_kept(sharp):
+    """accelerate's device-map hooks replace a module's forward on the instance: the last-MLP
+    tail wraps it for the pass and puts it back after (deleting it would drop the hook)."""
+    eng = sharp["gpt2"]
+    mlp = eng.adapter.mlp(eng.spec.n_layers - 1)
+    calls = []
+    cls_forward = type(mlp).forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return cls_forward(mlp, *args, **kwargs)
+    mlp.forward = wrapped
+    try:
+        edge_scores(eng, _pairs(2))
+        assert mlp.__dict__.get("forward") is wrapped and calls
+        n = len(calls)
+        with torch.no_grad():
+            eng.forward(eng.to_tokens("a b c"))
+        assert len(calls) == n + 1
+    finally:
+        del mlp.forward
+
+
 def test_kept_weights_follow_a_weight_edited_in_place(sharp):
     """block_weights is made once per engine and made again when a parameter changes: the
     scores after an in-place edit are the edited model's (hand-written reference), and after

@@ -184,11 +184,15 @@ def last_mlp_tail_only(engine: Engine) -> Iterator[None]:
         full = out.new_zeros(*x.shape[:2], out.shape[-1])
         full[:, -1:] = out
         return full
+    own = mlp.__dict__.get("forward")  # an instance-level forward (accelerate's device-map hook) stays
     mlp.forward = tail
     try:
         yield
     finally:
-        del mlp.forward
+        if own is None:
+            del mlp.forward
+        else:
+            mlp.forward = own
 
 
 def mean_acts(engine: Engine, cache: RunCache | None) -> SenderActs:
