@@ -48,6 +48,28 @@ def test_last_mlp_at_the_metric_position_only_gives_the_full_passes_scores(sharp
     assert ours.metric_clean == pytest.approx(full.metric_clean, rel=1e-5)
 
 
+@pytest.mark.parametrize("fam", ["gpt2", "llama", "falcon:sequential"])
+@pytest.mark.parametrize("reference", ["corrupted", "mean"])
+@pytest.mark.parametrize("per_position", [False, True])
+def test_eap_ig_over_activations_with_the_last_mlp_tail_gives_the_full_passes_scores(sharp, monkeypatch, fam,
+                                                                                    reference, per_position):
+    """EAP-IG over activations runs its passes with the last-MLP tail too (the last MLP's own
+    group included: its path moves only the last position's value that any metric reads)."""
+    eng = sharp[fam]
+    pairs = _pairs(2)
+    kw = dict(method="eap-ig", steps=3, ig="activations", reference=reference, per_position=per_position)
+    used, tail = [], capture.last_mlp_tail_only
+    monkeypatch.setattr(capture, "last_mlp_tail_only", lambda engine: used.append(1) or tail(engine))
+    ours = edge_scores(eng, pairs, **kw)
+    assert used  # the passes ran with the tail
+    monkeypatch.setattr(capture, "last_mlp_tail_only", lambda engine: nullcontext())
+    full = edge_scores(eng, pairs, **kw)
+    scale = float(full.scores.abs().max())
+    assert scale > 1e-3
+    assert (ours.scores - full.scores).abs().max() <= 1e-5 * scale
+    assert ours.metric_clean == pytest.approx(full.metric_clean, rel=1e-5)
+
+
 def test_the_skipped_rows_are_zero_and_the_metric_position_is_the_full_runs(sharp):
     eng = sharp["gpt2"]
     (g,), _ = group_pairs(eng, _pairs(2), True)

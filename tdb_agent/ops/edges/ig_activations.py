@@ -70,7 +70,8 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
     arrive (grads.accumulate); the clean pass's sum is shared by every group (copied, never
     recomputed) and each group's is contracted with its own senders only."""
     weights = block_weights(engine)
-    acts, g, m = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=True)
+    acts, g, m = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=True,
+                           last_mlp_tail=True)
     alphas, step_w = nodes(quadrature, steps)
     clean_grads = accumulate(engine, None, acts, g, 1, norm, step_w[-1], weights)
     clean_acts = {site: acts[site] for site in sender_sites(engine)}
@@ -89,6 +90,7 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
             # every receiver's read stays in the graph (only those downstream of the group,
             # which that gradient does not touch, are used)
             acts, gk, _ = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=False,
+                                    last_mlp_tail=True,
                                     hooks={site: lambda x, st, v=value: v + (x - x.detach())})
             G = accumulate(engine, G, acts, gk, 1, norm, w, weights)
             del acts, gk
