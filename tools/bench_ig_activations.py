@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -42,6 +44,8 @@ def main() -> None:
     spec = importlib.util.spec_from_file_location("ig_before", args.before)
     before = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(before)
+    if "quadrature" not in inspect.signature(before.score_chunk).parameters:  # older than the option: Riemann only
+        before = types.SimpleNamespace(score_chunk=lambda *a, quadrature="riemann", _f=before.score_chunk: _f(*a))
     with tempfile.TemporaryDirectory() as tmp:
         engine = small_model(Path(tmp), "auto")
         pairs = random_pairs(engine, 2, 128)

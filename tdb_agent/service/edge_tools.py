@@ -16,6 +16,7 @@ from tdb_agent.ops.edges.cache import pairs_key
 from tdb_agent.ops.edges.eap import EdgeScores, edge_scores
 from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, EdgeEvaluator, FaithfulnessCurve, close_ties, \
     faithfulness_curve, keep_masks, prune_unneeded, smallest_circuit
+from tdb_agent.ops.edges.quadrature import Quadrature
 from tdb_agent.service.annotations import READ_ONLY, WRITES_RESULT
 from tdb_agent.service.circuit_tools import circuit_store
 from tdb_agent.service.exports import in_workspace
@@ -50,7 +51,7 @@ class EdgeMethodArgs(ToolArgs):
                     "(each sender group's output from its reference to its clean value, the rest recomputed: "
                     "1 + (2·layers + 1)·(steps − 1) passes); default inputs for reference=corrupted, activations "
                     "for reference=mean (the input path never visits mean-patched states)")] = None
-    quadrature: Annotated[Literal["riemann", "radau"], Field(
+    quadrature: Annotated[Quadrature, Field(
         description="eap-ig's rule for the integral over the path, at the same passes: riemann (MIB's right Riemann "
                     "sum, α = k/steps; error ~1/steps) or radau (right Gauss–Radau, the last node the clean run: "
                     "converges far faster where the path is smooth, e.g. over inputs)")] = "riemann"

@@ -29,12 +29,11 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
+from tdb_agent.ops.edges import ig_activations
 from tdb_agent.ops.edges.capture import Pair, PairGroup, SenderActs, group_pairs, mean_acts, mean_embedding, \
-    reference_acts
+    reference_acts, sender_sites
 from tdb_agent.ops.edges.contract import contract
 from tdb_agent.ops.edges.grads import block_weights, receiver_grads
-from tdb_agent.ops.edges import ig_activations
-from tdb_agent.ops.edges.capture import sender_sites
 from tdb_agent.ops.edges.graph import EdgeGraph, edge_graph
 from tdb_agent.ops.edges.quadrature import Quadrature, nodes
 from tdb_agent.ops.edges.reads import NormMode
@@ -165,11 +164,8 @@ def _activations_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: 
             _, mean_acts = engine.run_with_cache(chunk.corrupted, sender_sites(engine), logit_positions=[-1],
                                                  logit_ids=[0])
         res.forward_passes += 1
-    # the quadrature named only when not the default: tools/bench_ig_activations.py runs this
-    # call on an earlier ig_activations.py too, which takes none
-    kw = {} if quadrature == "riemann" else {"quadrature": quadrature}
     m, passes = ig_activations.score_chunk(engine, graph, chunk, mean_acts, steps, norm, res.scores, res.per_position,
-                                           **kw)
+                                           quadrature=quadrature)
     res.forward_passes += passes
     res.backward_passes += passes
     return m
