@@ -9,7 +9,7 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges import capture
-from tdb_agent.ops.edges.capture import group_pairs, reference_acts
+from tdb_agent.ops.edges.capture import group_pairs, reference_run
 from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.grads import block_weights
 from tdb_agent.ops.edges.graph import edge_graph
@@ -73,8 +73,8 @@ def test_eap_ig_over_activations_with_the_last_mlp_tail_gives_the_full_passes_sc
 def test_the_skipped_rows_are_zero_and_the_metric_position_is_the_full_runs(sharp):
     eng = sharp["gpt2"]
     (g,), _ = group_pairs(eng, _pairs(2), True)
-    tail = reference_acts(eng, g.corrupted, last_mlp_tail=True).mlp[-1]
-    whole = reference_acts(eng, g.corrupted).mlp[-1]
+    tail = reference_run(eng, g.corrupted)[0].mlp[-1]
+    whole = reference_run(eng, g.corrupted, last_mlp_tail=False)[0].mlp[-1]
     assert (tail[:, :-1] == 0).all() and (whole[:, :-1] != 0).any()
     assert torch.allclose(tail[:, -1], whole[:, -1], rtol=1e-5, atol=1e-6 * float(whole.abs().max()))
     assert eng.active_hook_count() == 0 and "forward" not in eng.adapter.mlp(eng.spec.n_layers - 1).__dict__

@@ -64,7 +64,9 @@ def test_edge_tools_session(gpt2_tiny, tmp_path):
 
             f = await call(c, tools, "edge_faithfulness", {"circuit": "ioi_e", "method": "eap"})
             assert [p["budget"] for p in f["points"]] == list(MIB_BUDGETS)
-            assert f["points"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-5)
+            # keep-all is the clean run: to float32 rounding of the patched runs (which continue the
+            # pairs' shared prefix, attention rounding by batch size), relative to a gap of ~0.03
+            assert f["points"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
             assert f["circuit_faithfulness"] == pytest.approx(made["faithfulness"], abs=1e-5)
             # MIB: CPR under the signed ranking's curve, CMD over |1 - f| of the |score| ranking's,
             # trapezoids over the budgets alone

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tdb_agent.engine import Engine
-from tdb_agent.ops.edges.capture import group_pairs, run_senders
+from tdb_agent.ops.edges.capture import corrupted_senders, group_pairs, run_senders, shared_positions
 from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.patch import patched_metrics
@@ -74,11 +74,14 @@ def test_edge_methods_on_more_configurations(fam, overrides, tmp_path):
 def _check_eap(eng, model):
     pairs = _pairs(2)
     g = _group(eng, pairs)
+    assert shared_positions(g.ids, g.corrupted) > 0  # so the passes continue a shared prefix run (capture.Prefix)
     ours = edge_scores(eng, pairs, method="eap").scores
     ref = HookedEdges(model).eap(g.ids, g.corrupted, g.target, g.distractor)
     scale = float(ref.abs().max())
     assert scale > 1e-3  # the comparison means something
     assert (ours - ref).abs().max() <= 1e-5 * max(1.0, scale), float((ours - ref).abs().max())
+    whole = edge_scores(eng, pairs, method="eap", reuse_prefix=False).scores  # every position in every pass
+    assert (whole - ref).abs().max() <= 1e-5 * max(1.0, scale), float((whole - ref).abs().max())
 
 
 @pytest.mark.parametrize("fam", ["gpt2", "gemma", "gemma2", "qwen3", "olmo2", "opt", "gptj", "falcon:new"])
@@ -116,6 +119,12 @@ def _check_patching(eng, model):
         k[0, s, r] = False
         keeps = torch.cat([keeps, k])
     ours, _ = patched_metrics(eng, graph, g, run_senders(eng, g.corrupted), keeps, batch_size=4)
+    # the same edge sets continuing the pairs' shared prefix (capture.Prefix), as EdgeEvaluator runs them
+    p = shared_positions(g.ids, g.corrupted)
+    ref_after, prefix = corrupted_senders(eng, g.corrupted, p)
+    assert prefix is not None and prefix.offset == p and ref_after.shape[1] == g.ids.shape[1] - p
+    continued, _ = patched_metrics(eng, graph, g, ref_after, keeps, batch_size=4, prefix=prefix)
+    assert torch.allclose(continued, ours, atol=1e-5), float((continued - ours).abs().max())
     R = HookedEdges(model)
     with torch.no_grad():
         clean, _ = R.run(g.ids, g.target, g.distractor)

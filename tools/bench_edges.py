@@ -14,6 +14,9 @@ word-level vocabulary) at 128 tokens:
                  far as they fit (all 5 at 2 pairs, 2 a pass at 8 pairs)
   eap_ig_one_step   the same, one step per forward and backward (steps_per_pass=1)
   eap_ig_stacked    the same, all m steps in one forward and backward (steps_per_pass=m)
+  eap_whole, eap_ig_whole   eap and eap_ig with reuse_prefix=False: every pass over every
+                 position (the pairs' shared leading positions, `shared_positions` in the
+                 output, are otherwise run by the corrupted run only; capture.Prefix)
   naive          exact patching one edge at a time: one patched forward per edge, timed on a
                  sample of edges and multiplied by the number of edges (what EAP approximates)
   curve          one faithfulness curve at the MIB budgets (batched edge sets)
@@ -51,7 +54,7 @@ import torch
 from bench_ops import gpt2_small_random, once, timed  # tools/ is on the path when run as a script
 
 from tdb_agent.engine import Engine
-from tdb_agent.ops.edges.capture import group_pairs, run_senders
+from tdb_agent.ops.edges.capture import corrupted_senders, group_pairs, run_senders, shared_positions
 from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, faithfulness_curve, keep_masks
 from tdb_agent.ops.edges.graph import EdgeGraph
@@ -163,7 +166,14 @@ def methods(engine: Engine, pairs, steps: int) -> dict:
 
     def ig_stacked():  # every step in the batch of one forward and backward
         edge_scores(engine, pairs, method="eap-ig", steps=steps, batch_size=len(pairs), steps_per_pass=steps)
-    return {"forward": fwd, "eap": eap, "eap_ig": ig, "eap_ig_one_step": ig_one_step, "eap_ig_stacked": ig_stacked}
+
+    def eap_whole():  # every position in every pass (no shared prefix continued)
+        edge_scores(engine, pairs, method="eap", batch_size=len(pairs), reuse_prefix=False)
+
+    def ig_whole():
+        edge_scores(engine, pairs, method="eap-ig", steps=steps, reuse_prefix=False)
+    return {"forward": fwd, "eap": eap, "eap_ig": ig, "eap_ig_one_step": ig_one_step, "eap_ig_stacked": ig_stacked,
+            "eap_whole": eap_whole, "eap_ig_whole": ig_whole}
 
 
 def memory_child(folder: str | None, pairs, steps: int, device: str, threads: int) -> dict:
@@ -191,7 +201,9 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
     (group,), _ = group_pairs(engine, pairs, True)
     fns = methods(engine, pairs, steps)
     fwd = fns["forward"]
-    t_fwd, t_eap, t_ig, t_ig_one, t_ig_stacked = interleaved(list(fns.values()), repeats)
+    t = dict(zip(fns, interleaved(list(fns.values()), repeats)))
+    t_fwd, t_eap, t_ig, t_ig_one, t_ig_stacked = (t[k] for k in ("forward", "eap", "eap_ig", "eap_ig_one_step",
+                                                                  "eap_ig_stacked"))
     t_fwd_after = timed(fwd, repeats)  # the machine's load drifts: the forward again, after
     t_one = (t_fwd + t_fwd_after) / 2  # the unit of the ratios
     scores = edge_scores(engine, pairs, method="eap", batch_size=len(pairs)).scores
@@ -207,15 +219,19 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
     t_naive = timed(naive, 1) / len(sample) * graph.n_edges
     t_curve, t_curve_naive = curve_times(engine, pairs, scores, repeats) if curve else (None, None)
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
+            "shared_positions": shared_positions(group.ids, group.corrupted),
             "device": str(engine.device), "steps": steps, "threads": torch.get_num_threads(),
             "seconds": {
                 "forward": t_fwd, "forward_after": t_fwd_after, "eap": t_eap, "eap_ig": t_ig,
                 "eap_ig_one_step": t_ig_one, "eap_ig_stacked": t_ig_stacked,
+                "eap_whole": t["eap_whole"], "eap_ig_whole": t["eap_ig_whole"],
                 "naive_extrapolated": t_naive, "curve": t_curve, "curve_naive": t_curve_naive},
             "eap_ig_steps_per_pass": min(steps, max(1, DEFAULT_BATCH // len(pairs))),  # the default call's
             "ratios": {"eap_over_forward": t_eap / t_one, "eap_ig_over_forward": t_ig / t_one,
                        "eap_ig_one_step_over_forward": t_ig_one / t_one,
                        "eap_ig_stacked_over_forward": t_ig_stacked / t_one,
+                       "eap_whole_over_forward": t["eap_whole"] / t_one,
+                       "eap_ig_whole_over_forward": t["eap_ig_whole"] / t_one,
                        "curve_over_forward": t_curve / t_one if curve else None,
                        "naive_over_eap": t_naive / t_eap,
                        "curve_naive_over_curve": t_curve_naive / t_curve if curve else None},
@@ -229,7 +245,7 @@ def gelu_and_stacking(folder: Path, pairs, steps: int, repeats: int, device: str
     EAP-IG seconds and the largest score difference; (2) EAP's corrupted forward + clean
     gradient pass against one gradient pass over the clean and corrupted rows stacked."""
     import tdb_agent.engine.engine as engine_module
-    from tdb_agent.ops.edges.capture import grad_pass, reference_acts
+    from tdb_agent.ops.edges.capture import grad_pass, reference_run
     fused = Engine.load(folder, device=device)
     swap = engine_module.fuse_gelu
     engine_module.fuse_gelu = lambda model: []
@@ -246,7 +262,7 @@ def gelu_and_stacking(folder: Path, pairs, steps: int, repeats: int, device: str
     two = lambda t: torch.cat([t, t])  # noqa: E731
 
     def separate():  # what EAP runs now
-        reference_acts(fused, g.corrupted)
+        reference_run(fused, g.corrupted, last_mlp_tail=False)
         grad_pass(fused, g.ids, g.target, g.distractor, None, "unfrozen", want_senders=True)
 
     def stacked():  # the corrupted rows in the gradient pass's batch (its backward covers them too)
@@ -266,11 +282,12 @@ def gelu_and_stacking(folder: Path, pairs, steps: int, repeats: int, device: str
 def naive_curve(engine: Engine, graph: EdgeGraph, group, scores: torch.Tensor) -> None:
     """The naive curve: the same edge sets as faithfulness_curve (the full and empty graphs,
     then each budget's cleaned top edges by signed support and by |score|), but one patched
-    pass per edge set."""
-    ref = run_senders(engine, group.corrupted)
+    pass per edge set (each continuing the pairs' shared prefix, as the curve's passes do: the
+    two differ in the batching alone)."""
+    ref, prefix = corrupted_senders(engine, group.corrupted, shared_positions(group.ids, group.corrupted))
 
     def mean_metric(keep: torch.Tensor) -> float:
-        m, _ = patched_metrics(engine, graph, group, ref, keep[None], batch_size=group.ids.shape[0])
+        m, _ = patched_metrics(engine, graph, group, ref, keep[None], batch_size=group.ids.shape[0], prefix=prefix)
         return float(m.mean())
     full = mean_metric(torch.ones(graph.n_senders, graph.n_receivers, dtype=torch.bool))
     empty = mean_metric(torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool))

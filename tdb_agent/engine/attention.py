@@ -2,7 +2,8 @@
 
 `transformers` computes q, k, v (rotary already applied) and hands them to a pluggable
 attention function; ours exposes the internal hook sites (q, k, v, scores, pattern, z),
-reuses cached keys/values of a prompt prefix when the engine asks for it, and otherwise
+reuses cached keys/values of a prompt prefix when the engine asks for it (the q/k/v hooks
+see this run's positions only, before the prefix's are put in front), and otherwise
 runs PyTorch's fused kernel. The mask is built here (the engine never pads), so
 `transformers` passes no mask of its own: causal, and limited to the last
 `sliding_window` keys where the module passes one (Mistral, Qwen2's sliding layers,
@@ -38,22 +39,23 @@ def tdb_attention(module, query, key, value, attention_mask, scaling=None, dropo
     layer = module._tdb_layer
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
 
+    apply = state.apply
+    hooked = state.has_attention_hooks(layer)
+    if hooked:  # this run's positions only (as TransformerLens's hooks see them with a cache)
+        query = apply(_site(module, "hook_q"), query.transpose(1, 2)).transpose(1, 2)
+        key = apply(_site(module, "hook_k"), key.transpose(1, 2)).transpose(1, 2)
+        value = apply(_site(module, "hook_v"), value.transpose(1, 2)).transpose(1, 2)
+
     prefix = state.prefix_kv.get(layer) if state.prefix_kv else None
-    if prefix is not None:  # keys/values of earlier positions from a cached clean run
-        pk, pv = prefix  # [1, kv_heads, prefix_pos, d_head]
-        pk, pv = pk.to(key.device), pv.to(value.device)  # cached on the home device (device maps)
+    if prefix is not None:  # keys/values of earlier positions from a cached run
+        pk, pv = prefix  # [1 or batch, kv_heads, prefix_pos, d_head]
+        pk, pv = pk.to(key.device, key.dtype), pv.to(value.device, value.dtype)  # cached on the home device
         key = torch.cat([pk.expand(key.shape[0], -1, -1, -1), key], dim=2)
         value = torch.cat([pv.expand(value.shape[0], -1, -1, -1), value], dim=2)
 
     groups = query.shape[1] // key.shape[1]
     q_len, k_len = query.shape[2], key.shape[2]
     window = sliding_window if sliding_window is not None and sliding_window < k_len else None
-    apply = state.apply
-    hooked = state.has_attention_hooks(layer)
-    if hooked:
-        query = apply(_site(module, "hook_q"), query.transpose(1, 2)).transpose(1, 2)
-        key = apply(_site(module, "hook_k"), key.transpose(1, 2)).transpose(1, 2)
-        value = apply(_site(module, "hook_v"), value.transpose(1, 2)).transpose(1, 2)
     k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
 

@@ -157,13 +157,73 @@ def run_senders(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
     return senders_from(engine, acts)
 
 
-@torch.no_grad()
-def reference_acts(engine: Engine, ids: torch.Tensor, last_mlp_tail: bool = False) -> SenderActs:
-    """The sender parts of a plain run of `ids` [b, s] (what EAP's reference run keeps);
-    last_mlp_tail: the last MLP's output at the last position only (`last_mlp_tail_only`)."""
+@dataclass
+class Prefix:
+    """The leading positions that a pair's clean and corrupted prompts share (in every row of a
+    batch): their keys/values per layer, [rows, kv_heads, offset, d_head]. A causal model
+    computes the same values there in the clean run, the corrupted run and every input between
+    them, so each sender's reference − clean difference is 0 at those positions and no edge has
+    a score there: the corrupted run (`reference_run`) keeps these keys/values, and the clean
+    passes run the positions after them only, continuing from them (their backward too)."""
+
+    offset: int
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+    def repeat(self, k: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The keys/values for k stacked copies of the rows (EAP-IG's steps in one pass)."""
+        if k == 1:
+            return self.kv
+        return {l: (a.repeat(k, 1, 1, 1), b.repeat(k, 1, 1, 1)) for l, (a, b) in self.kv.items()}
+
+    def rows(self, index: torch.Tensor) -> "Prefix":
+        """The prefix of the rows `index` (exact patching's rows: edge set × pair)."""
+        return Prefix(self.offset, {l: (a[index], b[index]) for l, (a, b) in self.kv.items()})
+
+
+def shared_positions(ids: torch.Tensor, corrupted: torch.Tensor) -> int:
+    """How many leading positions are the same token in every row of both [b, s] (at most s - 1:
+    the last position, where the metric reads, is always run)."""
+    same = (ids == corrupted).all(0).int().cumprod(0)
+    return min(int(same.sum()), ids.shape[1] - 1)
+
+
+def _run_with_prefix(engine: Engine, ids: torch.Tensor, shared: int, last_mlp_tail: bool
+                     ) -> tuple[dict[str, torch.Tensor], Prefix | None]:
+    """A plain run of `ids` [b, s]: the sender sites at positions `shared`.. and, when shared > 0,
+    the keys/values of the positions before (`Prefix`)."""
+    L = engine.spec.n_layers
+    sites = sender_sites(engine) + ([receiver_site(x, l) for l in range(L) for x in "kv"] if shared else [])
     with last_mlp_tail_only(engine) if last_mlp_tail else nullcontext():
-        _, acts = engine.run_with_cache(ids, sender_sites(engine), logit_positions=[-1], logit_ids=[0])
-    return SenderActs.from_acts(engine, acts)
+        _, acts = engine.run_with_cache(ids, sites, logit_positions=[-1], logit_ids=[0])
+    if not shared:
+        return acts, None
+    kv = {l: (acts[receiver_site("k", l)][:, :shared].transpose(1, 2),
+              acts[receiver_site("v", l)][:, :shared].transpose(1, 2)) for l in range(L)}
+    return {k: acts[k][:, shared:] for k in sender_sites(engine)}, Prefix(shared, kv)
+
+
+@torch.no_grad()
+def reference_run(engine: Engine, corrupted: torch.Tensor, shared: int = 0,
+                  last_mlp_tail: bool = True) -> tuple[SenderActs, Prefix | None]:
+    """EAP's corrupted run of `corrupted` [b, s]: the sender parts at positions `shared`.. and,
+    when shared > 0, the keys/values of the positions before (those the clean prompts share:
+    `Prefix`), which the clean passes continue. last_mlp_tail: the last MLP at the last
+    position only (`last_mlp_tail_only`: its output elsewhere is read by no metric)."""
+    acts, prefix = _run_with_prefix(engine, corrupted, shared, last_mlp_tail)
+    return SenderActs.from_acts(engine, acts), prefix
+
+
+@torch.no_grad()
+def corrupted_senders(engine: Engine, corrupted: torch.Tensor, shared: int = 0) -> tuple[torch.Tensor, Prefix | None]:
+    """Exact patching's reference: the corrupted run's sender outputs at positions `shared`..,
+    [b, s - shared, n_senders, d], and the keys/values of the positions before (`Prefix`)."""
+    acts, prefix = _run_with_prefix(engine, corrupted, shared, last_mlp_tail=False)
+    return senders_from(engine, acts), prefix
+
+
+def continue_prefix(prefix: Prefix | None, k: int = 1) -> dict:
+    """The forward's keyword arguments continuing `prefix` (k stacked copies of its rows)."""
+    return {} if prefix is None else {"position_offset": prefix.offset, "prefix_kv": prefix.repeat(k)}
 
 
 @contextmanager
@@ -244,10 +304,11 @@ def autograd_head_grads(engine: Engine, layer: int, x: torch.Tensor, run: list[t
 
 def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None,
               embed: torch.Tensor | None, norm: NormMode, want_senders: bool, hooks: dict | None = None,
-              last_mlp_tail: bool = False):
+              last_mlp_tail: bool = False, prefix: Prefix | None = None):
     """One forward and one backward of rows `ids` [R, s] (token embeddings replaced by `embed`
     [R, s, d] if given): (activations, gradients at the reads, metric per row). last_mlp_tail:
-    the last MLP at the last position only (`last_mlp_tail_only`; its output elsewhere is 0)."""
+    the last MLP at the last position only (`last_mlp_tail_only`; its output elsewhere is 0).
+    prefix: `ids` continue it (R a multiple of its rows; its keys/values are constants)."""
     spec = engine.spec
     L = spec.n_layers
     sites = []
@@ -272,8 +333,10 @@ def grad_pass(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distracto
         # logit_diff reads two logits a row: only those columns are projected (and back-propagated)
         R = ids.shape[0]
         few = distractor is not None and 2 * R < engine.spec.vocab_size
+        k = 1 if prefix is None else R // next(iter(prefix.kv.values()))[0].shape[0]
         out, acts = engine.run_with_cache(ids, list(dict.fromkeys(sites)), hooks={"hook_embed": leaf} | own | (hooks or {}),
-                                          logit_positions=[-1], logit_ids=torch.cat([target, distractor]) if few else None)
+                                          logit_positions=[-1], logit_ids=torch.cat([target, distractor]) if few else None,
+                                          **continue_prefix(prefix, k))
         if few:
             cols = torch.arange(R, device=target.device)
             m = metric_rows(out.logits[:, -1], cols, cols + R)

@@ -31,7 +31,7 @@ from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
 from tdb_agent.ops.edges import ig_activations
 from tdb_agent.ops.edges.capture import Pair, PairGroup, SenderActs, group_pairs, mean_acts, mean_embedding, \
-    reference_acts, sender_sites
+    reference_run, sender_sites, shared_positions
 from tdb_agent.ops.edges.contract import contract
 from tdb_agent.ops.edges.grads import block_weights, receiver_grads
 from tdb_agent.ops.edges.graph import EdgeGraph, edge_graph
@@ -90,7 +90,7 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
                 reference: Reference = "corrupted", norm: NormMode = "unfrozen", per_position: bool = False,
                 metric: MetricName | None = None, batch_size: int = 16, cache: RunCache | None = None,
                 steps_per_pass: int | None = None, ig: IG | None = None,
-                quadrature: Quadrature = "riemann") -> EdgeScores:
+                quadrature: Quadrature = "riemann", reuse_prefix: bool = True) -> EdgeScores:
     """Score every edge of the model's edge graph (senders EMB, heads, MLPs -> each head's q, k
     and v input, each MLP, LOGITS) by EAP or EAP-IG: the estimated change of the metric when
     that edge alone carries its reference value, averaged over the prompt pairs.
@@ -105,6 +105,10 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
     quadrature (EAP-IG's rule for the integral over α, quadrature.py): "riemann" (MIB's right
     Riemann sum, α = k/m) or "radau" (right Gauss–Radau: m nodes, the last the clean run; the
     same passes, exact for polynomials of degree 2m − 2).
+    reuse_prefix (against the corrupted prompts; EAP and EAP-IG over inputs): the leading
+    positions every pair of a batch shares are run by the corrupted run only, and the clean
+    passes continue from its keys/values there (capture.Prefix): the same scores (0 at those
+    positions), the same number of passes, fewer positions in the clean ones.
     per_position: keep a position axis (prompts of one length). Batched over pairs by length,
     `batch_size` pairs a batch; EAP-IG stacks `steps_per_pass` steps of a batch in one forward
     and backward (default: as many as keep a pass within `batch_size` rows)."""
@@ -145,7 +149,7 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
                 else:
                     per_pass = steps_per_pass or max(1, batch_size // len(chunk.index))  # rows ≤ batch_size
                     m_sum += _score_chunk(engine, graph, chunk, res, mean_ref, mean_emb, steps, quadrature, norm,
-                                          per_pass)
+                                          per_pass, reuse_prefix)
         total /= len(pairs)
         total *= graph.valid.to(total.device)
         res.metric_clean = m_sum / len(pairs)
@@ -172,12 +176,21 @@ def _activations_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: 
 
 
 def _score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeScores, mean_ref: SenderActs | None,
-                 mean_emb, steps: int, quadrature: Quadrature, norm: NormMode, steps_per_pass: int) -> float:
+                 mean_emb, steps: int, quadrature: Quadrature, norm: NormMode, steps_per_pass: int,
+                 reuse_prefix: bool) -> float:
     """Add one chunk's EAP or EAP-IG-over-inputs scores into res.scores (EAP-IG: `steps` nodes
-    of `quadrature`, the last the clean input). Returns the sum of the rows' clean metrics."""
+    of `quadrature`, the last the clean input). Returns the sum of the rows' clean metrics.
+    Against the corrupted prompts the positions before the first that differs (in any row) are
+    run by the corrupted run only, whose keys/values there the clean passes continue
+    (capture.Prefix): those cover the positions after them only."""
+    p, prefix = 0, None
     if mean_ref is None:
-        ref = reference_acts(engine, chunk.corrupted, last_mlp_tail=True)
+        ref, prefix = reference_run(engine, chunk.corrupted, shared_positions(chunk.ids, chunk.corrupted)
+                                    if reuse_prefix else 0)
         res.forward_passes += 1
+        if prefix is not None:
+            p = prefix.offset
+            chunk = _positions_from(chunk, p)
     else:
         ref = mean_ref
     if res.method == "eap":
@@ -190,8 +203,17 @@ def _score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeSc
             embeds = [e_ref + a * (e_clean - e_ref) for a in alphas[:-1]] + [e_clean]
     weights = block_weights(engine)
     grads, passes = receiver_grads(engine, chunk.ids, chunk.target, chunk.distractor, embeds, norm, steps_per_pass,
-                                   weights, step_w)
+                                   weights, step_w, prefix)
     res.forward_passes += passes
     res.backward_passes += passes
-    contract(engine, graph, ref - grads.clean, grads, res.scores, res.per_position, weights)
+    out = res.scores[p:] if res.per_position else res.scores  # per position: the shared prefix's stay 0
+    contract(engine, graph, ref - grads.clean, grads, out, res.per_position, weights)
     return float(grads.metric.sum())
+
+
+def _positions_from(g: PairGroup, p: int) -> PairGroup:
+    """The pairs' positions p.. (those after a shared prefix of p)."""
+    if p == 0:
+        return g
+    return PairGroup(index=g.index, ids=g.ids[:, p:], corrupted=g.corrupted[:, p:], target=g.target,
+                     distractor=g.distractor)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
-from tdb_agent.ops.edges.capture import Pair, group_pairs, mean_senders, run_senders
+from tdb_agent.ops.edges.capture import Pair, corrupted_senders, group_pairs, mean_senders, shared_positions
 from tdb_agent.ops.edges.eap import Reference
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.patch import patched_metrics
@@ -64,10 +64,14 @@ def keep_masks(graph: EdgeGraph, scores: torch.Tensor, counts: Sequence[int]) ->
 class EdgeEvaluator:
     """A behaviour's prompt pairs prepared once (tokens, groups by length, the reference:
     corrupted sender outputs or corpus means) and the full and empty graphs' metrics; then
-    any number of edge sets, each a row of batched patched passes."""
+    any number of edge sets, each a row of batched patched passes. reuse_prefix (corrupted
+    reference): the leading positions a group's pairs share are run by the corrupted run only
+    and every patched run continues its keys/values there (capture.Prefix: no edge changes
+    those positions), so the patched passes cover the positions after them."""
 
     def __init__(self, engine: Engine, pairs: Sequence[Pair], reference: Reference = "corrupted",
-                 metric: MetricName | None = None, batch_size: int = 64, cache: RunCache | None = None):
+                 metric: MetricName | None = None, batch_size: int = 64, cache: RunCache | None = None,
+                 reuse_prefix: bool = True):
         self.engine, self.reference, self.batch_size = engine, reference, batch_size
         self.graph = EdgeGraph(engine.spec)
         self.n_pairs = len(pairs)
@@ -75,10 +79,16 @@ class EdgeEvaluator:
         with engine.lock:
             self.groups, self.metric_name = group_pairs(engine, pairs, reference == "corrupted", metric)
             mean_ref = mean_senders(engine, cache) if reference == "mean" else None
-            self.refs = []
+            self.refs, self.prefixes = [], []  # per group: its reference, its shared prefix (capture.Prefix)
             for g in self.groups:
-                self.refs.append(mean_ref if mean_ref is not None else run_senders(engine, g.corrupted))
-                self.forward_passes += mean_ref is None
+                if mean_ref is not None:
+                    ref, prefix = mean_ref, None
+                else:
+                    ref, prefix = corrupted_senders(engine, g.corrupted,
+                                                    shared_positions(g.ids, g.corrupted) if reuse_prefix else 0)
+                    self.forward_passes += 1
+                self.refs.append(ref)
+                self.prefixes.append(prefix)
             shape = (1, self.graph.n_senders, self.graph.n_receivers)
             ends = self.means(torch.cat([torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)]))
         self.m_full, self.m_empty = float(ends[0]), float(ends[1])
@@ -92,8 +102,8 @@ class EdgeEvaluator:
             raise TdbError("position-aware edge sets need prompts of one token length")
         sums = torch.zeros(keeps.shape[0], device=self.engine.device)
         with self.engine.lock:
-            for grp, ref in zip(self.groups, self.refs):
-                m, p = patched_metrics(self.engine, g, grp, ref, keeps.to(torch.bool), self.batch_size)
+            for grp, ref, prefix in zip(self.groups, self.refs, self.prefixes):
+                m, p = patched_metrics(self.engine, g, grp, ref, keeps.to(torch.bool), self.batch_size, prefix)
                 sums += m.sum(1)
                 self.forward_passes += p
         return sums / self.n_pairs

@@ -36,7 +36,7 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.engine.component_sites import EMBED_SITE, receiver_site, resid_site
-from tdb_agent.ops.edges.capture import SenderActs, autograd_head_grads, grad_pass
+from tdb_agent.ops.edges.capture import Prefix, SenderActs, autograd_head_grads, grad_pass
 from tdb_agent.ops.edges.heads import closed_form, layer_rotary, q_scale, rotary_block_tables, rotate
 from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp
 
@@ -148,9 +148,10 @@ def normalise(engine: Engine, x: torch.Tensor, module: torch.nn.Module) -> tuple
 
 
 def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: int, norm: NormMode,
-               scale: float | Sequence[float], weights: BlockWeights) -> ReceiverGrads:
+               scale: float | Sequence[float], weights: BlockWeights, offset: int = 0) -> ReceiverGrads:
     """Add one pass of k steps × b rows (step-major) to `acc`, each step weighted `scale` (one
-    weight for all, or one per step: the quadrature's)."""
+    weight for all, or one per step: the quadrature's); offset: the pass's first position (a
+    shared prefix's length: its rotary angles)."""
     spec, a = engine.spec, engine.adapter
     L = spec.n_layers
     R, s = grads[-1].shape[:2]
@@ -158,7 +159,7 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
     if acc is None:
         acc = ReceiverGrads(b=b, s=s, head=[None] * L, full=[None] * L, weight=[[] for _ in range(L)],
                             xhat=[[] for _ in range(L)], mlp=[None] * L)
-    kw = rotary_block_tables(engine, acts[EMBED_SITE])
+    kw = rotary_block_tables(engine, acts[EMBED_SITE], offset)
     exact_form = closed_form(engine)
 
     # the steps' weights: one for all (a float) or one per step ([k], broadcast from the left)
@@ -213,12 +214,14 @@ def accumulate(engine: Engine, acc: ReceiverGrads | None, acts: dict, grads, k: 
 
 def receiver_grads(engine: Engine, ids: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None,
                    embeds: list[torch.Tensor | None], norm: NormMode, steps_per_pass: int,
-                   weights: BlockWeights, step_weights: Sequence[float] | None = None) -> tuple[ReceiverGrads, int]:
+                   weights: BlockWeights, step_weights: Sequence[float] | None = None,
+                   prefix: Prefix | None = None) -> tuple[ReceiverGrads, int]:
     """The gradients at every receiver, averaged over `embeds` (one per step, the last the
     clean input: None for the model's own embeddings) with `step_weights` (the quadrature's;
     default 1/m each), `steps_per_pass` steps stacked in the batch of one forward and
     backward, the last MLP at the last position only (the metric's: capture.last_mlp_tail_only).
-    Returns (the gradients, the passes run)."""
+    prefix: `ids` and `embeds` are the positions after a shared prefix (capture.Prefix), which
+    the passes continue. Returns (the gradients, the passes run)."""
     acc = None
     m = len(embeds)
     b = ids.shape[0]
@@ -230,10 +233,10 @@ def receiver_grads(engine: Engine, ids: torch.Tensor, target: torch.Tensor, dist
         embed = None if part[0] is None else torch.cat(part)  # None: EAP's single clean step
         rep = (lambda t: t.repeat(k, *([1] * (t.dim() - 1)))) if k > 1 else (lambda t: t)
         acts, grads, metric = grad_pass(engine, rep(ids), rep(target), None if distractor is None else rep(distractor),
-                                        embed, norm, want_senders=last, last_mlp_tail=True)
+                                        embed, norm, want_senders=last, last_mlp_tail=True, prefix=prefix)
         passes += 1
         scale = 1.0 / m if step_weights is None else list(step_weights[i:i + k])
-        acc = accumulate(engine, acc, acts, grads, k, norm, scale, weights)
+        acc = accumulate(engine, acc, acts, grads, k, norm, scale, weights, 0 if prefix is None else prefix.offset)
         if last:
             acc.metric = metric[-b:]
             acc.clean = SenderActs.from_acts(engine, acts, slice((k - 1) * b, k * b))

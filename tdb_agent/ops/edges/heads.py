@@ -45,10 +45,11 @@ class Rotary:
     interleaved: bool
 
 
-def rotary_block_tables(engine: Engine, x: torch.Tensor):
-    """The adapter's block keyword arguments for positions 0..s-1 of x [b, s, d] (once per run)."""
+def rotary_block_tables(engine: Engine, x: torch.Tensor, offset: int = 0):
+    """The adapter's block keyword arguments for positions offset..offset+s-1 of x [b, s, d]
+    (once per run; offset: the run continues a prefix of that many positions)."""
     b, s = x.shape[:2]
-    pos = torch.arange(s, device=x.device).unsqueeze(0).expand(b, -1)
+    pos = torch.arange(offset, offset + s, device=x.device).unsqueeze(0).expand(b, -1)
     return engine.adapter.block_kwargs(x, pos)
 
 

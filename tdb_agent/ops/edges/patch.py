@@ -24,7 +24,7 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.engine.component_sites import kind_site, receiver_site, resid_site
-from tdb_agent.ops.edges.capture import PairGroup, head_outputs, metric_rows
+from tdb_agent.ops.edges.capture import PairGroup, Prefix, continue_prefix, head_outputs, metric_rows
 from tdb_agent.ops.edges.graph import EdgeGraph
 from tdb_agent.ops.edges.heads import head_read, layer_rotary, read_norm, rotary_block_tables
 
@@ -68,10 +68,11 @@ def _row_plan(m: torch.Tensor) -> tuple[bool, torch.Tensor, torch.Tensor] | None
 
 
 def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch.Tensor, removed: torch.Tensor,
-                 target: torch.Tensor, distractor: torch.Tensor | None) -> torch.Tensor:
+                 target: torch.Tensor, distractor: torch.Tensor | None, prefix: Prefix | None = None) -> torch.Tensor:
     """Metric per row of `ids` [b, s] with `removed` [b, (s,) U, R] edges reading `ref`
     ([b, s, U, d] or [U, d]) instead of the run's sender values (a fractional mask moves the
-    edge that fraction of the way).
+    edge that fraction of the way). prefix: `ids` continue it (positions its offset..; every
+    sender's reference there is its value in this run, so no removed edge changes it).
 
     One buffer holds ref_u − a_u for the senders run so far, sender-major [b, U, s, d]
     (position-aware masks: [b, s, U, d]), each written once as its sender runs; a block's
@@ -137,7 +138,7 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
                 state["mask"] = removed.to(x.device, x.dtype).transpose(-1, -2).contiguous()  # [b, (s,) R, U]
                 state["mask_cpu"] = state["mask"].cpu() if not pos else None  # rows' plans are made on the host
                 write(x.unsqueeze(2))
-                state["kw"] = rotary_block_tables(engine, x)
+                state["kw"] = rotary_block_tables(engine, x, 0 if prefix is None else prefix.offset)
             state["rot"] = layer_rotary(engine, l, state["kw"], x.dtype)
         return fn
 
@@ -197,17 +198,24 @@ def patched_rows(engine: Engine, graph: EdgeGraph, ids: torch.Tensor, ref: torch
         hooks[receiver_site("mlp", l)] = [mlp_in(l)]
         hooks[kind_site("mlp", l)] = [mlp_out]
     with torch.no_grad():
-        logits = engine.forward(ids, hooks=hooks, logit_positions=[-1]).logits[:, -1]
+        logits = engine.forward(ids, hooks=hooks, logit_positions=[-1], **continue_prefix(prefix)).logits[:, -1]
     return metric_rows(logits, target, distractor)
 
 
 def patched_metrics(engine: Engine, graph: EdgeGraph, group: PairGroup, ref: torch.Tensor, keeps: torch.Tensor,
-                    batch_size: int = 64) -> tuple[torch.Tensor, int]:
+                    batch_size: int = 64, prefix: Prefix | None = None) -> tuple[torch.Tensor, int]:
     """Metric [n_sets, n_pairs] of the group's pairs with only `keeps` [n_sets, (s,) U, R] kept.
 
-    ref: the group's corrupted sender values [n, s, U, d] or means [U, d]. Returns the metrics
-    and the number of forward passes."""
-    n, s = group.ids.shape
+    ref: the group's corrupted sender values [n, s, U, d] or means [U, d]. prefix: the pairs'
+    shared leading positions (capture.Prefix, from the corrupted run; `ref` then covers the
+    positions after it): every patched run continues it. Returns the metrics and the number of
+    forward passes."""
+    ids = group.ids
+    if prefix is not None:
+        ids = ids[:, prefix.offset:]
+        if keeps.dim() == 4:  # edges pinned to the prefix's positions change nothing there
+            keeps = keeps[:, prefix.offset:]
+    n, s = ids.shape
     rows = [(k, j) for k in range(keeps.shape[0]) for j in range(n)]
     batch_size = rows_per_pass(engine, graph, s, batch_size)
     out = torch.empty(keeps.shape[0], n, device=engine.device)
@@ -219,8 +227,9 @@ def patched_metrics(engine: Engine, graph: EdgeGraph, group: PairGroup, ref: tor
         js = torch.tensor([j for _, j in chunk], device=group.ids.device)
         removed = ~keeps[ks] & valid
         r = ref[js] if ref.dim() == 4 else ref
-        m = patched_rows(engine, graph, group.ids[js], r, removed.to(engine.device), group.target[js],
-                         None if group.distractor is None else group.distractor[js])
+        m = patched_rows(engine, graph, ids[js], r, removed.to(engine.device), group.target[js],
+                         None if group.distractor is None else group.distractor[js],
+                         None if prefix is None else prefix.rows(js))
         out[ks.to(out.device), js.to(out.device)] = m.float()
         passes += 1
     return out, passes
