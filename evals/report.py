@@ -115,7 +115,9 @@ def edge_axis_table(rows: list[MethodResult]) -> list[str]:
          "inputs for the corrupted prompts). Node rankings: the same procedure on their edge order (an edge enters "
          "with the later of its two nodes, so each node boundary keeps the edges among the top k nodes, node "
          "patching of the rest), CPR's order from the signed mean effect, CMD's from its magnitude (the ranking "
-         "above: act×grad / sweep against the corrupted prompt).", "",
+         "above: act×grad / sweep against the corrupted prompt). The resample columns are MIB's own setting: its "
+         "circuit track patches in each example's counterfactual prompt unless told otherwise (`--ablation "
+         "patching`, the default of its run_evaluation.py; mean ablation is an option for a few methods).", "",
          "| case | method | CPR mean | CMD mean | CPR resample | CMD resample |", "|---|---|---|---|---|---|"]
     for r in rows:
         e = r.detail["edge_axis"]
@@ -237,3 +239,10 @@ def markdown(res: Results) -> str:
 def write(res: Results, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(res.model_dump(mode="json"), indent=1, default=str) + "\n")
     (out / "RESULTS.md").write_text(markdown(res))
+
+
+if __name__ == "__main__":  # python -m evals.report: RESULTS.md again from results.json (a change of wording only)
+    _here = Path(__file__).parent
+    _res = Results.model_validate_json((_here / "results.json").read_text())
+    (_here / "RESULTS.md").write_text(markdown(_res))
+    print(f"wrote {_here / 'RESULTS.md'} from {_here / 'results.json'}")

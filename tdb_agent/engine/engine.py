@@ -334,7 +334,9 @@ class Engine:
         (the layers below are not recomputed). stop_layer: return after that many blocks
         with `resid_final` = the residual stream there and no logits. logit_positions:
         positions to project (None: all); logit_ids: vocabulary entries to project (None:
-        all). position_offset/prefix_kv: `ids` continue a prefix whose keys/values are given.
+        all). position_offset/prefix_kv: `ids` continue a prefix whose keys/values are given
+        ([1 or b, kv_heads, prefix positions, d_head] per layer; the q/k/v hook sites see the
+        positions of `ids` only).
         """
         n_layers = self.spec.n_layers
         with self.hooks(hooks, prefix_kv=prefix_kv):
