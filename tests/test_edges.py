@@ -12,7 +12,8 @@ from evals.cost import count_passes
 from tdb_agent.engine import Engine
 from tdb_agent.engine.spec import ModelSpec
 from tdb_agent.errors import TdbError
-from tdb_agent.ops.edges.capture import group_pairs, run_senders, sender_sites, senders_from, shared_positions
+from tdb_agent.ops.edges.capture import corrupted_senders, group_pairs, run_senders, sender_sites, senders_from, \
+    shared_positions
 from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, evaluate_keeps, faithfulness_curve, keep_masks, \
     smallest_circuit
@@ -154,6 +155,14 @@ def test_per_position_scores_sum_to_summed_scores(sharp):
     assert torch.allclose(pos.scores.sum(0), edge_scores(eng, pairs).scores, atol=1e-7)
     top = pos.ranked(3)
     assert "@" in top[0][0] and abs(top[0][1]) >= abs(top[-1][1])
+    # the positions the pairs share: no pass after the corrupted run covers them, their scores are 0
+    g = _tensors(eng, pairs)
+    p = shared_positions(g.ids, g.corrupted)
+    assert p > 0 and pos.scores[:p].abs().max() == 0
+    whole = edge_scores(eng, pairs, per_position=True, reuse_prefix=False)  # every position run
+    scale = float(whole.scores.abs().max())
+    assert whole.scores[:p].abs().max() <= 1e-5 * scale  # there, only rounding: the same values in both runs
+    assert torch.allclose(pos.scores, whole.scores, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("method", ["eap", "eap-ig"])
@@ -334,6 +343,15 @@ def test_position_aware_mask_matches_summed_mask(sharp):
     late[:, -1] = True  # the last position keeps every edge: a different circuit
     c, _ = patched_metrics(eng, graph, g, ref, late)
     assert not torch.allclose(a, c)
+    # continuing the pairs' shared prefix (capture.Prefix): random edge sets per position, those
+    # at the prefix's positions included (there they change nothing), as the whole runs give
+    p = shared_positions(g.ids, g.corrupted)
+    after, prefix = corrupted_senders(eng, g.corrupted, p)
+    sets = torch.rand(3, s, graph.n_senders, graph.n_receivers, generator=gen) < 0.5
+    whole, _ = patched_metrics(eng, graph, g, ref, sets)
+    cont, _ = patched_metrics(eng, graph, g, after, sets, prefix=prefix)
+    assert p > 0 and torch.allclose(cont, whole, atol=1e-5)
+    assert (whole - whole[:1]).abs().max() > 1e-3  # the sets differ
 
 
 def test_faithfulness_curve_endpoints_and_areas(sharp):
