@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from evals import constructed, explanations, reference
 from evals.edge_methods import EDGE_METHODS
 from evals.methods import AGENT_METHODS, RANKING_METHODS, Case, MethodResult, score_case
 from evals.report import TRACR_NOTE, Results, write
+from tdb_agent import environment
 from tdb_agent.circuits import PromptPair
 from tdb_agent.tasks import task_examples
 
@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         expl = explanations.run(str(root / "constructed" / "class_neuron"), quick=args.quick)
     res = Results(command="python -m evals" + (" --quick" if args.quick else ""), quick=args.quick, revision=rev,
                   finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  seconds=time.time() - t0, threads=args.threads, machine=f"{platform.machine()}, {os.cpu_count()} "
-                  f"CPUs visible, torch {torch.__version__}, python {sys.version.split()[0]}",
+                  seconds=time.time() - t0, threads=args.threads, machine=environment.summary(),
                   results=results, toy_truth=toy_truths, tracr_truth=tracr_truths,
                   references={t: reference.load(t).model_dump(include={"nodes", "edges", "n_pairs", "seed", "threshold",
                                                                        "edge_threshold", "command"}) for t in tasks},

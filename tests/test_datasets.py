@@ -355,3 +355,5 @@ def test_a_build_in_a_fresh_process_is_identical(tiny_dirs, tmp_path):
     assert len(a) > 10_000 and a == b
     ma, mb = (json.loads((o / store.MANIFEST).read_text()) for o in out)
     assert ma.pop("build_seconds") >= 0 and mb.pop("build_seconds") >= 0 and ma == mb
+    # what it was built with (a build that does not reproduce can be traced to another torch or CPU)
+    assert ma["environment"]["torch"] == torch.__version__ and ma["environment"]["cpu"]

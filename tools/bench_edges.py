@@ -54,6 +54,7 @@ import torch
 from bench_ops import gpt2_small_random, once, timed  # tools/ is on the path when run as a script
 
 from tdb_agent.engine import Engine
+from tdb_agent.environment import describe
 from tdb_agent.ops.edges.capture import corrupted_senders, group_pairs, run_senders, shared_positions
 from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.faithfulness import MIB_BUDGETS, faithfulness_curve, keep_masks
@@ -219,7 +220,7 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
     t_naive = timed(naive, 1) / len(sample) * graph.n_edges
     t_curve, t_curve_naive = curve_times(engine, pairs, scores, repeats) if curve else (None, None)
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
-            "shared_positions": shared_positions(group.ids, group.corrupted),
+            "shared_positions": shared_positions(group.ids, group.corrupted), "environment": describe(),
             "device": str(engine.device), "steps": steps, "threads": torch.get_num_threads(),
             "seconds": {
                 "forward": t_fwd, "forward_after": t_fwd_after, "eap": t_eap, "eap_ig": t_ig,
@@ -324,6 +325,7 @@ def bench_curve(engine: Engine, pairs, repeats: int) -> dict:
     t = dict(zip(fns, interleaved(list(fns.values()), repeats)))
     return {"model": engine.name, "n_edges": graph.n_edges, "pairs": len(pairs), "tokens": int(group.ids.shape[1]),
             "device": str(engine.device), "threads": torch.get_num_threads(), "repeats": repeats, "seconds": t,
+            "environment": describe(),
             "ratios": {"one_set_over_forward": t["one_set"] / t["forward"],
                        "curve_over_forward": t["curve"] / t["forward"],
                        "curve_over_curve_naive": t["curve"] / t["curve_naive"]}}

@@ -21,6 +21,7 @@ from safetensors.torch import load_file as load_torch, save_file as save_torch
 
 from tdb_agent.datasets.builder import DatasetBuilder
 from tdb_agent.datasets.components import model_fingerprint, sae_fingerprints, transcoder_fingerprints
+from tdb_agent.environment import describe
 from tdb_agent.datasets.config import FORMAT_VERSION, BuildConfig
 from tdb_agent.datasets.corpus import Chunk, plan_chunks
 from tdb_agent.engine import Engine
@@ -147,7 +148,7 @@ def build(engine: Engine, docs: Iterable[list[int]], out: str | Path, cfg: Build
         "sae_fingerprints": fp["saes"], "transcoder_fingerprints": fp.get("transcoders", {}), "source": source, "n_tokens": folded.n_tokens,
         "n_documents": folded.docs_done, "stat_tokens": folded.count, "config": cfg.__dict__,
         "blocks": [b.model_dump() for b in folded.blocks], "n_components": folded.C,
-        "build_seconds": round(time.time() - t0, 2), "workers": runner.n_workers,
+        "build_seconds": round(time.time() - t0, 2), "workers": runner.n_workers, "environment": describe(),
         "notes": "position 0 (BOS) is excluded from examples and stats; heads: activation = norm of the head's "
                  "write at the query position; acts are int8 x scale[component]",
     }
