@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from tdb_agent.agent.runstore import RunStore
 
@@ -148,8 +149,13 @@ def test_a_discover_run_killed_with_sigkill_resumes_with_each_call_logged_once(t
     from tests.test_discover import _discover_cmd, calls
 
     model = str(tiny_dirs["gpt2"])
-    asyncio.run(discover.run(RunConfig(task="ioi", planner="scripted", model=model), tmp_path / "ref",
-                             echo=lambda m: None))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the processes below run (OMP_NUM_THREADS=1): the same rounding, the same choices
+    try:
+        asyncio.run(discover.run(RunConfig(task="ioi", planner="scripted", model=model), tmp_path / "ref",
+                                 echo=lambda m: None))
+    finally:
+        torch.set_num_threads(threads)
     uninterrupted = RunStore(tmp_path / "ref").events()
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -1,6 +1,6 @@
 """What edge methods read from a run: the prompt pairs batched by length and every sender's
 output; one forward and backward with the gradients at every receiver's read (`grad_pass`; grads.py
-keeps them in head space).
+keeps them in head space); the leading positions a batch of pairs shares, run once (`Prefix`).
 
 Sender outputs [b, s, n_senders, d]: EMB is the residual stream entering block 0 (token and
 position embeddings, Gemma's sqrt(d_model) scale included), a head's output is z_h · W_O[h]
@@ -153,8 +153,7 @@ def senders_from(engine: Engine, acts: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def run_senders(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
     """Sender outputs of a plain run of `ids` [b, s] -> [b, s, n_senders, d]."""
-    _, acts = engine.run_with_cache(ids, sender_sites(engine), logit_positions=[-1], logit_ids=[0])
-    return senders_from(engine, acts)
+    return corrupted_senders(engine, ids)[0]
 
 
 @dataclass
