@@ -27,7 +27,8 @@ word-level vocabulary) at 128 tokens:
 Times are medians of --repeats rounds after a warm-up, each round running the forward, eap
 and the three eap_ig rows once in turn (so that the machine's load falls on all alike); ratios
 are to one forward measured in the same run (the mean of its median in those rounds and of
-another --repeats after them). Peak memory: the most extra memory each of forward / eap /
+another --repeats after them); `ratios_fastest` are the same from each call's fastest round
+(other work on the machine only adds time: the steadier figure on a shared CPU). Peak memory: the most extra memory each of forward / eap /
 eap_ig holds at once (CUDA: the allocator's peak; CPU: resident memory sampled every
 millisecond, with glibc told to return freed blocks at once so that the resident size
 follows the live tensors: in a process of its own, since that setting makes each large
@@ -138,13 +139,19 @@ def _return_freed_memory() -> None:
 def interleaved(fns, repeats: int) -> list[float]:
     """Median seconds of each fn over `repeats` rounds that run every fn once in turn (after a
     warm-up of each): a change in the machine's load then falls on all of them alike."""
+    return interleaved_stats(fns, repeats)[0]
+
+
+def interleaved_stats(fns, repeats: int) -> tuple[list[float], list[float]]:
+    """(medians, minima) of `interleaved`'s rounds: on a shared machine other work only ever
+    adds time, so the fastest round is the steadier estimate of what a call costs."""
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
             ts.append(once(fn))
-    return [statistics.median(ts) for ts in times]
+    return [statistics.median(ts) for ts in times], [min(ts) for ts in times]
 
 
 def methods(engine: Engine, pairs, steps: int) -> dict:
@@ -202,7 +209,8 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
     (group,), _ = group_pairs(engine, pairs, True)
     fns = methods(engine, pairs, steps)
     fwd = fns["forward"]
-    t = dict(zip(fns, interleaved(list(fns.values()), repeats)))
+    medians, minima = interleaved_stats(list(fns.values()), repeats)
+    t, fastest = dict(zip(fns, medians)), dict(zip(fns, minima))
     t_fwd, t_eap, t_ig, t_ig_one, t_ig_stacked = (t[k] for k in ("forward", "eap", "eap_ig", "eap_ig_one_step",
                                                                   "eap_ig_stacked"))
     t_fwd_after = timed(fwd, repeats)  # the machine's load drifts: the forward again, after
@@ -236,7 +244,9 @@ def bench(engine: Engine, pairs, steps: int, repeats: int, naive_sample: int, cu
                        "curve_over_forward": t_curve / t_one if curve else None,
                        "naive_over_eap": t_naive / t_eap,
                        "curve_naive_over_curve": t_curve_naive / t_curve if curve else None},
-            "naive_sample": int(len(sample))}
+            "naive_sample": int(len(sample)),
+            # the same ratios from each call's fastest round (the forward's too): steadier on a shared machine
+            "ratios_fastest": {f"{k}_over_forward": fastest[k] / fastest["forward"] for k in fns if k != "forward"}}
 
 
 def gelu_and_stacking(folder: Path, pairs, steps: int, repeats: int, device: str) -> dict:
