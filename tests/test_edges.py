@@ -519,3 +519,23 @@ def _bf16_senders_times_float32_grads(e16, plain, g):
     D = senders(g.corrupted) - senders(g.ids)
     G, _ = HookedEdges(plain).receiver_grads(g.ids, g.target, g.distractor)
     return torch.einsum("bsud,rbsd->ur", D, torch.stack(G)) / g.ids.shape[0] * EdgeGraph(e16.spec).valid
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_a_pair_whose_prompts_are_the_same_scores_zero(sharp, method):
+    """A corrupted prompt equal to the prompt shares every position: the passes run the last
+    one alone (shared_positions keeps it), every difference there is 0 but for rounding (the
+    corrupted run's last position is computed whole, the clean one continuing the prefix), so
+    is every score; the pair beside it in a batch scores as it does alone (their shared prefix
+    is then its own)."""
+    eng = sharp["gpt2"]
+    p0, p1 = _pairs(2)
+    same = p0.model_copy(update={"corrupted_prompt": p0.prompt})
+    g = _tensors(eng, [same])
+    assert shared_positions(g.ids, g.corrupted) == g.ids.shape[1] - 1
+    alone = edge_scores(eng, [p1], method=method, steps=2).scores
+    scale = float(alone.abs().max())
+    # (measured 2.6e-5 of the other pair's largest score on this sharpened model: rounding only)
+    assert scale > 1e-3 and edge_scores(eng, [same], method=method, steps=2).scores.abs().max() <= 1e-4 * scale
+    both = edge_scores(eng, [same, p1], method=method, steps=2).scores  # the mean over the two pairs
+    assert torch.allclose(2 * both, alone, atol=2e-5 * scale)
