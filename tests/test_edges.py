@@ -219,9 +219,14 @@ def test_eap_ig_over_activations_equals_reference_integrated_gradients(sharp, fa
     ref = RefModel(eng.model).ig_activations(g.ids, g.corrupted, g.target, g.distractor, 3,
                                              ref=mean_senders(eng, None) if reference == "mean" else None)
     _close(res.scores, ref)
+    # the clean pass, then each group's 2 steps off α = 1 stacked in one pass (2 pairs × 2 steps ≤ 16 rows)
     groups = 1 + 2 * eng.spec.n_layers
-    assert res.ig == "activations" and res.backward_passes == 1 + groups * 2
+    assert res.ig == "activations" and res.backward_passes == 1 + groups
     assert res.forward_passes == res.backward_passes + (reference == "corrupted")
+    apart = edge_scores(eng, pairs, method="eap-ig", steps=3, reference=reference, ig="activations", steps_per_pass=1)
+    assert apart.backward_passes == 1 + groups * 2  # one step a pass: the same scores
+    _close(apart.scores, ref)
+    assert torch.allclose(apart.scores, res.scores, atol=1e-6 * float(ref.abs().max()))
     # inputs and activations differ (the mean path), and EAP-IG over the mean defaults to activations
     other = edge_scores(eng, pairs, method="eap-ig", steps=3, reference=reference, ig="inputs").scores
     assert (res.scores - other).abs().max() > 1e-3 * res.scores.abs().max()

@@ -46,6 +46,8 @@ def main() -> None:
     spec.loader.exec_module(before)
     if "quadrature" not in inspect.signature(before.score_chunk).parameters:  # older than the option: Riemann only
         before = types.SimpleNamespace(score_chunk=lambda *a, quadrature="riemann", _f=before.score_chunk: _f(*a))
+    if "steps_per_pass" not in inspect.signature(before.score_chunk).parameters:  # older: one step a pass
+        before = types.SimpleNamespace(score_chunk=lambda *a, steps_per_pass=1, _f=before.score_chunk, **k: _f(*a, **k))
     with tempfile.TemporaryDirectory() as tmp:
         engine = small_model(Path(tmp), "auto")
         pairs = random_pairs(engine, 2, 128)

@@ -23,16 +23,19 @@ from evals.edge_methods import node_ranking_on_edges
 from evals.methods import support
 from tdb_agent.engine import Engine
 from tdb_agent.ops.edges import faithfulness, ig_activations as IA
-from tdb_agent.ops.edges.capture import grad_pass, sender_sites
+from tdb_agent.ops.edges.capture import SenderActs, grad_pass, sender_sites
+from tdb_agent.ops.edges.contract import contract
 from tdb_agent.ops.edges.eap import edge_scores
 from tdb_agent.ops.edges.faithfulness import EdgeEvaluator, faithfulness_curve
 from tdb_agent.ops.edges.grads import BlockWeights, accumulate
 from tdb_agent.ops.edges.quadrature import nodes
 
 
-def per_head_chunk(engine, graph, chunk, ref_acts, steps, norm, out, per_position, quadrature="riemann"):
+def per_head_chunk(engine, graph, chunk, ref_acts, steps, norm, out, per_position, quadrature="riemann",
+                   steps_per_pass=1):
     """ig_activations.score_chunk with a path per head: each head's z moved from its reference
-    to its clean value alone (the other heads of its layer clean); EMB and MLPs as there."""
+    to its clean value alone (the other heads of its layer clean); EMB and MLPs as there (one
+    step a pass whatever steps_per_pass)."""
     alphas, step_w = nodes(quadrature, steps)
     weights = BlockWeights(engine)
     acts, g, m = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=True)
@@ -53,8 +56,8 @@ def per_head_chunk(engine, graph, chunk, ref_acts, steps, norm, out, per_positio
                                         want_senders=False, hooks={site: lambda x, st, v=value: v + (x - x.detach())})
                 G = accumulate(engine, G, acts, gk, 1, norm, w, weights)
                 passes += 1
-            IA._contract_group(engine, graph, delta if h is None else delta[..., h:h + 1, :], G, u, out,
-                               per_position, weights)
+            contract(engine, graph, SenderActs(full=delta if h is None else delta[..., h:h + 1, :]), G, out,
+                     per_position, weights, slice(u[0], u[-1] + 1))
     return float(m.sum()), passes
 
 

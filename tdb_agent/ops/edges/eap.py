@@ -100,7 +100,8 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
     embeddings. reference: the corrupted prompts' sender outputs, or their corpus means.
     norm: "unfrozen" (the true gradient) or "frozen" (every norm's scale held).
     ig (EAP-IG's path): "inputs" (token embeddings, MIB's EAP-IG-inputs) or "activations" (each
-    sender group's output, ig_activations.py: 1 + n_groups·(steps − 1) passes); default inputs
+    sender group's output, ig_activations.py: 1 + n_groups·⌈(steps − 1) / steps_per_pass⌉
+    passes); default inputs
     against the corrupted prompts, activations against the mean (whose path the inputs miss).
     quadrature (EAP-IG's rule for the integral over α, quadrature.py): "riemann" (MIB's right
     Riemann sum, α = k/m) or "radau" (right Gauss–Radau: m nodes, the last the clean run; the
@@ -111,7 +112,8 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
     positions), the same number of passes, fewer positions in the clean ones.
     per_position: keep a position axis (prompts of one length). Batched over pairs by length,
     `batch_size` pairs a batch; EAP-IG stacks `steps_per_pass` steps of a batch in one forward
-    and backward (default: as many as keep a pass within `batch_size` rows)."""
+    and backward (default: as many as keep a pass within `batch_size` rows; over activations,
+    a sender group's steps)."""
     if method not in ("eap", "eap-ig"):
         raise TdbError(f"method must be 'eap' or 'eap-ig', not {method!r}")
     if reference not in ("corrupted", "mean"):
@@ -144,10 +146,11 @@ def edge_scores(engine: Engine, pairs: Sequence[Pair], method: Method = "eap", s
         for group in groups:
             for i in range(0, len(group.index), batch_size):
                 chunk = _slice(group, i, i + batch_size)
+                per_pass = steps_per_pass or max(1, batch_size // len(chunk.index))  # rows ≤ batch_size
                 if ig == "activations":
-                    m_sum += _activations_chunk(engine, graph, chunk, res, means_act, steps, quadrature, norm)
+                    m_sum += _activations_chunk(engine, graph, chunk, res, means_act, steps, quadrature, norm,
+                                                per_pass)
                 else:
-                    per_pass = steps_per_pass or max(1, batch_size // len(chunk.index))  # rows ≤ batch_size
                     m_sum += _score_chunk(engine, graph, chunk, res, mean_ref, mean_emb, steps, quadrature, norm,
                                           per_pass, reuse_prefix)
         total /= len(pairs)
@@ -162,14 +165,14 @@ def _slice(g: PairGroup, a: int, b: int) -> PairGroup:
 
 
 def _activations_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, res: EdgeScores, mean_acts, steps: int,
-                       quadrature: Quadrature, norm: NormMode) -> float:
+                       quadrature: Quadrature, norm: NormMode, steps_per_pass: int) -> float:
     if mean_acts is None:
         with torch.no_grad():
             _, mean_acts = engine.run_with_cache(chunk.corrupted, sender_sites(engine), logit_positions=[-1],
                                                  logit_ids=[0])
         res.forward_passes += 1
     m, passes = ig_activations.score_chunk(engine, graph, chunk, mean_acts, steps, norm, res.scores, res.per_position,
-                                           quadrature=quadrature)
+                                           quadrature=quadrature, steps_per_pass=steps_per_pass)
     res.forward_passes += passes
     res.backward_passes += passes
     return m

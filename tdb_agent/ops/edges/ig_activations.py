@@ -59,7 +59,7 @@ def _group_delta(engine: Engine, group: int, ref: torch.Tensor, clean: torch.Ten
 
 def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: dict[str, torch.Tensor],
                 steps: int, norm: NormMode, out: torch.Tensor, per_position: bool,
-                quadrature: Quadrature = "riemann") -> tuple[float, int]:
+                quadrature: Quadrature = "riemann", steps_per_pass: int = 1) -> tuple[float, int]:
     """Add the chunk's EAP-IG-over-activations scores (summed over its rows) into `out`
     [(s,) U, R]. ref_acts: the sender sites' reference values ([b, s, ...] from the corrupted
     prompts, or corpus means without the batch and position axes); the integral over α on
@@ -68,7 +68,9 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
 
     The receivers' gradients stay in head space, summed over each group's steps as the passes
     arrive (grads.accumulate); the clean pass's sum is shared by every group (copied, never
-    recomputed) and each group's is contracted with its own senders only."""
+    recomputed) and each group's is contracted with its own senders only. A group's steps
+    are stacked `steps_per_pass` at a time in the batch of one forward and backward (each
+    copy of the rows at its own α), as EAP-IG over inputs stacks its steps."""
     weights = block_weights(engine)
     acts, g, m = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=True,
                            last_mlp_tail=True)
@@ -84,17 +86,27 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
         c = clean_acts[site]
         c32, r = c.float(), ref_acts[site].float()
         G = copy.deepcopy(clean_grads)
-        for alpha, w in zip(alphas[:-1], step_w[:-1]):
-            value = (r + alpha * (c32 - r)).to(c.dtype).expand_as(c)
-            # the value is the interpolated one; the gradient passes straight through to x, so
-            # every receiver's read stays in the graph (only those downstream of the group,
-            # which that gradient does not touch, are used)
-            acts, gk, _ = grad_pass(engine, chunk.ids, chunk.target, chunk.distractor, None, norm, want_senders=False,
-                                    last_mlp_tail=True,
+        path = list(zip(alphas[:-1], step_w[:-1]))
+        for j in range(0, len(path), steps_per_pass):
+            part = path[j:j + steps_per_pass]
+            k = len(part)
+            # [k·b, s, ..]: the rows' copies step-major, each at its α; the value is the
+            # interpolated one and the gradient passes straight through to x, so every
+            # receiver's read stays in the graph (only those downstream of the group, which
+            # that gradient does not touch, are used)
+            value = torch.cat([(r + alpha * (c32 - r)).to(c.dtype).expand_as(c) for alpha, _ in part])
+            acts, gk, _ = grad_pass(engine, _rep(chunk.ids, k), _rep(chunk.target, k),
+                                    None if chunk.distractor is None else _rep(chunk.distractor, k), None, norm,
+                                    want_senders=False, last_mlp_tail=True,
                                     hooks={site: lambda x, st, v=value: v + (x - x.detach())})
-            G = accumulate(engine, G, acts, gk, 1, norm, w, weights)
+            G = accumulate(engine, G, acts, gk, k, norm, [w for _, w in part], weights)
             del acts, gk
             passes += 1
         D = _group_delta(engine, i, r.expand_as(c32) if r.dim() < c32.dim() else r, c32)
         contract(engine, graph, SenderActs(full=D), G, out, per_position, weights, slice(us[0], us[-1] + 1))
     return float(m.sum()), passes
+
+
+def _rep(t: torch.Tensor, k: int) -> torch.Tensor:
+    """k copies of the rows of t, stacked (step-major)."""
+    return t.repeat(k, *([1] * (t.dim() - 1))) if k > 1 else t
