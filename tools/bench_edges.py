@@ -2,6 +2,7 @@
 
     python tools/bench_edges.py [--threads 1] [--device auto] [--small] [--pairs 8] [--curve-only] [--out FILE]
     python tools/bench_edges.py --gelu-ab --pairs 2 --repeats 4   (see gelu_and_stacking)
+    python tools/bench_edges.py --mean --pairs 2 --repeats 7      (see bench_mean)
 
 In one process, on (a) the bundled model with IOI prompt pairs of one length and (b) with
 --small, a GPT-2-small-shaped random model (12 layers, 12 heads, d_model 768; the project's
@@ -341,6 +342,30 @@ def bench_curve(engine: Engine, pairs, repeats: int) -> dict:
                        "curve_over_curve_naive": t["curve"] / t["curve_naive"]}}
 
 
+def bench_mean(engine: Engine, pairs, steps: int, repeats: int) -> dict:
+    """--mean: EAP-IG against the corpus mean (over activations, its default), a sender group's
+    steps stacked in one pass (the default call) and one step a pass, with a run cache (as the
+    MCP tools call it: the corpus means made once) and without one (each call runs the
+    reference documents for them), with one forward in the same rounds."""
+    from tdb_agent.ops.runs import RunCache
+    (group,), _ = group_pairs(engine, pairs, True)
+    cache = RunCache(engine)
+
+    def fwd():
+        with torch.no_grad():
+            engine.forward(group.ids, logit_positions=[-1])
+
+    def ig(**kw):
+        return lambda: edge_scores(engine, pairs, method="eap-ig", steps=steps, reference="mean", **kw)
+    fns = {"forward": fwd, "stacked_cached": ig(cache=cache), "one_step_cached": ig(cache=cache, steps_per_pass=1),
+           "stacked": ig(), "one_step": ig(steps_per_pass=1)}
+    t = dict(zip(fns, interleaved(list(fns.values()), repeats)))
+    return {"model": engine.name, "pairs": len(pairs), "tokens": int(group.ids.shape[1]), "steps": steps,
+            "reference": "mean", "device": str(engine.device), "threads": torch.get_num_threads(),
+            "repeats": repeats, "seconds": t, "environment": describe(),
+            "ratios": {f"eap_ig_mean_{k}_over_forward": v / t["forward"] for k, v in t.items() if k != "forward"}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -355,6 +380,8 @@ def main() -> None:
     ap.add_argument("--gelu-ab", action="store_true",
                     help="only on the small model: fused GELU vs the formula, and the stacked EAP pass")
     ap.add_argument("--curve-only", action="store_true", help="only the curve rows (with one set and one forward)")
+    ap.add_argument("--mean", action="store_true",
+                    help="only EAP-IG against the corpus mean on the bundled model (steps stacked or not, cached means or not)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -364,6 +391,10 @@ def main() -> None:
             pairs = random_pairs(small_model(Path(tmp), args.device), args.pairs, 128)
             row = gelu_and_stacking(Path(tmp), pairs, args.steps, args.repeats, args.device)
         print(json.dumps(row, indent=1))
+        return
+    if args.mean:
+        engine = Engine.load(device=args.device)
+        print(json.dumps(bench_mean(engine, ioi_pairs(engine, args.pairs), args.steps, args.repeats), indent=1))
         return
     if not args.small_only:
         engine = Engine.load(device=args.device)
