@@ -16,8 +16,9 @@ quadrature's weights w_k (1/m for the Riemann sum):
 
     score(u → r) = (ref_u − clean_u) · Σ_k w_k ∂m/∂(input of r) |_{group(u) at α_k}
 
-α = 1 is the clean run, shared by every group: 1 + n_groups · (m − 1) forwards and backwards,
-plus the corrupted forward. By completeness of the integral, a group's scores summed over its
+α = 1 is the clean run, shared by every group: 1 + n_groups · (m − 1) forwards and backwards
+of the rows, plus the corrupted forward; a group's m − 1 runs are stacked in the batch of
+⌈(m − 1) / steps_per_pass⌉ passes. By completeness of the integral, a group's scores summed over its
 edges tend (m → ∞) to m(group set to its reference) − m(clean): exactly mean (or resample)
 patching of that group's output. A layer's heads are moved at z (their outputs are linear in
 it, except through a post-norm, where the path runs in z rather than in the outputs).
