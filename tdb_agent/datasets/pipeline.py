@@ -21,10 +21,10 @@ from safetensors.torch import load_file as load_torch, save_file as save_torch
 
 from tdb_agent.datasets.builder import DatasetBuilder
 from tdb_agent.datasets.components import model_fingerprint, sae_fingerprints, transcoder_fingerprints
-from tdb_agent.environment import describe
 from tdb_agent.datasets.config import FORMAT_VERSION, BuildConfig
 from tdb_agent.datasets.corpus import Chunk, plan_chunks
 from tdb_agent.engine import Engine
+from tdb_agent.environment import describe
 from tdb_agent.errors import TdbError
 
 log = logging.getLogger(__name__)

@@ -170,13 +170,16 @@ class Prefix:
 
     def repeat(self, k: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """The keys/values for k stacked copies of the rows (EAP-IG's steps in one pass)."""
-        if k == 1:
-            return self.kv
-        return {l: (a.repeat(k, 1, 1, 1), b.repeat(k, 1, 1, 1)) for l, (a, b) in self.kv.items()}
+        return {l: (stack_rows(a, k), stack_rows(b, k)) for l, (a, b) in self.kv.items()}
 
     def rows(self, index: torch.Tensor) -> "Prefix":
         """The prefix of the rows `index` (exact patching's rows: edge set × pair)."""
         return Prefix(self.offset, {l: (a[index], b[index]) for l, (a, b) in self.kv.items()})
+
+
+def stack_rows(t: torch.Tensor, k: int) -> torch.Tensor:
+    """k copies of the rows of t, stacked step-major (the batch of k steps in one pass)."""
+    return t.repeat(k, *([1] * (t.dim() - 1))) if k > 1 else t
 
 
 def shared_positions(ids: torch.Tensor, corrupted: torch.Tensor) -> int:

@@ -36,7 +36,7 @@ import torch
 
 from tdb_agent.engine import Engine
 from tdb_agent.engine.component_sites import EMBED_SITE, receiver_site, resid_site
-from tdb_agent.ops.edges.capture import Prefix, SenderActs, autograd_head_grads, grad_pass
+from tdb_agent.ops.edges.capture import Prefix, SenderActs, autograd_head_grads, grad_pass, stack_rows
 from tdb_agent.ops.edges.heads import closed_form, layer_rotary, q_scale, rotary_block_tables, rotate
 from tdb_agent.ops.edges.reads import NormMode, norm_params, norm_vjp
 
@@ -231,9 +231,9 @@ def receiver_grads(engine: Engine, ids: torch.Tensor, target: torch.Tensor, dist
         k = len(part)
         last = i + k == m
         embed = None if part[0] is None else torch.cat(part)  # None: EAP's single clean step
-        rep = (lambda t: t.repeat(k, *([1] * (t.dim() - 1)))) if k > 1 else (lambda t: t)
-        acts, grads, metric = grad_pass(engine, rep(ids), rep(target), None if distractor is None else rep(distractor),
-                                        embed, norm, want_senders=last, last_mlp_tail=True, prefix=prefix)
+        acts, grads, metric = grad_pass(engine, stack_rows(ids, k), stack_rows(target, k),
+                                        None if distractor is None else stack_rows(distractor, k), embed, norm,
+                                        want_senders=last, last_mlp_tail=True, prefix=prefix)
         passes += 1
         scale = 1.0 / m if step_weights is None else list(step_weights[i:i + k])
         acc = accumulate(engine, acc, acts, grads, k, norm, scale, weights, 0 if prefix is None else prefix.offset)

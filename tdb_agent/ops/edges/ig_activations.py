@@ -31,7 +31,7 @@ import copy
 import torch
 
 from tdb_agent.engine import Engine
-from tdb_agent.ops.edges.capture import PairGroup, SenderActs, grad_pass, head_outputs, sender_sites
+from tdb_agent.ops.edges.capture import PairGroup, SenderActs, grad_pass, head_outputs, sender_sites, stack_rows
 from tdb_agent.ops.edges.contract import contract
 from tdb_agent.ops.edges.grads import accumulate, block_weights
 from tdb_agent.ops.edges.graph import EdgeGraph
@@ -96,8 +96,8 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
             # receiver's read stays in the graph (only those downstream of the group, which
             # that gradient does not touch, are used)
             value = torch.cat([(r + alpha * (c32 - r)).to(c.dtype).expand_as(c) for alpha, _ in part])
-            acts, gk, _ = grad_pass(engine, _rep(chunk.ids, k), _rep(chunk.target, k),
-                                    None if chunk.distractor is None else _rep(chunk.distractor, k), None, norm,
+            acts, gk, _ = grad_pass(engine, stack_rows(chunk.ids, k), stack_rows(chunk.target, k),
+                                    None if chunk.distractor is None else stack_rows(chunk.distractor, k), None, norm,
                                     want_senders=False, last_mlp_tail=True,
                                     hooks={site: lambda x, st, v=value: v + (x - x.detach())})
             G = accumulate(engine, G, acts, gk, k, norm, [w for _, w in part], weights)
@@ -106,8 +106,3 @@ def score_chunk(engine: Engine, graph: EdgeGraph, chunk: PairGroup, ref_acts: di
         D = _group_delta(engine, i, r.expand_as(c32) if r.dim() < c32.dim() else r, c32)
         contract(engine, graph, SenderActs(full=D), G, out, per_position, weights, slice(us[0], us[-1] + 1))
     return float(m.sum()), passes
-
-
-def _rep(t: torch.Tensor, k: int) -> torch.Tensor:
-    """k copies of the rows of t, stacked (step-major)."""
-    return t.repeat(k, *([1] * (t.dim() - 1))) if k > 1 else t
