@@ -4,7 +4,9 @@
 including `run_with_cache`, sweeps that start at a later layer, and the forwards of an
 in-process MCP server's worker threads) and `torch.autograd.grad` / `Tensor.backward`
 (every backward pass), for the duration of a `with` block. A batched pass of b rows
-counts once in `forward_passes` and b times in `forward_rows`.
+counts once in `forward_passes` and b times in `forward_rows`; a pass run a block at a time
+(the circuit Evaluator's) counts once, at its last block, and `forward_tokens` counts rows ×
+positions × the share of the blocks each call runs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tdb_agent.engine import Engine
 class Cost(BaseModel):
     forward_passes: int = 0
     forward_rows: int = 0  # sequences run (a batch of b counts b)
-    forward_tokens: int = 0  # rows x positions actually run
+    forward_tokens: int = 0  # rows x positions actually run (x the share of the blocks run)
     backward_passes: int = 0
     seconds: float = 0.0
 
@@ -72,7 +74,14 @@ def _install() -> None:
     _orig.update(forward=fwd, grad=grad, backward=backward)
 
     def forward(self, ids, *args, **kwargs):
-        _bump(forward_passes=1, forward_rows=int(ids.shape[0]), forward_tokens=int(ids.numel()))
+        # a pass is a call that reaches the logits or runs blocks from the embeddings; the calls
+        # of a pass run a block at a time (circuits/evaluate.py) add only their tokens, and
+        # tokens count by the share of the blocks a call runs
+        start, stop, L = kwargs.get("start_layer", 0), kwargs.get("stop_layer"), self.spec.n_layers
+        blocks = (L if stop is None else stop) - start
+        whole = stop is None or (start == 0 and blocks > 0)
+        _bump(forward_passes=int(whole), forward_rows=int(ids.shape[0]) * whole,
+              forward_tokens=round(int(ids.numel()) * blocks / L))
         return fwd(self, ids, *args, **kwargs)
 
     def counted_grad(*args, **kwargs):

@@ -312,3 +312,30 @@ def test_pruning_below_threshold_removes_nothing(sparse, sparse_cache):
     assert r.start_faithfulness == pytest.approx(0.0, abs=1e-3)
     with pytest.raises(TdbError, match="threshold"):
         C.prune(sparse, g, threshold=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "mistral", "gemma2"])
+def test_block_at_a_time_evaluation_equals_the_ablate_op(tiny_engines, family):
+    """The Evaluator runs a pruning step's candidates a block at a time, rows sharing the blocks
+    where their keep-sets agree (batches of 4 states, so each block takes several): every
+    candidate's metric equals the `ablate` op's on each pair (one prompt at a time, whole
+    passes, its own hooks), under both ablations, on families with rotary, GQA, sliding windows
+    and post-norms."""
+    eng = tiny_engines[family]
+    L = eng.spec.n_layers
+    circuit_nodes = ["L0.H1", f"L{L - 1}.H0", "L0.MLP", f"L{L - 1}.N3", f"L{L - 1}.N5", "L1.H2@4"]
+    sets = [circuit_nodes] + [[m for m in circuit_nodes if m != n] for n in circuit_nodes] + [[]]
+    pairs = [p for p in SAME_LEN
+             if eng.to_tokens(p.prompt).shape[1] == eng.to_tokens(p.corrupted_prompt).shape[1]]
+    assert len(pairs) >= 2
+    cache = RunCache(eng)
+    for mode in ("mean", "resample"):
+        ev = Evaluator(eng, pairs, mode=mode, cache=cache, batch_size=4)
+        assert ev.layerwise
+        rows = ev.metric_rows([C.keep_set(s, eng.spec) for s in sets])
+        for s, row in zip(sets, rows):
+            for i, p in enumerate(pairs):
+                n = eng.to_tokens(p.prompt).shape[1]
+                r = ablate(eng, p.prompt, _complement(eng, s, n), p.target, p.distractor, mode=mode, cache=cache,
+                           corrupted_prompt=p.corrupted_prompt if mode == "resample" else None)
+                assert row[i].item() == pytest.approx(r.after, abs=1e-4), (mode, s, i)

@@ -5,6 +5,12 @@ length, the ablation values: reference means or the corrupted prompts' activatio
 evaluates any number of keep-sets. Rows of a forward pass are (keep-set, pair) combinations
 of one length group, so evaluating one circuit costs one forward pass per length group (at
 most one per pair), and the candidates of a pruning step share their passes.
+
+The passes run a block at a time (`Evaluator.layerwise`): two rows of one pair whose keep-sets
+agree on blocks 0..l have the same residual stream up to block l, so that part is run once for
+both. A pruning step's candidates (the circuit less one node each) then run each block only
+for the candidates whose removed node is at or below it: about (L + 1) / 2L of the work of
+whole passes. `forward_passes` counts the batches that reach the logits.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ def reference_means_for(engine: Engine, sites: list[str], cache: RunCache | None
 
 
 class Evaluator:
+    #: run the passes a block at a time, rows sharing the blocks where their keep-sets agree
+    #: (a universe whose interventions span blocks, like cross-layer transcoders, runs whole passes)
+    layerwise = True
+    #: residual streams one level of the block-at-a-time evaluation holds (keep-sets are taken
+    #: in parts that fit; two levels are alive at once)
+    STATE_BYTES = 1 << 28
+
     def __init__(self, engine: Engine, pairs: list[PromptPair], mode: AblationMode = "mean",
                  metric: MetricName | None = None, cache: RunCache | None = None, batch_size: int = 64):
         if mode not in ("mean", "resample"):
@@ -84,9 +97,11 @@ class Evaluator:
         _, acts = self.engine.run_with_cache(cids, _sites(self.engine), logit_ids=[0])
         return {k: v.detach() for k, v in acts.items()}
 
-    def _hooks(self, g: "_Group", ks: list[KeepSet], js: torch.Tensor, s: int, all_keeps: list[KeepSet]) -> dict:
-        """Engine hooks for a batch whose row r keeps ks[r] of pair js[r] of group g."""
-        masks = ablation_masks(ks, self.engine.spec, s, set().union(*(neuron_layers(k) for k in all_keeps)))
+    def _hooks(self, g: "_Group", ks: list[KeepSet], js: torch.Tensor, s: int, post_layers: set[int],
+               layers: list[int] | None = None) -> dict:
+        """Engine hooks for a batch whose row r keeps ks[r] of pair js[r] of group g (at the sites
+        of `layers` only, default all); post_layers: where some keep-set names neurons."""
+        masks = ablation_masks(ks, self.engine.spec, s, post_layers, layers)
         return {site: [intervention("set", site, value=self._value(g, site, js), mask=m.to(self.engine.device))]
                 for site, m in masks.items() if m.any()}
 
@@ -132,21 +147,26 @@ class Evaluator:
                  should_stop: Callable[[], bool] | None) -> list[torch.Tensor]:
         out = torch.empty(len(keeps), len(self.pairs))
         total, done = len(keeps) * len(self.pairs), 0
+        post_layers = set().union(*(neuron_layers(k) for k in keeps))
         with self.engine.lock:
             for g in self.groups:
                 n, s = g.ids.shape
                 for k in keeps:
                     check_positions(k, s, f"prompt {g.pair_index[0]}")
                 rows = [(ki, j) for ki in range(len(keeps)) for j in range(n)]
-                for r0 in range(0, len(rows), self.batch_size):
-                    if should_stop is not None and should_stop():
-                        raise Cancelled("validation was cancelled")
-                    chunk = rows[r0:r0 + self.batch_size]
-                    ks = [keeps[ki] for ki, _ in chunk]
-                    js = torch.tensor([j for _, j in chunk])
-                    hooks = self._hooks(g, ks, js, s, keeps)
-                    logits = self.engine.forward(g.ids[js.to(g.ids.device)], hooks=hooks).logits[:, -1]
-                    self.forward_passes += 1
+                if self.layerwise:  # parts of whole keep-sets, each run a block at a time
+                    per = max(1, self.STATE_BYTES // (n * s * self.engine.spec.d_model * 4))
+                    parts = [list(range(k0, min(len(keeps), k0 + per))) for k0 in range(0, len(keeps), per)]
+                    chunks = [(rows[part[0] * n:(part[-1] + 1) * n],
+                               lambda part=part: self._blockwise(g, [keeps[i] for i in part], post_layers,
+                                                                 should_stop)) for part in parts]
+                else:
+                    chunks = [(rows[r0:r0 + self.batch_size],
+                               lambda r0=r0: self._whole(g, [keeps[ki] for ki, _ in rows[r0:r0 + self.batch_size]],
+                                                         [j for _, j in rows[r0:r0 + self.batch_size]], post_layers,
+                                                         should_stop)) for r0 in range(0, len(rows), self.batch_size)]
+                for chunk, run in chunks:
+                    logits = run()
                     for row, (ki, j) in enumerate(chunk):
                         p = g.pair_index[j]
                         out[ki, p] = self.metrics[p].from_logits(logits[row:row + 1].float())[0].item()
@@ -154,6 +174,49 @@ class Evaluator:
                     if progress is not None:
                         progress(done, total)
         return list(out)
+
+    def _whole(self, g: _Group, ks: list[KeepSet], js: list[int], post_layers: set[int],
+               should_stop: Callable[[], bool] | None) -> torch.Tensor:
+        """Last-position logits [rows, vocab] of rows keeping ks[r] on pair js[r], one whole pass."""
+        if should_stop is not None and should_stop():
+            raise Cancelled("validation was cancelled")
+        jt = torch.tensor(js)
+        hooks = self._hooks(g, ks, jt, g.ids.shape[1], post_layers)
+        self.forward_passes += 1
+        return self.engine.forward(g.ids[jt.to(g.ids.device)], hooks=hooks).logits[:, -1]
+
+    def _blockwise(self, g: _Group, ks: list[KeepSet], post_layers: set[int],
+                   should_stop: Callable[[], bool] | None) -> torch.Tensor:
+        """Last-position logits [len(ks) · n, vocab] of every (keep-set, pair) row, keep-set
+        major, run a block at a time. A state is a distinct residual stream after the blocks
+        so far: (its parent state, the units block l keeps); rows share a state while their
+        keep-sets agree, and each block runs once per state, batch_size states a batch."""
+        e, L = self.engine, self.engine.spec.n_layers
+        n, s = g.ids.shape
+        x = e.forward(g.ids, stop_layer=0).resid_final  # [n, s, d]: state j is pair j's embeddings
+        state_pair = list(range(n))
+        row_state = [j for _ in ks for j in range(n)]
+        for l in range(L):
+            kept_here = [frozenset((u, pos) for u, pos in k.items() if u[1] == l) for k in ks]
+            index: dict[tuple[int, frozenset], int] = {}
+            row_state = [index.setdefault((st, kept_here[r // n]), len(index)) for r, st in enumerate(row_state)]
+            states = list(index)
+            last = l == L - 1
+            outs = []
+            for b0 in range(0, len(states), self.batch_size):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("validation was cancelled")
+                part = states[b0:b0 + self.batch_size]
+                js = torch.tensor([state_pair[st] for st, _ in part])
+                parents = torch.tensor([st for st, _ in part], device=x.device)
+                hooks = self._hooks(g, [dict(units) for _, units in part], js, s, post_layers, layers=[l])
+                out = e.forward(g.ids[js.to(g.ids.device)], start_layer=l, resid=x[parents],
+                                stop_layer=None if last else l + 1, hooks=hooks)
+                outs.append(out.logits[:, -1] if last else out.resid_final)
+                self.forward_passes += last
+            state_pair = [state_pair[st] for st, _ in states]
+            x = torch.cat(outs)  # [states, s, d]; after the last block [states, vocab]
+        return x[torch.tensor(row_state, device=x.device)]
 
     def _value(self, g: _Group, site: str, js: torch.Tensor) -> torch.Tensor:
         if self.mode == "mean":

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import torch
 
 from tdb_agent.circuits.evaluate import Evaluator, _Group
-from tdb_agent.circuits.universe import KeepSet, _merge, _positions_mask
+from tdb_agent.circuits.universe import KeepSet, _merge, _positions_index
 from tdb_agent.components import parse_component
 from tdb_agent.engine import Engine
 from tdb_agent.errors import TdbError
@@ -74,7 +74,10 @@ def universe_units(engine: Engine) -> int:
 
 class FeatureEvaluator(Evaluator):
     """Evaluator (circuits/evaluate.py) over the feature universe; same pairs, metric,
-    batching and faithfulness."""
+    batching and faithfulness. Whole passes: a cross-layer transcoder reads one block and
+    writes later ones, so its splice spans the blocks."""
+
+    layerwise = False
 
     def __init__(self, engine: Engine, *args, **kwargs):
         self.tcs = _tcs(engine)
@@ -108,20 +111,21 @@ class FeatureEvaluator(Evaluator):
         f, e = self._run(cids)
         return {"f": f, "e": e}
 
-    def _hooks(self, g: _Group, ks: list[KeepSet], js: torch.Tensor, s: int, all_keeps: list[KeepSet]) -> dict:
+    def _hooks(self, g: _Group, ks: list[KeepSet], js: torch.Tensor, s: int, post_layers: set[int],
+               layers: list[int] | None = None) -> dict:
         dev = self.engine.device
         b = len(ks)
         fkeep = {l: torch.zeros(b, s, tc.d_tc, dtype=torch.bool) for l, tc in self.tcs.layers.items()}
         ekeep = {l: torch.zeros(b, s, dtype=torch.bool) for l in self.tcs.layers}
         for r, keep in enumerate(ks):
             for unit, pos in keep.items():
-                p = _positions_mask(pos, s)
+                p = _positions_index(pos)
                 if unit[0] == "tcerr":
-                    ekeep[unit[1]][r] |= p
+                    ekeep[unit[1]][r, p] = True
                 elif unit[2] is None:
-                    fkeep[unit[1]][r] |= p[:, None]
+                    fkeep[unit[1]][r, p] = True
                 else:
-                    fkeep[unit[1]][r, :, unit[2]] |= p
+                    fkeep[unit[1]][r, p, unit[2]] = True
         if self.mode == "mean":
             ref = {k: {l: v[None, None] for l, v in self._means[k].items()} for k in ("f", "e")}
         else:

@@ -84,44 +84,50 @@ def neuron_layers(keep: KeepSet) -> set[int]:
     return {u[1] for u in keep if u[0] == "neuron"}
 
 
-def _positions_mask(pos: frozenset[int] | None, n_tokens: int) -> torch.Tensor:
-    m = torch.zeros(n_tokens, dtype=torch.bool)
-    if pos is None:
-        m[:] = True
-    else:
-        m[sorted(pos)] = True
-    return m
+def _positions_index(pos: frozenset[int] | None) -> slice | list[int]:
+    """The positions a unit is kept at, as an index of the position axis."""
+    return slice(None) if pos is None else sorted(pos)
 
 
 def ablation_masks(keeps: list[KeepSet], spec: ModelSpec, n_tokens: int,
-                   post_layers: set[int]) -> dict[str, torch.Tensor]:
+                   post_layers: set[int], layers: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
     """Per-site boolean masks (True = ablate) for a batch whose row i keeps `keeps[i]`.
 
     hook_z: [b, s, heads, 1]; hook_mlp_out: [b, s, 1]; mlp.hook_post: [b, s, d_mlp] (only for
     `post_layers`, where rows without neurons in that layer ablate at hook_mlp_out instead).
+    layers: only those blocks' sites (default: every block); units elsewhere are skipped.
     """
+    wanted = set(range(spec.n_layers)) if layers is None else set(layers)
+    first: dict[frozenset, int] = {}  # rows keeping the same units share one mask row (a batch of
+    rows = [first.setdefault(frozenset(k.items()), len(first)) for k in keeps]  # pairs x few sets)
+    if len(first) < len(keeps):
+        distinct = ablation_masks([dict(k) for k in first], spec, n_tokens, post_layers, wanted)
+        index = torch.tensor(rows)
+        return {site: m[index] for site, m in distinct.items()}
     b, s, L, H = len(keeps), n_tokens, spec.n_layers, spec.n_heads
     head_keep = torch.zeros(b, s, L, H, dtype=torch.bool)
     mlp_keep = torch.zeros(b, s, L, dtype=torch.bool)
-    post_keep = {l: torch.zeros(b, s, spec.d_mlp, dtype=torch.bool) for l in post_layers}
-    neuron_rows = {l: torch.zeros(b, dtype=torch.bool) for l in post_layers}
+    post_keep = {l: torch.zeros(b, s, spec.d_mlp, dtype=torch.bool) for l in post_layers if l in wanted}
+    neuron_rows = {l: torch.zeros(b, dtype=torch.bool) for l in post_keep}
     for i, keep in enumerate(keeps):
         for unit, pos in keep.items():
-            p = _positions_mask(pos, s)
+            if unit[1] not in wanted:
+                continue
+            p = _positions_index(pos)
             if unit[0] == "head":
-                head_keep[i, :, unit[1], unit[2]] |= p
+                head_keep[i, p, unit[1], unit[2]] = True
             elif unit[0] == "mlp":
-                mlp_keep[i, :, unit[1]] |= p
+                mlp_keep[i, p, unit[1]] = True
                 if unit[1] in post_keep:
-                    post_keep[unit[1]][i] |= p[:, None]
+                    post_keep[unit[1]][i, p] = True
             else:
-                post_keep[unit[1]][i, :, unit[2]] |= p
+                post_keep[unit[1]][i, p, unit[2]] = True
                 neuron_rows[unit[1]][i] = True
     masks: dict[str, torch.Tensor] = {}
-    for l in range(L):
+    for l in sorted(wanted):
         masks[kind_site("head", l)] = ~head_keep[:, :, l, :, None]
         out_ablate = ~mlp_keep[:, :, l, None]
-        if l in post_layers:
+        if l in post_keep:
             rows = neuron_rows[l]
             out_ablate = out_ablate & ~rows[:, None, None]  # those rows ablate neuron by neuron
             masks[kind_site("neuron", l)] = ~post_keep[l] & rows[:, None, None]
