@@ -47,12 +47,16 @@ def test_quality_on_held_out_text(bundled, shipped):
     sites = [f"blocks.{l}.hook_resid_post" for l in range(e.spec.n_layers)]
     xs = [[] for _ in sites]
     n = 0
+    by_length: dict[int, list[torch.Tensor]] = {}  # documents of one length run as one batch
     for text in corpus_documents(3000, seed=123_456_789):
         ids = e.to_tokens(text)
+        by_length.setdefault(ids.shape[1], []).append(ids)
+    for docs in by_length.values():
+        ids = torch.cat(docs)
         _, acts = e.run_with_cache(ids, sites, logit_positions=[-1], logit_ids=[0])
         for i, s in enumerate(sites):
-            xs[i].append(acts[s][0, 1:])
-        n += ids.shape[1] - 1
+            xs[i].append(acts[s][:, 1:].reshape(-1, acts[s].shape[-1]))
+        n += ids[:, 1:].numel()
     assert n > 60_000
     for sae, chunks in zip(shipped, xs):
         x = torch.cat(chunks).float()
