@@ -142,7 +142,7 @@ def test_resuming_an_llm_run_does_not_replay_edits_onto_reloaded_circuits(tiny_d
     assert resumed[:len(events)] == events and calls(resumed) == calls(events)
 
 
-@pytest.mark.parametrize("task", ["ioi", "induction"])
+@pytest.mark.parametrize("task", ["ioi", pytest.param("induction", marks=pytest.mark.slow)])
 def test_scripted_discovery_on_the_bundled_model(task, bundled, tmp_path):
     """The issue's acceptance: faithfulness >= 0.8 with at most 15 nodes, offline."""
     cfg = RunConfig(task=task, planner="scripted")

@@ -166,6 +166,7 @@ def test_edge_scores_are_computed_once_per_behaviour_and_model(gpt2_tiny, tmp_pa
     ig = {"task": "ioi", "n_pairs": 3, "method": "eap-ig", "steps": 3}
     with count_passes() as first:
         made = edge_circuit_tool(bench, EdgeCircuitArgs(name="c", n_edges=10, **ig), Job())
+    assert first.backward_passes == 1 and first.forward_passes > 2  # scored (3 steps stacked), then patched runs
     with count_passes() as scoring:
         again = EdgeFaithfulnessArgs(**ig).scores(bench)
     assert scoring.forward_passes == scoring.backward_passes == 0 and again.cached

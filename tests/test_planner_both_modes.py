@@ -101,6 +101,7 @@ def test_circuit_prune_tool_takes_modes(gpt2_tiny, tmp_path):
     assert bad.is_error and "zero" in bad.content[0].text
 
 
+@pytest.mark.slow  # 35 s; the modes' mechanics are checked on the tiny model above and in test_cli_ablation_both
 def test_discover_with_both_modes_on_bundled_induction(bundled, tmp_path):
     """Under mean ablation alone the planner's induction circuit holds at ~0.9 but falls to
     ~0.1 under resample (evals/RESULTS.md); required under both, it reaches 0.8 under each
