@@ -320,7 +320,8 @@ def test_block_at_a_time_evaluation_equals_the_ablate_op(tiny_engines, family):
     where their keep-sets agree (batches of 4 states, so each block takes several): every
     candidate's metric equals the `ablate` op's on each pair (one prompt at a time, whole
     passes, its own hooks), under both ablations, on families with rotary, GQA, sliding windows
-    and post-norms."""
+    and post-norms. Under resample ablation the passes run only the positions after the ones
+    each pair shares with its corrupted prompt (the node pinned at 4 lies in them)."""
     eng = tiny_engines[family]
     L = eng.spec.n_layers
     circuit_nodes = ["L0.H1", f"L{L - 1}.H0", "L0.MLP", f"L{L - 1}.N3", f"L{L - 1}.N5", "L1.H2@4"]
@@ -332,10 +333,15 @@ def test_block_at_a_time_evaluation_equals_the_ablate_op(tiny_engines, family):
     for mode in ("mean", "resample"):
         ev = Evaluator(eng, pairs, mode=mode, cache=cache, batch_size=4)
         assert ev.layerwise
+        # resample: the passes continue the positions before the replaced name (0 ablation there)
+        assert (mode == "resample") == all(g.prefix is not None and g.prefix.offset > 4 for g in ev.groups)
         rows = ev.metric_rows([C.keep_set(s, eng.spec) for s in sets])
         for s, row in zip(sets, rows):
             for i, p in enumerate(pairs):
                 n = eng.to_tokens(p.prompt).shape[1]
                 r = ablate(eng, p.prompt, _complement(eng, s, n), p.target, p.distractor, mode=mode, cache=cache,
                            corrupted_prompt=p.corrupted_prompt if mode == "resample" else None)
-                assert row[i].item() == pytest.approx(r.after, abs=1e-4), (mode, s, i)
+                assert row[i].item() == pytest.approx(r.after, abs=2e-6), (mode, s, i)
+        # the pinned node is kept at its position only: keeping it everywhere is another number
+        unpinned = ev.metric_rows([C.keep_set([m.split("@")[0] for m in circuit_nodes], eng.spec)])[0]
+        assert (unpinned - rows[0]).abs().max() > 1e-5

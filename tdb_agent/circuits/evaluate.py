@@ -27,6 +27,7 @@ from tdb_agent.engine import Engine
 from tdb_agent.engine.interventions import intervention
 from tdb_agent.engine.component_sites import kind_site
 from tdb_agent.errors import Cancelled, TdbError
+from tdb_agent.ops.edges.capture import Prefix, run_keeping_prefix, shared_positions
 from tdb_agent.ops.metrics import Metric, MetricName, make_metric
 from tdb_agent.ops.runs import RunCache, reference_means
 
@@ -40,7 +41,8 @@ class _Group:
 
     pair_index: list[int]
     ids: torch.Tensor  # [n, s]
-    source: dict[str, torch.Tensor] | None  # resample: corrupted activations per site [n, s, ...]
+    source: dict[str, torch.Tensor] | None  # resample: corrupted activations per site [n, s - shared, ...]
+    prefix: Prefix | None = None  # resample: the keys/values of the leading positions every pair shares
 
 
 def _sites(engine: Engine) -> list[str]:
@@ -48,6 +50,12 @@ def _sites(engine: Engine) -> list[str]:
     for l in range(engine.spec.n_layers):
         out += [kind_site("head", l), kind_site("mlp", l), kind_site("neuron", l)]
     return out
+
+
+def _after(pos: frozenset[int] | None, p: int) -> frozenset[int] | None:
+    """A unit's kept positions counted from position p (those before p dropped: the passes
+    run from p)."""
+    return pos if pos is None or p == 0 else frozenset(t - p for t in pos if t >= p)
 
 
 def reference_means_for(engine: Engine, sites: list[str], cache: RunCache | None) -> dict[str, torch.Tensor]:
@@ -92,10 +100,10 @@ class Evaluator:
         """Mean-ablation values, one pass over the reference corpus."""
         return reference_means_for(self.engine, _sites(self.engine), cache)
 
-    def _source(self, cids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Resample-ablation values: the activations of the corrupted prompts [n, s, ...]."""
-        _, acts = self.engine.run_with_cache(cids, _sites(self.engine), logit_ids=[0])
-        return {k: v.detach() for k, v in acts.items()}
+    def _source(self, cids: torch.Tensor, shared: int = 0) -> tuple[dict[str, torch.Tensor], Prefix | None]:
+        """Resample-ablation values: the activations of the corrupted prompts [n, s - shared, ...]
+        and the keys/values of their first `shared` positions (capture.Prefix)."""
+        return run_keeping_prefix(self.engine, cids, _sites(self.engine), shared)
 
     def _hooks(self, g: "_Group", ks: list[KeepSet], js: torch.Tensor, s: int, post_layers: set[int],
                layers: list[int] | None = None) -> dict:
@@ -122,11 +130,15 @@ class Evaluator:
         groups = []
         for rows in by_len.values():
             ids = torch.cat([r[1] for r in rows])
-            source = None
+            source = prefix = None
             if self.mode == "resample":
-                source = self._source(torch.cat([r[2] for r in rows]))
+                # positions every pair shares with its corrupted prompt: resample ablation
+                # changes nothing there (the corrupted run's values are the clean ones), so
+                # the block-at-a-time passes continue their keys/values
+                cids = torch.cat([r[2] for r in rows])
+                source, prefix = self._source(cids, shared_positions(ids, cids) if self.layerwise else 0)
                 self.forward_passes += 1
-            groups.append(_Group(pair_index=[r[0] for r in rows], ids=ids, source=source))
+            groups.append(_Group(pair_index=[r[0] for r in rows], ids=ids, source=source, prefix=prefix))
         return groups
 
     def metric_rows(self, keeps: list[KeepSet], progress: Progress | None = None,
@@ -192,12 +204,15 @@ class Evaluator:
         so far: (its parent state, the units block l keeps); rows share a state while their
         keep-sets agree, and each block runs once per state, batch_size states a batch."""
         e, L = self.engine, self.engine.spec.n_layers
-        n, s = g.ids.shape
-        x = e.forward(g.ids, stop_layer=0).resid_final  # [n, s, d]: state j is pair j's embeddings
+        n = g.ids.shape[0]
+        p = 0 if g.prefix is None else g.prefix.offset  # the passes run positions p.. (resample)
+        ids = g.ids[:, p:]
+        s = ids.shape[1]
+        x = e.forward(ids, stop_layer=0, position_offset=p).resid_final  # [n, s, d]: state j, pair j's embeddings
         state_pair = list(range(n))
         row_state = [j for _ in ks for j in range(n)]
         for l in range(L):
-            kept_here = [frozenset((u, pos) for u, pos in k.items() if u[1] == l) for k in ks]
+            kept_here = [frozenset((u, _after(pos, p)) for u, pos in k.items() if u[1] == l) for k in ks]
             index: dict[tuple[int, frozenset], int] = {}
             row_state = [index.setdefault((st, kept_here[r // n]), len(index)) for r, st in enumerate(row_state)]
             states = list(index)
@@ -210,8 +225,9 @@ class Evaluator:
                 js = torch.tensor([state_pair[st] for st, _ in part])
                 parents = torch.tensor([st for st, _ in part], device=x.device)
                 hooks = self._hooks(g, [dict(units) for _, units in part], js, s, post_layers, layers=[l])
-                out = e.forward(g.ids[js.to(g.ids.device)], start_layer=l, resid=x[parents],
-                                stop_layer=None if last else l + 1, hooks=hooks)
+                kv = None if g.prefix is None else {l: tuple(t[js.to(t.device)] for t in g.prefix.kv[l])}
+                out = e.forward(ids[js.to(ids.device)], start_layer=l, resid=x[parents],
+                                stop_layer=None if last else l + 1, hooks=hooks, position_offset=p, prefix_kv=kv)
                 outs.append(out.logits[:, -1] if last else out.resid_final)
                 self.forward_passes += last
             state_pair = [state_pair[st] for st, _ in states]

@@ -107,9 +107,9 @@ class FeatureEvaluator(Evaluator):
         return {"f": {l: (v / count).float() for l, v in total_f.items()},
                 "e": {l: (v / count).float() for l, v in total_e.items()}}
 
-    def _source(self, cids: torch.Tensor) -> dict:
-        f, e = self._run(cids)
-        return {"f": f, "e": e}
+    def _source(self, cids: torch.Tensor, shared: int = 0) -> tuple[dict, None]:
+        f, e = self._run(cids)  # whole passes (not layerwise): shared is 0
+        return {"f": f, "e": e}, None
 
     def _hooks(self, g: _Group, ks: list[KeepSet], js: torch.Tensor, s: int, post_layers: set[int],
                layers: list[int] | None = None) -> dict:

@@ -189,19 +189,20 @@ def shared_positions(ids: torch.Tensor, corrupted: torch.Tensor) -> int:
     return min(int(same.sum()), ids.shape[1] - 1)
 
 
-def _run_with_prefix(engine: Engine, ids: torch.Tensor, shared: int, last_mlp_tail: bool
-                     ) -> tuple[dict[str, torch.Tensor], Prefix | None]:
-    """A plain run of `ids` [b, s]: the sender sites at positions `shared`.. and, when shared > 0,
-    the keys/values of the positions before (`Prefix`)."""
+def run_keeping_prefix(engine: Engine, ids: torch.Tensor, sites: list[str], shared: int,
+                       last_mlp_tail: bool = False) -> tuple[dict[str, torch.Tensor], Prefix | None]:
+    """A plain run of `ids` [b, s]: `sites` at positions `shared`.. and, when shared > 0, the
+    keys/values of the positions before (`Prefix`), which runs of prompts sharing them continue."""
     L = engine.spec.n_layers
-    sites = sender_sites(engine) + ([receiver_site(x, l) for l in range(L) for x in "kv"] if shared else [])
+    kv_sites = [receiver_site(x, l) for l in range(L) for x in "kv"] if shared else []
     with last_mlp_tail_only(engine) if last_mlp_tail else nullcontext():
-        _, acts = engine.run_with_cache(ids, sites, logit_positions=[-1], logit_ids=[0])
+        _, acts = engine.run_with_cache(ids, list(dict.fromkeys(sites + kv_sites)), logit_positions=[-1],
+                                        logit_ids=[0])
     if not shared:
-        return acts, None
+        return {k: acts[k] for k in sites}, None
     kv = {l: (acts[receiver_site("k", l)][:, :shared].transpose(1, 2),
               acts[receiver_site("v", l)][:, :shared].transpose(1, 2)) for l in range(L)}
-    return {k: acts[k][:, shared:] for k in sender_sites(engine)}, Prefix(shared, kv)
+    return {k: acts[k][:, shared:] for k in sites}, Prefix(shared, kv)
 
 
 @torch.no_grad()
@@ -211,7 +212,7 @@ def reference_run(engine: Engine, corrupted: torch.Tensor, shared: int = 0,
     when shared > 0, the keys/values of the positions before (those the clean prompts share:
     `Prefix`), which the clean passes continue. last_mlp_tail: the last MLP at the last
     position only (`last_mlp_tail_only`: its output elsewhere is read by no metric)."""
-    acts, prefix = _run_with_prefix(engine, corrupted, shared, last_mlp_tail)
+    acts, prefix = run_keeping_prefix(engine, corrupted, sender_sites(engine), shared, last_mlp_tail)
     return SenderActs.from_acts(engine, acts), prefix
 
 
@@ -219,7 +220,7 @@ def reference_run(engine: Engine, corrupted: torch.Tensor, shared: int = 0,
 def corrupted_senders(engine: Engine, corrupted: torch.Tensor, shared: int = 0) -> tuple[torch.Tensor, Prefix | None]:
     """Exact patching's reference: the corrupted run's sender outputs at positions `shared`..,
     [b, s - shared, n_senders, d], and the keys/values of the positions before (`Prefix`)."""
-    acts, prefix = _run_with_prefix(engine, corrupted, shared, last_mlp_tail=False)
+    acts, prefix = run_keeping_prefix(engine, corrupted, sender_sites(engine), shared)
     return senders_from(engine, acts), prefix
 
 
