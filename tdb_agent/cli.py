@@ -30,7 +30,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _limit_args(p: argparse.ArgumentParser) -> None:
     """One flag per field of `Limits` (--max-top-k ...), with its default."""
-    from tdb_agent.workbench import Limits
+    from tdb_agent.limits import Limits
 
     def positive(text: str) -> int:
         if not (text.isascii() and text.isdigit()) or int(text) < 1:
@@ -44,9 +44,8 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    from tdb_agent.server import build_server
-    from tdb_agent.server.http import HttpSettings, InsecureBind, check_bind, serve_http, token_from_env
-    from tdb_agent.workbench import Limits
+    from tdb_agent.limits import Limits
+    from tdb_agent.server.http import HttpSettings, InsecureBind, check_bind, token_from_env
 
     limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields})
     settings = None
@@ -60,6 +59,8 @@ def cmd_serve(args) -> int:
             return 2
 
     from tdb_agent.errors import TdbError
+    from tdb_agent.server import build_server
+    from tdb_agent.server.http import serve_http
     try:
         bench = open_workbench(EngineSpec.from_args(args), limits=limits, workspace=args.workspace)
     except TdbError as e:  # e.g. a --dataset built from another model

@@ -188,6 +188,20 @@ def test_non_loopback_bind_without_token_refuses_to_start(tiny_dirs, tmp_path):
     assert r.stdout == ""
 
 
+def test_help_and_a_refused_bind_load_no_model_library(tmp_path):
+    """`tdb-agent --help` and a bind refused for want of a token answer without importing torch
+    or transformers (they took 9 s here when every flag's module loaded the engine)."""
+    code = ("import sys\n"
+            "from tdb_agent.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "rc = main(['serve', '--transport', 'http', '--host', '0.0.0.0', '--port', '1'])\n"
+            "loaded = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+            "print('RESULT', rc, loaded)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    assert "RESULT 2 []" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "build-dataset" in r.stdout and "graphs" in r.stdout and "without a bearer token" in r.stderr
+
+
 @pytest.mark.parametrize("host,token,fragment", [
     ("0.0.0.0", None, "without a bearer token"), ("::", "", "without a bearer token"),
     ("192.168.1.7", "short", "at least 16"), ("gpu-box.lan", None, "not a loopback address"),

@@ -20,8 +20,12 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import BaseModel, Field
 
+from typing import TYPE_CHECKING
+
 from tdb_agent.errors import TdbError
-from tdb_agent.workbench import Workbench
+
+if TYPE_CHECKING:  # the bind checks below load without torch (`tdb-agent serve` refuses a bind first)
+    from tdb_agent.workbench import Workbench
 
 log = logging.getLogger(__name__)
 

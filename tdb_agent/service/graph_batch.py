@@ -21,9 +21,6 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tdb_agent import jsonsafe
-from tdb_agent.ops.graph import GraphTarget, build_graph
-from tdb_agent.ops.graph.export import to_json, validate
-from tdb_agent.ops.graph.influence import prune, scores, square
 from tdb_agent.scaleout import read_batch_lines, run_jobs, unique_names
 from tdb_agent.session import EngineSpec
 
@@ -75,6 +72,11 @@ def read_graph_batch(path: str | Path) -> list[GraphItem]:
 
 def build_one(engine, name: str, item: GraphItem, settings: GraphSettings, out: Path) -> GraphRow:
     """Build, prune, score and write one graph; a failure becomes a row."""
+    # here, not at the top: the command line builds this module's flags without loading torch
+    from tdb_agent.ops.graph import GraphTarget, build_graph
+    from tdb_agent.ops.graph.export import to_json, validate
+    from tdb_agent.ops.graph.influence import prune, scores, square
+
     t0 = time.time()
     path = out / f"{name}.json"
     who = f"{socket.gethostname()}:{os.getpid()}"
