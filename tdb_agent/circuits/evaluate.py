@@ -162,23 +162,9 @@ class Evaluator:
         post_layers = set().union(*(neuron_layers(k) for k in keeps))
         with self.engine.lock:
             for g in self.groups:
-                n, s = g.ids.shape
                 for k in keeps:
-                    check_positions(k, s, f"prompt {g.pair_index[0]}")
-                rows = [(ki, j) for ki in range(len(keeps)) for j in range(n)]
-                if self.layerwise:  # parts of whole keep-sets, each run a block at a time
-                    per = max(1, self.STATE_BYTES // (n * s * self.engine.spec.d_model * 4))
-                    parts = [list(range(k0, min(len(keeps), k0 + per))) for k0 in range(0, len(keeps), per)]
-                    chunks = [(rows[part[0] * n:(part[-1] + 1) * n],
-                               lambda part=part: self._blockwise(g, [keeps[i] for i in part], post_layers,
-                                                                 should_stop)) for part in parts]
-                else:
-                    chunks = [(rows[r0:r0 + self.batch_size],
-                               lambda r0=r0: self._whole(g, [keeps[ki] for ki, _ in rows[r0:r0 + self.batch_size]],
-                                                         [j for _, j in rows[r0:r0 + self.batch_size]], post_layers,
-                                                         should_stop)) for r0 in range(0, len(rows), self.batch_size)]
-                for chunk, run in chunks:
-                    logits = run()
+                    check_positions(k, g.ids.shape[1], f"prompt {g.pair_index[0]}")
+                for chunk, logits in self._batches(g, keeps, post_layers, should_stop):
                     for row, (ki, j) in enumerate(chunk):
                         p = g.pair_index[j]
                         out[ki, p] = self.metrics[p].from_logits(logits[row:row + 1].float())[0].item()
@@ -186,6 +172,24 @@ class Evaluator:
                     if progress is not None:
                         progress(done, total)
         return list(out)
+
+    def _batches(self, g: _Group, keeps: list[KeepSet], post_layers: set[int],
+                 should_stop: Callable[[], bool] | None):
+        """Yield (rows [(keep-set index, pair index)], their last-position logits [rows, vocab]):
+        whole keep-sets a part at a time run block by block, or batch_size rows a whole pass."""
+        n = g.ids.shape[0]
+        if self.layerwise:
+            per = max(1, self.STATE_BYTES // (n * g.ids.shape[1] * self.engine.spec.d_model * 4))
+            for k0 in range(0, len(keeps), per):
+                part = range(k0, min(len(keeps), k0 + per))
+                logits = self._blockwise(g, [keeps[i] for i in part], post_layers, should_stop)
+                yield [(ki, j) for ki in part for j in range(n)], logits
+        else:
+            rows = [(ki, j) for ki in range(len(keeps)) for j in range(n)]
+            for r0 in range(0, len(rows), self.batch_size):
+                chunk = rows[r0:r0 + self.batch_size]
+                yield chunk, self._whole(g, [keeps[ki] for ki, _ in chunk], [j for _, j in chunk], post_layers,
+                                         should_stop)
 
     def _whole(self, g: _Group, ks: list[KeepSet], js: list[int], post_layers: set[int],
                should_stop: Callable[[], bool] | None) -> torch.Tensor:
